@@ -1,0 +1,12 @@
+"""repc: a structural re-parameterization compiler for PyTorch.
+
+``repc.compile(model, example_inputs)`` traces a model, finds the regions whose composition
+is affine (parallel conv/BN branches, chains, concatenations, scales), replaces each by one
+closed-form merged op, and verifies the result against the original.
+"""
+
+from .api import ReparamError, compile
+from .report import Report
+
+__all__ = ["compile", "ReparamError", "Report"]
+__version__ = "0.1.0"

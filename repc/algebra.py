@@ -1,0 +1,400 @@
+"""Closed forms over the canonical affine ops of :mod:`repc.ops`.
+
+Pure tensor functions: no fx, no modules, no mutation.  Inputs are float64 (see
+:func:`repc.ops.as_float64`); results are float64.  Each function states its math and raises
+:class:`repc.ops.NotMergeable` with the failing guard when the closed form is not exact.
+
+Notation: a convolution ``y = conv(x; W, b)`` with stride ``s``, dilation ``d``, padding
+``(lo, hi)`` per axis reads ``y[o, j] = b[o] + sum_{i, t} W[o, i, t] * xpad[i, s*j - lo + d*t]``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, Padding
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- basic maps
+
+def batchnorm_affine(mean: Tensor, var: Tensor, eps: float, weight: Optional[Tensor],
+                     bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as ``y = x * scale + shift``.
+
+    ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale`` (gamma = 1, beta = 0
+    when the BN is not affine).
+    """
+    scale = 1.0 / torch.sqrt(var.to(F64) + eps)
+    if weight is not None:
+        scale = scale * weight.to(F64)
+    shift = -mean.to(F64) * scale
+    if bias is not None:
+        shift = shift + bias.to(F64)
+    return scale, shift
+
+
+def regroup(weight: Tensor, groups: int, new_groups: int) -> Tensor:
+    """The kernel of the same grouped conv written with ``new_groups`` groups.
+
+    ``new_groups`` divides ``groups``; each coarse group holds ``r = groups / new_groups`` fine
+    groups and its kernel is block-diagonal: ``W'[o, (j mod r) * cin_g + i] = W[o, i]`` for
+    output ``o`` of fine group ``j``, zero elsewhere.
+    """
+    if new_groups == groups:
+        return weight
+    if groups % new_groups:
+        raise NotMergeable(f"cannot regroup {groups} groups into {new_groups}")
+    r = groups // new_groups
+    cout, cin_g = weight.shape[:2]
+    kernel = weight.shape[2:]
+    out_pg = cout // groups
+    dense = weight.new_zeros((new_groups, r, out_pg, r, cin_g) + tuple(kernel))
+    fine = weight.reshape((new_groups, r, out_pg, cin_g) + tuple(kernel))
+    # diagonal over the two r axes: shape [new_groups, out_pg, cin_g, *kernel, r]
+    diag = dense.diagonal(dim1=1, dim2=3)
+    diag.copy_(fine.movedim(1, -1))
+    return dense.reshape((cout, r * cin_g) + tuple(kernel))
+
+
+def compact_groups(conv: Conv) -> Conv:
+    """The same conv with the largest group count its block-diagonal kernel allows."""
+    cin, cout = conv.in_channels, conv.out_channels
+    g0 = math.gcd(cin, cout)
+    dense = regroup(conv.weight, conv.groups, 1)
+    for g in sorted((g for g in range(1, g0 + 1) if g0 % g == 0), reverse=True):
+        if g <= conv.groups:
+            break
+        if g % conv.groups:
+            continue
+        blocks = dense.reshape((g, cout // g, g, cin // g) + conv.kernel_size)
+        mask = torch.ones(g, g, dtype=torch.bool)
+        mask.fill_diagonal_(False)
+        if not blocks.permute(0, 2, 1, 3, *range(4, blocks.dim()))[mask].any():
+            w = blocks.diagonal(dim1=0, dim2=2).movedim(-1, 0).reshape((cout, cin // g) + conv.kernel_size)
+            return conv.replace(weight=w.contiguous(), groups=g)
+    return conv
+
+
+def elementwise_as_conv(ew: Elementwise, nd: int) -> Conv:
+    """A per-channel ``x * s + t`` on channel axis 1 as a depthwise pointwise conv."""
+    if ew.ndim != nd + 2:
+        raise NotMergeable(f"elementwise map on a {ew.ndim}-d tensor next to a {nd}-d conv")
+    s, t = ew.channel_vectors(1)
+    c = s.numel()
+    return Conv(s.reshape((c, 1) + (1,) * nd), None if ew.shift is None else t,
+                (1,) * nd, ((0, 0),) * nd, (1,) * nd, c)
+
+
+def elementwise_as_linear(ew: Elementwise) -> Linear:
+    """A per-feature ``x * s + t`` on the last axis as ``Linear(diag(s), t)``."""
+    s, t = ew.channel_vectors(-1)
+    return Linear(torch.diag(s), None if ew.shift is None else t)
+
+
+def avg_pool_as_conv(channels: int, kernel: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int], divisor: Optional[int]) -> Conv:
+    """Average pooling as a depthwise conv whose kernel is ``1 / divisor`` everywhere.
+
+    Exact when padded zeros are counted (``count_include_pad``) or there is no padding;
+    ``divisor`` defaults to the window size.
+    """
+    nd = len(kernel)
+    value = 1.0 / (divisor or math.prod(kernel))
+    w = torch.full((channels, 1) + tuple(kernel), value, dtype=F64)
+    return Conv(w, None, tuple(stride), tuple((p, p) for p in padding), (1,) * nd, channels)
+
+
+def zero_pad_as_conv(channels: int, padding: Padding) -> Conv:
+    """Constant zero padding ``(lo, hi)`` per spatial axis as an identity depthwise conv."""
+    nd = len(padding)
+    w = torch.ones((channels, 1) + (1,) * nd, dtype=F64)
+    return Conv(w, None, (1,) * nd, tuple(padding), (1,) * nd, channels)
+
+
+
+# --------------------------------------------------------------------------- compose
+
+def compose(first: AffineOp, second: AffineOp) -> AffineOp:
+    """The single op computing ``second(first(x))``."""
+    if isinstance(first, Elementwise) and first.is_identity:
+        return second
+    if isinstance(second, Elementwise) and second.is_identity:
+        return first
+    if isinstance(first, Elementwise) and isinstance(second, Elementwise):
+        return compose_elementwise(first, second)
+    if isinstance(second, Elementwise):
+        if second.is_constant:
+            return second
+        if isinstance(first, Conv):
+            s, t = second.channel_vectors(1)
+            return scale_conv_outputs(first, s, t)
+        if isinstance(first, Linear):
+            return compose_linear(first, elementwise_as_linear(second))
+    if isinstance(first, Conv) and isinstance(second, Conv):
+        return compose_conv(first, second)
+    if isinstance(first, Elementwise) and isinstance(second, Conv):
+        return compose_conv(elementwise_as_conv(first, second.nd), second)
+    if isinstance(first, Linear) and isinstance(second, Linear):
+        return compose_linear(first, second)
+    if isinstance(first, Elementwise) and isinstance(second, Linear):
+        return compose_linear(elementwise_as_linear(first), second)
+    raise NotMergeable(f"no closed form for {type(second).__name__} after {type(first).__name__}")
+
+
+def compose_elementwise(first: Elementwise, second: Elementwise) -> Elementwise:
+    """``(x * s1 + t1) * s2 + t2 = x * (s1 s2) + (t1 s2 + t2)``."""
+    s1, t1, s2, t2 = first.scale, first.shift, second.scale, second.shift
+    scale = s2 if s1 is None else (s1 if s2 is None else s1 * s2)
+    shift = t1 if s2 is None or t1 is None else t1 * s2
+    shift = t2 if shift is None else (shift if t2 is None else shift + t2)
+    return Elementwise(scale, shift, second.shape)
+
+
+def scale_conv_outputs(conv: Conv, scale: Tensor, shift: Tensor) -> Conv:
+    """Per-output-channel ``conv(x) * s + t``: ``W'[o] = s[o] W[o]``, ``b' = s b + t``."""
+    if scale.numel() != conv.out_channels:
+        raise NotMergeable("per-channel scale does not match the conv's output channels")
+    w = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
+    b = shift if conv.bias is None else conv.bias * scale + shift
+    return conv.replace(weight=w, bias=b)
+
+
+def compose_linear(first: Linear, second: Linear) -> Linear:
+    """``W2 (W1 x + b1) + b2 = (W2 W1) x + (W2 b1 + b2)``."""
+    if first.out_features != second.in_features:
+        raise NotMergeable("feature counts differ")
+    w = second.weight @ first.weight
+    b = None
+    if first.bias is not None:
+        b = second.weight @ first.bias
+    if second.bias is not None:
+        b = second.bias if b is None else b + second.bias
+    return Linear(w, b)
+
+
+def _grouped(weight: Tensor, groups: int, new_groups: int) -> Tensor:
+    """``[C_out, C_in/g, *k]`` -> ``[g', C_out/g', C_in/g', *k]`` at the coarser grouping."""
+    w = regroup(weight, groups, new_groups)
+    return w.reshape((new_groups, w.shape[0] // new_groups) + tuple(w.shape[1:]))
+
+
+def compose_conv(first: Conv, second: Conv) -> Conv:
+    """``conv2(conv1(x))`` as one conv.
+
+    With ``g = gcd(g1, g2)`` groups, per group and axis,
+    ``W[o, i, u] = sum_{m, a, t : d1 a + s1 d2 t = D u} W2[o, m, t] W1[m, i, a]`` with stride
+    ``s1 s2``, dilation ``D = gcd(d1, s1 d2)``, the first conv's padding, and bias
+    ``b = b2 + sum_{m, t} W2[o, m, t] b1[m]``.  Exact when the second conv does not pad
+    (its taps then only read real outputs of the first).  When it pads, it is exact only if
+    the first conv is a stride-1 pointwise map without bias: then the first conv's output is
+    zero wherever the second one pads, and the paddings add up.
+    """
+    if first.nd != second.nd:
+        raise NotMergeable("convs of different dimensionality")
+    if first.out_channels != second.in_channels:
+        raise NotMergeable("channel counts differ")
+    nd = first.nd
+    g = math.gcd(first.groups, second.groups)
+    w1 = _grouped(first.weight, first.groups, g)  # [g, M/g, I/g, *k1]
+    w2 = _grouped(second.weight, second.groups, g)  # [g, O/g, M/g, *k2]
+    bias = _compose_bias(first, second, g)
+    pads_second = any(p != (0, 0) for p in second.padding)
+    if pads_second:
+        if not first.is_pointwise:
+            raise NotMergeable("the second conv pads the output of a first conv that is not a stride-1 pointwise map")
+        if first.bias is not None and bool((first.bias != 0).any()):
+            raise NotMergeable("the second conv zero-pads a biased output (e.g. BN before a padded conv): the border would differ")
+        if second.padding_mode != "zeros" or (first.padding_mode != "zeros" and any(p != (0, 0) for p in first.padding)):
+            raise NotMergeable("non-zero padding modes do not compose")
+        w = torch.einsum("gom...,gmi->goi...", w2, w1.reshape(w1.shape[:3]))
+        padding = tuple((p1[0] + p2[0], p1[1] + p2[1]) for p1, p2 in zip(first.padding, second.padding))
+        return Conv(w.reshape((second.out_channels, first.in_channels // g) + second.kernel_size), bias,
+                    second.stride, padding, second.dilation, g, "zeros")
+    k1, k2 = first.kernel_size, second.kernel_size
+    dil, size, step1, step2 = [], [], [], []
+    for ax in range(nd):
+        a_step = first.dilation[ax] if k1[ax] > 1 else 0
+        b_step = first.stride[ax] * second.dilation[ax] if k2[ax] > 1 else 0
+        d = math.gcd(a_step, b_step) or 1
+        dil.append(d)
+        step1.append(a_step // d)
+        step2.append(b_step // d)
+        size.append(step1[-1] * (k1[ax] - 1) + step2[-1] * (k2[ax] - 1) + 1)
+    w = w1.new_zeros(w2.shape[:3] + (w1.shape[2],) + tuple(size))
+    for tap in torch.cartesian_prod(*[torch.arange(k) for k in k2]).reshape(-1, nd).tolist():
+        where = tuple(slice(step2[ax] * tap[ax], step2[ax] * tap[ax] + step1[ax] * (k1[ax] - 1) + 1, step1[ax] or 1)
+                      for ax in range(nd))
+        w[(Ellipsis,) + where] += torch.einsum("gom,gmi...->goi...", w2[(Ellipsis,) + tuple(tap)], w1)
+    stride = tuple(a * b for a, b in zip(first.stride, second.stride))
+    return Conv(w.reshape((second.out_channels, first.in_channels // g) + tuple(size)), bias, stride,
+                first.padding, tuple(dil), g, first.padding_mode)
+
+
+def _compose_bias(first: Conv, second: Conv, g: int) -> Optional[Tensor]:
+    bias = second.bias
+    if first.bias is not None:
+        w2 = _grouped(second.weight, second.groups, g)  # [g, O/g, M/g, *k2]
+        summed = w2.sum(dim=tuple(range(3, w2.dim())))
+        carried = torch.einsum("gom,gm->go", summed, first.bias.reshape(g, -1)).reshape(-1)
+        bias = carried if bias is None else bias + carried
+    return bias
+
+
+# --------------------------------------------------------------------------- sum / concat
+
+def add(a: AffineOp, b: AffineOp) -> AffineOp:
+    """The single op computing ``a(x) + b(x)``."""
+    if isinstance(a, Elementwise) and not isinstance(b, Elementwise):
+        a, b = b, a
+    if isinstance(a, Elementwise) and isinstance(b, Elementwise):
+        return add_elementwise(a, b)
+    if isinstance(b, Elementwise):
+        if isinstance(a, Conv):
+            if b.is_constant:
+                return add_bias(a, b.channel_vectors(1)[1])
+            b = elementwise_as_conv(b, a.nd)
+        else:
+            if b.is_constant:
+                return add_bias(a, b.channel_vectors(-1)[1])
+            b = elementwise_as_linear(b)
+    if isinstance(a, Linear) and isinstance(b, Linear):
+        if a.weight.shape != b.weight.shape:
+            raise NotMergeable("linear maps of different shapes")
+        return Linear(a.weight + b.weight, _add_optional(a.bias, b.bias))
+    if isinstance(a, Conv) and isinstance(b, Conv):
+        return add_convs(a, b)
+    raise NotMergeable(f"no closed form for {type(a).__name__} + {type(b).__name__}")
+
+
+def add_elementwise(a: Elementwise, b: Elementwise) -> Elementwise:
+    """``(x s1 + t1) + (x s2 + t2) = x (s1 + s2) + (t1 + t2)`` (a missing scale is 1)."""
+    one = torch.ones((1,) * a.ndim, dtype=F64)
+    scale = (one if a.scale is None else a.scale) + (one if b.scale is None else b.scale)
+    return Elementwise(scale, _add_optional(a.shift, b.shift), a.shape)
+
+
+def add_bias(op, shift: Tensor):
+    """``op(x) + t`` for a per-output-channel constant ``t``: the bias grows by ``t``."""
+    return op.replace(bias=_add_optional(op.bias, shift)) if isinstance(op, Conv) else Linear(op.weight, _add_optional(op.bias, shift))
+
+
+def _add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else (a if b is None else a + b)
+
+
+def add_convs(a: Conv, b: Conv) -> Conv:
+    """``conv_a(x) + conv_b(x)`` as one conv: kernels placed on a common tap grid and summed.
+
+    Per axis, with the common dilation ``d`` and ``lo = max(lo_a, lo_b)``, branch ``c`` lands at
+    tap offset ``(lo - lo_c) / d`` (an integer, or the branches read different grids), and
+    equal strides and equal right-hand offsets ``hi_c + d (K - shift_c - k_c)`` make the
+    output grids agree for every input size.  Groups become ``gcd(g_a, g_b)``; identity and
+    per-channel branches arrive as depthwise pointwise kernels.  Bias ``b_a + b_b``.
+    """
+    aligned, _ = align_convs([a, b], math.gcd(a.groups, b.groups))
+    return aligned[0].replace(weight=aligned[0].weight + aligned[1].weight,
+                              bias=_add_optional(aligned[0].bias, aligned[1].bias))
+
+
+def align_convs(convs: Sequence[Conv], groups: int) -> Tuple[List[Conv], None]:
+    """Rewrite each conv on one common kernel grid, padding, dilation and ``groups``."""
+    first = convs[0]
+    nd = first.nd
+    if any(c.nd != nd for c in convs):
+        raise NotMergeable("convs of different dimensionality")
+    if any(c.in_channels != first.in_channels for c in convs):
+        raise NotMergeable("input channel counts differ")
+    if any(c.stride != first.stride for c in convs):
+        strides = sorted({c.stride for c in convs})
+        raise NotMergeable(f"strides differ: {strides}")
+    modes = {c.padding_mode for c in convs if any(p != (0, 0) for p in c.padding)}
+    if len(modes) > 1:
+        raise NotMergeable(f"padding modes differ: {sorted(modes)}")
+    mode = modes.pop() if modes else "zeros"
+    dilation, padding, size, shifts = [], [], [], [[] for _ in convs]
+    for ax in range(nd):
+        ds = {c.dilation[ax] for c in convs if c.kernel_size[ax] > 1}
+        if len(ds) > 1:
+            raise NotMergeable(f"dilations differ on spatial axis {ax}: {sorted(ds)}")
+        d = ds.pop() if ds else 1
+        lo = max(c.padding[ax][0] for c in convs)
+        for i, c in enumerate(convs):
+            offset = lo - c.padding[ax][0]
+            if offset % d:
+                raise NotMergeable(f"branches are offset by {offset} on axis {ax}, not a multiple of the dilation {d}")
+            shifts[i].append(offset // d)
+        k = max(s[ax] + c.kernel_size[ax] for s, c in zip(shifts, convs))
+        his = {c.padding[ax][1] + d * (k - s[ax] - c.kernel_size[ax]) for s, c in zip(shifts, convs)}
+        if len(his) > 1:
+            raise NotMergeable(f"padding offsets differ on axis {ax}: the branches' output grids do not align")
+        dilation.append(d)
+        padding.append((lo, his.pop()))
+        size.append(k)
+    out = []
+    for c, shift in zip(convs, shifts):
+        w = regroup(c.weight, c.groups, groups)
+        big = w.new_zeros(w.shape[:2] + tuple(size))
+        big[(Ellipsis,) + tuple(slice(s, s + k) for s, k in zip(shift, c.kernel_size))] = w
+        out.append(Conv(big, c.bias, first.stride, tuple(padding), tuple(dilation), groups, mode))
+    return out, None
+
+
+def concat(ops: Sequence[AffineOp], axis: int, ndim: int) -> AffineOp:
+    """``cat([op_1(x), ..., op_n(x)], axis)`` as one op that stacks their output channels.
+
+    Convs (axis 1) are aligned as in :func:`add_convs` at one group, then their kernels and
+    biases are stacked; linear maps (last axis) stack their rows.
+    """
+    axis %= ndim
+    if any(isinstance(op, Conv) for op in ops):
+        if axis != 1:
+            raise NotMergeable(f"concatenation on axis {axis}, not the conv channel axis")
+        nd = next(op.nd for op in ops if isinstance(op, Conv))
+        convs = [elementwise_as_conv(op, nd) if isinstance(op, Elementwise) else op for op in ops]
+        if not all(isinstance(c, Conv) for c in convs):
+            raise NotMergeable("concatenation mixes convs with other maps")
+        aligned, _ = align_convs(convs, 1)
+        return _stack(aligned, lambda w, b: aligned[0].replace(weight=w, bias=b))
+    if any(isinstance(op, Linear) for op in ops) or axis == ndim - 1:
+        if axis != ndim - 1:
+            raise NotMergeable(f"concatenation on axis {axis}, not the feature axis")
+        linears = [elementwise_as_linear(op) if isinstance(op, Elementwise) else op for op in ops]
+        if not all(isinstance(l, Linear) for l in linears):
+            raise NotMergeable("concatenation mixes linear maps with other maps")
+        return _stack(linears, Linear)
+    raise NotMergeable(f"concatenation of elementwise maps on axis {axis}")
+
+
+def _stack(ops, build):
+    w = torch.cat([op.weight for op in ops], 0)
+    if all(op.bias is None for op in ops):
+        return build(w, None)
+    b = torch.cat([op.bias if op.bias is not None else op.weight.new_zeros(op.weight.shape[0]) for op in ops])
+    return build(w, b)
+
+
+def select_outputs(op: AffineOp, start: int, stop: int) -> AffineOp:
+    """Output channels ``start:stop`` of a conv or linear map (rows of its weight and bias)."""
+    if isinstance(op, Linear):
+        return Linear(op.weight[start:stop], None if op.bias is None else op.bias[start:stop])
+    if isinstance(op, Conv):
+        w = regroup(op.weight, op.groups, 1)[start:stop]
+        return op.replace(weight=w, bias=None if op.bias is None else op.bias[start:stop], groups=1)
+    raise NotMergeable("only conv and linear outputs can be sliced")
+
+
+def scale_op(op: AffineOp, factor: float) -> AffineOp:
+    """``factor * op(x)``."""
+    if isinstance(op, Elementwise):
+        return compose_elementwise(op, Elementwise(torch.tensor(float(factor), dtype=F64).reshape((1,) * op.ndim), None, op.shape))
+    b = None if op.bias is None else op.bias * factor
+    if isinstance(op, Conv):
+        return op.replace(weight=op.weight * factor, bias=b)
+    return Linear(op.weight * factor, b)

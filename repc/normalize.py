@@ -1,0 +1,488 @@
+"""One table from fx nodes to canonical meanings.
+
+Module calls, functional calls, tensor methods and operators all map onto a handful of
+meanings, with their weights resolved to float64 constants:
+
+* :class:`AffineCall` -- ``op(input)`` for a canonical :mod:`repc.ops` op;
+* :class:`Combine` -- ``sum_i c_i * input_i`` (add, sub, alpha);
+* :class:`Concat` -- ``cat(inputs, axis)``;
+* :class:`Slice` -- ``input[..., start:stop, ...]`` on one axis (getitem, narrow, split, chunk);
+* :class:`Constant` -- a value computed from parameters and constants only (folded here);
+* ``None`` -- anything else: the node stays as it is, and :func:`describe` can say why.
+
+Nothing here mutates the graph; :func:`functionalize_inplace` is the one exception and runs
+on repc's private copy before analysis.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import algebra
+from .ops import AffineOp, Conv, Elementwise, Linear, as_float64, identity
+
+
+@dataclass
+class AffineCall:
+    input: fx.Node
+    op: AffineOp
+
+
+@dataclass
+class Combine:
+    terms: List[Tuple[fx.Node, float]]
+
+
+@dataclass
+class Concat:
+    inputs: List[fx.Node]
+    axis: int
+
+
+@dataclass
+class Slice:
+    input: fx.Node
+    axis: int
+    start: int
+    stop: int
+
+
+@dataclass
+class Constant:
+    value: Any
+
+
+Meaning = Any  # one of the above, or None
+
+
+class Opaque(Exception):
+    """The node is not in the canonical vocabulary; the message says why."""
+
+
+# ----------------------------------------------------------------------------- context
+
+class GraphFacts:
+    """What normalization needs to know about a captured graph: modules, constants, shapes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.constants: Dict[fx.Node, Any] = {}
+
+    def shape(self, node) -> Optional[Tuple[int, ...]]:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def const(self, arg) -> Optional[Tensor]:
+        """``arg`` as a constant tensor (float64 not yet applied), or None if it is data."""
+        if isinstance(arg, fx.Node):
+            value = self.constants.get(arg)
+            return value if isinstance(value, Tensor) else None
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return torch.tensor(float(arg), dtype=torch.float64)
+        return None
+
+    def is_const(self, arg) -> bool:
+        if isinstance(arg, fx.Node):
+            return arg in self.constants
+        return True
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _tuple(v, n: int) -> Tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(v)
+    return v * n if len(v) == 1 else v
+
+
+def _conv_padding(padding, kernel, dilation) -> Tuple[Tuple[int, int], ...]:
+    if padding == "valid":
+        return tuple((0, 0) for _ in kernel)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((p, p) for p in _tuple(padding, len(kernel)))
+
+
+def make_conv(weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
+              padding_mode: str = "zeros") -> Conv:
+    w = as_float64(weight)
+    nd = w.dim() - 2
+    kernel = tuple(w.shape[2:])
+    dil = _tuple(dilation, nd)
+    return Conv(w, as_float64(bias), _tuple(stride, nd), _conv_padding(padding, kernel, dil), dil,
+                int(groups), padding_mode)
+
+
+def _elementwise(shape, scale=None, shift=None) -> Elementwise:
+    """``x * scale + shift`` for constants that broadcast to ``shape`` without enlarging it."""
+    ndim = len(shape)
+
+    def full(t):
+        if t is None:
+            return None
+        t = as_float64(t)
+        if t.dim() > ndim:
+            raise Opaque("a constant with more dimensions than the activation")
+        t = t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+        if torch.broadcast_shapes(t.shape, shape) != torch.Size(shape):
+            raise Opaque("a constant that broadcasts the activation to a larger shape")
+        return t
+
+    return Elementwise(full(scale), full(shift), tuple(shape))
+
+
+def _bn(x_shape, mean, var, eps, weight, bias) -> Elementwise:
+    if mean is None or var is None:
+        raise Opaque("batch norm without running statistics uses batch statistics")
+    if len(x_shape) < 2:
+        raise Opaque("batch norm on a tensor without a channel axis")
+    scale, shift = algebra.batchnorm_affine(as_float64(mean), as_float64(var), float(eps),
+                                            as_float64(weight), as_float64(bias))
+    view = (1, -1) + (1,) * (len(x_shape) - 2)
+    return Elementwise(scale.reshape(view), shift.reshape(view), tuple(x_shape))
+
+
+def _avg_pool(x_shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> Conv:
+    nd = len(x_shape) - 2
+    kernel = _tuple(kernel, nd)
+    stride = _tuple(stride if stride not in (None, []) else kernel, nd)
+    padding = _tuple(padding, nd)
+    if ceil_mode:
+        raise Opaque("avg-pool with ceil_mode has partial windows")
+    if any(padding) and not count_include_pad:
+        raise Opaque("avg-pool with count_include_pad=False divides border windows differently")
+    return algebra.avg_pool_as_conv(x_shape[1], kernel, stride, padding, divisor)
+
+
+def _zero_pad(x_shape, pad: Sequence[int]) -> Conv:
+    pad = list(pad)
+    nd = len(pad) // 2
+    if len(x_shape) != nd + 2 or any(p < 0 for p in pad):
+        raise Opaque("padding that is not a non-negative spatial padding of a (N, C, ...) tensor")
+    pairs = [(pad[2 * i], pad[2 * i + 1]) for i in range(nd)][::-1]  # F.pad lists the last axis first
+    return algebra.zero_pad_as_conv(x_shape[1], tuple(pairs))
+
+
+def _is_all(t, value) -> bool:
+    return t is not None and bool((t == value).all())
+
+
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                     nn.AlphaDropout, nn.FeatureAlphaDropout)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _module_meaning(mod: nn.Module, x: fx.Node, x_shape, facts: GraphFacts) -> Meaning:
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return AffineCall(x, make_conv(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation,
+                                       mod.groups, mod.padding_mode))
+    if isinstance(mod, nn.Linear):
+        return AffineCall(x, Linear(as_float64(mod.weight), as_float64(mod.bias)))
+    if isinstance(mod, _BATCHNORMS):
+        if mod.training and mod.track_running_stats:
+            raise Opaque("batch norm in training mode")
+        return AffineCall(x, _bn(x_shape, mod.running_mean, mod.running_var, mod.eps,
+                                 mod.weight if mod.affine else None, mod.bias if mod.affine else None))
+    if isinstance(mod, _IDENTITY_MODULES):
+        if mod.training and not isinstance(mod, nn.Identity):
+            raise Opaque("dropout in training mode")
+        return AffineCall(x, identity(x_shape))
+    if isinstance(mod, nn.LeakyReLU) and mod.negative_slope == 1.0:
+        return AffineCall(x, identity(x_shape))
+    if isinstance(mod, nn.PReLU) and _is_all(mod.weight, 1.0):
+        return AffineCall(x, identity(x_shape))
+    if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        return AffineCall(x, _avg_pool(x_shape, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+                                       mod.count_include_pad, getattr(mod, "divisor_override", None)))
+    if isinstance(mod, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
+        if float(mod.value) != 0.0:
+            raise Opaque("constant padding with a non-zero value")
+        return AffineCall(x, _zero_pad(x_shape, mod.padding))
+    raise Opaque(f"module {type(mod).__name__} is not an affine map repc knows")
+
+
+def _bind(args, kwargs, names: Sequence[str], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+_CONVS = {torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d}
+_ADD = {operator.add, torch.add, "add", operator.iadd}
+_SUB = {operator.sub, torch.sub, "sub", operator.isub, torch.subtract}
+_MUL = {operator.mul, torch.mul, "mul", operator.imul, torch.multiply}
+_DIV = {operator.truediv, torch.div, "div", operator.itruediv, torch.true_divide}
+_NEG = {operator.neg, torch.neg, "neg"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_PASS = {"contiguous", "clone", operator.pos, torch.clone}
+_RANDOM = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like,
+           torch.bernoulli, torch.multinomial, torch.normal, torch.randperm, F.dropout, F.dropout1d,
+           F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
+           "uniform_", "normal_", "bernoulli_", "random_", "exponential_"}
+
+
+def _target_key(node: fx.Node):
+    return node.target if node.op == "call_function" else (node.target if node.op == "call_method" else None)
+
+
+def _split_ranges(size: int, node: fx.Node) -> List[Tuple[int, int]]:
+    """[(start, stop)...] of the pieces of a chunk/split node over an axis of ``size``."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    args = list(node.args[1:])
+    if name == "chunk":
+        b = _bind(args, node.kwargs, ["chunks", "dim"], {"dim": 0})
+        step = -(-size // b["chunks"])
+        sizes = [min(step, size - s) for s in range(0, size, step)]
+    else:
+        b = _bind(args, node.kwargs, ["split_size_or_sections", "dim"], {"dim": 0})
+        sec = b.get("split_size_or_sections", b.get("split_size"))
+        sizes = [min(sec, size - s) for s in range(0, size, sec)] if isinstance(sec, int) else list(sec)
+    bounds, start = [], 0
+    for s in sizes:
+        bounds.append((start, start + s))
+        start += s
+    return bounds
+
+
+def _slice_of(x: fx.Node, index, x_shape) -> Slice:
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(i is None for i in index):
+        raise Opaque("indexing that adds axes")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(x_shape) - len(index) + 1) + index[at + 1:]
+    cut = [(axis, s) for axis, s in enumerate(index) if s != slice(None)]
+    if len(cut) != 1 or not isinstance(cut[0][1], slice) or cut[0][1].step not in (None, 1):
+        raise Opaque("indexing other than one contiguous slice on one axis")
+    axis, s = cut[0]
+    start, stop, _ = s.indices(x_shape[axis])
+    return Slice(x, axis, start, max(start, stop))
+
+
+def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
+    """The canonical meaning of ``node``; raises :class:`Opaque` with the reason if none."""
+    if node.op in ("placeholder", "output"):
+        raise Opaque(f"{node.op}")
+    if node.op == "get_attr":
+        return Constant(_fetch_attr(facts.gm, node.target))
+    args, kwargs = node.args, node.kwargs
+    key = _target_key(node)
+    flat: List[fx.Node] = []
+    fx.node.map_arg((args, kwargs), flat.append)
+    if flat and all(a in facts.constants for a in flat) and key not in _RANDOM and node.op != "call_module":
+        return Constant(_evaluate(node, facts))
+    if node.op == "call_module":
+        mod = facts.modules[node.target]
+        if not args or not isinstance(args[0], fx.Node):
+            raise Opaque("module called without a tensor input")
+        if len(args) != 1 or kwargs:
+            raise Opaque(f"module {type(mod).__name__} called with several arguments")
+        return _module_meaning(mod, args[0], facts.shape(args[0]), facts)
+    x = args[0] if args else None
+    x_shape = facts.shape(x) if isinstance(x, fx.Node) else None
+    if key in _CONVS:
+        b = _bind(args[1:], kwargs, ["weight", "bias", "stride", "padding", "dilation", "groups"],
+                  {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        w, bias = facts.const(b["weight"]), b["bias"]
+        if w is None or (bias is not None and facts.const(bias) is None):
+            raise Opaque("conv whose weight or bias depends on the input")
+        return AffineCall(x, make_conv(w, None if bias is None else facts.const(bias), b["stride"],
+                                       b["padding"], b["dilation"], b["groups"]))
+    if key in (F.linear, torch._C._nn.linear):
+        b = _bind(args[1:], kwargs, ["weight", "bias"], {"bias": None})
+        w, bias = facts.const(b["weight"]), b["bias"]
+        if w is None or (bias is not None and facts.const(bias) is None):
+            raise Opaque("linear whose weight or bias depends on the input")
+        return AffineCall(x, Linear(as_float64(w), None if bias is None else as_float64(facts.const(bias))))
+    if key in (torch.matmul, operator.matmul, "matmul") and len(args) == 2:
+        w = facts.const(args[1])
+        if w is None or w.dim() != 2 or facts.is_const(args[0]):
+            raise Opaque("matmul of two activations")
+        return AffineCall(args[0], Linear(as_float64(w).T.contiguous(), None))
+    if key is F.batch_norm:
+        b = _bind(args[1:], kwargs, ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
+                  {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
+        return _functional_bn(x, x_shape, b, facts)
+    if key is torch.batch_norm:
+        b = _bind(args[1:], kwargs, ["weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                                     "cudnn_enabled"], {})
+        return _functional_bn(x, x_shape, b, facts)
+    if key in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout):
+        b = _bind(args[1:], kwargs, ["p", "training", "inplace"], {"p": 0.5, "training": key is not torch.dropout})
+        if b["training"]:
+            raise Opaque("dropout with training=True is random")
+        return AffineCall(x, identity(x_shape))
+    if key in (F.leaky_relu,):
+        b = _bind(args[1:], kwargs, ["negative_slope", "inplace"], {"negative_slope": 0.01})
+        if b["negative_slope"] == 1.0:
+            return AffineCall(x, identity(x_shape))
+        raise Opaque("leaky_relu with a slope other than 1 is not affine")
+    if key in (F.prelu, torch.prelu):
+        if _is_all(facts.const(args[1]), 1.0):
+            return AffineCall(x, identity(x_shape))
+        raise Opaque("prelu with a weight other than 1 is not affine")
+    if key in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d):
+        b = _bind(args[1:], kwargs, ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
+                  {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
+        return AffineCall(x, _avg_pool(x_shape, b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"],
+                                       b["count_include_pad"], b["divisor_override"]))
+    if key is F.pad:
+        b = _bind(args[1:], kwargs, ["pad", "mode", "value"], {"mode": "constant", "value": None})
+        if b["mode"] != "constant" or (b["value"] not in (None, 0, 0.0)):
+            raise Opaque("padding that is not constant zero")
+        return AffineCall(x, _zero_pad(x_shape, b["pad"]))
+    if key in _PASS:
+        return AffineCall(x, identity(x_shape))
+    if key in _ADD | _SUB:
+        return _add_or_sub(node, key in _SUB, facts)
+    if key in _MUL:
+        a, c = args[0], args[1]
+        if facts.is_const(a):
+            a, c = c, a
+        if facts.is_const(a) or facts.const(c) is None:
+            raise Opaque("product of two activations")
+        return AffineCall(a, _elementwise(facts.shape(a), scale=facts.const(c)))
+    if key in _DIV:
+        if kwargs.get("rounding_mode") is not None or facts.const(args[1]) is None or facts.is_const(args[0]):
+            raise Opaque("division by an activation or with rounding")
+        return AffineCall(x, _elementwise(x_shape, scale=1.0 / facts.const(args[1]).to(torch.float64)))
+    if key in _NEG:
+        return AffineCall(x, _elementwise(x_shape, scale=torch.tensor(-1.0, dtype=torch.float64)))
+    if key in _CAT or key == "cat":
+        b = _bind(args, kwargs, ["tensors", "dim"], {"dim": 0})
+        tensors = list(b["tensors"])
+        if not all(isinstance(t, fx.Node) and not facts.is_const(t) for t in tensors):
+            raise Opaque("concatenation with constants")
+        ndim = len(facts.shape(tensors[0]))
+        return Concat(tensors, b["dim"] % ndim)
+    if key is operator.getitem:
+        src = args[0]
+        if src.op in ("call_function", "call_method") and _name(src) in ("chunk", "split"):
+            base = src.args[0]
+            shape = facts.shape(base)
+            if shape is None:
+                raise Opaque("split of a value that is not a tensor")
+            dim = _bind(list(src.args[1:]), src.kwargs, ["_", "dim"], {"dim": 0})["dim"] % len(shape)
+            start, stop = _split_ranges(shape[dim], src)[args[1]]
+            return Slice(base, dim, start, stop)
+        if x_shape is None:
+            raise Opaque("indexing a value that is not a tensor")
+        return _slice_of(x, args[1], x_shape)
+    if key in (torch.narrow, "narrow"):
+        b = _bind(args[1:], kwargs, ["dim", "start", "length"], {})
+        dim = b["dim"] % len(x_shape)
+        return Slice(x, dim, b["start"], b["start"] + b["length"])
+    raise Opaque(f"{node.op} {_name(node)} is not an affine map repc knows")
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _functional_bn(x, x_shape, b, facts: GraphFacts) -> Meaning:
+    if b.get("training"):
+        raise Opaque("batch_norm with training=True uses batch statistics")
+    vals = {k: (facts.const(b[k]) if b.get(k) is not None else None)
+            for k in ("running_mean", "running_var", "weight", "bias")}
+    for k in vals:
+        if b.get(k) is not None and vals[k] is None:
+            raise Opaque(f"batch_norm whose {k} depends on the input")
+    return AffineCall(x, _bn(x_shape, vals["running_mean"], vals["running_var"], b["eps"], vals["weight"], vals["bias"]))
+
+
+def _add_or_sub(node: fx.Node, subtract: bool, facts: GraphFacts) -> Meaning:
+    a, c = node.args[0], node.args[1]
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    sign = -float(alpha) if subtract else float(alpha)
+    a_const, c_const = facts.is_const(a), facts.is_const(c)
+    if a_const and c_const:
+        raise Opaque("sum of constants")
+    if c_const:
+        value = facts.const(c)
+        if value is None:
+            raise Opaque("adding a non-tensor constant")
+        return AffineCall(a, _elementwise(facts.shape(a), shift=value * sign))
+    if a_const:
+        value = facts.const(a)
+        if value is None:
+            raise Opaque("adding a non-tensor constant")
+        return AffineCall(c, _elementwise(facts.shape(c), scale=torch.tensor(sign, dtype=torch.float64), shift=value))
+    if facts.shape(a) != facts.shape(c):
+        raise Opaque("sum of activations of different shapes (broadcasting)")
+    return Combine([(a, 1.0), (c, sign)])
+
+
+def _fetch_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _evaluate(node: fx.Node, facts: GraphFacts):
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: facts.constants[n])
+    with torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+    raise Opaque("cannot evaluate")
+
+
+# ----------------------------------------------------------------------------- in-place ops
+
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+
+
+def functionalize_inplace(gm: fx.GraphModule) -> int:
+    """Make in-place ops out-of-place, rewiring later readers of the mutated value to the result.
+
+    An in-place op ``m`` on ``v`` makes every reader of ``v`` that runs after ``m`` see ``m``'s
+    output; with those readers pointed at ``m``, ``m`` can compute out of place and the graph is
+    a pure data-flow graph again.  Runs on repc's own copy of the model only.  Returns how many
+    ops were changed.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    modules = dict(gm.named_modules())
+    changed = 0
+    for node in list(gm.graph.nodes):
+        inplace = False
+        if node.op == "call_module" and getattr(modules.get(node.target), "inplace", False):
+            modules[node.target].inplace = False
+            inplace = True
+        elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+            node.target = _INPLACE_FUNCTIONS[node.target]
+            inplace = True
+        elif node.op == "call_function" and node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+            inplace = True
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
+                and hasattr(torch.Tensor, node.target[:-1]):
+            node.target = node.target[:-1]
+            inplace = True
+        if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        changed += 1
+        mutated = node.args[0]
+        for user in list(mutated.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(mutated, node)
+    if changed:
+        gm.recompile()
+    return changed

@@ -1,0 +1,1 @@
+"""Rewriting passes: closed forms applied to matched regions, and emission."""

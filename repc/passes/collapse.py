@@ -1,0 +1,265 @@
+"""The collapse pass: replace every affine region that pays by its merged ops, verified.
+
+Input: a traced graph and its example inputs.  The region matcher
+(:mod:`repc.patterns.regions`) gives every value an expr and, where the closed forms apply,
+a form ``sum_s op_s(s)``.  This pass writes a new graph in the original order; each value
+that something outside its region reads is *materialized*:
+
+* with its form, when the form costs no more multiply-accumulates than the region as written
+  (the cost model: a d->r->d bottleneck stays two thin maps unless a sum absorbs it) and a
+  check on the recorded example values and on random inputs agrees with the original
+  region; otherwise
+* as written, each operand materialized the same way (so sub-regions still collapse).
+
+Every region that was merged, or kept with a reason, is recorded for the report.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+
+from ..normalize import AffineCall, GraphFacts, functionalize_inplace
+from ..ops import flops, params
+from ..patterns.regions import Expr, RegionMatcher, _is_split
+from ..report import Rejection, Rewrite
+from ..verify.check import deviation, tolerance
+from .emit import AttributeNamer, emit_form, form_module
+from ..capture import propagate_shapes
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: Dict[fx.Node, Any] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.values[n] = out
+        return out
+
+
+@dataclass
+class CollapseResult:
+    module: fx.GraphModule
+    rewrites: List[Rewrite] = field(default_factory=list)
+    rejections: List[Rejection] = field(default_factory=list)
+
+
+def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool = True,
+             prefix: str = "") -> CollapseResult:
+    """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule."""
+    functionalize_inplace(gm)
+    propagate_shapes(gm, example_inputs)
+    facts = GraphFacts(gm)
+    matcher = RegionMatcher(gm, facts)
+    exprs = matcher.run()
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(*example_inputs)
+    device = _device(gm, example_inputs)
+    return _Writer(gm, facts, matcher, recorder, device, check, prefix).run()
+
+
+def _device(gm, example_inputs):
+    for p in gm.parameters():
+        return p.device
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+class _Writer:
+    def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, recorder: _Recorder, device, check: bool,
+                 prefix: str):
+        self.gm, self.facts, self.matcher = gm, facts, matcher
+        self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
+        self.values = recorder.values
+        self.interp = fx.Interpreter(gm)  # evaluates region nodes on other inputs
+        self.device, self.check, self.prefix = device, check, prefix
+        self.graph = fx.Graph()
+        self.namer = AttributeNamer(gm)
+        self.env: Dict[fx.Node, fx.Node] = {}
+        self.memo: Dict[int, fx.Node] = {}
+        self.result = CollapseResult(gm)
+
+    # -- driver ----------------------------------------------------------------------------
+    def run(self) -> CollapseResult:
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                self.graph.output(fx.node.map_arg(node.args[0], self.value_of))
+                continue
+            if node in self.absorbed or node in self.env:
+                continue
+            if _is_split(node):
+                continue  # emitted when a reader needs the tuple
+            expr = self.exprs[node]
+            self.env[node] = self._copy(node) if expr.is_leaf else self.materialize(expr)
+        module = fx.GraphModule(self.gm, self.graph, class_name=type(self.gm).__name__)
+        module.graph.eliminate_dead_code()
+        module.graph.lint()
+        module.delete_all_unused_submodules()
+        module.recompile()
+        self.result.module = module
+        return self.result
+
+    def value_of(self, node: fx.Node) -> fx.Node:
+        if node not in self.env:
+            if node in self.absorbed:
+                self.env[node] = self.materialize(self.exprs[node])
+            else:
+                self.env[node] = self._copy(node)
+        return self.env[node]
+
+    def _copy(self, node: fx.Node) -> fx.Node:
+        return self.graph.node_copy(node, self.value_of)
+
+    # -- materialization ----------------------------------------------------------------------
+    def materialize(self, expr: Expr) -> fx.Node:
+        if id(expr) in self.memo:
+            return self.memo[id(expr)]
+        if expr.is_leaf:
+            out = self.value_of(expr.node)
+        elif self._use_form(expr):
+            out = self._emit(expr)
+        else:
+            out = self._as_written(expr)
+        self.memo[id(expr)] = out
+        return out
+
+    def _as_written(self, expr: Expr) -> fx.Node:
+        def arg(a):
+            child = expr.child_for(a)
+            return self.materialize(child) if child is not None else self.value_of(a)
+
+        if expr.kind == "slice":
+            m = expr.meaning
+            index = (slice(None),) * m.axis + (slice(m.start, m.stop),)
+            return self.graph.call_function(operator.getitem, (self.materialize(expr.children[0]), index))
+        return self.graph.node_copy(expr.node, arg)
+
+    def _emit(self, expr: Expr) -> fx.Node:
+        hint = self.prefix + expr.node.name
+        if all(_is_identity(op) for op in expr.form.values()) and len(expr.form) == 1:
+            (src,) = expr.form
+            return self.value_of(src)
+        return emit_form(self.graph, self.namer, expr.form, self.value_of, hint + "_fused",
+                         self._dtype(expr), self.device)
+
+    def _dtype(self, expr: Expr):
+        meta = expr.node.meta.get("tensor_meta")
+        return getattr(meta, "dtype", torch.float32)
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _use_form(self, expr: Expr) -> bool:
+        if len(expr.region) < 2:
+            return False  # a single op as written: nothing to merge
+        if expr.form is None:
+            self._reject(expr, f"no closed form: {expr.reason}")
+            return False
+        out_shape = self.facts.shape(expr.node)
+        new_cost = sum(flops(op, self.facts.shape(src), out_shape) for src, op in expr.form.items())
+        new_cost += _numel(out_shape) * (len(expr.form) - 1)
+        if new_cost > expr.cost:
+            self._reject(expr, f"does not pay: {new_cost} multiply-adds merged vs {expr.cost} as written")
+            return False
+        dev = 0.0
+        if self.check:
+            ok, dev, why = self._check(expr)
+            if not ok:
+                self._reject(expr, f"rolled back: {why}")
+                return False
+        before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
+                            if isinstance(self.exprs[n].meaning, AffineCall))
+        self.result.rewrites.append(Rewrite(
+            rule="+".join(sorted(expr.rules)) or "fold",
+            root=self.prefix + expr.node.name,
+            replaced=[self.prefix + _describe_node(n, self.facts) for n in self.gm.graph.nodes if n in expr.region],
+            result=[repr(op) for op in expr.form.values()],
+            params_before=before_params, params_after=sum(params(op) for op in expr.form.values()),
+            flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev))
+        return True
+
+    def _reject(self, expr: Expr, reason: str) -> None:
+        self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason))
+
+    # -- per-region verification ------------------------------------------------------------
+    def _check(self, expr: Expr) -> Tuple[bool, float, str]:
+        """The merged ops against the region as written: on the example values and random ones."""
+        sources = list(expr.form)
+        ref = self.values[expr.node]
+        if not isinstance(ref, torch.Tensor):
+            return False, float("inf"), "region output is not a tensor"
+        tol = tolerance(ref.dtype)
+        merged = form_module(expr.form, ref.dtype, self.device)
+        trials = [("example", [self.values[s] for s in sources], ref)]
+        gen = torch.Generator().manual_seed(len(self.result.rewrites))
+        for batch in (0, 1):
+            inputs = []
+            for s in sources:
+                v = self.values[s]
+                shape = list(v.shape)
+                if batch and shape:
+                    shape[0] += batch
+                inputs.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(v.dtype).to(v.device))
+            try:
+                trials.append((f"random{'+batch' if batch else ''}", inputs, self._run_region(expr, dict(zip(sources, inputs)))))
+            except Exception:
+                if not batch:
+                    raise
+        worst = 0.0
+        with torch.no_grad():
+            for name, inputs, want in trials:
+                try:
+                    got = merged(*inputs)
+                except Exception as why:
+                    return False, float("inf"), f"merged op failed on {name} input: {why}"
+                dev = deviation(got, want)
+                worst = max(worst, dev)
+                if dev > tol:
+                    return False, dev, f"deviation {dev:.3g} > {tol:g} on the {name} input"
+        return True, worst, ""
+
+    def _run_region(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor]):
+        env = dict(sources)
+        for node in self.gm.graph.nodes:
+            if node not in expr.region:
+                continue
+            for arg in node.all_input_nodes:
+                if arg not in env:
+                    if arg not in self.facts.constants and not _is_split(arg):
+                        raise RuntimeError(f"region input {arg.name} is not a source")
+                    if _is_split(arg):
+                        env[arg] = self._eval(arg, env)
+                    else:
+                        env[arg] = self.values[arg]
+            env[node] = self._eval(node, env)
+        return env[expr.node]
+
+    def _eval(self, node, env):
+        self.interp.env = env
+        with torch.no_grad():
+            return self.interp.run_node(node)
+
+
+def _is_identity(op) -> bool:
+    return getattr(op, "is_identity", False)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _describe_node(node: fx.Node, facts: GraphFacts) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(facts.modules[node.target]).__name__})"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({target})"

@@ -1,0 +1,1 @@
+"""Matchers: find fusable regions; never mutate the graph."""

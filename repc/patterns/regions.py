@@ -1,0 +1,259 @@
+"""The affine-region matcher: which values are affine functions of which sources.
+
+Walking the graph in order, every value ``v`` gets an :class:`Expr`: the tree of canonical
+meanings that computes it from *sources* (values the matcher cannot see through, or values
+that must exist anyway because several consumers read them).  Where the closed forms of
+:mod:`repc.algebra` apply, the expr also carries its *form*: ``v = sum_s op_s(s)``, one merged
+op per source.  The local rules are
+
+* **compose** -- an affine op applied to an expr: the op is composed into each term;
+* **sum** -- a weighted sum of exprs: terms on the same source are added;
+* **concat** -- a concatenation of exprs on one source: the ops are stacked;
+* **select** -- a channel slice of an expr: the ops' output rows are sliced
+  (a value read only through slices is distributed into each of them).
+
+When a guard fails, the operand is *cut*: it becomes a source of its own and the rule is
+tried again on it, so a region stops exactly where exactness stops.  The matcher never
+mutates the graph; each expr records why it has no form.  Whether a form pays is decided
+later, by the cost model of :mod:`repc.passes.collapse`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+import torch.fx as fx
+
+from .. import algebra
+from ..normalize import AffineCall, Combine, Concat, Constant, GraphFacts, Opaque, Slice, describe
+from ..ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, flops, identity
+
+Form = Dict[fx.Node, AffineOp]
+
+
+@dataclass(eq=False)
+class Expr:
+    node: fx.Node
+    kind: str  # "leaf", "apply", "combine", "concat", "slice"
+    meaning: object = None
+    children: List["Expr"] = field(default_factory=list)
+    form: Optional[Form] = None
+    reason: Optional[str] = None
+    region: Set[fx.Node] = field(default_factory=set)  # original nodes computed inside
+    cost: int = 0  # multiply-accumulates of the region as written
+    rules: Set[str] = field(default_factory=set)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.kind == "leaf"
+
+    def child_for(self, arg: fx.Node) -> Optional["Expr"]:
+        for c in self.children:
+            if c.node is arg and not c.is_leaf:
+                return c
+        return None
+
+
+class RegionMatcher:
+    """Builds an :class:`Expr` for every node of a shape-annotated graph."""
+
+    def __init__(self, gm: fx.GraphModule, facts: GraphFacts):
+        self.gm = gm
+        self.facts = facts
+        self.exprs: Dict[fx.Node, Expr] = {}
+        self.opaque: Dict[fx.Node, str] = {}
+        self.absorbed: Set[fx.Node] = set()
+
+    # -- public ---------------------------------------------------------------------------
+    def run(self) -> Dict[fx.Node, Expr]:
+        for node in self.gm.graph.nodes:
+            self.exprs[node] = self._match(node)
+        return self.exprs
+
+    # -- per node -------------------------------------------------------------------------
+    def _match(self, node: fx.Node) -> Expr:
+        try:
+            meaning = describe(node, self.facts)
+        except Opaque as why:
+            self.opaque[node] = str(why)
+            return self._leaf(node)
+        except Exception as why:  # a front-end form the table misreads: leave it alone
+            self.opaque[node] = f"not understood ({type(why).__name__}: {why})"
+            return self._leaf(node)
+        if isinstance(meaning, Constant):
+            self.facts.constants[node] = meaning.value
+            return self._leaf(node)
+        if self.facts.shape(node) is None:
+            self.opaque[node] = "no tensor shape recorded"
+            return self._leaf(node)
+        for cut in (False, True):
+            expr = self._build(node, meaning, cut)
+            if expr.form is not None or cut:
+                break
+        for child in expr.children:
+            if not child.is_leaf:
+                self.absorbed.add(child.node)
+        if expr.form is None and expr.kind in ("concat", "slice"):
+            self.opaque[node] = expr.reason
+            leaf = self._leaf(node)
+            leaf.reason = expr.reason
+            return leaf
+        return expr
+
+    def _build(self, node, meaning, cut: bool) -> Expr:
+        if isinstance(meaning, AffineCall):
+            child = self._operand(meaning.input, node, cut)
+            expr = self._expr(node, "apply", meaning, [child], meaning.op)
+            expr.form, expr.reason = self._try(lambda: compose_form(child.form, meaning.op))
+            expr.rules |= {"compose"} if not child.is_leaf else set()
+        elif isinstance(meaning, Combine):
+            children = [self._operand(a, node, cut) for a, _ in meaning.terms]
+            expr = self._expr(node, "combine", meaning, children, None)
+            expr.form, expr.reason = self._try(
+                lambda: sum_forms([c.form for c in children], [w for _, w in meaning.terms]))
+            expr.rules.add("sum")
+        elif isinstance(meaning, Concat):
+            children = [self._operand(a, node, cut) for a in meaning.inputs]
+            expr = self._expr(node, "concat", meaning, children, None)
+            ndim = len(self.facts.shape(node))
+            expr.form, expr.reason = self._try(lambda: concat_forms([c.form for c in children], meaning.axis, ndim))
+            expr.rules.add("concat")
+        else:  # Slice
+            child = self._operand(meaning.input, node, cut)
+            expr = self._expr(node, "slice", meaning, [child], None)
+            ndim = len(self.facts.shape(node))
+            expr.form, expr.reason = self._try(
+                lambda: slice_form(child.form, meaning.axis, ndim, meaning.start, meaning.stop))
+            expr.rules.add("select")
+        return expr
+
+    def _expr(self, node, kind, meaning, children, op) -> Expr:
+        expr = Expr(node, kind, meaning, children)
+        expr.region = {node}.union(*[c.region for c in children])
+        own = 0
+        if op is not None:
+            own = flops(op, self.facts.shape(children[0].node), self.facts.shape(node))
+        elif kind == "combine":
+            own = math.prod(self.facts.shape(node)) * (len(children) - 1)
+        seen, total = set(), own
+        for c in children:  # a region shared by two operands counts once
+            if id(c) not in seen and not c.is_leaf:
+                seen.add(id(c))
+                total += c.cost
+        expr.cost = total
+        for c in children:
+            expr.rules |= c.rules
+        return expr
+
+    @staticmethod
+    def _try(fn):
+        try:
+            return fn(), None
+        except NotMergeable as why:
+            return None, str(why)
+
+    def _leaf(self, node: fx.Node) -> Expr:
+        shape = self.facts.shape(node)
+        form = {node: identity(shape)} if shape is not None and node not in self.facts.constants else None
+        return Expr(node, "leaf", form=form, reason=None if form else "not a tensor value")
+
+    def _operand(self, arg: fx.Node, parent: fx.Node, cut: bool) -> Expr:
+        expr = self.exprs[arg]
+        if cut or expr.is_leaf or expr.form is None or not self._absorbable(arg, parent):
+            return self._leaf(arg)
+        return expr
+
+    def _absorbable(self, arg: fx.Node, parent: fx.Node) -> bool:
+        """``arg`` may live inside ``parent``'s region: nothing else reads it."""
+        occurrences = []
+        fx.node.map_arg((parent.args, parent.kwargs), lambda a: occurrences.append(a) if a is arg else None)
+        if len(occurrences) != 1:
+            return False
+        readers = effective_users(arg)
+        if readers == [parent]:
+            return True
+        # read only through channel slices: each slice takes its own rows of the region
+        return parent in readers and all(_is_slice_of(r, arg) for r in readers)
+
+
+def effective_users(node: fx.Node) -> List[fx.Node]:
+    """Users of ``node``, with chunk/split tuples replaced by the getitems that read them."""
+    out = []
+    for u in node.users:
+        if _is_split(u) and u.args[0] is node:
+            out.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def _is_split(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_function", "call_method") and name in ("chunk", "split")
+
+
+def _is_slice_of(reader: fx.Node, arg: fx.Node) -> bool:
+    import operator
+    if reader.op != "call_function":
+        return False
+    if reader.target is operator.getitem:
+        return reader.args[0] is arg or (_is_split(reader.args[0]) and reader.args[0].args[0] is arg)
+    return getattr(reader.target, "__name__", "") == "narrow"
+
+
+# ----------------------------------------------------------------------------- form algebra
+
+def compose_form(form: Optional[Form], op: AffineOp) -> Form:
+    """``op(sum_s M_s(s)) = op(M_first(first)) + sum_rest op_linear(M_s(s))``."""
+    if form is None:
+        raise NotMergeable("operand has no affine form")
+    out: Form = {}
+    for i, (src, m) in enumerate(form.items()):
+        out[src] = algebra.compose(m, op if i == 0 else _without_bias(op))
+    return out
+
+
+def _without_bias(op: AffineOp) -> AffineOp:
+    if isinstance(op, Conv):
+        return op.replace(bias=None)
+    if isinstance(op, Linear):
+        return Linear(op.weight, None)
+    return Elementwise(op.scale, None, op.shape)
+
+
+def sum_forms(forms: List[Optional[Form]], weights: List[float]) -> Form:
+    if any(f is None for f in forms):
+        raise NotMergeable("an operand has no affine form")
+    out: Form = {}
+    for form, w in zip(forms, weights):
+        for src, m in form.items():
+            m = m if w == 1.0 else algebra.scale_op(m, w)
+            out[src] = algebra.add(out[src], m) if src in out else m
+    return out
+
+
+def concat_forms(forms: List[Optional[Form]], axis: int, ndim: int) -> Form:
+    if any(f is None for f in forms):
+        raise NotMergeable("an operand has no affine form")
+    sources = {s for f in forms for s in f}
+    if len(sources) != 1 or any(len(f) != 1 for f in forms):
+        raise NotMergeable("concatenated values come from different sources")
+    (src,) = sources
+    return {src: algebra.concat([f[src] for f in forms], axis, ndim)}
+
+
+def slice_form(form: Optional[Form], axis: int, ndim: int, start: int, stop: int) -> Form:
+    if form is None:
+        raise NotMergeable("operand has no affine form")
+    out: Form = {}
+    for src, m in form.items():
+        if isinstance(m, Conv) and axis != 1:
+            raise NotMergeable(f"slice on axis {axis}, not the conv channel axis")
+        if isinstance(m, Linear) and axis != ndim - 1:
+            raise NotMergeable(f"slice on axis {axis}, not the feature axis")
+        if isinstance(m, Elementwise):
+            raise NotMergeable("a slice of an elementwise map is not a single op")
+        out[src] = algebra.select_outputs(m, start, stop)
+    return out

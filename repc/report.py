@@ -1,0 +1,97 @@
+"""What repc did to a model: rewrites, regions kept and why, parts not captured, verification."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class Rewrite:
+    rule: str  # the local rules that built the region: compose, sum, concat, select
+    root: str  # the value the merged op now computes
+    replaced: List[str]  # the original nodes / modules of the region
+    result: List[str]  # the merged op(s), one per source
+    params_before: int
+    params_after: int
+    flops_before: int  # multiply-adds on the example input
+    flops_after: int
+    exact: bool = True
+    max_deviation: float = 0.0  # measured against the region as written
+
+
+@dataclass
+class Rejection:
+    root: str
+    reason: str
+
+
+@dataclass
+class SkippedPart:
+    path: str
+    reason: str
+
+
+@dataclass
+class Verification:
+    ok: bool
+    max_deviation: float
+    tolerance: float
+    inputs_checked: List[str]
+    inputs_skipped: List[str]
+    failing_input: Optional[str] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class Report:
+    rewrites: List[Rewrite] = field(default_factory=list)
+    rejected: List[Rejection] = field(default_factory=list)
+    skipped: List[SkippedPart] = field(default_factory=list)
+    verification: Optional[Verification] = None
+    params_before: int = 0
+    params_after: int = 0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    rolled_back: bool = False
+
+    @property
+    def flops_saved(self) -> int:
+        return sum(r.flops_before - r.flops_after for r in self.rewrites)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["flops_saved"] = self.flops_saved
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), default=str, **kwargs)
+
+    def __str__(self) -> str:
+        lines = [f"repc: {len(self.rewrites)} rewrite(s); graph nodes {self.nodes_before} -> {self.nodes_after}; "
+                 f"parameters {self.params_before:,} -> {self.params_after:,}"]
+        if self.rewrites:
+            rows = [("root", "rule", "replaced", "params", "MACs", "max dev")]
+            for r in self.rewrites:
+                rows.append((r.root, r.rule, str(len(r.replaced)) + " ops",
+                             f"{r.params_before:,} -> {r.params_after:,}",
+                             f"{r.flops_before:,} -> {r.flops_after:,}", f"{r.max_deviation:.1e}"))
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            for i, row in enumerate(rows):
+                lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+                if i == 0:
+                    lines.append("  " + "  ".join("-" * w for w in widths))
+        for r in self.rejected:
+            lines.append(f"  kept {r.root}: {r.reason}")
+        for s in self.skipped:
+            lines.append(f"  not captured {s.path}: {s.reason}")
+        v = self.verification
+        if v is not None:
+            status = "passed" if v.ok else f"FAILED on {v.failing_input}" + (f" ({v.error})" if v.error else "")
+            lines.append(f"verification {status}: max deviation {v.max_deviation:.2e} (tolerance {v.tolerance:g}) "
+                         f"on inputs {', '.join(v.inputs_checked) or '-'}"
+                         + (f"; shapes the model rejects: {', '.join(v.inputs_skipped)}" if v.inputs_skipped else ""))
+        if self.rolled_back:
+            lines.append("all rewrites were rolled back: the returned model computes as the original")
+        return "\n".join(lines)

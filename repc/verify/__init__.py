@@ -1,0 +1,1 @@
+"""Equivalence checks of fused models and regions against the originals."""

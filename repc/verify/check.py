@@ -1,0 +1,125 @@
+"""Differential checks: a fused model (or region) against the original on concrete inputs.
+
+Deviation is ``max |fused - original| / max(max |original|, eps)`` over every output tensor.
+It passes when it is at most the tolerance of the output dtype: a merged op sums the same
+products in another order, so its error grows with the dtype's epsilon and the fan-in;
+``TOLERANCE`` leaves about three orders of magnitude of room for that, while a folding error
+(a wrong border, a missed bias, a swapped channel) shows up at 1e-2 and above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 2e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE.get(dtype, 1e-4)
+
+
+def deviation(fused: Any, original: Any) -> float:
+    """Largest relative deviation between two (nested) outputs; inf if their structure differs."""
+    a, spec_a = tree_flatten(fused)
+    b, spec_b = tree_flatten(original)
+    if spec_a != spec_b or len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if isinstance(y, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+                return float("inf")
+            if not y.is_floating_point():
+                if not torch.equal(x, y):
+                    return float("inf")
+                continue
+            x64, y64 = x.detach().double(), y.detach().double()
+            if not torch.isfinite(y64).all():
+                same = (x64 == y64) | (torch.isnan(x64) & torch.isnan(y64))
+                if not same[~torch.isfinite(y64)].all():
+                    return float("inf")
+                keep = torch.isfinite(y64)
+                x64, y64 = x64[keep], y64[keep]
+            if y64.numel() == 0:
+                continue
+            scale = max(float(y64.abs().max()), torch.finfo(y.dtype).eps)
+            worst = max(worst, float((x64 - y64).abs().max()) / scale)
+        elif x != y:
+            return float("inf")
+    return worst
+
+
+def output_dtype(out: Any) -> torch.dtype:
+    leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return leaves[0].dtype if leaves else torch.float32
+
+
+def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0) -> List[Tuple[str, Tuple[Any, ...]]]:
+    """The example itself, random values of its shape, another batch size, other spatial sizes."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randomize(t, batch=0, spatial=0):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        shape = list(t.shape)
+        if batch and shape:
+            shape[0] += batch
+        if spatial and len(shape) >= 3:
+            shape[2:] = [s + spatial if s > 1 else s for s in shape[2:]]
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=t.dtype, device=t.device)
+
+    variants = [("example", example_inputs),
+                ("random", tuple(tree_map(randomize, example_inputs)))]
+    variants.append(("batch+1", tuple(tree_map(lambda t: randomize(t, batch=1), example_inputs))))
+    if any(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in tree_flatten(example_inputs)[0]):
+        variants.append(("spatial+3", tuple(tree_map(lambda t: randomize(t, spatial=3), example_inputs))))
+    return variants
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    max_deviation: float
+    tolerance: float
+    checked: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    failing_input: Optional[str] = None
+    error: Optional[str] = None
+
+
+def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...],
+            tol: Optional[float] = None) -> CheckResult:
+    """Run both on every input variant the original accepts; the worst deviation decides."""
+    worst, tol_used = 0.0, tol
+    checked, skipped = [], []
+    with torch.no_grad():
+        for name, inputs in input_variants(example_inputs):
+            try:
+                ref = original(*inputs)
+            except Exception:
+                if name == "example":
+                    raise
+                skipped.append(name)  # the model itself does not accept this shape
+                continue
+            this_tol = tol if tol is not None else tolerance(output_dtype(ref))
+            tol_used = this_tol if tol_used is None else min(tol_used, this_tol)
+            try:
+                got = fused(*inputs)
+            except Exception as why:
+                return CheckResult(False, float("inf"), this_tol, checked, skipped, name,
+                                   f"{type(why).__name__}: {why}")
+            dev = deviation(got, ref)
+            worst = max(worst, dev)
+            checked.append(name)
+            if dev > this_tol:
+                return CheckResult(False, worst, this_tol, checked, skipped, name)
+    return CheckResult(True, worst, tol_used if tol_used is not None else 1e-4, checked, skipped)
