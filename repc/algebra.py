@@ -227,7 +227,7 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
         step1.append(a_step // d)
         step2.append(b_step // d)
         size.append(step1[-1] * (k1[ax] - 1) + step2[-1] * (k2[ax] - 1) + 1)
-    w = w1.new_zeros(w2.shape[:3] + (w1.shape[2],) + tuple(size))
+    w = w1.new_zeros(w2.shape[:2] + (w1.shape[2],) + tuple(size))
     for tap in torch.cartesian_prod(*[torch.arange(k) for k in k2]).reshape(-1, nd).tolist():
         where = tuple(slice(step2[ax] * tap[ax], step2[ax] * tap[ax] + step1[ax] * (k1[ax] - 1) + 1, step1[ax] or 1)
                       for ax in range(nd))

@@ -90,6 +90,9 @@ class _Writer:
 
     # -- driver ----------------------------------------------------------------------------
     def run(self) -> CollapseResult:
+        for node, expr in self.exprs.items():
+            if expr.cut_reason:
+                self._reject(expr, f"not merged with its operands: {expr.cut_reason}")
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.value_of))

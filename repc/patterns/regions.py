@@ -44,6 +44,7 @@ class Expr:
     region: Set[fx.Node] = field(default_factory=set)  # original nodes computed inside
     cost: int = 0  # multiply-accumulates of the region as written
     rules: Set[str] = field(default_factory=set)
+    cut_reason: Optional[str] = None  # why the operands were not merged into this node
 
     @property
     def is_leaf(self) -> bool:
@@ -88,10 +89,12 @@ class RegionMatcher:
         if self.facts.shape(node) is None:
             self.opaque[node] = "no tensor shape recorded"
             return self._leaf(node)
-        for cut in (False, True):
-            expr = self._build(node, meaning, cut)
-            if expr.form is not None or cut:
-                break
+        expr = self._build(node, meaning, cut=False)
+        if expr.form is None:
+            why = expr.reason
+            expr = self._build(node, meaning, cut=True)
+            if any(not self.exprs[c.node].is_leaf for c in expr.children):
+                expr.cut_reason = why
         for child in expr.children:
             if not child.is_leaf:
                 self.absorbed.add(child.node)

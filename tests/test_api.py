@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import repc
+from repc.examples import RepVGGBlock, example_net, randomize_bn
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_input_model_is_untouched():
+    model = example_net()
+    before = _state(model)
+    flags = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    fused = repc.compile(model, torch.randn(2, 3, 32, 32))
+    after = _state(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == [m.training for m in model.modules()]
+    assert grads == [p.requires_grad for p in model.parameters()]
+    # the result shares no tensor with the input model
+    ours = {id(t) for t in list(fused.parameters()) + list(fused.buffers())}
+    theirs = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    assert not ours & theirs
+
+
+def test_training_mode_is_refused_with_a_clear_message():
+    model = example_net().train()
+    with pytest.raises(repc.ReparamError, match=r"eval\(\)"):
+        repc.compile(model, torch.randn(2, 3, 32, 32))
+
+
+def test_submodule_left_in_training_mode_is_named():
+    model = example_net()
+    model.stage1[0].dense[1].train()
+    with pytest.raises(repc.ReparamError, match="stage1.0.dense.1"):
+        repc.compile(model, torch.randn(2, 3, 32, 32))
+
+
+def test_single_tensor_example_and_report():
+    model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
+    report = fused.repc_report
+    assert len(report.rewrites) == 1
+    rw = report.rewrites[0]
+    assert "sum" in rw.rule and "compose" in rw.rule
+    assert rw.params_after < rw.params_before and rw.flops_after < rw.flops_before
+    assert rw.max_deviation < 1e-5 and rw.exact
+    assert report.verification.ok
+    assert {"example", "batch+1", "spatial+3"} <= set(report.verification.inputs_checked)
+    text = str(report)
+    assert "rewrite" in text and "verification passed" in text
+    d = report.to_dict()
+    assert d["rewrites"][0]["root"] == rw.root
+    assert '"rewrites"' in report.to_json()
+
+
+def test_model_failing_on_example_is_a_clear_error():
+    model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
+    with pytest.raises(repc.ReparamError, match="fails on the example"):
+        repc.compile(model, torch.randn(1, 3, 8, 8))
+
+
+def test_not_a_module():
+    with pytest.raises(repc.ReparamError, match="nn.Module"):
+        repc.compile(lambda x: x, torch.randn(1))
+
+
+class _Shell(nn.Module):
+    """Data-dependent control flow at the top: fx cannot trace it, its blocks can be."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = RepVGGBlock(4, 4)
+        self.b = RepVGGBlock(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return self.b(x)
+
+
+def test_untraceable_model_compiles_its_traceable_parts():
+    model = randomize_bn(_Shell()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    fused = repc.compile(model, x)
+    report = fused.repc_report
+    assert any(s.path == "<model>" for s in report.skipped)
+    assert len(report.rewrites) >= 1
+    with torch.no_grad():
+        for sign in (1, -1):
+            y = sign * torch.randn(2, 4, 8, 8).abs()
+            assert torch.allclose(fused(y), model(y), atol=1e-5)
+
+
+def test_report_says_why_a_region_was_kept():
+    class BnBeforePaddedConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    model = randomize_bn(BnBeforePaddedConv()).eval()
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
+    reasons = " ".join(r.reason for r in fused.repc_report.rejected)
+    assert "border" in reasons
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
