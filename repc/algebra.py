@@ -390,6 +390,19 @@ def select_outputs(op: AffineOp, start: int, stop: int) -> AffineOp:
     raise NotMergeable("only conv and linear outputs can be sliced")
 
 
+def select_inputs(op: AffineOp, start: int, stop: int) -> AffineOp:
+    """The part of a conv or linear map that reads input channels ``start:stop``.
+
+    ``op(x) = sum_blocks op[:, block](x[block])`` with the bias kept on the returned piece.
+    """
+    if isinstance(op, Linear):
+        return Linear(op.weight[:, start:stop].contiguous(), op.bias)
+    if isinstance(op, Conv):
+        w = regroup(op.weight, op.groups, 1)[:, start:stop].contiguous()
+        return op.replace(weight=w, groups=1)
+    raise NotMergeable("only conv and linear inputs can be split")
+
+
 def scale_op(op: AffineOp, factor: float) -> AffineOp:
     """``factor * op(x)``."""
     if isinstance(op, Elementwise):

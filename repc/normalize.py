@@ -382,11 +382,31 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
         if x_shape is None:
             raise Opaque("indexing a value that is not a tensor")
         return _slice_of(x, args[1], x_shape)
+    if key in (torch.mean, torch.sum, "mean", "sum") and isinstance(x, fx.Node) and x.op == "call_function" \
+            and x.target is torch.stack:
+        return _reduce_stack(node, x, key in (torch.mean, "mean"), facts)
     if key in (torch.narrow, "narrow"):
         b = _bind(args[1:], kwargs, ["dim", "start", "length"], {})
         dim = b["dim"] % len(x_shape)
         return Slice(x, dim, b["start"], b["start"] + b["length"])
     raise Opaque(f"{node.op} {_name(node)} is not an affine map repc knows")
+
+
+def _reduce_stack(node: fx.Node, stack: fx.Node, mean: bool, facts: GraphFacts) -> Combine:
+    """``stack(xs, d).mean(d)`` / ``.sum(d)``: a weighted sum of the stacked values."""
+    b = _bind(node.args[1:], node.kwargs, ["dim", "keepdim"], {"dim": None, "keepdim": False})
+    s = _bind(stack.args, stack.kwargs, ["tensors", "dim"], {"dim": 0})
+    tensors = list(s["tensors"])
+    ndim = len(facts.shape(stack))
+    dim = b["dim"]
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or dim % ndim != s["dim"] % ndim or b["keepdim"] or node.kwargs.get("dtype"):
+        raise Opaque("reduction that is not over the stacking axis")
+    if not all(isinstance(t, fx.Node) and not facts.is_const(t) for t in tensors):
+        raise Opaque("stack with constants")
+    weight = 1.0 / len(tensors) if mean else 1.0
+    return Combine([(t, weight) for t in tensors])
 
 
 def _name(node: fx.Node) -> str:

@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 
 from ..normalize import AffineCall, GraphFacts, functionalize_inplace
-from ..ops import flops, params
-from ..patterns.regions import Expr, RegionMatcher, _is_split
+from ..ops import params
+from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, tolerance
 from .emit import AttributeNamer, emit_form, form_module
@@ -99,8 +99,8 @@ class _Writer:
                 continue
             if node in self.absorbed or node in self.env:
                 continue
-            if _is_split(node):
-                continue  # emitted when a reader needs the tuple
+            if is_container(node):
+                continue  # emitted when a reader needs the tuple or the stack
             expr = self.exprs[node]
             self.env[node] = self._copy(node) if expr.is_leaf else self.materialize(expr)
         module = fx.GraphModule(self.gm, self.graph, class_name=type(self.gm).__name__)
@@ -165,9 +165,7 @@ class _Writer:
         if expr.form is None:
             self._reject(expr, f"no closed form: {expr.reason}")
             return False
-        out_shape = self.facts.shape(expr.node)
-        new_cost = sum(flops(op, self.facts.shape(src), out_shape) for src, op in expr.form.items())
-        new_cost += _numel(out_shape) * (len(expr.form) - 1)
+        new_cost = self.matcher.form_cost(expr.form, expr.node)
         if new_cost > expr.cost:
             self._reject(expr, f"does not pay: {new_cost} multiply-adds merged vs {expr.cost} as written")
             return False
@@ -235,9 +233,9 @@ class _Writer:
                 continue
             for arg in node.all_input_nodes:
                 if arg not in env:
-                    if arg not in self.facts.constants and not _is_split(arg):
+                    if arg not in self.facts.constants and not is_container(arg):
                         raise RuntimeError(f"region input {arg.name} is not a source")
-                    if _is_split(arg):
+                    if is_container(arg):
                         env[arg] = self._eval(arg, env)
                     else:
                         env[arg] = self.values[arg]
@@ -252,13 +250,6 @@ class _Writer:
 
 def _is_identity(op) -> bool:
     return getattr(op, "is_identity", False)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _describe_node(node: fx.Node, facts: GraphFacts) -> str:

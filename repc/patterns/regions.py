@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
+import torch
 import torch.fx as fx
 
 from .. import algebra
@@ -90,7 +91,8 @@ class RegionMatcher:
             self.opaque[node] = "no tensor shape recorded"
             return self._leaf(node)
         expr = self._build(node, meaning, cut=False)
-        if expr.form is None:
+        if expr.form is None and expr.kind != "concat":  # a concat of several sources stays open
+
             why = expr.reason
             expr = self._build(node, meaning, cut=True)
             if any(not self.exprs[c.node].is_leaf for c in expr.children):
@@ -98,7 +100,9 @@ class RegionMatcher:
         for child in expr.children:
             if not child.is_leaf:
                 self.absorbed.add(child.node)
-        if expr.form is None and expr.kind in ("concat", "slice"):
+        if expr.form is not None:
+            expr = self._absorb_forks(expr)
+        if expr.form is None and expr.kind == "slice":
             self.opaque[node] = expr.reason
             leaf = self._leaf(node)
             leaf.reason = expr.reason
@@ -107,9 +111,17 @@ class RegionMatcher:
 
     def _build(self, node, meaning, cut: bool) -> Expr:
         if isinstance(meaning, AffineCall):
-            child = self._operand(meaning.input, node, cut)
+            child = self._operand(meaning.input, node, cut, distributable=True)
             expr = self._expr(node, "apply", meaning, [child], meaning.op)
-            expr.form, expr.reason = self._try(lambda: compose_form(child.form, meaning.op))
+            if child.kind == "concat" and child.form is None:
+                ndim = len(self.facts.shape(child.node))
+                parts = [c.form for c in child.children]
+                sizes = [self.facts.shape(c.node)[child.meaning.axis] for c in child.children]
+                expr.form, expr.reason = self._try(
+                    lambda: distribute_form(parts, sizes, child.meaning.axis, ndim, meaning.op))
+                expr.rules.add("distribute")
+            else:
+                expr.form, expr.reason = self._try(lambda: compose_form(child.form, meaning.op))
             expr.rules |= {"compose"} if not child.is_leaf else set()
         elif isinstance(meaning, Combine):
             children = [self._operand(a, node, cut) for a, _ in meaning.terms]
@@ -131,6 +143,46 @@ class RegionMatcher:
                 lambda: slice_form(child.form, meaning.axis, ndim, meaning.start, meaning.stop))
             expr.rules.add("select")
         return expr
+
+    def _absorb_forks(self, expr: Expr) -> Expr:
+        """Pull a source into the region when every reader of it is already inside.
+
+        ``v = M(u)`` and ``u = N(s)`` give ``v = (M o N)(s)`` once nothing outside the region
+        reads ``u`` (a fork whose branches all join here: an adapter after a layer, a residual
+        block after another).  Taken only when the merged form costs no more than keeping
+        ``u`` apart.
+        """
+        changed = True
+        while changed:
+            changed = False
+            for src in list(expr.form):
+                inner = self.exprs.get(src)
+                if inner is None or inner.is_leaf or inner.form is None or src in self.absorbed:
+                    continue
+                if not all(u in expr.region for u in effective_users(src)):
+                    continue
+                try:
+                    pulled = compose_form(inner.form, expr.form[src])
+                    rest = {k: v for k, v in expr.form.items() if k is not src}
+                    form = sum_forms([rest, pulled], [1.0, 1.0]) if rest else pulled
+                except NotMergeable:
+                    continue
+                if self.form_cost(form, expr.node) > self.form_cost(expr.form, expr.node) + inner.cost:
+                    continue
+                expr.form = form
+                expr.region |= inner.region
+                expr.cost += inner.cost
+                expr.rules |= inner.rules | {"compose"}
+                self.absorbed.add(src)
+                changed = True
+                break
+        return expr
+
+    def form_cost(self, form: Form, node: fx.Node) -> int:
+        """Multiply-accumulates of ``sum_s op_s(s)`` on the example shapes."""
+        out = self.facts.shape(node)
+        return sum(flops(op, self.facts.shape(src), out) for src, op in form.items()) + \
+            math.prod(out) * (len(form) - 1)
 
     def _expr(self, node, kind, meaning, children, op) -> Expr:
         expr = Expr(node, kind, meaning, children)
@@ -162,9 +214,10 @@ class RegionMatcher:
         form = {node: identity(shape)} if shape is not None and node not in self.facts.constants else None
         return Expr(node, "leaf", form=form, reason=None if form else "not a tensor value")
 
-    def _operand(self, arg: fx.Node, parent: fx.Node, cut: bool) -> Expr:
+    def _operand(self, arg: fx.Node, parent: fx.Node, cut: bool, distributable: bool = False) -> Expr:
         expr = self.exprs[arg]
-        if cut or expr.is_leaf or expr.form is None or not self._absorbable(arg, parent):
+        no_form = expr.form is None and not (distributable and expr.kind == "concat")
+        if cut or expr.is_leaf or no_form or not self._absorbable(arg, parent):
             return self._leaf(arg)
         return expr
 
@@ -182,14 +235,19 @@ class RegionMatcher:
 
 
 def effective_users(node: fx.Node) -> List[fx.Node]:
-    """Users of ``node``, with chunk/split tuples replaced by the getitems that read them."""
+    """Users of ``node``; chunk/split tuples and stacks are replaced by the nodes that read them."""
     out = []
     for u in node.users:
-        if _is_split(u) and u.args[0] is node:
+        if (_is_split(u) and u.args[0] is node) or (u.op == "call_function" and u.target is torch.stack):
             out.extend(u.users)
         else:
             out.append(u)
     return out
+
+
+def is_container(node: fx.Node) -> bool:
+    """A tuple or stack that the matcher reads through (split/chunk, torch.stack)."""
+    return _is_split(node) or (node.op == "call_function" and node.target is torch.stack)
 
 
 def _is_split(node: fx.Node) -> bool:
@@ -224,6 +282,24 @@ def _without_bias(op: AffineOp) -> AffineOp:
     if isinstance(op, Linear):
         return Linear(op.weight, None)
     return Elementwise(op.scale, None, op.shape)
+
+
+def distribute_form(parts: List[Optional[Form]], sizes: List[int], axis: int, ndim: int, op: AffineOp) -> Form:
+    """``op(cat([p_1, ..., p_n], axis)) = sum_i op[:, block_i](p_i)`` (bias once).
+
+    For a conv the blocks are input channels (axis 1), for a linear map input features (last
+    axis): the op splits over the concatenated parts, whatever their sources.
+    """
+    if isinstance(op, Conv) and axis != 1 or isinstance(op, Linear) and axis != ndim - 1 or isinstance(op, Elementwise):
+        raise NotMergeable("the op does not act across the concatenation axis")
+    forms, start = [], 0
+    for i, (part, size) in enumerate(zip(parts, sizes)):
+        if part is None:
+            raise NotMergeable("a concatenated part has no affine form")
+        piece = algebra.select_inputs(op, start, start + size)
+        forms.append(compose_form(part, piece if i == 0 else _without_bias(piece)))
+        start += size
+    return sum_forms(forms, [1.0] * len(forms))
 
 
 def sum_forms(forms: List[Optional[Form]], weights: List[float]) -> Form:
