@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..normalize import AffineCall, GraphFacts, functionalize_inplace
-from ..ops import params
+from ..normalize import NORM_AFFINE, NORM_CORE, AffineCall, GraphFacts, functionalize_inplace, split_norm_affine
+from ..ops import Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, tolerance
@@ -55,6 +55,8 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule."""
     functionalize_inplace(gm)
     propagate_shapes(gm, example_inputs)
+    if split_norm_affine(gm):
+        propagate_shapes(gm, example_inputs)
     facts = GraphFacts(gm)
     matcher = RegionMatcher(gm, facts)
     exprs = matcher.run()
@@ -151,11 +153,32 @@ class _Writer:
         if all(_is_identity(op) for op in expr.form.values()) and len(expr.form) == 1:
             (src,) = expr.form
             return self.value_of(src)
+        if len(expr.form) == 1:
+            (src, op), = expr.form.items()
+            if NORM_CORE in src.meta and isinstance(op, Elementwise):
+                out = self._norm_with_affine(src, op, hint)
+                if out is not None:
+                    return out
         return emit_form(self.graph, self.namer, expr.form, self.value_of, hint + "_fused",
-                         self._dtype(expr), self.device)
+                         self._dtype(expr.node), self.device)
 
-    def _dtype(self, expr: Expr):
-        meta = expr.node.meta.get("tensor_meta")
+    def _norm_with_affine(self, core: fx.Node, op: Elementwise, hint: str) -> Optional[fx.Node]:
+        """``norm(x) * s + t`` back into one norm call whose weight is ``s`` and bias ``t``."""
+        fn, naxes, where = core.meta[NORM_CORE]
+        if naxes != 1:
+            return None
+        try:
+            scale, shift = op.channel_vectors(-1 if where == "last" else 1)
+        except NotMergeable:
+            return None
+        dtype = self._dtype(core)
+        w = self.graph.get_attr(self.namer.buffer(hint + "_weight", scale.to(self.device, dtype)))
+        b = self.graph.get_attr(self.namer.buffer(hint + "_bias", shift.to(self.device, dtype)))
+        x, first, _, _, eps = core.args
+        return self.graph.call_function(core.target, (self.value_of(x), first, w, b, eps))
+
+    def _dtype(self, node: fx.Node):
+        meta = node.meta.get("tensor_meta")
         return getattr(meta, "dtype", torch.float32)
 
     # -- decisions ------------------------------------------------------------------------------
@@ -175,6 +198,8 @@ class _Writer:
             if not ok:
                 self._reject(expr, f"rolled back: {why}")
                 return False
+        if all(NORM_AFFINE in n.meta for n in expr.region):
+            return True  # a norm's own affine tail, put back as it was: not a rewrite
         before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
                             if isinstance(self.exprs[n].meaning, AffineCall))
         self.result.rewrites.append(Rewrite(

@@ -1,0 +1,336 @@
+"""The ``torch.compile`` front door: ``torch.compile(model, backend="repc")``.
+
+repc registers itself under the ``torch_dynamo_backends`` entry point, so the backend name
+resolves in a process that never imported repc.  For every graph dynamo hands over (one per
+piece between graph breaks), :func:`repc_backend`
+
+1. decides whether fusing is valid: not when the graph trains (``batch_norm`` with
+   ``training=True``, dropout with ``training=True``, a module in training mode), not when
+   gradients are enabled and an input or parameter requires them, and not when the graph
+   writes in place into the model's own tensors.  Such a graph goes to the inner backend
+   unchanged;
+2. *freezes* it: every placeholder that dynamo lifted from the model (parameters, buffers,
+   tensor and number attributes of ``nn.Module`` s) becomes a ``get_attr`` of a constant
+   holding a copy of its value at compile time; the user's inputs stay placeholders;
+3. runs repc's collapse pass on the frozen graph (normalize, region matching, closed forms,
+   per-region verification), then checks the fused graph against the frozen one as a whole;
+4. compiles the fused graph with the inner backend (``options={"inner": "inductor"}`` by
+   default; ``"eager"``, any registered backend name, or a backend callable) and returns a
+   callable taking the full argument list dynamo passes (the frozen arguments are dropped).
+
+**Weights are frozen at compile time**, as with Inductor's ``freezing``: changing a
+parameter, buffer or module attribute after the first call is not seen by the compiled
+model (dynamo does not guard on tensor values).  Recompile after changing weights
+(``torch._dynamo.reset()`` or a fresh ``torch.compile``).  Training mode and grad-enabled
+calls with parameters that require grad are compiled unfused (dynamo recompiles when the
+mode changes), so a model can be trained and served with the same compiled object.
+
+Options: ``inner`` (see above) and ``verify`` (default ``True``: the whole-graph check on the
+example and on random inputs; the per-region checks of the collapse pass always run).
+What happened to each graph is logged on the ``repc.backend`` logger: the rewrites at INFO,
+a graph left unfused for a validity reason at INFO (WARNING when only gradients stood in
+the way), a fusion that failed or did not verify at WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .capture import _short
+from .passes.collapse import collapse
+from .verify.check import compare
+
+log = logging.getLogger("repc.backend")
+
+OPTIONS = ("inner", "verify")
+
+_BATCH_NORMS = {F.batch_norm: 5, torch.batch_norm: 5}  # target -> position of ``training``
+_DROPOUTS = {F.dropout: (2, True), F.dropout1d: (2, True), F.dropout2d: (2, True), F.dropout3d: (2, True),
+             F.alpha_dropout: (2, False), F.feature_alpha_dropout: (2, False),
+             torch.dropout: (2, None), torch.alpha_dropout: (2, None), torch.feature_dropout: (2, None),
+             torch.feature_alpha_dropout: (2, None)}  # target -> (position of ``training``, default)
+_TRAINING_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                     nn.AlphaDropout, nn.FeatureAlphaDropout)
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+class BackendOptionError(ValueError):
+    """``options`` given to ``torch.compile(backend="repc")`` that the backend cannot use."""
+
+
+@dataclass
+class GraphOutcome:
+    """What the backend did with one graph dynamo handed over."""
+
+    fused: bool
+    reason: str = ""  # why the graph went to the inner backend unchanged
+    rewrites: list = field(default_factory=list)
+    rejections: list = field(default_factory=list)
+    frozen: int = 0  # placeholders bound to the model's tensors
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+
+def repc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Optional[Dict[str, Any]] = None,
+                 mode: Optional[str] = None) -> Callable:
+    """A dynamo backend: freeze, fuse with repc, and compile the result with the inner backend."""
+    inner, verify = _parse_options(options, mode)
+    example_inputs = list(example_inputs)
+    outcome, fused, user_positions = fuse_graph(gm, example_inputs, verify=verify)
+    if not outcome.fused:
+        return inner(gm, example_inputs)
+    compiled = inner(fused, [example_inputs[i] for i in user_positions])
+
+    def run(*args):
+        return compiled(*[args[i] for i in user_positions])
+
+    return run
+
+
+def _parse_options(options, mode) -> Tuple[Callable, bool]:
+    if mode is not None:
+        raise BackendOptionError(f"the repc backend takes no mode ({mode!r}); choose the inner backend with "
+                                 "options={'inner': ...}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise BackendOptionError(f"unknown repc backend option(s) {', '.join(map(repr, unknown))}; "
+                                 f"known: {', '.join(OPTIONS)}")
+    inner = options.get("inner", "inductor")
+    if isinstance(inner, str):
+        if inner == "repc":
+            raise BackendOptionError("the inner backend of repc cannot be repc itself")
+        try:
+            inner = torch._dynamo.lookup_backend(inner)
+        except Exception as why:
+            raise BackendOptionError(f"unknown inner backend {options['inner']!r}: {_short(why)}") from None
+    elif not callable(inner):
+        raise BackendOptionError(f"the inner backend must be a backend name or callable, got {type(inner).__name__}")
+    verify = options.get("verify", True)
+    if not isinstance(verify, bool):
+        raise BackendOptionError(f"option 'verify' must be True or False, got {verify!r}")
+    return inner, verify
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def fuse_graph(gm: fx.GraphModule, example_inputs: List[Any], *, verify: bool = True
+               ) -> Tuple[GraphOutcome, Optional[fx.GraphModule], List[int]]:
+    """Fuse one dynamo graph.
+
+    Returns the outcome, the fused module (``None`` when the graph is to stay unchanged) and
+    the positions in ``example_inputs`` of the arguments the fused module still takes.
+    """
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if len(placeholders) != len(example_inputs):
+        return _unchanged(gm, f"{len(placeholders)} placeholders for {len(example_inputs)} example inputs")
+    frozen_positions = [i for i, (node, value) in enumerate(zip(placeholders, example_inputs))
+                        if _is_model_state(node, value)]
+    reason = training_reason(gm)
+    if reason:
+        return _unchanged(gm, reason)
+    if torch.is_grad_enabled():
+        needing = [p.target for p, v in zip(placeholders, example_inputs)
+                   if isinstance(v, torch.Tensor) and v.requires_grad]
+        if needing:
+            return _unchanged(gm, f"gradients are enabled and {len(needing)} input(s) require grad "
+                                  f"({needing[0]}{', ...' if len(needing) > 1 else ''}); "
+                                  "call the model under torch.no_grad() or torch.inference_mode() to fuse it",
+                              level=logging.WARNING)
+    frozen_nodes = {placeholders[i] for i in frozen_positions}
+    mutated = mutated_model_state(gm, frozen_nodes)
+    if mutated:
+        return _unchanged(gm, f"the graph writes in place into the model's tensors ({mutated})")
+
+    user_positions = [i for i in range(len(placeholders)) if i not in set(frozen_positions)]
+    constants = _constants_root({placeholders[i]: example_inputs[i] for i in frozen_positions})
+    user_inputs = tuple(_concrete(example_inputs[i]) for i in user_positions)
+    try:
+        with torch.no_grad():
+            result = collapse(_frozen_module(gm, constants), user_inputs)
+    except Exception as why:
+        return _unchanged(gm, f"repc could not fuse it ({_short(why)})", level=logging.WARNING)
+    fused = result.module
+    outcome = GraphOutcome(True, rewrites=result.rewrites, rejections=result.rejections,
+                           frozen=len(frozen_positions), nodes_before=len(gm.graph.nodes),
+                           nodes_after=len(fused.graph.nodes))
+    kept = [n.target for n in fused.graph.find_nodes(op="placeholder")]
+    if kept != [placeholders[i].target for i in user_positions]:
+        return _unchanged(gm, "the fused graph does not take the user's inputs in order", level=logging.WARNING)
+    if not result.rewrites:
+        # nothing merged: the frozen graph would only differ by its bound constants
+        return _unchanged(gm, "no region to merge", level=logging.INFO)
+    if verify:
+        try:
+            check = compare(fused, _frozen_module(gm, constants), user_inputs)
+        except Exception as why:
+            return _unchanged(gm, f"the frozen graph does not run on its example ({_short(why)})",
+                              level=logging.WARNING)
+        if not check.ok:
+            where = check.error or f"deviation {check.max_deviation:.3g} > {check.tolerance:g}"
+            return _unchanged(gm, f"the fused graph failed verification on the {check.failing_input} input ({where})",
+                              level=logging.WARNING)
+    log.info("repc backend: fused a graph of %d nodes into %d (%d region(s) merged: %s; %d value(s) frozen)",
+             outcome.nodes_before, outcome.nodes_after, len(result.rewrites),
+             ", ".join(r.root for r in result.rewrites), outcome.frozen)
+    return outcome, fused, user_positions
+
+
+def _unchanged(gm: fx.GraphModule, reason: str, level: int = logging.INFO):
+    log.log(level, "repc backend: graph of %d nodes left unfused: %s", len(gm.graph.nodes), reason)
+    return GraphOutcome(False, reason=reason, nodes_before=len(gm.graph.nodes)), None, []
+
+
+# ----------------------------------------------------------------------------- validity
+
+def training_reason(gm: fx.GraphModule) -> Optional[str]:
+    """Why ``gm`` computes a training step (batch statistics, random dropout), or None."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = modules.get(node.target)
+            if isinstance(mod, _TRAINING_MODULES) and mod.training:
+                return f"{type(mod).__name__} {node.target} is in training mode"
+        if node.op != "call_function":
+            continue
+        if node.target in _BATCH_NORMS:
+            training = _argument(node, _BATCH_NORMS[node.target], "training", False)
+            if training is not False:
+                return f"{node.name}: batch_norm with training={training} (model in training mode)"
+        elif node.target in _DROPOUTS:
+            position, default = _DROPOUTS[node.target]
+            name = "training" if default is not None else "train"
+            training = _argument(node, position, name, default)
+            if training is not False and _argument(node, 1, "p", 0.5) != 0:
+                return f"{node.name}: {_name(node)} with {name}={training} (model in training mode)"
+    return None
+
+
+def mutated_model_state(gm: fx.GraphModule, frozen: set) -> Optional[str]:
+    """The first in-place op that writes into a value derived only from the model's state."""
+    derived = set(frozen) | set(gm.graph.find_nodes(op="get_attr"))
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        inputs = node.all_input_nodes
+        if _is_inplace(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in derived:
+            return f"{node.name}: {_name(node)} on {node.args[0].name}"
+        if inputs and all(a in derived for a in inputs):
+            derived.add(node)
+    return None
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return True
+    if node.target in (F.relu, F.relu6, F.elu, F.selu, F.celu, F.leaky_relu, F.rrelu, F.hardtanh,
+                       F.hardsigmoid, F.hardswish, F.silu, F.mish, F.threshold) and len(node.args) > 1 \
+            and node.args[-1] is True:
+        return True
+    name = _name(node)
+    overload = getattr(node.target, "_schema", None)
+    if overload is not None:  # torch.ops.aten.*: the schema says whether the first argument is written
+        args = overload.arguments
+        return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _argument(node: fx.Node, position: int, name: str, default):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else default
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+# ----------------------------------------------------------------------------- freezing
+
+def _is_model_state(node: fx.Node, value: Any) -> bool:
+    """Whether dynamo lifted this placeholder from an ``nn.Module`` (a parameter, buffer or attribute)."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return False
+    source = getattr(node, "_dynamo_source", None)
+    if source is None:
+        return False
+    try:
+        guard_source = source.guard_source
+        guard_source = guard_source() if callable(guard_source) else guard_source
+        return bool(guard_source.is_unspecialized_nn_module() or guard_source.is_specialized_nn_module())
+    except Exception:  # a source kind without a guard source: not the model's
+        return False
+
+
+def _constants_root(frozen: Dict[fx.Node, Any]) -> Tuple[nn.Module, Dict[fx.Node, str]]:
+    """A module holding a copy of every frozen value, and the attribute name of each."""
+    root = nn.Module()
+    names: Dict[fx.Node, str] = {}
+    with torch.no_grad():
+        for i, (node, value) in enumerate(frozen.items()):
+            name = f"frozen_{i}_{node.name}"[:120]
+            if isinstance(value, torch.Tensor):
+                root.register_buffer(name, value.detach().clone())
+            else:
+                setattr(root, name, value)
+            names[node] = name
+    return root, names
+
+
+def _frozen_module(gm: fx.GraphModule, constants: Tuple[nn.Module, Dict[fx.Node, str]]) -> fx.GraphModule:
+    """``gm`` with each frozen placeholder read from ``constants``; the user's inputs stay placeholders.
+
+    A frozen 0-d tensor read only through ``.item()`` is a number of the model (``eps``,
+    ``momentum``) that dynamo wrapped into a tensor: those ``.item()`` calls become the number.
+    """
+    root, names = constants
+    graph = fx.Graph()
+    env: Dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node in names:
+            value = getattr(root, names[node])
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and node.users and \
+                    all(u.op == "call_method" and u.target == "item" for u in node.users):
+                env[node] = _Scalar(value.item())
+            elif isinstance(value, torch.Tensor):
+                env[node] = graph.get_attr(names[node])
+                env[node].meta = dict(node.meta)
+            else:
+                env[node] = _Scalar(value)
+        elif node.op == "call_method" and node.target == "item" and isinstance(env.get(node.args[0]), _Scalar):
+            env[node] = env[node.args[0]]
+        else:
+            env[node] = graph.node_copy(node, lambda a: env[a].value if isinstance(env[a], _Scalar) else env[a])
+    return fx.GraphModule(root, graph, class_name="FrozenGraph")
+
+
+@dataclass
+class _Scalar:
+    value: Any
+
+
+def _concrete(value):
+    """A symbolic size from dynamo as the number it stands for on this example."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        node = value.node
+        hint = getattr(node, "hint", None)
+        if hint is None:
+            from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+            hint = guarding_hint_or_throw(value)
+        return hint
+    return value
