@@ -57,6 +57,13 @@ class Slice:
 
 
 @dataclass
+class Layout:
+    """A reshape/permutation of ``input`` (transpose, permute, flatten, view, reshape...)."""
+    input: fx.Node
+    node: fx.Node
+
+
+@dataclass
 class Constant:
     value: Any
 
@@ -73,8 +80,9 @@ class Opaque(Exception):
 class GraphFacts:
     """What normalization needs to know about a captured graph: modules, constants, shapes."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, values: Optional[Dict[fx.Node, Any]] = None):
         self.gm = gm
+        self.values = values or {}  # every node's value on the example inputs
         self.modules = dict(gm.named_modules())
         self.constants: Dict[fx.Node, Any] = {}
 
@@ -228,6 +236,9 @@ _DIV = {operator.truediv, torch.div, "div", operator.itruediv, torch.true_divide
 _NEG = {operator.neg, torch.neg, "neg"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _PASS = {"contiguous", "clone", operator.pos, torch.clone}
+_LAYOUT = {torch.transpose, torch.permute, torch.flatten, torch.reshape, torch.unflatten, torch.swapaxes,
+           torch.squeeze, torch.unsqueeze, "transpose", "permute", "flatten", "reshape", "view", "reshape_as",
+           "view_as", "unflatten", "swapaxes", "squeeze", "unsqueeze", "t"}
 _RANDOM = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like,
            torch.bernoulli, torch.multinomial, torch.normal, torch.randperm, F.dropout, F.dropout1d,
            F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
@@ -385,6 +396,8 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
     if key in (torch.mean, torch.sum, "mean", "sum") and isinstance(x, fx.Node) and x.op == "call_function" \
             and x.target is torch.stack:
         return _reduce_stack(node, x, key in (torch.mean, "mean"), facts)
+    if key in _LAYOUT and isinstance(x, fx.Node) and x_shape is not None:
+        return Layout(x, node)
     if key in (torch.narrow, "narrow"):
         b = _bind(args[1:], kwargs, ["dim", "start", "length"], {})
         dim = b["dim"] % len(x_shape)
@@ -407,6 +420,15 @@ def _reduce_stack(node: fx.Node, stack: fx.Node, mean: bool, facts: GraphFacts) 
         raise Opaque("stack with constants")
     weight = 1.0 / len(tensors) if mean else 1.0
     return Combine([(t, weight) for t in tensors])
+
+
+def apply_layout(node: fx.Node, tensor: Tensor, facts: GraphFacts) -> Tensor:
+    """Run the layout op of ``node`` on ``tensor`` in place of its input (other args as recorded)."""
+    data = node.args[0]
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: tensor if n is data else facts.values[n])
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 def _name(node: fx.Node) -> str:

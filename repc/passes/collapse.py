@@ -29,10 +29,12 @@ from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, tolerance
 from .emit import AttributeNamer, emit_form, form_module
-from ..capture import propagate_shapes
+from torch.fx.passes.shape_prop import ShapeProp
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(ShapeProp):
+    """Shape propagation that also keeps every node's value on the example inputs."""
+
     def __init__(self, gm):
         super().__init__(gm)
         self.values: Dict[fx.Node, Any] = {}
@@ -41,6 +43,13 @@ class _Recorder(fx.Interpreter):
         out = super().run_node(n)
         self.values[n] = out
         return out
+
+
+def _record(gm, example_inputs) -> Dict[fx.Node, Any]:
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.propagate(*example_inputs)
+    return recorder.values
 
 
 @dataclass
@@ -54,17 +63,14 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
              prefix: str = "") -> CollapseResult:
     """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule."""
     functionalize_inplace(gm)
-    propagate_shapes(gm, example_inputs)
+    values = _record(gm, example_inputs)
     if split_norm_affine(gm):
-        propagate_shapes(gm, example_inputs)
-    facts = GraphFacts(gm)
+        values = _record(gm, example_inputs)
+    facts = GraphFacts(gm, values)
     matcher = RegionMatcher(gm, facts)
-    exprs = matcher.run()
-    recorder = _Recorder(gm)
-    with torch.no_grad():
-        recorder.run(*example_inputs)
+    matcher.run()
     device = _device(gm, example_inputs)
-    return _Writer(gm, facts, matcher, recorder, device, check, prefix).run()
+    return _Writer(gm, facts, matcher, device, check, prefix).run()
 
 
 def _device(gm, example_inputs):
@@ -77,11 +83,10 @@ def _device(gm, example_inputs):
 
 
 class _Writer:
-    def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, recorder: _Recorder, device, check: bool,
-                 prefix: str):
+    def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, device, check: bool, prefix: str):
         self.gm, self.facts, self.matcher = gm, facts, matcher
         self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
-        self.values = recorder.values
+        self.values = facts.values
         self.interp = fx.Interpreter(gm)  # evaluates region nodes on other inputs
         self.device, self.check, self.prefix = device, check, prefix
         self.graph = fx.Graph()

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import AffineCall, Combine, Concat, Constant, GraphFacts, Opaque, Slice, describe
+from ..normalize import AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, apply_layout, describe
 from ..ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, flops, identity
 
 Form = Dict[fx.Node, AffineOp]
@@ -46,6 +46,11 @@ class Expr:
     cost: int = 0  # multiply-accumulates of the region as written
     rules: Set[str] = field(default_factory=set)
     cut_reason: Optional[str] = None  # why the operands were not merged into this node
+    # a value that is a layout change (transpose, flatten, view...) of an affine expression:
+    # value = base.flatten()[layout], with base = sum_s pending[s](s)
+    layout: Optional[torch.Tensor] = None
+    pending: Optional[Form] = None
+    base: Optional[fx.Node] = None
 
     @property
     def is_leaf(self) -> bool:
@@ -91,7 +96,8 @@ class RegionMatcher:
             self.opaque[node] = "no tensor shape recorded"
             return self._leaf(node)
         expr = self._build(node, meaning, cut=False)
-        if expr.form is None and expr.kind != "concat":  # a concat of several sources stays open
+        # a concat of several sources, or a pending layout change, stays open for its consumer
+        if expr.form is None and expr.kind != "concat" and expr.pending is None:
 
             why = expr.reason
             expr = self._build(node, meaning, cut=True)
@@ -110,10 +116,25 @@ class RegionMatcher:
         return expr
 
     def _build(self, node, meaning, cut: bool) -> Expr:
+        if isinstance(meaning, Layout):
+            child = self._operand(meaning.input, node, cut, distributable=True)
+            expr = self._expr(node, "layout", meaning, [child], None)
+            self._layout(expr, child)
+            return expr
         if isinstance(meaning, AffineCall):
             child = self._operand(meaning.input, node, cut, distributable=True)
             expr = self._expr(node, "apply", meaning, [child], meaning.op)
-            if child.kind == "concat" and child.form is None:
+            if child.pending is not None:
+                if not isinstance(meaning.op, Elementwise):
+                    raise AssertionError("only elementwise maps see through layouts")
+                try:
+                    e = pull_back(meaning.op, child.layout, self.facts.shape(child.base))
+                    expr.pending = compose_form(child.pending, e)
+                    expr.layout, expr.base = child.layout, child.base
+                except NotMergeable as why:
+                    expr.reason = str(why)
+                expr.rules |= {"compose", "layout"}
+            elif child.kind == "concat" and child.form is None:
                 ndim = len(self.facts.shape(child.node))
                 parts = [c.form for c in child.children]
                 sizes = [self.facts.shape(c.node)[child.meaning.axis] for c in child.children]
@@ -214,8 +235,34 @@ class RegionMatcher:
         form = {node: identity(shape)} if shape is not None and node not in self.facts.constants else None
         return Expr(node, "leaf", form=form, reason=None if form else "not a tensor value")
 
+    def _layout(self, expr: Expr, child: Expr) -> None:
+        """A layout change of ``child``: pending until another one undoes it."""
+        expr.rules.add("layout")
+        if child.pending is not None:
+            index, pending, base = child.layout, child.pending, child.base
+        elif child.form is not None:
+            shape = self.facts.shape(child.node)
+            index = torch.arange(math.prod(shape)).reshape(shape)
+            pending, base = child.form, child.node
+        else:
+            expr.reason = "operand has no affine form"
+            return
+        try:
+            index = apply_layout(expr.node, index, self.facts)
+        except Exception as why:
+            expr.reason = f"layout change not understood: {why}"
+            return
+        base_shape = self.facts.shape(base)
+        if tuple(index.shape) == tuple(base_shape) and torch.equal(index.reshape(-1), torch.arange(index.numel())):
+            expr.form = pending  # the layout changes cancel out
+        else:
+            expr.layout, expr.pending, expr.base = index, pending, base
+            expr.reason = "a layout change that is not undone"
+
     def _operand(self, arg: fx.Node, parent: fx.Node, cut: bool, distributable: bool = False) -> Expr:
         expr = self.exprs[arg]
+        if distributable and expr.pending is not None and not cut and self._absorbable(arg, parent):
+            return expr
         no_form = expr.form is None and not (distributable and expr.kind == "concat")
         if cut or expr.is_leaf or no_form or not self._absorbable(arg, parent):
             return self._leaf(arg)
@@ -282,6 +329,32 @@ def _without_bias(op: AffineOp) -> AffineOp:
     if isinstance(op, Linear):
         return Linear(op.weight, None)
     return Elementwise(op.scale, None, op.shape)
+
+
+def pull_back(ew: Elementwise, index: torch.Tensor, base_shape) -> Elementwise:
+    """``E(base.flatten()[index])`` as ``E'(base).flatten()[index]``: constants moved back.
+
+    A layout change only moves elements, so an elementwise map commutes with it once its
+    constants are moved along: ``c'[index[i]] = c[i]``.  Axes along which the moved constant
+    does not vary are collapsed to size 1 again (so a per-channel map stays per-channel).
+    """
+    flat_index = index.reshape(-1)
+    if flat_index.numel() != math.prod(base_shape):
+        raise NotMergeable("a layout change that does not keep every element")
+
+    def back(t):
+        if t is None:
+            return None
+        out = torch.empty(flat_index.numel(), dtype=t.dtype)
+        out[flat_index] = t.expand(index.shape).reshape(-1)
+        out = out.reshape(tuple(base_shape))
+        for axis in range(out.dim()):
+            first = out.narrow(axis, 0, 1)
+            if torch.equal(out, first.expand_as(out)):
+                out = first
+        return out
+
+    return Elementwise(back(ew.scale), back(ew.shift), tuple(base_shape))
 
 
 def distribute_form(parts: List[Optional[Form]], sizes: List[int], axis: int, ndim: int, op: AffineOp) -> Form:

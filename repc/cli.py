@@ -1,0 +1,854 @@
+"""The ``repc`` command line: ``repc fuse IN -o OUT`` and ``repc inspect IN``.
+
+A thin layer over :func:`repc.compile` for people who hold a checkpoint rather than a Python
+session: it loads the model safely, builds example inputs from shape strings, runs the same
+pipeline, prints what was rewritten and what it gained, and writes a fused ``GraphModule``
+(or a ``torch.export`` program) that loads where repc is not installed.
+
+Exit codes: 0 success, 1 internal error or output that could not be written, 2 bad input or
+usage, 3 verification failure (nothing written).  Every expected failure is one line on stderr
+naming the problem; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import io
+import json
+import os
+import pickle
+import pickletools
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+import zipfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_VERIFICATION = 3
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success
+  1  internal error, or the output could not be written (rerun with --debug)
+  2  bad input or usage: missing/corrupt file, wrong kind of object, unknown factory,
+     bad shape, a model that fails on the example input or is in training mode
+  3  verification failed: the fused model does not compute what the original computes;
+     nothing is written (the --report file, if asked for, says where it deviates)"""
+
+EXAMPLE_SHAPE = "1x3x32x32"
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+class CliError(Exception):
+    """An expected failure: ``message`` is printed as one line, the process exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.code = code
+
+
+def _short(why: BaseException, limit: int = 300) -> str:
+    lines = [l.strip() for l in str(why).strip().splitlines() if l.strip()]
+    text = f"{type(why).__name__}: {lines[0]}" if lines else type(why).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """Step lines on stderr: ``repc: compiling ... done (4.2 s)``; a live timer on a terminal."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.stream = sys.stderr
+
+    @contextlib.contextmanager
+    def step(self, what: str):
+        if self.quiet:
+            yield
+            return
+        start = time.perf_counter()
+        live = self.stream.isatty()
+        stop = threading.Event()
+        self.stream.write(f"repc: {what} ...")
+        self.stream.flush()
+
+        def tick():
+            while not stop.wait(1.0):
+                self.stream.write(f"\rrepc: {what} ... {time.perf_counter() - start:.0f} s")
+                self.stream.flush()
+
+        ticker = threading.Thread(target=tick, daemon=True) if live else None
+        if ticker:
+            ticker.start()
+        outcome = "failed"
+        try:
+            yield
+            outcome = "done"
+        finally:
+            stop.set()
+            if ticker:
+                ticker.join()
+                self.stream.write(f"\rrepc: {what} ...")
+            self.stream.write(f" {outcome} ({time.perf_counter() - start:.1f} s)\n")
+            self.stream.flush()
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.stream.write(f"repc: {text}\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2) instead of argparse's usage block."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+    """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``; a clear CliError otherwise."""
+    if not re.fullmatch(r"\s*\d+(\s*[xX]\s*\d+)*\s*", text or ""):
+        raise CliError(f"bad --example-input {text!r}: expected sizes joined by 'x', like 1x3x224x224")
+    shape = tuple(int(s) for s in re.split(r"[xX]", text))
+    if any(s <= 0 for s in shape):
+        raise CliError(f"bad --example-input {text!r}: every size must be positive")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    src = common.add_argument_group("model")
+    src.add_argument("input", nargs="?", metavar="IN",
+                     help="a pickled nn.Module (torch.save(model); needs --trust-pickle), or a state dict "
+                          "(.pt/.pth loaded with weights_only=True, or .safetensors) together with --model")
+    src.add_argument("--example", action="store_true",
+                     help=f"use repc's built-in training-form example network instead of IN "
+                          f"(example input {EXAMPLE_SHAPE} unless --example-input is given)")
+    src.add_argument("--model", metavar="PKG.MODULE:FACTORY",
+                     help="a callable that builds the architecture for a state dict, e.g. mypkg.nets:resnet "
+                          "(the current directory is importable); the model is put in eval mode")
+    src.add_argument("--model-kwargs", metavar="JSON", help='keyword arguments for --model, e.g. \'{"c": 16}\'')
+    src.add_argument("--trust-pickle", action="store_true",
+                     help="allow loading a pickled nn.Module: unpickling runs code named in the file, so only "
+                          "for files from a trusted source")
+    src.add_argument("--eval", action="store_true",
+                     help="put a model that was saved in training mode in eval mode before fusing "
+                          "(BatchNorm then uses its running statistics)")
+    src.add_argument("--device", default="cpu", help="device to load the model and inputs on (default: cpu)")
+    inp = common.add_argument_group("example inputs")
+    inp.add_argument("--example-input", action="append", metavar="SHAPE", default=None,
+                     help="shape of a positional input, like 1x3x224x224; repeat for several inputs")
+    inp.add_argument("--dtype", choices=DTYPES,
+                     help="dtype of the example inputs (default: the dtype of the model's parameters)")
+    inp.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default: 0)")
+    run = common.add_argument_group("run")
+    run.add_argument("--tolerance", type=float, default=None,
+                     help="largest relative deviation verification accepts (default: from the dtype)")
+    run.add_argument("--no-benchmark", action="store_true", help="do not time the original and the fused model")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    run.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    parser = _Parser(prog="repc", description="repc: fuse training-time branches into plain inference ops, verified.",
+                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"repc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    fuse = sub.add_parser(
+        "fuse", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="compile a model and write the fused model",
+        description="Compile IN with repc.compile (trace, merge affine regions, verify) and write the fused model "
+                    "to OUT: a GraphModule that torch.load(OUT, weights_only=False) loads without repc, or with "
+                    "--format export a torch.export program (torch.export.load; fixed to the example shapes). "
+                    "OUT is written atomically and only if verification passes.",
+        epilog="examples:\n  repc fuse --example -o fused.pt\n"
+               "  repc fuse model.pt --trust-pickle --example-input 1x3x224x224 -o fused.pt --report report.json\n"
+               "  repc fuse weights.safetensors --model mypkg.nets:build --model-kwargs '{\"c\": 16}' "
+               "--example-input 1x3x224x224 -o fused.pt\n\n" + EXIT_CODES_HELP)
+    fuse.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the fused model")
+    fuse.add_argument("--format", choices=("graphmodule", "export"), default="graphmodule",
+                      help="graphmodule (default): torch.save of a GraphModule; export: torch.export.save of an "
+                           "ExportedProgram")
+    fuse.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
+    fuse.add_argument("--force", "-f", action="store_true", help="overwrite an existing OUT / REPORT.json")
+
+    inspect = sub.add_parser(
+        "inspect", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="show the fusable regions and estimated gains; writes nothing",
+        description="Run the same pipeline as `repc fuse` (repc.compile, with verification) and print the regions "
+                    "it would fuse, what each becomes and the estimated gains. Nothing is written.",
+        epilog="example:\n  repc inspect --example\n\n" + EXIT_CODES_HELP)
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of text")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+@contextlib.contextmanager
+def _cwd_importable():
+    """Make the current directory importable (as ``python -m`` would) while loading user code."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def read_safetensors(path: str, device: str = "cpu") -> Dict[str, Any]:
+    """Read a ``.safetensors`` file without the safetensors package.
+
+    The format: an unsigned 64-bit little-endian header length ``n``; ``n`` bytes of UTF-8 JSON
+    mapping each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+    into the data section, which follows the header) plus an optional ``"__metadata__"``; then
+    the raw little-endian tensor data.  Nothing in it is executed.
+    """
+    import torch
+
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise CliError(f"{name} is not a valid safetensors file: {len(data)} bytes, shorter than its 8-byte header size")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise CliError(f"{name} is truncated or not a safetensors file: its header claims {n:,} bytes "
+                       f"but the file has {len(data) - 8:,} after the size field")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as why:
+        raise CliError(f"{name} is corrupt or not a safetensors file: its header is not JSON ({why})") from why
+    if not isinstance(header, dict):
+        raise CliError(f"{name} is corrupt: its safetensors header is not a JSON object")
+    if sys.byteorder != "little":
+        raise CliError("reading .safetensors needs a little-endian machine; convert the file to .pt instead",
+                       EXIT_INTERNAL)
+    body = memoryview(data)[8 + n:]
+    tensors: Dict[str, Any] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError, AttributeError) as why:
+            raise CliError(f"{name} is corrupt: bad safetensors entry for tensor {key!r} ({_short(why)})") from why
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end or end - begin != numel * itemsize or any(s < 0 for s in shape):
+            raise CliError(f"{name} is corrupt: tensor {key!r} of shape {shape} ({info['dtype']}) "
+                           f"does not match its data offsets [{begin}, {end})")
+        if end > len(body):
+            raise CliError(f"{name} is truncated: tensor {key!r} needs bytes [{begin:,}, {end:,}) of a "
+                           f"{len(body):,}-byte data section")
+        raw = bytearray(body[begin:end])
+        t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        tensors[key] = t.reshape(shape).to(device)
+    return tensors
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    if path.lower().endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 32
+
+
+def load_file(path: str, *, trust_pickle: bool, device: str) -> Any:
+    """The object stored in ``path``: a state dict from safetensors or weights-only torch.load, or
+    (with ``trust_pickle``) whatever the pickle holds."""
+    import torch
+
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        raise CliError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise CliError(f"input is a directory, not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise CliError(f"input file is empty: {path}")
+    if _looks_like_safetensors(path):
+        return read_safetensors(path, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as why:
+            if "weights only load failed" not in str(why).lower():
+                raise CliError(f"cannot read {name}: corrupt or not a PyTorch checkpoint ({_short(why, 160)})") from why
+            needs_code = why
+        except Exception as why:  # zip/EOF/key errors: a truncated or foreign file
+            raise CliError(f"cannot read {name}: truncated, corrupt or not a PyTorch checkpoint "
+                           f"({_short(why, 160)})") from why
+        if not trust_pickle:
+            code = _code_in_checkpoint(path)
+            raise CliError(
+                f"{name} is a pickle that names code{code}: loading it runs that code, so it is refused. "
+                "If you trust the file, pass --trust-pickle; otherwise save a state dict "
+                "(torch.save(model.state_dict(), path)) and give --model package.module:factory") from needs_code
+        with _cwd_importable():
+            try:
+                return torch.load(path, map_location=device, weights_only=False)
+            except (AttributeError, ModuleNotFoundError, ImportError) as why:
+                raise CliError(f"cannot load {name}: the class it was pickled with is not importable here "
+                               f"({_short(why, 160)}); make that code importable (e.g. run from its directory) "
+                               "or save a state dict and use --model") from why
+            except Exception as why:
+                raise CliError(f"cannot read {name}: corrupt or not a PyTorch checkpoint ({_short(why, 160)})") from why
+
+
+def _code_in_checkpoint(path: str) -> str:
+    try:
+        from torch.serialization import get_unsafe_globals_in_checkpoint
+        names = get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f" ({shown})"
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+
+
+def as_state_dict(obj: Any) -> Optional[Dict[str, Any]]:
+    """``obj`` as a name -> tensor mapping, looking one level into a training checkpoint; else None."""
+    import torch
+
+    def tensors_only(m):
+        return isinstance(m, Mapping) and m and all(isinstance(k, str) for k in m) and \
+            all(isinstance(v, torch.Tensor) for v in m.values())
+
+    if tensors_only(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if tensors_only(obj.get(key)):
+                return dict(obj[key])
+    return None
+
+
+def resolve_factory(spec: str):
+    """``package.module:attr[.attr]`` -> the callable it names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"bad --model {spec!r}: expected package.module:factory, like mypkg.nets:build")
+    with _cwd_importable():
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as why:
+            raise CliError(f"--model {spec}: cannot import module {module_name!r} ({_short(why, 160)})") from why
+        except Exception as why:
+            raise CliError(f"--model {spec}: importing {module_name!r} failed ({_short(why, 160)})") from why
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"--model {spec}: unknown factory, {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CliError(f"--model {spec}: {attr!r} is a {type(obj).__name__}, not a callable that builds a model")
+    return obj
+
+
+def _parse_kwargs(text: Optional[str]) -> Dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as why:
+        raise CliError(f"bad --model-kwargs: not valid JSON ({why})") from why
+    if not isinstance(kwargs, dict):
+        raise CliError(f"bad --model-kwargs: expected a JSON object like '{{\"c\": 16}}', got {type(kwargs).__name__}")
+    return kwargs
+
+
+def build_model(spec: str, kwargs: Dict[str, Any], state: Dict[str, Any], source: str):
+    """Call the factory, load ``state`` strictly, return the model in eval mode."""
+    import torch.nn as nn
+
+    factory = resolve_factory(spec)
+    try:
+        model = factory(**kwargs)
+    except Exception as why:
+        raise CliError(f"--model {spec}: calling it with {json.dumps(kwargs)} failed ({_short(why, 200)})") from why
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+    expected = model.state_dict()
+    if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+                  if k in state and hasattr(v, "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+        raise CliError(f"the state dict in {source} does not fit the model from --model {spec}: " + "; ".join(parts))
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as why:
+        raise CliError(f"the state dict in {source} does not fit the model from --model {spec} "
+                       f"({_short(why, 200)})") from why
+    return model.eval()
+
+
+def load_model(args) -> Tuple[Any, str]:
+    """The model the arguments name, and a short description of where it came from."""
+    import torch.nn as nn
+
+    if args.example:
+        if args.input or args.model:
+            raise CliError("--example uses the built-in network: give either --example or IN, not both")
+        from .examples import example_net
+        return example_net().to(args.device), "the built-in example network (repc.examples.example_net)"
+    if not args.input:
+        raise CliError("no model given: pass IN (a checkpoint file) or --example")
+    if args.model_kwargs is not None and not args.model:
+        raise CliError("--model-kwargs needs --model")
+    kwargs = _parse_kwargs(args.model_kwargs)
+    name = os.path.basename(args.input)
+    obj = load_file(args.input, trust_pickle=args.trust_pickle, device=args.device)
+    if isinstance(obj, nn.Module):
+        if args.model:
+            raise CliError(f"{name} holds a whole model ({type(obj).__name__}), not a state dict: drop --model")
+        training = [n or "<model>" for n, m in obj.named_modules() if m.training]
+        if training:
+            if not args.eval:
+                shown = ", ".join(training[:3]) + (", ..." if len(training) > 3 else "")
+                raise CliError(f"the model in {name} is in training mode ({shown}): pass --eval to fuse its "
+                               "inference form (BatchNorm running statistics, no dropout)")
+            obj.eval()
+        return obj, f"{name} ({type(obj).__name__})"
+    state = as_state_dict(obj)
+    if state is None:
+        raise CliError(f"{name} holds a {type(obj).__name__}, not an nn.Module or a state dict of tensors")
+    if not args.model:
+        raise CliError(f"{name} holds a state dict ({len(state)} tensors): give --model package.module:factory "
+                       "to build the architecture it belongs to")
+    model = build_model(args.model, kwargs, state, name)
+    return model.to(args.device), f"{name} loaded into {args.model} ({type(model).__name__})"
+
+
+def example_inputs(args, model) -> Tuple[Any, ...]:
+    import torch
+
+    shapes = args.example_input or ([EXAMPLE_SHAPE] if args.example else None)
+    if not shapes:
+        raise CliError("give --example-input SHAPE (like 1x3x224x224): repc runs the model on it to trace "
+                       "shapes and to verify the result")
+    parsed = [parse_shape(s) for s in shapes]
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    else:
+        dtype = next((t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()),
+                     torch.float32)
+    gen = torch.Generator().manual_seed(args.seed)
+    return tuple(torch.randn(shape, generator=gen).to(dtype=dtype, device=args.device) for shape in parsed)
+
+
+def _describe_inputs(inputs) -> str:
+    return ", ".join("x".join(map(str, t.shape)) + f" {str(t.dtype).replace('torch.', '')}" for t in inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def check_output_path(path: str, *, what: str, force: bool, inputs: Sequence[str]) -> None:
+    """Refuse before any work: OUT equal to an input, a directory, a missing folder, or existing without --force."""
+    real = os.path.realpath(path)
+    for other in inputs:
+        if other and (real == os.path.realpath(other) or
+                      (os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other))):
+            raise CliError(f"{what} {path} is the input file: refusing to overwrite the input")
+    if os.path.isdir(path):
+        raise CliError(f"{what} {path} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{what} {path}: folder {folder} is not writable")
+    if os.path.exists(path) and not force:
+        raise CliError(f"{what} {path} already exists: pass --force to overwrite it")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
+    readers see the old file or the whole new one, never a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def portable_copy(fused, report_dict: Dict[str, Any]):
+    """A shallow copy of ``fused`` that pickles without repc: the report as a plain dict, and no
+    repc tracer class recorded on its GraphModules.  ``fused`` itself is left as it is."""
+    import torch.fx as fx
+
+    saved = copy.copy(fused)
+    saved.__dict__.pop("repc_report", None)
+    saved.repc_report = report_dict
+    for m in saved.modules():
+        if isinstance(m, fx.GraphModule) and _from_repc(m.__dict__.get("_tracer_cls")):
+            m._tracer_cls = None  # re-tracing on load then uses torch.fx's own Tracer
+    return saved
+
+
+def _from_repc(obj) -> bool:
+    module = getattr(obj, "__module__", "") or ""
+    return module == "repc" or module.startswith("repc.")
+
+
+_IMPORTS_REPC = re.compile(r"(^|\n)\s*(from|import)\s+repc(\.|\s|$)")
+
+
+def repc_references(data: bytes) -> List[str]:
+    """What a ``torch.save`` archive (pickle protocol 2) needs from repc to load: the classes and
+    functions its pickle names, and imports in the code of GraphModules.  Nothing is executed."""
+    found: List[str] = []
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for name in archive.namelist():
+            if not name.endswith(".pkl"):
+                continue
+            for op, arg, _ in pickletools.genops(archive.read(name)):
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    module = arg.split(" ")[0]
+                    if module == "repc" or module.startswith("repc."):
+                        found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append("(unchecked STACK_GLOBAL)")  # not produced by protocol 2
+                elif isinstance(arg, str) and _IMPORTS_REPC.search(arg):
+                    found.append("an import of repc in generated code")
+    return sorted(set(found))
+
+
+def serialize(saved, fmt: str, inputs) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    if fmt == "export":
+        try:
+            program = torch.export.export(saved, tuple(inputs))
+        except Exception as why:
+            raise CliError(f"torch.export cannot export the fused model ({_short(why, 200)}); "
+                           "use --format graphmodule", EXIT_INTERNAL) from why
+        torch.export.save(program, buf)
+        return buf.getvalue()
+    torch.save(saved, buf, pickle_protocol=2)
+    data = buf.getvalue()
+    needs = repc_references(data)
+    if needs:
+        raise CliError(f"the fused model would not load without repc: it refers to {', '.join(needs[:3])}; "
+                       "nothing written (please report this)", EXIT_INTERNAL)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+def measure_latency(models: Sequence[Any], inputs, budget_s: float = 1.0, max_rounds: int = 50) -> List[Optional[float]]:
+    """Median seconds per forward pass of each model on ``inputs``.
+
+    The models run interleaved, one pass each per round, so that a change in the machine's load
+    during the measurement affects them alike; a model that raises gets None.
+    """
+    import torch
+
+    def once(model) -> float:
+        t0 = time.perf_counter()
+        model(*inputs)
+        if any(getattr(t, "is_cuda", False) for t in inputs):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    alive = list(range(len(models)))
+    times: List[List[float]] = [[] for _ in models]
+    with torch.no_grad():
+        for i in list(alive):
+            try:
+                once(models[i])
+                once(models[i])  # warm-up
+            except Exception:
+                alive.remove(i)
+        start = time.perf_counter()
+        rounds = 0
+        while alive and (rounds < 3 or (rounds < max_rounds and time.perf_counter() - start < budget_s)):
+            for i in alive:
+                times[i].append(once(models[i]))
+            rounds += 1
+    return [statistics.median(t) if t else None for t in times]
+
+
+def count_flops(model, inputs) -> Optional[int]:
+    """Floating-point operations of one forward pass, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+        return int(counter.get_total_flops())
+    except Exception:
+        return None
+
+
+def measure(original, fused, inputs, benchmark: bool) -> Dict[str, Any]:
+    """Whole-model FLOPs (and, with ``benchmark``, median latency) of the original and the fused model."""
+    gains: Dict[str, Any] = {
+        "params_before": fused.repc_report.params_before,
+        "params_after": fused.repc_report.params_after,
+        "flops_before": count_flops(original, inputs),
+        "flops_after": count_flops(fused, inputs),
+        "latency_ms_before": None,
+        "latency_ms_after": None,
+        "device": str(inputs[0].device) if inputs else "cpu",
+    }
+    if benchmark:
+        before, after = measure_latency([original, fused], inputs)
+        gains["latency_ms_before"] = None if before is None else before * 1e3
+        gains["latency_ms_after"] = None if after is None else after * 1e3
+    return gains
+
+
+# --------------------------------------------------------------------------------------------
+# printing
+
+
+def _change(before: Optional[float], after: Optional[float]) -> str:
+    if not before or after is None:
+        return ""
+    return f" ({(after - before) / before * 100:+.1f}%)"
+
+
+def _op_kind(result: str) -> str:
+    return result.split("(")[0].strip()
+
+
+def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
+    """The report as text: a table of the rewrites (with what each becomes when ``detailed``),
+    the regions kept and why, the parts not captured, verification and the totals."""
+    lines: List[str] = []
+    if report.rewrites:
+        lines.append(f"{len(report.rewrites)} fusable region(s):" if detailed else
+                     f"{len(report.rewrites)} region(s) fused:")
+        rows = [("region", "rules", "ops", "becomes", "params", "MACs", "max dev")]
+        for r in report.rewrites:
+            kinds = "+".join(dict.fromkeys(_op_kind(x) for x in r.result)) or "-"
+            rows.append((r.root, r.rule, f"{len(r.replaced)} -> {len(r.result)}", kinds,
+                         f"{r.params_before:,} -> {r.params_after:,}",
+                         f"{r.flops_before:,} -> {r.flops_after:,}{_change(r.flops_before, r.flops_after)}",
+                         f"{r.max_deviation:.1e}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for i, row in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        if detailed:
+            lines.append("")
+            for r in report.rewrites:
+                lines.append(f"  {r.root} ({r.rule}{'' if r.exact else ', approximate'}):")
+                lines.append(f"    replaces: {', '.join(r.replaced)}")
+                for res in r.result:
+                    lines.append(f"    becomes:  {res}")
+    else:
+        lines.append("no fusable region found")
+    for r in report.rejected:
+        lines.append(f"  kept {r.root} as written: {r.reason}")
+    for s in report.skipped:
+        lines.append(f"  not captured {s.path}: {s.reason}")
+    v = report.verification
+    if v is not None:
+        status = "passed" if v.ok else f"FAILED on {v.failing_input}" + (f" ({v.error})" if v.error else "")
+        lines.append(f"verification {status}: max deviation {v.max_deviation:.2e} (tolerance {v.tolerance:g}) "
+                     f"on inputs {', '.join(v.inputs_checked) or '-'}")
+    if report.rolled_back:
+        lines.append("all rewrites were rolled back")
+    lines.append("")
+    lines.append("gains" + (" (estimated; nothing written)" if detailed else "") + ":")
+    lines.append(f"  parameters   {report.params_before:,} -> {report.params_after:,}"
+                 f"{_change(report.params_before, report.params_after)}")
+    if gains.get("flops_before") is not None and gains.get("flops_after") is not None:
+        lines.append(f"  FLOPs        {gains['flops_before']:,} -> {gains['flops_after']:,}"
+                     f"{_change(gains['flops_before'], gains['flops_after'])}  (whole model, example input)")
+    lines.append(f"  graph nodes  {report.nodes_before} -> {report.nodes_after}")
+    if gains.get("latency_ms_before") is not None and gains.get("latency_ms_after") is not None:
+        b, a = gains["latency_ms_before"], gains["latency_ms_after"]
+        lines.append(f"  latency      {b:.3f} ms -> {a:.3f} ms ({b / a:.2f}x; median on the example input, "
+                     f"{gains.get('device', 'cpu')})" if a else f"  latency      {b:.3f} ms -> {a:.3f} ms")
+    return "\n".join(lines)
+
+
+def report_document(command: str, args, report, gains, inputs, *, output: Optional[str], written: bool):
+    from . import __version__
+
+    return {
+        "repc_version": __version__,
+        "command": command,
+        "input": "<built-in example>" if args.example else args.input,
+        "model": args.model,
+        "output": output,
+        "format": getattr(args, "format", None),
+        "written": written,
+        "example_inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
+        "gains": gains,
+        "report": json.loads(report.to_json()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def _compile(args, progress: Progress):
+    import repc
+
+    model, origin = load_model(args)
+    inputs = example_inputs(args, model)
+    progress.note(f"model: {origin}; example input {_describe_inputs(inputs)}")
+    with progress.step("compiling (trace, merge affine regions, verify)"):
+        try:
+            fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance)
+        except repc.ReparamError as why:
+            raise CliError(str(why).splitlines()[0] if str(why) else type(why).__name__) from why
+    with progress.step("measuring FLOPs" + ("" if args.no_benchmark else " and latency")):
+        gains = measure(model, fused, inputs, benchmark=not args.no_benchmark)
+    return model, fused, inputs, gains
+
+
+def _verification_failed(report) -> Optional[str]:
+    v = report.verification
+    if v is not None and not v.ok:
+        return (f"verification failed on input {v.failing_input}: max deviation {v.max_deviation:.2e} > tolerance "
+                f"{v.tolerance:g}" + (f" ({v.error})" if v.error else ""))
+    if report.rolled_back:
+        return "verification failed: every rewrite was rolled back"
+    return None
+
+
+def cmd_fuse(args, progress: Progress) -> int:
+    inputs_given = [args.input] if args.input else []
+    check_output_path(args.output, what="OUT", force=args.force, inputs=inputs_given)
+    if args.report:
+        check_output_path(args.report, what="--report", force=args.force, inputs=inputs_given)
+        if os.path.realpath(args.report) == os.path.realpath(args.output):
+            raise CliError("--report and OUT are the same file")
+    model, fused, inputs, gains = _compile(args, progress)
+    report = fused.repc_report
+    print(render(report, gains, detailed=False))
+    failure = _verification_failed(report)
+    data = None
+    if failure is None:
+        saved = portable_copy(fused, json.loads(report.to_json()))
+        with progress.step(f"writing {args.output} ({args.format})"):
+            data = serialize(saved, args.format, inputs)
+            try:
+                atomic_write(args.output, data)
+            except OSError as why:
+                raise CliError(f"cannot write {args.output}: {_short(why)}", EXIT_INTERNAL) from why
+    if args.report:
+        doc = report_document("fuse", args, report, gains, inputs, output=args.output if data else None,
+                              written=data is not None)
+        try:
+            atomic_write(args.report, json.dumps(doc, indent=2, default=str).encode())
+        except OSError as why:
+            raise CliError(f"cannot write {args.report}: {_short(why)}", EXIT_INTERNAL) from why
+    if failure is not None:
+        raise CliError(failure + "; nothing written", EXIT_VERIFICATION)
+    loader = ("torch.export.load(path)" if args.format == "export"
+              else "torch.load(path, weights_only=False); repc is not needed")
+    print(f"\nwrote {args.output} ({len(data):,} bytes); load it with {loader}")
+    return EXIT_OK
+
+
+def cmd_inspect(args, progress: Progress) -> int:
+    model, fused, inputs, gains = _compile(args, progress)
+    report = fused.repc_report
+    if args.json:
+        doc = report_document("inspect", args, report, gains, inputs, output=None, written=False)
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(f"repc inspect: ran the same pipeline as `repc fuse` (repc.compile); nothing is written\n")
+        print(render(report, gains, detailed=True))
+    failure = _verification_failed(report)
+    if failure is not None:
+        raise CliError(failure + "; `repc fuse` would write nothing", EXIT_VERIFICATION)
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress = Progress(args.quiet)
+    command = {"fuse": cmd_fuse, "inspect": cmd_inspect}[args.command]
+    try:
+        return command(args, progress)
+    except CliError as why:
+        if args.debug:
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(f"repc: error: {why}", file=sys.stderr)
+        return why.code
+    except KeyboardInterrupt:
+        print("repc: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as why:
+        if args.debug:
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(f"repc: internal error: {_short(why)} (rerun with --debug for the traceback and please report it)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
