@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Tuple
+import inspect
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -11,7 +12,8 @@ import torch.nn as nn
 
 from .capture import split_untraceable, trace, _short
 from .passes.collapse import collapse
-from .report import Rejection, Report, SkippedPart, Verification
+from .passes.average_experts import average_experts
+from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .verify.check import compare
 
 
@@ -24,13 +26,23 @@ def _training_modules(model: nn.Module):
 
 
 def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
-            tolerance: Optional[float] = None) -> nn.Module:
+            tolerance: Optional[float] = None, specialize: Optional[Dict[str, Any]] = None,
+            allow_approximate: bool = False, approximate_tolerance: Optional[float] = None) -> nn.Module:
     """Return a new module computing ``model``'s function with its affine regions merged.
 
     ``example_inputs`` is a tuple of positional inputs (a single tensor is accepted).  The
     model must be in eval mode; it is never modified.  ``verify`` checks the result against
     the original on the example and on random inputs of other batch and spatial sizes; a
     result that fails is rolled back.  The report is in ``result.repc_report``.
+
+    Non-tensor example inputs (a task id, a flag) are constants the result is specialized to,
+    and so are the forward arguments named in ``specialize`` (tensors too): gates computed from
+    them fold away.  The result refuses other values at run time.
+
+    ``allow_approximate=True`` also averages mixtures of identical nonlinear experts into one
+    expert (Experts Weights Averaging).  That changes the function: the report marks it
+    approximate with the deviation measured against the original, and with
+    ``approximate_tolerance`` an averaging that deviates more is not applied.
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"repc.compile expects an nn.Module, got {type(model).__name__}")
@@ -48,14 +60,23 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
     except Exception as why:
         raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
 
-    work = copy.deepcopy(model)
+    constants = _specialized_arguments(model, example_inputs, specialize)
+    fixed = _positions(model, constants)
     report = Report()
+    report.specialized = {name: _brief(value) for name, value in constants.items()}
     report.params_before = sum(p.numel() for p in model.parameters())
+    reference = model
     with torch.no_grad():
-        fused = _fuse_module(work, example_inputs, report, "")
-    report.nodes_before, report.nodes_after = _count_nodes(model, work, example_inputs), _graph_nodes(fused)
+        gm = _trace_whole(copy.deepcopy(model), constants, report)
+        if gm is not None and allow_approximate:
+            averaged = _average_experts(model, gm, example_inputs, approximate_tolerance, report, fixed)
+            if averaged is not None:
+                gm, reference = averaged
+        fused = _fuse_traced(gm, example_inputs, report) if gm is not None else \
+            _fuse_parts(copy.deepcopy(model), example_inputs, report)
+    report.nodes_before, report.nodes_after = _count_nodes(model), _graph_nodes(fused)
     if verify:
-        result = compare(fused, model, example_inputs, tolerance)
+        result = compare(fused, reference, example_inputs, tolerance, fixed)
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
                                            result.skipped, result.failing_input, result.error)
         if not result.ok:
@@ -72,40 +93,126 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
     return fused
 
 
-def _fuse_module(work: nn.Module, example_inputs, report: Report, prefix: str) -> nn.Module:
-    """Trace and collapse ``work`` (repc's copy); if it does not trace, its largest traceable parts."""
+def _specialized_arguments(model: nn.Module, example_inputs, specialize) -> Dict[str, Any]:
+    """Forward arguments the result is specialized to: non-tensor example inputs, ``specialize``."""
     try:
-        gm = trace(work)
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    constants = {}
+    for name, value in zip(names, example_inputs):
+        if not isinstance(value, torch.Tensor):
+            constants[name] = value
+    for name, value in (specialize or {}).items():
+        if name not in names:
+            raise ReparamError(f"cannot specialize '{name}': forward has no such positional argument ({', '.join(names)})")
+        constants[name] = value
+        at = names.index(name)
+        if at < len(example_inputs) and isinstance(value, torch.Tensor) != isinstance(example_inputs[at], torch.Tensor):
+            raise ReparamError(f"specialize['{name}'] and the example input for it differ in kind")
+    return constants
+
+
+def _positions(model: nn.Module, constants: Dict[str, Any]):
+    """Positional indices of the specialized arguments (verification keeps them as given)."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+    return {names.index(n) for n in constants if n in names}
+
+
+def _brief(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}" if value.numel() > 8 else f"tensor({value.tolist()})"
+    return repr(value)
+
+
+def _trace_whole(work: nn.Module, constants: Dict[str, Any], report: Report) -> Optional[fx.GraphModule]:
+    """``work`` traced as a whole, with specialized arguments bound; None if it does not trace."""
+    plain = {k: v for k, v in constants.items() if not isinstance(v, torch.Tensor)}
+    try:
+        gm = fx.symbolic_trace(work, concrete_args=plain or None)
     except Exception as why:
-        parts, skipped = split_untraceable(work, example_inputs, _short(why))
-        report.skipped.extend(SkippedPart(prefix + s.path if s.path != "<model>" else (prefix.rstrip(".") or s.path),
-                                          s.reason) for s in skipped)
-        for path, inputs in parts:
-            parent_path, _, name = path.rpartition(".")
-            parent = work.get_submodule(parent_path) if parent_path else work
-            child = getattr(parent, name)
-            try:
-                gm = trace(child)
-                result = collapse(gm, inputs, prefix=f"{prefix}{path}.")
-            except Exception as err:
-                report.skipped.append(SkippedPart(prefix + path, _short(err)))
-                continue
-            report.rewrites.extend(result.rewrites)
-            report.rejected.extend(result.rejections)
-            setattr(parent, name, result.module)
-        return work
-    result = collapse(gm, example_inputs, prefix=prefix)
+        report.skipped.append(SkippedPart("<model>", _short(why)))
+        return None
+    _bind_tensor_arguments(gm, {k: v for k, v in constants.items() if isinstance(v, torch.Tensor)})
+    return gm
+
+
+def _bind_tensor_arguments(gm: fx.GraphModule, tensors: Dict[str, torch.Tensor]) -> None:
+    """Turn the named tensor inputs into constants, guarded by a check of the value passed."""
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder" or node.target not in tensors:
+            continue
+        name = f"_repc_specialized_{node.target}"
+        gm.register_buffer(name, tensors[node.target].detach().clone())
+        with gm.graph.inserting_after(node):
+            const = gm.graph.get_attr(name)
+        node.replace_all_uses_with(const)
+        with gm.graph.inserting_after(const):
+            same = gm.graph.call_function(torch.equal, (node, const))
+        with gm.graph.inserting_after(same):
+            gm.graph.call_function(torch._assert, (same, f"{node.target} has been specialized to a fixed value"))
+    gm.recompile()
+
+
+def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
+    """Apply Experts Weights Averaging on ``gm``; (averaged gm, reference for the exact part) or None."""
+    candidate = copy.deepcopy(gm)
+    averaged = average_experts(candidate, example_inputs)
+    if not averaged:
+        report.rejected.append(Rejection("<model>", "allow_approximate: no mixture of identical experts found"))
+        return None
+    measured = compare(candidate, model, example_inputs, float("inf"), fixed)
+    deviation = measured.max_deviation
+    if limit is not None and deviation > limit:
+        for a in averaged:
+            report.rejected.append(Rejection(a.root, f"expert averaging deviates by {deviation:.3g} > "
+                                                     f"approximate_tolerance {limit:g}: not applied"))
+        return None
+    for a in averaged:
+        report.rewrites.append(Rewrite(
+            rule="average-experts", root=a.root, replaced=a.replaced,
+            result=[f"one expert with the weights averaged over {a.experts} (weights {a.weights})"],
+            params_before=a.params_before, params_after=a.params_after, flops_before=0, flops_after=0,
+            exact=False, max_deviation=deviation))
+    return candidate, copy.deepcopy(candidate)
+
+
+def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report) -> nn.Module:
+    result = collapse(gm, example_inputs)
     report.rewrites.extend(result.rewrites)
     report.rejected.extend(result.rejections)
     return result.module
+
+
+def _fuse_parts(work: nn.Module, example_inputs, report: Report) -> nn.Module:
+    """The largest traceable parts of ``work`` (repc's copy) fused in place; the shells kept."""
+    why = report.skipped.pop().reason if report.skipped and report.skipped[-1].path == "<model>" else "does not trace"
+    parts, skipped = split_untraceable(work, example_inputs, why)
+    report.skipped.extend(SkippedPart(s.path, s.reason) for s in skipped)
+    for path, inputs in parts:
+        parent_path, _, name = path.rpartition(".")
+        parent = work.get_submodule(parent_path) if parent_path else work
+        try:
+            result = collapse(trace(getattr(parent, name)), inputs, prefix=f"{path}.")
+        except Exception as err:
+            report.skipped.append(SkippedPart(path, _short(err)))
+            continue
+        report.rewrites.extend(result.rewrites)
+        report.rejected.extend(result.rejections)
+        setattr(parent, name, result.module)
+    return work
 
 
 def _graph_nodes(module: nn.Module) -> int:
     return sum(len(m.graph.nodes) for m in module.modules() if isinstance(m, fx.GraphModule))
 
 
-def _count_nodes(model: nn.Module, work: nn.Module, example_inputs) -> int:
+def _count_nodes(model: nn.Module) -> int:
     try:
         return len(trace(model).graph.nodes)
     except Exception:
-        return sum(len(m.graph.nodes) for m in work.modules() if isinstance(m, fx.GraphModule))
+        return 0

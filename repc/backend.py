@@ -34,6 +34,7 @@ the way), a fusion that failed or did not verify at WARNING.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: List[Any], *, verify: bool = 
     constants = _constants_root({placeholders[i]: example_inputs[i] for i in frozen_positions})
     user_inputs = tuple(_concrete(example_inputs[i]) for i in user_positions)
     try:
-        with torch.no_grad():
+        with _real_tensors(), torch.no_grad():
             result = collapse(_frozen_module(gm, constants), user_inputs)
     except Exception as why:
         return _unchanged(gm, f"repc could not fuse it ({_short(why)})", level=logging.WARNING)
@@ -172,7 +173,8 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: List[Any], *, verify: bool = 
         return _unchanged(gm, "no region to merge", level=logging.INFO)
     if verify:
         try:
-            check = compare(fused, _frozen_module(gm, constants), user_inputs)
+            with _real_tensors():
+                check = compare(fused, _frozen_module(gm, constants), user_inputs)
         except Exception as why:
             return _unchanged(gm, f"the frozen graph does not run on its example ({_short(why)})",
                               level=logging.WARNING)
@@ -184,6 +186,18 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: List[Any], *, verify: bool = 
              outcome.nodes_before, outcome.nodes_after, len(result.rewrites),
              ", ".join(r.root for r in result.rewrites), outcome.frozen)
     return outcome, fused, user_positions
+
+
+@contextlib.contextmanager
+def _real_tensors():
+    """Run repc's pipeline on real tensors, outside dynamo's tracing context.
+
+    The backend is called inside dynamo's ``TracingContext``; fx utilities such as
+    ``ShapeProp`` pick up its fake mode from there and then mix fake and real tensors.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    with torch._guards.tracing(None), unset_fake_temporarily():
+        yield
 
 
 def _unchanged(gm: fx.GraphModule, reason: str, level: int = logging.INFO):

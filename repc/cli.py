@@ -59,8 +59,10 @@ class CliError(Exception):
 
 
 def _short(why: BaseException, limit: int = 300) -> str:
+    """``Type: first sentence of the message``, one line."""
     lines = [l.strip() for l in str(why).strip().splitlines() if l.strip()]
-    text = f"{type(why).__name__}: {lines[0]}" if lines else type(why).__name__
+    first = re.split(r"(?<=[a-z0-9)\]])\. ", lines[0], maxsplit=1)[0] if lines else ""
+    text = f"{type(why).__name__}: {first}" if first else type(why).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -316,10 +318,14 @@ def load_file(path: str, *, trust_pickle: bool, device: str) -> Any:
             raise CliError(f"cannot read {name}: truncated, corrupt or not a PyTorch checkpoint "
                            f"({_short(why, 160)})") from why
         if not trust_pickle:
-            code = _code_in_checkpoint(path)
+            detail = _weights_only_reason(needs_code)
+            if detail.startswith("Unsupported global"):
+                what = f"{name} is a pickle that names code{_code_in_checkpoint(path)}: loading it runs that code"
+            else:
+                what = (f"{name} cannot be read as weights only ({detail}): loading it needs full unpickling, "
+                        "which can run code")
             raise CliError(
-                f"{name} is a pickle that names code{code}: loading it runs that code, so it is refused. "
-                "If you trust the file, pass --trust-pickle; otherwise save a state dict "
+                f"{what}, so it is refused. If you trust the file, pass --trust-pickle; otherwise save a state dict "
                 "(torch.save(model.state_dict(), path)) and give --model package.module:factory") from needs_code
         with _cwd_importable():
             try:
@@ -332,6 +338,14 @@ def load_file(path: str, *, trust_pickle: bool, device: str) -> Any:
                 raise CliError(f"cannot read {name}: corrupt or not a PyTorch checkpoint ({_short(why, 160)})") from why
 
 
+def _weights_only_reason(why: BaseException) -> str:
+    """The weights-only unpickler's own reason, from torch's long message."""
+    text = str(why)
+    tail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    lines = [l.strip() for l in tail.splitlines() if l.strip()]
+    return lines[0].split(" was not an allowed global")[0][:160] if lines else "unknown reason"
+
+
 def _code_in_checkpoint(path: str) -> str:
     try:
         from torch.serialization import get_unsafe_globals_in_checkpoint
@@ -340,6 +354,7 @@ def _code_in_checkpoint(path: str) -> str:
         return ""
     if not names:
         return ""
+    names = sorted(names, key=lambda n: (n.startswith("torch."), n))  # the user's own classes first
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f" ({shown})"
 
@@ -616,7 +631,6 @@ def measure_latency(models: Sequence[Any], inputs, budget_s: float = 1.0, max_ro
     with torch.no_grad():
         for i in list(alive):
             try:
-                once(models[i])
                 once(models[i])  # warm-up
             except Exception:
                 alive.remove(i)

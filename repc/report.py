@@ -55,6 +55,7 @@ class Report:
     nodes_before: int = 0
     nodes_after: int = 0
     rolled_back: bool = False
+    specialized: Dict[str, str] = field(default_factory=dict)  # forward arguments fixed to a value
 
     @property
     def flops_saved(self) -> int:
@@ -82,6 +83,12 @@ class Report:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
                 if i == 0:
                     lines.append("  " + "  ".join("-" * w for w in widths))
+        if self.specialized:
+            lines.append("  specialized to " + ", ".join(f"{k}={v}" for k, v in self.specialized.items())
+                         + " (other values are refused at run time)")
+        for r in self.rewrites:
+            if not r.exact:
+                lines.append(f"  APPROXIMATE {r.root} ({r.rule}): deviation {r.max_deviation:.3g} from the original")
         for r in self.rejected:
             lines.append(f"  kept {r.root}: {r.reason}")
         for s in self.skipped:

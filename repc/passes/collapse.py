@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..normalize import NORM_AFFINE, NORM_CORE, AffineCall, GraphFacts, functionalize_inplace, split_norm_affine
-from ..ops import Elementwise, NotMergeable, params
+from ..ops import Conv, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, tolerance
@@ -100,6 +100,9 @@ class _Writer:
         for node, expr in self.exprs.items():
             if expr.cut_reason:
                 self._reject(expr, f"not merged with its operands: {expr.cut_reason}")
+        for node, why in self.matcher.opaque.items():
+            if why.startswith("product of two activations"):
+                self._reject(self.exprs[node], f"{why}: a gate computed from the data (a router) is not linear")
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.value_of))
@@ -197,6 +200,8 @@ class _Writer:
         if new_cost > expr.cost:
             self._reject(expr, f"does not pay: {new_cost} multiply-adds merged vs {expr.cost} as written")
             return False
+        if new_cost == expr.cost and _op_count(expr.form) >= len(expr.region):
+            return False  # same work in as many ops: nothing to gain
         dev = 0.0
         if self.check:
             ok, dev, why = self._check(expr)
@@ -276,6 +281,17 @@ class _Writer:
         self.interp.env = env
         with torch.no_grad():
             return self.interp.run_node(node)
+
+
+def _op_count(form) -> int:
+    """How many graph ops emitting ``form`` takes."""
+    count = len(form) - 1
+    for op in form.values():
+        if isinstance(op, Elementwise):
+            count += (op.scale is not None) + (op.shift is not None)
+        else:
+            count += 1 + (isinstance(op, Conv) and any(lo != hi for lo, hi in op.padding))
+    return count
 
 
 def _is_identity(op) -> bool:

@@ -63,8 +63,11 @@ def output_dtype(out: Any) -> torch.dtype:
     return leaves[0].dtype if leaves else torch.float32
 
 
-def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0) -> List[Tuple[str, Tuple[Any, ...]]]:
-    """The example itself, random values of its shape, another batch size, other spatial sizes."""
+def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=()) -> List[Tuple[str, Tuple[Any, ...]]]:
+    """The example itself, random values of its shape, another batch size, other spatial sizes.
+
+    Inputs at the ``fixed`` positions (arguments the model was specialized to) stay as given.
+    """
     gen = torch.Generator().manual_seed(seed)
 
     def randomize(t, batch=0, spatial=0):
@@ -77,11 +80,14 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0) -> List[Tuple
             shape[2:] = [s + spatial if s > 1 else s for s in shape[2:]]
         return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=t.dtype, device=t.device)
 
-    variants = [("example", example_inputs),
-                ("random", tuple(tree_map(randomize, example_inputs)))]
-    variants.append(("batch+1", tuple(tree_map(lambda t: randomize(t, batch=1), example_inputs))))
-    if any(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in tree_flatten(example_inputs)[0]):
-        variants.append(("spatial+3", tuple(tree_map(lambda t: randomize(t, spatial=3), example_inputs))))
+    def vary(**change):
+        return tuple(x if i in fixed else tree_map(lambda t: randomize(t, **change), x)
+                     for i, x in enumerate(example_inputs))
+
+    variants = [("example", example_inputs), ("random", vary()), ("batch+1", vary(batch=1))]
+    if any(isinstance(t, torch.Tensor) and t.dim() >= 3
+           for i, x in enumerate(example_inputs) if i not in fixed for t in tree_flatten(x)[0]):
+        variants.append(("spatial+3", vary(spatial=3)))
     return variants
 
 
@@ -97,12 +103,12 @@ class CheckResult:
 
 
 def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...],
-            tol: Optional[float] = None) -> CheckResult:
+            tol: Optional[float] = None, fixed=()) -> CheckResult:
     """Run both on every input variant the original accepts; the worst deviation decides."""
     worst, tol_used = 0.0, tol
     checked, skipped = [], []
     with torch.no_grad():
-        for name, inputs in input_variants(example_inputs):
+        for name, inputs in input_variants(example_inputs, fixed=fixed):
             try:
                 ref = original(*inputs)
             except Exception:

@@ -1,0 +1,752 @@
+"""Hypothesis strategies for repc's verifier and its architecture fuzzer.
+
+Two families live here.
+
+**Input cases** (:func:`input_cases`): concrete inputs for a differential check of a fused
+model against its original.  A case is a small value (:class:`InputCase`): one shape per
+positional input, a value distribution, a dtype and a seed; :meth:`InputCase.materialize`
+turns it into tensors.  Sizes are drawn only on the axes the model accepts other sizes on
+(batch, spatial or token axes, found by probing the original; see
+:func:`repc.verify.equivalence.probe_free_sizes`); everything else keeps the example's size.
+The distributions (:data:`DISTRIBUTIONS`) are ``normal``, ``large`` (magnitude
+:func:`large_magnitude`), ``near_zero`` (magnitude :func:`small_magnitude`), ``positive``
+(``|normal|``, what follows a ReLU) and ``zeros`` (the output is then the biases alone,
+border effects included).  Hypothesis shrinks a failing case towards the example's sizes,
+the ``normal`` distribution and seed 0.
+
+**Networks** (:func:`networks`): random branchy training-form conv networks for the
+architecture fuzzer, as a plain frozen description (:class:`NetworkSpec`) whose ``repr`` is
+valid Python, and :func:`build_network` to turn one into an ``nn.Module`` in eval mode with
+randomized BatchNorm statistics.  A network is a chain of blocks; a block applies several
+branches to the same input and sums them (with weights 1, -1, 0.5 or 2) or concatenates them
+on the channel axis, then an optional activation.  Branches are chains of convs (kernels
+1x1 to 5x5, 1xk / kx1, strides, dilation, groups, bias on/off, padding written on the conv,
+as ``padding='same'``, as a ZeroPad2d module, or as ZeroPad2d then BatchNorm: DBB's
+BN-and-pad), BatchNorms, average pools (with padding counted or not), per-channel and scalar
+scales with optional shifts, identity-like activations (``Identity``, ``LeakyReLU(1.0)``,
+``Dropout`` in eval, ``PReLU`` at 1) and nonlinear ones, identity branches, and branches that
+re-use the modules of an earlier branch (a shared module called twice).  A block may also be
+applied twice with the same modules.  An optional tail reduces the map (``mean`` over space,
+or ``flatten``, which specializes the model to one spatial size) and applies blocks of linear
+branches (linear, low-rank pairs, BatchNorm1d, scales).
+
+Every branch of a block maps an input of size ``n`` (per spatial axis) to
+``floor((n + e - 1) / s) + 1`` for the block's stride ``s`` and *slack* ``e`` (padding minus
+the kernel's reach), whatever its kernels, so the branches agree on every input size, not only
+the example's: the fuzzer compares the compiled model on other sizes too.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+from ..examples import randomize_bn
+
+# =============================================================================== input cases
+
+DISTRIBUTIONS = ("normal", "large", "near_zero", "positive", "zeros")
+
+
+def large_magnitude(dtype: torch.dtype) -> float:
+    """Scale of the ``large`` distribution: ``min(1e3, max(dtype) ** 0.25)`` (16 for float16)."""
+    return float(min(1e3, torch.finfo(dtype).max ** 0.25))
+
+
+def small_magnitude(dtype: torch.dtype) -> float:
+    """Scale of the ``near_zero`` distribution: ``max(1e-4, tiny(dtype) ** 0.25)``.
+
+    Values stay normal numbers after a few products by weights of order one (0.088 for
+    float16, whose smallest normal number is 6e-5; 1e-4 otherwise).
+    """
+    return float(max(1e-4, torch.finfo(dtype).tiny ** 0.25))
+
+
+def draw_values(shape: Sequence[int], distribution: str, dtype: torch.dtype, generator: torch.Generator,
+                device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """A tensor of ``shape`` from one of :data:`DISTRIBUTIONS`, drawn in float64 then cast."""
+    if distribution == "zeros":
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    v = torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
+    if distribution == "large":
+        v = v * large_magnitude(dtype)
+    elif distribution == "near_zero":
+        v = v * small_magnitude(dtype)
+    elif distribution == "positive":
+        v = v.abs()
+    elif distribution != "normal":
+        raise ValueError(f"unknown value distribution {distribution!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+    return v.to(dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One set of positional inputs: a shape per floating-point tensor input (``None`` for
+    inputs kept as given), the value distribution, the dtype (``None``: each input's own) and
+    the seed of the values."""
+
+    shapes: Tuple[Optional[Tuple[int, ...]], ...]
+    distribution: str = "normal"
+    dtype: Optional[torch.dtype] = None
+    seed: int = 0
+
+    def materialize(self, example_inputs: Sequence[Any]) -> Tuple[Any, ...]:
+        gen = torch.Generator().manual_seed(self.seed)
+        out = []
+        for shape, ex in zip(self.shapes, example_inputs):
+            if shape is None:
+                out.append(ex)
+                continue
+            out.append(draw_values(shape, self.distribution, self.dtype or ex.dtype, gen, ex.device))
+        return tuple(out)
+
+    def describe(self) -> str:
+        shapes = ", ".join("-" if s is None else "x".join(map(str, s)) for s in self.shapes)
+        dtype = "" if self.dtype is None else f", {str(self.dtype).replace('torch.', '')}"
+        return f"{self.distribution} values of shape {shapes}{dtype}, seed {self.seed}"
+
+
+def is_varied(t: Any) -> bool:
+    """Inputs the checker draws new values for: floating-point tensors."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def example_case(example_inputs: Sequence[Any]) -> InputCase:
+    """The example's own shapes with normal values."""
+    return InputCase(tuple(tuple(t.shape) if is_varied(t) else None for t in example_inputs))
+
+
+def input_cases(example_inputs: Sequence[Any], free_sizes: Optional[Mapping[Tuple[int, int], Sequence[int]]] = None,
+                distributions: Sequence[str] = DISTRIBUTIONS, dtypes: Sequence[Optional[torch.dtype]] = (None,),
+                vary: bool = True) -> st.SearchStrategy[InputCase]:
+    """Input cases for ``example_inputs``.
+
+    ``free_sizes[(i, axis)]`` lists the sizes input ``i`` may take on ``axis`` (the example's
+    size first, so shrinking goes back to it); axes not listed keep the example's size.  Axis
+    0 is drawn once for all inputs that share the example's batch size.  With ``vary`` false,
+    only the example's shapes are drawn.
+    """
+    free_sizes = dict(free_sizes or {})
+    example_shapes = [tuple(t.shape) if is_varied(t) else None for t in example_inputs]
+    for name in distributions:
+        if name not in DISTRIBUTIONS:
+            raise ValueError(f"unknown value distribution {name!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+    if not distributions or not dtypes:
+        raise ValueError("at least one distribution and one dtype are needed")
+
+    @st.composite
+    def cases(draw) -> InputCase:
+        shapes: List[Optional[Tuple[int, ...]]] = []
+        batch: Dict[int, int] = {}  # example batch size -> drawn batch size
+        for i, shape in enumerate(example_shapes):
+            if shape is None:
+                shapes.append(None)
+                continue
+            new = list(shape)
+            for axis, size in enumerate(shape):
+                options = list(free_sizes.get((i, axis), ())) if vary else []
+                if len(options) <= 1:
+                    continue
+                if axis == 0:
+                    if size not in batch:
+                        batch[size] = draw(st.sampled_from(options))
+                    new[0] = batch[size]
+                else:
+                    new[axis] = draw(st.sampled_from(options))
+            shapes.append(tuple(new))
+        return InputCase(tuple(shapes), draw(st.sampled_from(list(distributions))), draw(st.sampled_from(list(dtypes))),
+                         draw(st.integers(0, 2 ** 16)))
+
+    return cases()
+
+
+# =============================================================================== networks
+
+IDENTITY_ACTIVATIONS = ("identity", "leaky1", "dropout", "prelu1")
+NONLINEAR_ACTIVATIONS = ("relu", "gelu", "leaky")
+ACTIVATIONS = IDENTITY_ACTIVATIONS + NONLINEAR_ACTIVATIONS
+PAD_STYLES = ("conv", "same", "module", "module_bn")
+
+Pair = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """A 2-d conv; ``padding`` is (lo, hi) per axis, written as ``pad_with`` says:
+    ``conv`` (the conv's own symmetric padding), ``same`` (``padding='same'``), ``module``
+    (``nn.ZeroPad2d`` before a conv without padding) or ``module_bn`` (``ZeroPad2d``, then a
+    ``BatchNorm2d`` of the input channels, then the conv: the border is filled with the BN's
+    output for a zero input)."""
+
+    out_channels: int
+    kernel: Pair = (1, 1)
+    stride: Pair = (1, 1)
+    padding: Tuple[Pair, Pair] = ((0, 0), (0, 0))
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    pad_with: str = "conv"
+
+
+@dataclass(frozen=True)
+class PoolLayer:
+    """Average pooling; ``pad_with`` is ``pool`` (symmetric, padded zeros counted), ``module``
+    (``nn.ZeroPad2d`` then a pool without padding) or ``exclude_pad`` (symmetric,
+    ``count_include_pad=False``: not affine at the border)."""
+
+    kernel: Pair = (2, 2)
+    stride: Pair = (1, 1)
+    padding: Tuple[Pair, Pair] = ((0, 0), (0, 0))
+    pad_with: str = "pool"
+
+
+@dataclass(frozen=True)
+class NormLayer:
+    """``BatchNorm2d`` (``BatchNorm1d`` in a linear tail) over the current channels."""
+
+
+@dataclass(frozen=True)
+class ScaleLayer:
+    """``x * s (+ t)``: ``s`` a per-channel parameter or the Python scalar ``value``; ``t`` a
+    per-channel parameter when ``shift``."""
+
+    per_channel: bool = True
+    value: float = 0.5
+    shift: bool = False
+
+
+@dataclass(frozen=True)
+class ActLayer:
+    """An activation by name, one of :data:`ACTIVATIONS`."""
+
+    kind: str = "identity"
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    out_features: int
+    bias: bool = True
+
+
+Layer = Union[ConvLayer, PoolLayer, NormLayer, ScaleLayer, ActLayer, LinearLayer]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A chain of layers; with ``shares = j``, branch ``j``'s modules run first (again)."""
+
+    layers: Tuple[Layer, ...] = ()
+    shares: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Block:
+    """Branches on one input, combined by ``sum`` (times ``weights``) or ``cat`` (channels),
+    then ``activation`` (``none`` or one of :data:`ACTIVATIONS`); run ``repeat`` times with the
+    same modules."""
+
+    branches: Tuple[Branch, ...]
+    combine: str = "sum"
+    weights: Tuple[float, ...] = ()
+    activation: str = "none"
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Tail:
+    """``reduce`` the map (``mean`` over space or ``flatten``), then blocks of linear branches."""
+
+    reduce: str = "mean"
+    blocks: Tuple[Block, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    in_channels: int
+    size: Pair  # the example's spatial size
+    blocks: Tuple[Block, ...]
+    tail: Optional[Tail] = None
+    batch: int = 2
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------- sizes
+
+def layer_size(layer: Layer, n: int, axis: int) -> Optional[int]:
+    """Size on spatial ``axis`` after ``layer`` for an input of size ``n``; None if invalid."""
+    if isinstance(layer, ConvLayer):
+        lo, hi = layer.padding[axis]
+        reach = layer.dilation[axis] * (layer.kernel[axis] - 1) + 1
+        span = n + lo + hi - reach
+        return None if span < 0 else span // layer.stride[axis] + 1
+    if isinstance(layer, PoolLayer):
+        lo, hi = layer.padding[axis]
+        span = n + lo + hi - layer.kernel[axis]
+        return None if span < 0 else span // layer.stride[axis] + 1
+    return n
+
+
+def branch_size(block: Block, index: int, n: int, axis: int) -> Optional[int]:
+    branch = block.branches[index]
+    if branch.shares is not None:
+        n = branch_size(block, branch.shares, n, axis)
+    for layer in branch.layers:
+        if n is None:
+            return None
+        n = layer_size(layer, n, axis)
+    return n
+
+
+def block_size(block: Block, n: int, axis: int) -> Optional[int]:
+    for _ in range(block.repeat):
+        sizes = {branch_size(block, i, n, axis) for i in range(len(block.branches))}
+        if len(sizes) != 1 or None in sizes:
+            return None
+        n = sizes.pop()
+        if n < 1:
+            return None
+    return n
+
+
+def output_size(spec: NetworkSpec, n: int, axis: int) -> Optional[int]:
+    """Spatial size on ``axis`` before the tail, or None if some layer does not fit."""
+    for block in spec.blocks:
+        n = block_size(block, n, axis)
+        if n is None:
+            return None
+    return n
+
+
+def min_size(spec: NetworkSpec, axis: int, limit: int = 64) -> Optional[int]:
+    """The smallest input size on ``axis`` every layer accepts (None if none up to ``limit``)."""
+    for n in range(1, limit + 1):
+        if output_size(spec, n, axis) is not None:
+            return n
+    return None
+
+
+def accepted_sizes(spec: NetworkSpec, axis: int, upto: int) -> List[int]:
+    """Input sizes on ``axis`` the network accepts, up to ``upto`` (only its example size when
+    the tail flattens the map)."""
+    if spec.tail is not None and spec.tail.reduce == "flatten":
+        return [spec.size[axis]]
+    return [n for n in range(1, upto + 1) if output_size(spec, n, axis) is not None]
+
+
+# ------------------------------------------------------------------------------- modules
+
+class Scale(nn.Module):
+    """``x * s (+ t)`` over channel axis 1 (the last axis of a 2-d tensor)."""
+
+    def __init__(self, layer: ScaleLayer, channels: int, ndim: int, generator: torch.Generator):
+        super().__init__()
+        view = (1, channels) + (1,) * (ndim - 2)
+        self.per_channel, self.value, self.has_shift = layer.per_channel, float(layer.value), layer.shift
+        if layer.per_channel:
+            self.scale = nn.Parameter(torch.rand(view, generator=generator) * 1.5 + 0.25)
+        if layer.shift:
+            self.shift = nn.Parameter(torch.rand(view, generator=generator) * 2 - 1)
+
+    def forward(self, x):
+        y = x * self.scale if self.per_channel else x * self.value
+        if self.has_shift:
+            y = y + self.shift
+        return y
+
+
+def activation_module(kind: str) -> nn.Module:
+    table = {"identity": nn.Identity, "leaky1": lambda: nn.LeakyReLU(1.0), "dropout": lambda: nn.Dropout(0.5),
+             "prelu1": lambda: nn.PReLU(1, init=1.0), "relu": nn.ReLU, "gelu": nn.GELU,
+             "leaky": lambda: nn.LeakyReLU(0.1)}
+    if kind not in table:
+        raise ValueError(f"unknown activation {kind!r}; expected one of {', '.join(table)}")
+    return table[kind]()
+
+
+def _zero_pad(padding: Tuple[Pair, Pair]) -> nn.Module:
+    (top, bottom), (left, right) = padding
+    return nn.ZeroPad2d((left, right, top, bottom))
+
+
+def layer_modules(layer: Layer, channels: int, ndim: int, generator: torch.Generator) -> Tuple[List[nn.Module], int]:
+    """The modules computing ``layer`` on ``channels`` input channels, and the output channels."""
+    if isinstance(layer, ConvLayer):
+        mods: List[nn.Module] = []
+        if layer.pad_with in ("module", "module_bn"):
+            mods.append(_zero_pad(layer.padding))
+            if layer.pad_with == "module_bn":
+                mods.append(nn.BatchNorm2d(channels))
+            padding: Any = 0
+        elif layer.pad_with == "same":
+            padding = "same"
+        elif layer.pad_with == "conv":
+            if any(lo != hi for lo, hi in layer.padding):
+                raise ValueError(f"a conv's own padding is symmetric, got {layer.padding}")
+            padding = tuple(lo for lo, _ in layer.padding)
+        else:
+            raise ValueError(f"unknown padding style {layer.pad_with!r}; expected one of {', '.join(PAD_STYLES)}")
+        mods.append(nn.Conv2d(channels, layer.out_channels, layer.kernel, layer.stride, padding,
+                              layer.dilation, layer.groups, layer.bias))
+        return mods, layer.out_channels
+    if isinstance(layer, PoolLayer):
+        if layer.pad_with == "module":
+            return [_zero_pad(layer.padding), nn.AvgPool2d(layer.kernel, layer.stride, 0)], channels
+        if any(lo != hi for lo, hi in layer.padding):
+            raise ValueError(f"a pool's own padding is symmetric, got {layer.padding}")
+        return [nn.AvgPool2d(layer.kernel, layer.stride, tuple(lo for lo, _ in layer.padding),
+                             count_include_pad=layer.pad_with != "exclude_pad")], channels
+    if isinstance(layer, NormLayer):
+        return [nn.BatchNorm2d(channels) if ndim == 4 else nn.BatchNorm1d(channels)], channels
+    if isinstance(layer, ScaleLayer):
+        return [Scale(layer, channels, ndim, generator)], channels
+    if isinstance(layer, ActLayer):
+        return [activation_module(layer.kind)], channels
+    if isinstance(layer, LinearLayer):
+        return [nn.Linear(channels, layer.out_features, layer.bias)], layer.out_features
+    raise TypeError(f"not a layer: {layer!r}")
+
+
+class FuzzNet(nn.Module):
+    """The network a :class:`NetworkSpec` describes (see :func:`build_network`)."""
+
+    def __init__(self, spec: NetworkSpec):
+        super().__init__()
+        self.spec = spec
+        gen = torch.Generator().manual_seed(spec.seed)
+        channels = spec.in_channels
+        self.body = nn.ModuleList()
+        for block in spec.blocks:
+            mods, channels = self._block_modules(block, channels, 4, gen)
+            self.body.append(mods)
+        self.head = nn.ModuleList()
+        if spec.tail is not None:
+            if spec.tail.reduce == "flatten":
+                h, w = (output_size(spec, n, axis) for axis, n in enumerate(spec.size))
+                channels = channels * h * w
+            elif spec.tail.reduce != "mean":
+                raise ValueError(f"unknown tail reduction {spec.tail.reduce!r}; expected mean or flatten")
+            for block in spec.tail.blocks:
+                mods, channels = self._block_modules(block, channels, 2, gen)
+                self.head.append(mods)
+
+    @staticmethod
+    def _block_modules(block: Block, channels: int, ndim: int, gen) -> Tuple[nn.ModuleList, int]:
+        branches = nn.ModuleList()
+        outs = []
+        for branch in block.branches:
+            c = outs[branch.shares] if branch.shares is not None else channels
+            seq = nn.ModuleList()
+            for layer in branch.layers:
+                mods, c = layer_modules(layer, c, ndim, gen)
+                seq.append(nn.Sequential(*mods) if len(mods) > 1 else mods[0])
+            branches.append(seq)
+            outs.append(c)
+        if block.combine == "sum":
+            if len(set(outs)) != 1:
+                raise ValueError(f"summed branches have different channel counts {outs}")
+            out = outs[0]
+        elif block.combine == "cat":
+            out = sum(outs)
+        else:
+            raise ValueError(f"unknown block combination {block.combine!r}; expected sum or cat")
+        if block.repeat > 1 and out != channels:
+            raise ValueError("a repeated block must keep the channel count")
+        mods = nn.ModuleList([branches])
+        if block.activation != "none":
+            mods.append(activation_module(block.activation))
+        return mods, out
+
+    @staticmethod
+    def _branch(block: Block, branches: nn.ModuleList, index: int, x):
+        branch = block.branches[index]
+        if branch.shares is not None:
+            x = FuzzNet._branch(block, branches, branch.shares, x)
+        for mod in branches[index]:
+            x = mod(x)
+        return x
+
+    @staticmethod
+    def _block(block: Block, mods: nn.ModuleList, x):
+        for _ in range(block.repeat):
+            ys = [FuzzNet._branch(block, mods[0], i, x) for i in range(len(block.branches))]
+            if block.combine == "cat":
+                out = torch.cat(ys, 1)
+            else:
+                weights = block.weights or (1.0,) * len(ys)
+                out = ys[0] if weights[0] == 1.0 else ys[0] * weights[0]
+                for w, y in zip(weights[1:], ys[1:]):
+                    if w == 1.0:
+                        out = out + y
+                    elif w == -1.0:
+                        out = out - y
+                    else:
+                        out = out + y * w
+            x = mods[1](out) if len(mods) > 1 else out
+        return x
+
+    def forward(self, x):
+        for block, mods in zip(self.spec.blocks, self.body):
+            x = self._block(block, mods, x)
+        if self.spec.tail is not None:
+            x = x.mean((2, 3)) if self.spec.tail.reduce == "mean" else torch.flatten(x, 1)
+            for block, mods in zip(self.spec.tail.blocks, self.head):
+                x = self._block(block, mods, x)
+        return x
+
+
+def build_network(spec: NetworkSpec) -> nn.Module:
+    """The ``nn.Module`` a spec describes: weights from ``spec.seed``, BatchNorm statistics
+    randomized, in eval mode.  The global random state is left alone."""
+    with _isolated_rng(spec.seed):
+        model = FuzzNet(spec)
+    return randomize_bn(model, spec.seed).eval()
+
+
+def example_input(spec: NetworkSpec, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((spec.batch, spec.in_channels) + tuple(spec.size), generator=gen)
+
+
+@contextmanager
+def _isolated_rng(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ------------------------------------------------------------------------------- strategies
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _split(draw, total: int, symmetric: bool) -> Pair:
+    """(lo, hi) with lo + hi = total; symmetric when asked and possible."""
+    if symmetric and total % 2 == 0:
+        return total // 2, total // 2
+    lo = draw(st.integers(0, total))
+    return lo, total - lo
+
+
+@st.composite
+def conv_layers(draw, cin: int, cout: int, stride: Pair = (1, 1), slack: Pair = (0, 0),
+                max_kernel: int = 5) -> ConvLayer:
+    """A conv ``cin -> cout`` with the given stride whose output size is
+    ``floor((n + slack - 1) / stride) + 1`` on each axis."""
+    square = draw(st.booleans())
+    kernel, dilation, padding = [], [], []
+    for axis in range(2):
+        e = slack[axis]
+        if axis == 1 and square and (kernel[0] - 1) * dilation[0] + e >= 0:
+            k, d = kernel[0], dilation[0]
+        else:
+            options = [(k, d) for k in range(1, max_kernel + 1) for d in ((1, 2) if k > 1 else (1,))
+                       if d * (k - 1) + e >= 0]
+            k, d = draw(st.sampled_from(sorted(options, key=lambda kd: (abs(kd[0] - 2), kd[1]))))
+        kernel.append(k)
+        dilation.append(d)
+    symmetric = draw(st.booleans())
+    for axis in range(2):
+        padding.append(_split(draw, slack[axis] + dilation[axis] * (kernel[axis] - 1), symmetric))
+    styles = []
+    if all(lo == hi for lo, hi in padding):
+        styles.append("conv")
+    if stride == (1, 1) and all(lo == (lo + hi) // 2 for lo, hi in padding) and slack == (0, 0):
+        styles.append("same")
+    styles += ["module", "module_bn"]
+    groups = draw(st.sampled_from(_divisors(math.gcd(cin, cout))))
+    return ConvLayer(cout, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups,
+                     draw(st.booleans()), draw(st.sampled_from(styles)))
+
+
+@st.composite
+def pool_layers(draw, stride: Pair, slack: Pair) -> Optional[PoolLayer]:
+    """An average pool with the given stride and slack, or None if none fits."""
+    kernel, padding = [], []
+    for axis in range(2):
+        options = [k for k in range(1, 4) if k - 1 + slack[axis] >= 0]
+        if not options:
+            return None
+        k = draw(st.sampled_from(options))
+        kernel.append(k)
+        padding.append(_split(draw, k - 1 + slack[axis], draw(st.booleans())))
+    symmetric_ok = all(lo == hi and lo <= k // 2 for (lo, hi), k in zip(padding, kernel))
+    styles = ["module"] + (["pool", "exclude_pad"] if symmetric_ok else [])
+    return PoolLayer(tuple(kernel), tuple(stride), tuple(padding), draw(st.sampled_from(styles)))
+
+
+@st.composite
+def post_layers(draw, channels: int, linear: bool = False, max_layers: int = 2) -> Tuple[Layer, ...]:
+    """Size- and channel-preserving layers: BN, scales, activations, 1x1 convs / square linears."""
+    layers = []
+    for _ in range(draw(st.integers(0, max_layers))):
+        kind = draw(st.sampled_from(["norm", "scale", "act", "mix"]))
+        if kind == "norm":
+            layers.append(NormLayer())
+        elif kind == "scale":
+            layers.append(ScaleLayer(draw(st.booleans()), draw(st.sampled_from([0.5, -1.0, 2.0, 0.25])),
+                                     draw(st.booleans())))
+        elif kind == "act":
+            layers.append(ActLayer(draw(st.sampled_from(ACTIVATIONS))))
+        elif linear:
+            layers.append(LinearLayer(channels, draw(st.booleans())))
+        else:
+            layers.append(ConvLayer(channels, groups=draw(st.sampled_from(_divisors(channels))),
+                                    bias=draw(st.booleans())))
+    return tuple(layers)
+
+
+@st.composite
+def conv_branches(draw, cin: int, cout: int, stride: Pair, slack: Pair, earlier: Sequence[int],
+                  max_channels: int) -> Optional[Branch]:
+    """One branch of a conv block, or None when the drawn kind does not fit the geometry.
+
+    ``earlier`` lists the output channels of the block's earlier branches; a *shared* branch
+    re-runs one of them (its modules called a second time) and adds its own post layers.
+    """
+    kinds = ["conv", "chain", "pool", "identity", "scale"] + (["shared"] if earlier else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "shared":
+        j = draw(st.integers(0, len(earlier) - 1))
+        return Branch(draw(post_layers(earlier[j])), shares=j)
+    if kind in ("identity", "scale"):
+        if stride != (1, 1) or slack != (0, 0) or cin != cout:
+            return None
+        if kind == "identity":
+            return Branch(draw(st.sampled_from([(), (NormLayer(),), (ActLayer("dropout"),)])))
+        return Branch((ScaleLayer(draw(st.booleans()), draw(st.sampled_from([0.5, -1.0, 2.0])), draw(st.booleans())),))
+    layers: List[Layer] = []
+    if kind == "pool":
+        pool = draw(pool_layers(stride, slack))
+        if pool is None:
+            return None
+        if cin != cout:
+            layers.append(ConvLayer(cout, groups=draw(st.sampled_from(_divisors(math.gcd(cin, cout)))),
+                                    bias=draw(st.booleans())))
+            if draw(st.booleans()):
+                layers.append(NormLayer())
+        layers.append(pool)
+    else:
+        c = cin
+        if kind == "chain":
+            mid = draw(st.integers(1, max_channels))
+            layers.append(ConvLayer(mid, groups=draw(st.sampled_from(_divisors(math.gcd(cin, mid)))),
+                                    bias=draw(st.booleans())))
+            layers.extend(draw(post_layers(mid, max_layers=1)))
+            c = mid
+        layers.append(draw(conv_layers(c, cout, stride, slack)))
+    if draw(st.booleans()):
+        layers.append(NormLayer())
+    layers.extend(draw(post_layers(cout, max_layers=1)))
+    return Branch(tuple(layers))
+
+
+@st.composite
+def conv_blocks(draw, cin: int, max_branches: int = 4, max_channels: int = 8) -> Block:
+    """A block of conv branches on ``cin`` channels (see the module docstring)."""
+    combine = draw(st.sampled_from(["sum", "sum", "cat"]))
+    stride = draw(st.sampled_from([(1, 1), (2, 2), (1, 2), (2, 1)]))
+    slack = draw(st.sampled_from([(0, 0), (-1, -1), (-2, -2), (0, -1), (-2, 0)]))
+    n = draw(st.integers(1, max_branches))
+    same_cout = combine == "sum"
+    cout = draw(st.sampled_from([cin] + [c for c in range(1, max_channels + 1) if c != cin])) if same_cout else None
+    branches: List[Branch] = []
+    outs: List[int] = []
+    for _ in range(n):
+        c = cout if same_cout else draw(st.sampled_from([cin] + list(range(1, max(2, max_channels // 2) + 1))))
+        branch = None
+        for _attempt in range(3):
+            branch = draw(conv_branches(cin, c, stride, slack, outs, max_channels))
+            if branch is not None:
+                break
+        if branch is None:
+            branch = Branch((draw(conv_layers(cin, c, stride, slack)),))
+        if branch.shares is not None:
+            c = outs[branch.shares]
+        branches.append(branch)
+        outs.append(c)
+    weights = tuple([1.0] + [draw(st.sampled_from([1.0, -1.0, 0.5, 2.0])) for _ in branches[1:]]) \
+        if combine == "sum" else ()
+    out = outs[0] if combine == "sum" else sum(outs)
+    activation = draw(st.sampled_from(("none",) + ACTIVATIONS))
+    repeat = draw(st.sampled_from([1, 1, 1, 2])) if out == cin else 1
+    return Block(tuple(branches), combine, weights, activation, repeat)
+
+
+@st.composite
+def linear_blocks(draw, features: int, max_branches: int = 3, max_features: int = 12) -> Block:
+    """A block of linear branches on ``features`` inputs: linear, low-rank pair, BN1d, scale."""
+    combine = draw(st.sampled_from(["sum", "sum", "cat"]))
+    out = draw(st.sampled_from([features] + [f for f in range(1, max_features + 1) if f != features]))
+    branches: List[Branch] = []
+    outs: List[int] = []
+    for _ in range(draw(st.integers(1, max_branches))):
+        o = out if combine == "sum" else draw(st.integers(1, 6))
+        kind = draw(st.sampled_from(["linear", "lowrank", "identity"]))
+        if kind == "identity" and o == features:
+            layers: Tuple[Layer, ...] = draw(st.sampled_from([(), (NormLayer(),), (ScaleLayer(True, 1.0, True),)]))
+        elif kind == "lowrank":
+            r = draw(st.integers(1, 3))
+            layers = (LinearLayer(r, False), LinearLayer(o, draw(st.booleans())))
+        else:
+            layers = (LinearLayer(o, draw(st.booleans())),)
+        layers += draw(post_layers(o, linear=True, max_layers=1))
+        branches.append(Branch(layers))
+        outs.append(o)
+    weights = tuple([1.0] + [draw(st.sampled_from([1.0, -1.0, 0.5])) for _ in branches[1:]]) if combine == "sum" else ()
+    activation = draw(st.sampled_from(("none",) + ACTIVATIONS))
+    return Block(tuple(branches), combine, weights, activation)
+
+
+def _block_out(block: Block, cin: int) -> int:
+    outs = []
+    for b in block.branches:
+        c = outs[b.shares] if b.shares is not None else cin
+        for layer in b.layers:
+            if isinstance(layer, (ConvLayer, LinearLayer)):
+                c = layer.out_channels if isinstance(layer, ConvLayer) else layer.out_features
+        outs.append(c)
+    return outs[0] if block.combine == "sum" else sum(outs)
+
+
+@st.composite
+def networks(draw, max_blocks: int = 3, max_branches: int = 4, max_channels: int = 8,
+             tails: bool = True) -> NetworkSpec:
+    """Random branchy conv networks (see the module docstring) that accept their example input."""
+    cin = draw(st.integers(1, max_channels))
+    blocks: List[Block] = []
+    c = cin
+    for _ in range(draw(st.integers(1, max_blocks))):
+        block = draw(conv_blocks(c, max_branches, max_channels))
+        trial = NetworkSpec(cin, (1, 1), tuple(blocks + [block]))
+        if min_size(trial, 0, 32) is None or min_size(trial, 1, 32) is None:
+            break
+        blocks.append(block)
+        c = _block_out(block, c)
+    if not blocks:
+        blocks.append(Block((Branch((ConvLayer(c, (3, 3), padding=((1, 1), (1, 1))),)),)))
+    body = NetworkSpec(cin, (1, 1), tuple(blocks))
+    size = tuple(min_size(body, axis, 32) + draw(st.integers(0, 4)) for axis in range(2))
+    tail = None
+    if tails and draw(st.booleans()):
+        reduce = draw(st.sampled_from(["mean", "mean", "flatten"]))
+        features = c
+        if reduce == "flatten":
+            h, w = (output_size(body, n, axis) for axis, n in enumerate(size))
+            features = c * h * w
+            if features > 64:
+                reduce, features = "mean", c
+        tail_blocks = []
+        for _ in range(draw(st.integers(1, 2))):
+            block = draw(linear_blocks(features))
+            tail_blocks.append(block)
+            features = _block_out(block, features)
+        tail = Tail(reduce, tuple(tail_blocks))
+    return NetworkSpec(cin, size, tuple(blocks), tail, draw(st.integers(1, 3)), draw(st.integers(0, 2 ** 16)))
