@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = common.add_argument_group("run")
     run.add_argument("--tolerance", type=float, default=None,
                      help="largest relative deviation verification accepts (default: from the dtype)")
-    run.add_argument("--no-benchmark", action="store_true", help="do not time the original and the fused model")
+    run.add_argument("--no-benchmark", action="store_true",
+                     help="skip counting whole-model FLOPs and timing the original and the fused model")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     run.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -657,17 +658,22 @@ def count_flops(model, inputs) -> Optional[int]:
 
 
 def measure(original, fused, inputs, benchmark: bool) -> Dict[str, Any]:
-    """Whole-model FLOPs (and, with ``benchmark``, median latency) of the original and the fused model."""
+    """Parameters and the multiply-accumulates of the fused regions (from the report); with
+    ``benchmark`` also whole-model FLOPs and median latency of the original and the fused model."""
+    report = fused.repc_report
     gains: Dict[str, Any] = {
-        "params_before": fused.repc_report.params_before,
-        "params_after": fused.repc_report.params_after,
-        "flops_before": count_flops(original, inputs),
-        "flops_after": count_flops(fused, inputs),
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "region_macs_before": sum(r.flops_before for r in report.rewrites),
+        "region_macs_after": sum(r.flops_after for r in report.rewrites),
+        "flops_before": None,
+        "flops_after": None,
         "latency_ms_before": None,
         "latency_ms_after": None,
         "device": str(inputs[0].device) if inputs else "cpu",
     }
     if benchmark:
+        gains["flops_before"], gains["flops_after"] = count_flops(original, inputs), count_flops(fused, inputs)
         before, after = measure_latency([original, fused], inputs)
         gains["latency_ms_before"] = None if before is None else before * 1e3
         gains["latency_ms_after"] = None if after is None else after * 1e3
@@ -714,6 +720,8 @@ def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
                 lines.append(f"    replaces: {', '.join(r.replaced)}")
                 for res in r.result:
                     lines.append(f"    becomes:  {res}")
+    elif report.rolled_back:
+        lines.append("no region fused: every rewrite was rolled back")
     else:
         lines.append("no fusable region found")
     for r in report.rejected:
@@ -731,6 +739,9 @@ def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
     lines.append("gains" + (" (estimated; nothing written)" if detailed else "") + ":")
     lines.append(f"  parameters   {report.params_before:,} -> {report.params_after:,}"
                  f"{_change(report.params_before, report.params_after)}")
+    if report.rewrites:
+        lines.append(f"  MACs         {gains['region_macs_before']:,} -> {gains['region_macs_after']:,}"
+                     f"{_change(gains['region_macs_before'], gains['region_macs_after'])}  (fused regions, example input)")
     if gains.get("flops_before") is not None and gains.get("flops_after") is not None:
         lines.append(f"  FLOPs        {gains['flops_before']:,} -> {gains['flops_after']:,}"
                      f"{_change(gains['flops_before'], gains['flops_after'])}  (whole model, example input)")
@@ -774,8 +785,11 @@ def _compile(args, progress: Progress):
             fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance)
         except repc.ReparamError as why:
             raise CliError(str(why).splitlines()[0] if str(why) else type(why).__name__) from why
-    with progress.step("measuring FLOPs" + ("" if args.no_benchmark else " and latency")):
-        gains = measure(model, fused, inputs, benchmark=not args.no_benchmark)
+    if args.no_benchmark:
+        gains = measure(model, fused, inputs, benchmark=False)
+    else:
+        with progress.step("measuring FLOPs and latency"):
+            gains = measure(model, fused, inputs, benchmark=True)
     return model, fused, inputs, gains
 
 
@@ -790,6 +804,8 @@ def _verification_failed(report) -> Optional[str]:
 
 
 def cmd_fuse(args, progress: Progress) -> int:
+    import torch.fx as fx
+
     inputs_given = [args.input] if args.input else []
     check_output_path(args.output, what="OUT", force=args.force, inputs=inputs_given)
     if args.report:
@@ -800,6 +816,11 @@ def cmd_fuse(args, progress: Progress) -> int:
     report = fused.repc_report
     print(render(report, gains, detailed=False))
     failure = _verification_failed(report)
+    if failure is None and not isinstance(fused, fx.GraphModule):
+        cls = type(fused)
+        print(f"repc: note: the model does not trace as a whole, so {args.output} keeps its class "
+              f"{cls.__module__}.{cls.__qualname__} around the fused parts: loading it needs that code importable",
+              file=sys.stderr)
     data = None
     if failure is None:
         saved = portable_copy(fused, json.loads(report.to_json()))

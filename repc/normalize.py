@@ -563,39 +563,80 @@ _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, 
                       operator.itruediv: operator.truediv}
 
 
+_VIEW_NAMES = {"getitem", "narrow", "view", "reshape", "transpose", "permute", "t", "expand", "expand_as",
+               "squeeze", "unsqueeze", "flatten", "unflatten", "split", "chunk", "select", "diagonal",
+               "as_strided", "view_as", "reshape_as", "detach", "unfold", "contiguous", "swapaxes", "movedim",
+               "unbind", "tensor_split", "hsplit", "vsplit", "real", "imag"}
+VIEW_MUTATED = "repc_view_mutated"  # node.meta key: this value is mutated in place through an alias
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False
+    return _name(node) in _VIEW_NAMES
+
+
+def _inplace_kind(node: fx.Node, modules) -> Optional[str]:
+    if node.op == "call_module" and getattr(modules.get(node.target), "inplace", False):
+        return "module"
+    if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+        return "operator"
+    if node.op == "call_function" and node.kwargs.get("inplace"):
+        return "kwarg"
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
+            and hasattr(torch.Tensor, node.target[:-1]):
+        return "method"
+    return None
+
+
 def functionalize_inplace(gm: fx.GraphModule) -> int:
     """Make in-place ops out-of-place, rewiring later readers of the mutated value to the result.
 
     An in-place op ``m`` on ``v`` makes every reader of ``v`` that runs after ``m`` see ``m``'s
     output; with those readers pointed at ``m``, ``m`` can compute out of place and the graph is
-    a pure data-flow graph again.  Runs on repc's own copy of the model only.  Returns how many
-    ops were changed.
+    a pure data-flow graph again.  When ``v`` is a view of another value, or has views, the
+    mutation reaches values that are not ``v``: such an op stays in place and every alias of
+    it is marked ``VIEW_MUTATED`` (the matcher leaves those values, and their readers, where they
+    are).  Runs on repc's own copy of the model only.  Returns how many ops were changed.
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     modules = dict(gm.named_modules())
     changed = 0
     for node in list(gm.graph.nodes):
-        inplace = False
-        if node.op == "call_module" and getattr(modules.get(node.target), "inplace", False):
-            modules[node.target].inplace = False
-            inplace = True
-        elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
-            node.target = _INPLACE_FUNCTIONS[node.target]
-            inplace = True
-        elif node.op == "call_function" and node.kwargs.get("inplace"):
-            node.kwargs = {**node.kwargs, "inplace": False}
-            inplace = True
-        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
-                and hasattr(torch.Tensor, node.target[:-1]):
-            node.target = node.target[:-1]
-            inplace = True
-        if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+        kind = _inplace_kind(node, modules)
+        if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        changed += 1
         mutated = node.args[0]
+        if _is_view(mutated) or any(_is_view(u) for u in mutated.users):
+            for alias in _aliases(mutated):
+                alias.meta[VIEW_MUTATED] = True
+            node.meta[VIEW_MUTATED] = True
+            continue
+        if kind == "module":
+            modules[node.target].inplace = False
+        elif kind == "operator":
+            node.target = _INPLACE_FUNCTIONS[node.target]
+        elif kind == "kwarg":
+            node.kwargs = {**node.kwargs, "inplace": False}
+        else:
+            node.target = node.target[:-1]
+        changed += 1
         for user in list(mutated.users):
             if user is not node and order[user] > order[node]:
                 user.replace_input_with(mutated, node)
     if changed:
         gm.recompile()
     return changed
+
+
+def _aliases(node: fx.Node) -> List[fx.Node]:
+    """``node``, the value it is a view of, and every view taken of those."""
+    base = node
+    while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    out, todo = [], [base]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(u for u in n.users if _is_view(u) and u.args and u.args[0] is n)
+    return out

@@ -52,7 +52,7 @@ def _mean(tensors: List[torch.Tensor], weights: List[float]) -> torch.Tensor:
 
 def average_experts(gm: fx.GraphModule, example_inputs) -> List[AveragedMixture]:
     """Replace every mixture of identical experts in ``gm`` (repc's own copy) by one expert."""
-    with torch.no_grad():
+    with torch._guards.tracing(None), torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
     facts = GraphFacts(gm)
     for node in gm.graph.nodes:

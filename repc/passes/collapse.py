@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..normalize import NORM_AFFINE, NORM_CORE, AffineCall, GraphFacts, functionalize_inplace, split_norm_affine
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, GraphFacts, functionalize_inplace, split_norm_affine
 from ..ops import Conv, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
@@ -46,8 +46,9 @@ class _Recorder(ShapeProp):
 
 
 def _record(gm, example_inputs) -> Dict[fx.Node, Any]:
-    recorder = _Recorder(gm)
-    with torch.no_grad():
+    # real tensors, even when called from inside a dynamo backend (no ambient fake mode)
+    with torch._guards.tracing(None), torch.no_grad():
+        recorder = _Recorder(gm)
         recorder.propagate(*example_inputs)
     return recorder.values
 
@@ -103,6 +104,9 @@ class _Writer:
         for node, why in self.matcher.opaque.items():
             if why.startswith("product of two activations"):
                 self._reject(self.exprs[node], f"{why}: a gate computed from the data (a router) is not linear")
+            elif self._borders_region(node) and (not why.endswith("is not an affine map repc knows")
+                                                 or any(isinstance(self.exprs[u].meaning, Combine) for u in node.users)):
+                self._reject(self.exprs[node], f"stops a region: {why}")
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.value_of))
@@ -114,10 +118,12 @@ class _Writer:
             expr = self.exprs[node]
             self.env[node] = self._copy(node) if expr.is_leaf else self.materialize(expr)
         module = fx.GraphModule(self.gm, self.graph, class_name=type(self.gm).__name__)
-        module.graph.eliminate_dead_code()
+        # in-place ops left in place (they mutate through a view) have no users but must stay
+        module.graph.eliminate_dead_code(lambda n: n.meta.get(VIEW_MUTATED, False) or n.is_impure())
         module.graph.lint()
         module.delete_all_unused_submodules()
-        module.recompile()
+        # a second construction copies only the attributes the cleaned graph still reads
+        module = fx.GraphModule(module, module.graph, class_name=type(self.gm).__name__)
         self.result.module = module
         return self.result
 
@@ -220,6 +226,11 @@ class _Writer:
             params_before=before_params, params_after=sum(params(op) for op in expr.form.values()),
             flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev))
         return True
+
+    def _borders_region(self, node: fx.Node) -> bool:
+        """``node`` reads an affine region (so it is where that region had to stop)."""
+        return node.op not in ("placeholder", "output", "get_attr") and not is_container(node) and \
+            any(self.exprs[a].form is not None and not self.exprs[a].is_leaf for a in node.all_input_nodes)
 
     def _reject(self, expr: Expr, reason: str) -> None:
         self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason))

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, apply_layout, describe
+from ..normalize import VIEW_MUTATED, AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, apply_layout, describe
 from ..ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, flops, identity
 
 Form = Dict[fx.Node, AffineOp]
@@ -72,6 +72,7 @@ class RegionMatcher:
         self.exprs: Dict[fx.Node, Expr] = {}
         self.opaque: Dict[fx.Node, str] = {}
         self.absorbed: Set[fx.Node] = set()
+        self.pinned: Set[fx.Node] = {n for n in gm.graph.nodes if n.meta.get(VIEW_MUTATED)}
 
     # -- public ---------------------------------------------------------------------------
     def run(self) -> Dict[fx.Node, Expr]:
@@ -180,7 +181,7 @@ class RegionMatcher:
                 inner = self.exprs.get(src)
                 if inner is None or inner.is_leaf or inner.form is None or src in self.absorbed:
                     continue
-                if not all(u in expr.region for u in effective_users(src)):
+                if not all(u in expr.region for u in effective_users(src)) or src in self.pinned:
                     continue
                 try:
                     pulled = compose_form(inner.form, expr.form[src])
@@ -270,8 +271,11 @@ class RegionMatcher:
 
     def _absorbable(self, arg: fx.Node, parent: fx.Node) -> bool:
         """``arg`` may live inside ``parent``'s region: nothing else reads it."""
+        if arg in self.pinned or any(a in self.pinned for a in arg.all_input_nodes):
+            return False  # mutated through a view, or read before such a mutation: stays in place
         occurrences = []
-        fx.node.map_arg((parent.args, parent.kwargs), lambda a: occurrences.append(a) if a is arg else None)
+        fx.node.map_arg((parent.args, parent.kwargs),
+                        lambda a: occurrences.append(a) if a is arg or (is_container(a) and a.args[0] is arg) else None)
         if len(occurrences) != 1:
             return False
         readers = effective_users(arg)
@@ -304,11 +308,14 @@ def _is_split(node: fx.Node) -> bool:
 
 def _is_slice_of(reader: fx.Node, arg: fx.Node) -> bool:
     import operator
+    name = reader.target if isinstance(reader.target, str) else getattr(reader.target, "__name__", "")
+    if name == "narrow" and reader.op in ("call_function", "call_method"):
+        return reader.args[0] is arg
     if reader.op != "call_function":
         return False
     if reader.target is operator.getitem:
         return reader.args[0] is arg or (_is_split(reader.args[0]) and reader.args[0].args[0] is arg)
-    return getattr(reader.target, "__name__", "") == "narrow"
+    return False
 
 
 # ----------------------------------------------------------------------------- form algebra
