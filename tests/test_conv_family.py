@@ -25,16 +25,7 @@ from repc.examples import DiverseBranchBlock, MobileOneBlock, MobileOneUnit, Rep
 import blocks
 from blocks import (ACNet, BNLinear, DBBChunks, DBBConcat, DBBSlices, FastViTBlock, FunctionalRepMixer,
                     FunctionalRepVGG, LeViTMLP, LinearBN, MethodStyleBlock, RepMixer, RepVGG, RepVGGDW,
-                    RepViTBlock, conv_bn, randomize)
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs on a shared 2-core machine: thread hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+                    RepViTBlock, conv_bn, one_thread, randomize)  # noqa: F401 (one_thread: autouse fixture)
 
 REL_TOL = 1e-5  # float32; a folding error (border, bias, channel) shows at 1e-2 and above
 
