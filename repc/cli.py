@@ -423,7 +423,7 @@ def build_model(spec: str, kwargs: Dict[str, Any], state: Dict[str, Any], source
     except Exception as why:
         raise CliError(f"--model {spec}: calling it with {json.dumps(kwargs)} failed ({_short(why, 200)})") from why
     if not isinstance(model, nn.Module):
-        raise CliError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+        raise CliError(f"--model {spec} returned a value of type {type(model).__name__}, not an nn.Module")
     expected = model.state_dict()
     if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
         state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel

@@ -1,0 +1,390 @@
+"""The ``repc`` command line (repc/cli.py): ``repc fuse`` and ``repc inspect``.
+
+Subprocess tests run the real command (the ``repc`` script and ``python -m repc``); the many
+bad-input cases call ``repc.cli.main`` in-process, which is what the script runs, to keep the
+file fast.  The fused file is loaded in a fresh interpreter where repc cannot be imported.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from repc import cli
+from repc.examples import RepVGGBlock, example_net, randomize_bn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FACTORY_MODULE = "repc_cli_test_models"
+
+FACTORIES = f'''
+import torch.nn as nn
+from repc.examples import RepVGGBlock, randomize_bn
+
+
+def build(c=4):
+    return randomize_bn(nn.Sequential(RepVGGBlock(c, c)), seed=1)
+
+
+def broken(c=4):
+    raise ValueError("no such width")
+
+
+def not_a_model():
+    return 3
+
+
+NOT_CALLABLE = 5
+'''
+
+
+def tiny(c=4, seed=0):
+    return randomize_bn(nn.Sequential(RepVGGBlock(c, c)), seed=seed).eval()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with a factory module and checkpoints of every kind, good and bad."""
+    d = tmp_path_factory.mktemp("cli")
+    (d / f"{FACTORY_MODULE}.py").write_text(FACTORIES)
+    torch.manual_seed(0)
+    model = tiny()
+    torch.save(model, d / "model.pt")
+    torch.save(tiny().train(), d / "training.pt")
+    torch.save(model.state_dict(), d / "weights.pt")
+    good = (d / "weights.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (d / "garbage.pt").write_bytes(b"this is not a checkpoint at all")
+    (d / "empty.pt").write_bytes(b"")
+    torch.save([1, 2, 3], d / "list.pt")
+    torch.save(torch.randn(3), d / "tensor.pt")
+    write_safetensors(d / "weights.safetensors", model.state_dict())
+    st = (d / "weights.safetensors").read_bytes()
+    (d / "truncated.safetensors").write_bytes(st[: len(st) - 40])
+    (d / "badheader.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json at all....")
+    (d / "a_folder").mkdir()
+    return d
+
+
+def write_safetensors(path, tensors):
+    """The safetensors layout written from its specification (u64 LE header size, JSON header, data)."""
+    header, chunks, offset = {}, [], 0
+    names = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+    for name, t in tensors.items():
+        raw = t.detach().contiguous().numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    pathlib.Path(path).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+
+def run_cli(capsys, *argv):
+    """``repc.cli.main`` in-process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_process(*argv, cwd, script=False):
+    command = [str(pathlib.Path(sys.executable).parent / "repc")] if script else [sys.executable, "-m", "repc"]
+    return subprocess.run(command + [str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def repc_free_site(tmp_path):
+    """A folder of links to every entry of site-packages except repc's own (package, metadata,
+    editable-install hooks): with ``python -S`` and only this folder on sys.path, repc is gone."""
+    site = pathlib.Path(torch.__file__).resolve().parents[1]
+    free = tmp_path / "site_without_repc"
+    free.mkdir()
+    for entry in site.iterdir():
+        if entry.name == "repc" or entry.name.startswith("repc-") or "repc" in entry.name and "editable" in entry.name:
+            continue
+        (free / entry.name).symlink_to(entry)
+    return free
+
+
+CHILD = '''
+import importlib.util, sys
+sys.path.append({site!r})
+if importlib.util.find_spec("repc") is not None:
+    raise SystemExit("repc is importable in the child: the test would prove nothing")
+import torch
+fused = torch.load({fused!r}, weights_only=False)
+program = torch.export.load({exported!r})
+x_big, x_tiny = torch.load({inputs!r})
+with torch.no_grad():
+    torch.save({{"fused": fused(x_big), "exported": program.module()(x_tiny), "class": type(fused).__name__,
+                "report_keys": sorted(fused.repc_report), "repc_loaded": "repc" in sys.modules}}, {outputs!r})
+'''
+
+
+def test_fused_files_load_and_run_where_repc_cannot_be_imported(work, tmp_path):
+    fused, exported, report = tmp_path / "fused.pt", tmp_path / "tiny.pt2", tmp_path / "report.json"
+    done = run_process("fuse", "--example", "--example-input", "1x3x16x16", "-o", fused, "--report", report,
+                       "--no-benchmark", cwd=tmp_path, script=True)
+    assert done.returncode == 0, done.stderr
+    assert "region(s) fused" in done.stdout and "verification passed" in done.stdout
+    assert "repc: compiling" in done.stderr  # progress goes to stderr
+    done = run_process("fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8", "--format", "export",
+                       "-o", exported, "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # -q: no progress
+
+    x_big, x_tiny = torch.randn(3, 3, 40, 40), torch.randn(1, 4, 8, 8)  # another batch and size for the GraphModule
+    torch.save((x_big, x_tiny), tmp_path / "inputs.pt")
+    code = CHILD.format(site=str(repc_free_site(tmp_path)), fused=str(fused), exported=str(exported),
+                        inputs=str(tmp_path / "inputs.pt"), outputs=str(tmp_path / "outputs.pt"))
+    child = subprocess.run([sys.executable, "-S", "-E", "-s", "-c", code], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    got = torch.load(tmp_path / "outputs.pt")
+    assert not got["repc_loaded"] and got["class"] != "ExampleNet"
+    with torch.no_grad():
+        assert torch.allclose(got["fused"], example_net()(x_big), atol=1e-5, rtol=1e-4)
+        assert torch.allclose(got["exported"], torch.load(work / "model.pt", weights_only=False)(x_tiny), atol=1e-5)
+    doc = json.loads(report.read_text())
+    assert doc["written"] and doc["output"] == str(fused) and doc["example_inputs"][0]["shape"] == [1, 3, 16, 16]
+    assert len(doc["report"]["rewrites"]) >= 5 and doc["report"]["verification"]["ok"]
+    assert set(got["report_keys"]) >= {"rewrites", "verification"}  # the report travels as a plain dict
+
+
+def test_inspect_prints_regions_and_writes_nothing(work, tmp_path):
+    before = sorted(p.name for p in work.iterdir())
+    done = run_process("inspect", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8", "--no-benchmark",
+                       cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert "nothing is written" in done.stdout
+    assert "1 fusable region(s)" in done.stdout
+    assert "becomes:  Conv2d(4->4, k=3x3" in done.stdout and "0.dense.1 (BatchNorm2d)" in done.stdout
+    assert "parameters   184 -> 148" in done.stdout
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
+def test_bad_input_in_a_real_process_is_one_line_and_no_traceback(tmp_path):
+    done = run_process("fuse", "missing.pt", "-o", "out.pt", "--example-input", "1x3x8x8", cwd=tmp_path)
+    assert done.returncode == cli.EXIT_BAD_INPUT
+    assert done.stderr.splitlines() == ["repc: error: input file not found: missing.pt"]
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "fuse", tmp_path / "missing.pt", "-o", tmp_path / "o.pt", "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("repc: error:")
+
+
+def test_help_documents_the_exit_codes(capsys):
+    for argv in (["--help"], ["fuse", "--help"], ["inspect", "--help"]):
+        code, out, _ = run_cli(capsys, *argv)
+        assert code == 0
+        assert "exit codes:" in out and "0  success" in out and "2  bad input" in out and "3  verification failed" in out
+
+
+BAD_INPUTS = [
+    # (argv after "fuse", with {w} the work folder; words the message must contain)
+    ("{w}/nope.pt", "input file not found"),
+    ("{w}/a_folder", "is a directory"),
+    ("{w}/empty.pt", "is empty"),
+    ("{w}/truncated.pt", "truncated, corrupt or not a PyTorch checkpoint"),
+    ("{w}/garbage.pt", "truncated, corrupt or not a PyTorch checkpoint"),
+    ("{w}/truncated.safetensors --model {m}:build", "truncated"),
+    ("{w}/badheader.safetensors --model {m}:build", "not JSON"),
+    ("{w}/list.pt", "holds a list, not an nn.Module or a state dict"),
+    ("{w}/tensor.pt", "holds a Tensor, not an nn.Module or a state dict"),
+    ("{w}/model.pt", "pass --trust-pickle"),
+    ("{w}/training.pt --trust-pickle", "training mode"),
+    ("{w}/weights.pt", "give --model package.module:factory"),
+    ("{w}/model.pt --trust-pickle --model {m}:build", "holds a whole model"),
+    ("{w}/weights.pt --model no_such_package.nets:build", "cannot import module 'no_such_package.nets'"),
+    ("{w}/weights.pt --model {m}:nope", "unknown factory"),
+    ("{w}/weights.pt --model {m}", "expected package.module:factory"),
+    ("{w}/weights.pt --model {m}:NOT_CALLABLE", "not a callable"),
+    ("{w}/weights.pt --model {m}:broken", "ValueError: no such width"),
+    ("{w}/weights.pt --model {m}:not_a_model", "returned a value of type int, not an nn.Module"),
+    ("{w}/weights.pt --model {m}:build --model-kwargs {{\"c\":8}}", "does not fit the model"),
+    ("{w}/weights.pt --model {m}:build --model-kwargs {{c:8}}", "not valid JSON"),
+    ("{w}/weights.pt --model {m}:build --model-kwargs [8]", "expected a JSON object"),
+    ("{w}/weights.pt --model-kwargs {{}}", "--model-kwargs needs --model"),
+    ("{w}/model.pt --trust-pickle --example-input 1xfoo", "bad --example-input '1xfoo'"),
+    ("{w}/model.pt --trust-pickle --example-input 1x0x8", "must be positive"),
+    ("{w}/model.pt --trust-pickle --example-input 1,4,8,8", "bad --example-input"),
+    ("{w}/model.pt --trust-pickle --example-input=", "bad --example-input"),
+    ("{w}/model.pt --trust-pickle --example-input 1x3x8x8", "fails on the example input"),
+    ("{w}/model.pt --trust-pickle NOSHAPE", "give --example-input"),
+    ("--example {w}/model.pt", "either --example or IN"),
+    ("NOINPUT", "no model given"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[a.split()[0].split("/")[-1] + ":" + m[:24]
+                                                           for a, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(work, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(work)  # the factory module lives here, as a user's own code would
+    args = argv.format(w=work, m=FACTORY_MODULE).split()
+    shape = [] if "NOSHAPE" in args or any(a.startswith("--example-input") for a in args) else ["--example-input",
+                                                                                                "1x4x8x8"]
+    args = [a for a in args if a not in ("NOSHAPE", "NOINPUT")]
+    out = work / "out.pt"
+    code, _, err = run_cli(capsys, "fuse", *args, *shape, "-o", out, "-q")
+    assert code == cli.EXIT_BAD_INPUT, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repc: error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_pickle_refusal_explains_why_and_names_the_code(work, capsys):
+    code, _, err = run_cli(capsys, "inspect", work / "model.pt", "--example-input", "1x4x8x8")
+    assert code == 2
+    assert "runs that code" in err and "--trust-pickle" in err and "state_dict" in err and "--model" in err
+    assert err.index("repc.examples.RepVGGBlock") < err.index("torch.nn.")  # the user's own class comes first
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("-o {w}/model.pt", "is the input file"),
+    ("-o {w}/list.pt", "already exists: pass --force"),
+    ("-o {w}/no_such_folder/out.pt", "does not exist"),
+    ("-o {w}/a_folder", "is a directory"),
+    ("-o {w}/out.pt --report {w}/out.pt", "same file"),
+    ("-o {w}/out.pt --report {w}/model.pt --force", "is the input file"),
+    ("-o {w}/out.pt --report {w}/list.pt", "already exists"),
+])
+def test_output_paths_are_checked_before_any_work(work, capsys, argv, message):
+    listing = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
+    code, _, err = run_cli(capsys, "fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8",
+                           *argv.format(w=work).split())
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert {p.name: p.stat().st_mtime_ns for p in work.iterdir()} == listing  # nothing written or touched
+
+
+def test_training_mode_model_fuses_with_eval_flag(work, tmp_path, capsys):
+    out = tmp_path / "fused.pt"
+    code, stdout, err = run_cli(capsys, "fuse", work / "training.pt", "--trust-pickle", "--eval", "--example-input",
+                                "1x4x8x8", "-o", out, "--no-benchmark", "-q")
+    assert code == 0, err
+    original = torch.load(work / "training.pt", weights_only=False).eval()
+    fused = torch.load(out, weights_only=False)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), original(x), atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 0
+
+
+@pytest.mark.parametrize("weights", ["weights.safetensors", "weights.pt"])
+def test_state_dict_with_factory_and_kwargs(work, tmp_path, capsys, monkeypatch, weights):
+    monkeypatch.chdir(work)
+    wide = tiny(c=6, seed=3)
+    if weights.endswith(".safetensors"):
+        write_safetensors(tmp_path / weights, wide.state_dict())
+    else:
+        torch.save(wide.state_dict(), tmp_path / weights)
+    out, report = tmp_path / "fused.pt", tmp_path / "report.json"
+    code, stdout, err = run_cli(capsys, "fuse", tmp_path / weights, "--model", f"{FACTORY_MODULE}:build",
+                                "--model-kwargs", '{"c": 6}', "--example-input", "2x6x8x8", "-o", out,
+                                "--report", report, "-q")
+    assert code == 0, err
+    assert "1 region(s) fused" in stdout and "latency" in stdout and "FLOPs" in stdout
+    fused = torch.load(out, weights_only=False)
+    x = torch.randn(1, 6, 10, 10)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), wide(x), atol=1e-5)  # the weights really came from the file
+    doc = json.loads(report.read_text())
+    assert doc["model"] == f"{FACTORY_MODULE}:build" and doc["gains"]["latency_ms_after"] > 0
+    assert doc["gains"]["flops_after"] < doc["gains"]["flops_before"]
+    assert fused.repc_report == doc["report"]
+
+
+def test_safetensors_reader_reads_a_file_written_by_the_safetensors_library(tmp_path):
+    # bytes produced by safetensors 0.8.0: save({"weight": [[1.5, -2], [0.25, 3]] f32,
+    # "steps": [7, -1] i64, "half": [0.5] bf16}, metadata={"format": "pt"})
+    data = (b'\xd8\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"pt"},"steps":{"dtype":"I64","shape":[2],'
+            b'"data_offsets":[0,16]},"weight":{"dtype":"F32","shape":[2,2],"data_offsets":[16,32]},"half":{"dtype":'
+            b'"BF16","shape":[1],"data_offsets":[32,34]}}     \x07\x00\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff\xff'
+            b'\xff\xff\xff\x00\x00\xc0?\x00\x00\x00\xc0\x00\x00\x80>\x00\x00@@\x00?')
+    path = tmp_path / "lib.safetensors"
+    path.write_bytes(data)
+    tensors = cli.read_safetensors(str(path))
+    assert set(tensors) == {"weight", "steps", "half"}
+    assert torch.equal(tensors["weight"], torch.tensor([[1.5, -2.0], [0.25, 3.0]]))
+    assert torch.equal(tensors["steps"], torch.tensor([7, -1]))
+    assert tensors["half"].dtype == torch.bfloat16 and tensors["half"].item() == 0.5
+    with pytest.raises(cli.CliError, match="truncated"):
+        path.write_bytes(data[:-1])
+        cli.read_safetensors(str(path))
+
+
+def test_force_overwrites_and_a_failed_run_keeps_the_old_file(work, tmp_path, capsys):
+    out = tmp_path / "fused.pt"
+    out.write_bytes(b"previous result")
+    base = ["fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8", "-o", out, "-q", "--no-benchmark"]
+    code, _, err = run_cli(capsys, *base)
+    assert code == 2 and "--force" in err and out.read_bytes() == b"previous result"
+    # verification cannot pass at this tolerance: exit 3, the old file stays, no temporary file is left
+    code, stdout, err = run_cli(capsys, *base, "--force", "--tolerance", "1e-15")
+    assert code == cli.EXIT_VERIFICATION and "verification failed" in err and "nothing written" in err
+    assert "rolled back" in stdout
+    assert out.read_bytes() == b"previous result" and sorted(p.name for p in tmp_path.iterdir()) == ["fused.pt"]
+    code, _, err = run_cli(capsys, *base, "--force")
+    assert code == 0, err
+    assert isinstance(torch.load(out, weights_only=False), torch.fx.GraphModule)
+
+
+def test_a_write_that_fails_midway_leaves_no_partial_file(work, tmp_path, capsys, monkeypatch):
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.os, "fsync", disk_full)  # fails after the bytes went into the temporary file
+    out = tmp_path / "fused.pt"
+    base = ["fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8", "-o", out, "-q", "--no-benchmark"]
+    code, _, err = run_cli(capsys, *base)
+    assert code == cli.EXIT_INTERNAL and "cannot write" in err and "No space left" in err
+    assert list(tmp_path.iterdir()) == []
+    out.write_bytes(b"previous result")
+    code, _, err = run_cli(capsys, *base, "--force")
+    assert code == cli.EXIT_INTERNAL
+    assert out.read_bytes() == b"previous result" and [p.name for p in tmp_path.iterdir()] == ["fused.pt"]
+
+
+def test_saved_copy_drops_repc_objects_and_leaves_the_fused_module_alone():
+    import repc
+
+    fused = repc.compile(tiny(), torch.randn(1, 4, 8, 8))
+    report_dict = json.loads(fused.repc_report.to_json())
+    saved = cli.portable_copy(fused, report_dict)
+    assert isinstance(fused.repc_report, repc.Report)  # the original keeps its report object
+    assert saved.repc_report == report_dict
+    import io
+    buf = io.BytesIO()
+    torch.save(saved, buf, pickle_protocol=2)
+    assert cli.repc_references(buf.getvalue()) == []
+    buf = io.BytesIO()
+    torch.save(fused, buf, pickle_protocol=2)  # with the Report object: needs repc to load
+    assert "repc.report.Report" in cli.repc_references(buf.getvalue())
+    buf = io.BytesIO()
+    torch.save(RepVGGBlock(4, 4), buf, pickle_protocol=2)
+    assert "repc.examples.RepVGGBlock" in cli.repc_references(buf.getvalue())
+
+
+@pytest.mark.parametrize("text, shape", [("1x3x224x224", (1, 3, 224, 224)), ("8", (8,)), ("2X16", (2, 16))])
+def test_parse_shape(text, shape):
+    assert cli.parse_shape(text) == shape
+
+
+def test_inspect_json_is_the_report(work, capsys):
+    code, out, err = run_cli(capsys, "inspect", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8",
+                             "--json", "-q", "--no-benchmark")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["command"] == "inspect" and doc["written"] is False and doc["output"] is None
+    assert [r["rule"] for r in doc["report"]["rewrites"]] == ["compose+sum"]
+    assert doc["gains"]["params_after"] == 148 < doc["gains"]["params_before"] == 184
