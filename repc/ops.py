@@ -137,7 +137,24 @@ class Elementwise:
         return f"Elementwise({', '.join(parts)})"
 
 
-AffineOp = Union[Conv, Linear, Elementwise]
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """Any affine map at a fixed per-sample shape: ``y.flatten(1) = x.flatten(1) @ W.T + b``.
+
+    Read off a region by probing when no closed form covers it (a fully-connected layer over a
+    flattened feature map next to convolutions, as in RepMLP).  Shape-specialized.
+    """
+
+    weight: Tensor  # [prod(out_shape), prod(in_shape)]
+    bias: Optional[Tensor]
+    in_shape: Tuple[int, ...]  # per sample (without the batch axis)
+    out_shape: Tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return f"Dense({'x'.join(map(str, self.in_shape))}->{'x'.join(map(str, self.out_shape))}, shape-specialized)"
+
+
+AffineOp = Union[Conv, Linear, Elementwise, Dense]
 
 
 def identity(shape) -> Elementwise:
@@ -159,12 +176,14 @@ def flops(op: AffineOp, in_shape, out_shape) -> int:
         return out_numel * op.weight.shape[1] * math.prod(op.kernel_size)
     if isinstance(op, Linear):
         return out_numel * op.in_features
+    if isinstance(op, Dense):
+        return out_shape[0] * op.weight.numel()
     if op.is_identity:
         return 0
     return out_numel
 
 
 def params(op: AffineOp) -> int:
-    if isinstance(op, (Conv, Linear)):
+    if isinstance(op, (Conv, Linear, Dense)):
         return op.weight.numel() + (0 if op.bias is None else op.bias.numel())
     return sum(t.numel() for t in (op.scale, op.shift) if t is not None)

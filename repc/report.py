@@ -19,6 +19,7 @@ class Rewrite:
     flops_after: int
     exact: bool = True
     max_deviation: float = 0.0  # measured against the region as written
+    shape_specialized: bool = False  # valid only for the example's per-sample shape
 
 
 @dataclass
@@ -87,6 +88,8 @@ class Report:
             lines.append("  specialized to " + ", ".join(f"{k}={v}" for k, v in self.specialized.items())
                          + " (other values are refused at run time)")
         for r in self.rewrites:
+            if r.shape_specialized:
+                lines.append(f"  SHAPE-SPECIALIZED {r.root} ({r.rule}): valid for the example's per-sample shape only")
             if not r.exact:
                 lines.append(f"  APPROXIMATE {r.root} ({r.rule}): deviation {r.max_deviation:.3g} from the original")
         for r in self.rejected:

@@ -16,6 +16,7 @@ Every region that was merged, or kept with a reason, is recorded for the report.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -23,8 +24,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, GraphFacts, functionalize_inplace, split_norm_affine
-from ..ops import Conv, Elementwise, NotMergeable, params
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, functionalize_inplace, split_norm_affine
+from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, tolerance
@@ -116,7 +117,11 @@ class _Writer:
             if is_container(node):
                 continue  # emitted when a reader needs the tuple or the stack
             expr = self.exprs[node]
-            self.env[node] = self._copy(node) if expr.is_leaf else self.materialize(expr)
+            synthesized = self._synthesize(expr) if node in self.matcher.meanings else None
+            if synthesized is not None:
+                self.env[node] = synthesized
+            else:
+                self.env[node] = self._copy(node) if expr.is_leaf else self.materialize(expr)
         module = fx.GraphModule(self.gm, self.graph, class_name=type(self.gm).__name__)
         # in-place ops left in place (they mutate through a view) have no users but must stay
         module.graph.eliminate_dead_code(lambda n: n.meta.get(VIEW_MUTATED, False) or n.is_impure())
@@ -227,6 +232,76 @@ class _Writer:
             flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev))
         return True
 
+    # -- synthesis by probing ------------------------------------------------------------------
+    DENSE_LIMIT = 1 << 22  # matrix entries per source a probe may read off
+
+    def _synthesize(self, expr: Expr) -> Optional[fx.Node]:
+        """The whole affine cone of ``expr.node`` as one dense map read off by probing.
+
+        Where the closed forms left part of an affine region apart (a fully-connected layer
+        over a flattened map next to convolutions: RepMLP), the region is still affine at the
+        example's per-sample shape: a zero input gives the bias, unit impulses give the matrix.
+        Kept only when it costs less than the region as written and than the closed forms'
+        partial merge, and when the region check confirms it.  The result is shape-specialized.
+        """
+        node = expr.node
+        cone, sources = self.matcher.affine_cone(node)
+        covered = expr.region if not expr.is_leaf else {node}
+        if len(cone) < 2 or set(cone) <= covered or not sources or len(sources) > 3:
+            return None
+        if not any(isinstance(self.matcher.meanings.get(n), Layout) for n in cone):
+            return None  # the region works for any input size: keep it so (only fixed-size regions are probed)
+        out_shape = self.facts.shape(node)
+        shapes = [self.facts.shape(s) for s in sources]
+        if out_shape is None or any(sh is None or not sh for sh in shapes):
+            return None
+        n_out = math.prod(out_shape[1:])
+        if any(math.prod(sh[1:]) * n_out > self.DENSE_LIMIT for sh in shapes):
+            return None
+        batch = out_shape[0]
+        dense_cost = sum(batch * n_out * math.prod(sh[1:]) for sh in shapes) + batch * n_out * (len(sources) - 1)
+        as_written = sum(self.matcher.own_cost.get(n, 0) for n in cone)
+        rest = sum(self.matcher.own_cost.get(n, 0) for n in cone if n not in covered)
+        partial = (self.matcher.form_cost(expr.form, node) if expr.form is not None else expr.cost) + rest
+        if dense_cost >= min(as_written, partial):
+            return None
+        probe = Expr(node, "dense", region=set(cone), rules={"synthesize"})
+        try:
+            probe.form = self._probe(probe, sources)
+        except Exception:
+            return None
+        probe.cost = as_written
+        if not self._use_form(probe):
+            return None
+        inside = {self.prefix + n.name for n in cone if n is not node}
+        self.result.rewrites = [r for r in self.result.rewrites if r.root not in inside]
+        self.result.rejections = [r for r in self.result.rejections if r.root not in inside]
+        self.result.rewrites[-1].shape_specialized = True
+        return self._emit(probe)
+
+    def _probe(self, probe: Expr, sources: List[fx.Node]) -> Dict[fx.Node, Dense]:
+        ref = self.values[probe.node]
+        if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
+            raise NotMergeable("not a floating-point tensor")
+        dtype = ref.dtype
+
+        def zeros(s, batch):
+            v = self.values[s]
+            return torch.zeros((batch,) + tuple(v.shape[1:]), dtype=v.dtype, device=v.device)
+
+        base = {s: zeros(s, 1) for s in sources}
+        bias = self._run_region(probe, base).reshape(-1).to(torch.float64)
+        out_shape = tuple(ref.shape[1:])
+        form = {}
+        for i, s in enumerate(sources):
+            v = self.values[s]
+            n_in = math.prod(v.shape[1:])
+            inputs = {t: zeros(t, n_in) for t in sources}
+            inputs[s] = torch.eye(n_in, dtype=v.dtype, device=v.device).reshape((n_in,) + tuple(v.shape[1:]))
+            out = self._run_region(probe, inputs).reshape(n_in, -1).to(torch.float64) - bias
+            form[s] = Dense(out.T.contiguous().cpu(), bias.cpu() if i == 0 else None, tuple(v.shape[1:]), out_shape)
+        return form
+
     def _borders_region(self, node: fx.Node) -> bool:
         """``node`` reads an affine region (so it is where that region had to stop)."""
         return node.op not in ("placeholder", "output", "get_attr") and not is_container(node) and \
@@ -273,20 +348,26 @@ class _Writer:
         return True, worst, ""
 
     def _run_region(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor]):
+        """The region's original nodes evaluated on other source values."""
         env = dict(sources)
         for node in self.gm.graph.nodes:
-            if node not in expr.region:
-                continue
-            for arg in node.all_input_nodes:
-                if arg not in env:
-                    if arg not in self.facts.constants and not is_container(arg):
-                        raise RuntimeError(f"region input {arg.name} is not a source")
-                    if is_container(arg):
-                        env[arg] = self._eval(arg, env)
-                    else:
-                        env[arg] = self.values[arg]
-            env[node] = self._eval(node, env)
+            if node in expr.region:
+                self._provide_inputs(node, env)
+                env[node] = self._eval(node, env)
         return env[expr.node]
+
+    def _provide_inputs(self, node: fx.Node, env) -> None:
+        for arg in node.all_input_nodes:
+            if arg in env:
+                continue
+            if arg in self.facts.constants:
+                env[arg] = self.values[arg]
+            elif is_container(arg) or not isinstance(self.values.get(arg), torch.Tensor):
+                # a tuple/stack of region values, or shape arithmetic (x.shape[0]): recompute
+                self._provide_inputs(arg, env)
+                env[arg] = self._eval(arg, env)
+            else:
+                raise RuntimeError(f"region input {arg.name} is not a source")
 
     def _eval(self, node, env):
         self.interp.env = env

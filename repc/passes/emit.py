@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import algebra
-from ..ops import AffineOp, Conv, Elementwise, Linear
+from ..ops import AffineOp, Conv, Dense, Elementwise, Linear
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -75,6 +75,16 @@ def emit_op(graph: fx.Graph, namer: AttributeNamer, op: AffineOp, x: fx.Node, hi
             mode = "constant" if op.padding_mode == "zeros" else op.padding_mode
             x = graph.call_function(F.pad, (x, pad), {"mode": mode})
         return graph.call_module(namer.module(hint, mod), (x,))
+    if isinstance(op, Dense):
+        mod = nn.Linear(op.weight.shape[1], op.weight.shape[0], bias=op.bias is not None, device=device, dtype=dtype)
+        with torch.no_grad():
+            mod.weight.copy_(op.weight)
+            if op.bias is not None:
+                mod.bias.copy_(op.bias)
+        mod.requires_grad_(False)
+        flat = graph.call_function(torch.flatten, (x, 1))
+        y = graph.call_module(namer.module(hint, mod), (flat,))
+        return graph.call_function(torch.reshape, (y, (-1,) + tuple(op.out_shape)))
     if isinstance(op, Linear):
         mod = nn.Linear(op.in_features, op.out_features, bias=op.bias is not None, device=device, dtype=dtype)
         with torch.no_grad():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -72,6 +72,8 @@ class RegionMatcher:
         self.exprs: Dict[fx.Node, Expr] = {}
         self.opaque: Dict[fx.Node, str] = {}
         self.absorbed: Set[fx.Node] = set()
+        self.meanings: Dict[fx.Node, object] = {}  # nodes with a canonical meaning
+        self.own_cost: Dict[fx.Node, int] = {}  # multiply-adds of each such node as written
         self.pinned: Set[fx.Node] = {n for n in gm.graph.nodes if n.meta.get(VIEW_MUTATED)}
 
     # -- public ---------------------------------------------------------------------------
@@ -96,10 +98,10 @@ class RegionMatcher:
         if self.facts.shape(node) is None:
             self.opaque[node] = "no tensor shape recorded"
             return self._leaf(node)
+        self.meanings[node] = meaning
         expr = self._build(node, meaning, cut=False)
         # a concat of several sources, or a pending layout change, stays open for its consumer
         if expr.form is None and expr.kind != "concat" and expr.pending is None:
-
             why = expr.reason
             expr = self._build(node, meaning, cut=True)
             if any(not self.exprs[c.node].is_leaf for c in expr.children):
@@ -118,12 +120,13 @@ class RegionMatcher:
 
     def _build(self, node, meaning, cut: bool) -> Expr:
         if isinstance(meaning, Layout):
-            child = self._operand(meaning.input, node, cut, distributable=True)
+            child = self._operand(meaning.input, node, cut, distributable=True, see_layout=True)
             expr = self._expr(node, "layout", meaning, [child], None)
             self._layout(expr, child)
             return expr
         if isinstance(meaning, AffineCall):
-            child = self._operand(meaning.input, node, cut, distributable=True)
+            child = self._operand(meaning.input, node, cut, distributable=True,
+                                  see_layout=isinstance(meaning.op, Elementwise))
             expr = self._expr(node, "apply", meaning, [child], meaning.op)
             if child.pending is not None:
                 if not isinstance(meaning.op, Elementwise):
@@ -200,6 +203,50 @@ class RegionMatcher:
                 break
         return expr
 
+    def affine_cone(self, root: fx.Node) -> Tuple[List[fx.Node], List[fx.Node]]:
+        """The largest region of nodes with canonical meanings that only ``root`` reads out of.
+
+        Returns (its nodes in graph order, the values it reads from outside).  Whatever the
+        closed forms say, such a region computes an affine function of its inputs.
+        """
+        cone = {root}
+        changed = True
+        while changed:
+            changed = False
+            for n in list(cone):
+                for a in n.all_input_nodes:
+                    if is_container(a):
+                        a = a.args[0] if _is_split(a) else a
+                        if not isinstance(a, fx.Node):
+                            continue
+                    if a in cone or a not in self.meanings or a in self.pinned:
+                        continue
+                    if all(u in cone for u in effective_users(a)):
+                        cone.add(a)
+                        changed = True
+        stack_inputs = []
+        for n in cone:
+            for a in n.all_input_nodes:
+                if a.op == "call_function" and a.target is torch.stack:
+                    stack_inputs.extend(a.all_input_nodes)
+        for a in stack_inputs:
+            if a not in cone and a in self.meanings and all(u in cone for u in effective_users(a)):
+                cone.add(a)
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        nodes = sorted(cone, key=order.__getitem__)
+        sources = []
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if is_container(a):
+                    inner = [a.args[0]] if _is_split(a) else a.all_input_nodes
+                    for b in inner:
+                        if b not in cone and b not in sources and b not in self.facts.constants:
+                            sources.append(b)
+                elif a not in cone and a not in sources and a not in self.facts.constants \
+                        and isinstance(self.facts.values.get(a), torch.Tensor):
+                    sources.append(a)  # (shape arithmetic such as x.shape[0] is recomputed, not a source)
+        return nodes, sources
+
     def form_cost(self, form: Form, node: fx.Node) -> int:
         """Multiply-accumulates of ``sum_s op_s(s)`` on the example shapes."""
         out = self.facts.shape(node)
@@ -210,7 +257,9 @@ class RegionMatcher:
         expr = Expr(node, kind, meaning, children)
         expr.region = {node}.union(*[c.region for c in children])
         own = 0
-        if op is not None:
+        if kind == "layout":
+            own = 0
+        elif op is not None:
             own = flops(op, self.facts.shape(children[0].node), self.facts.shape(node))
         elif kind == "combine":
             own = math.prod(self.facts.shape(node)) * (len(children) - 1)
@@ -220,6 +269,7 @@ class RegionMatcher:
                 seen.add(id(c))
                 total += c.cost
         expr.cost = total
+        self.own_cost[node] = own
         for c in children:
             expr.rules |= c.rules
         return expr
@@ -260,9 +310,10 @@ class RegionMatcher:
             expr.layout, expr.pending, expr.base = index, pending, base
             expr.reason = "a layout change that is not undone"
 
-    def _operand(self, arg: fx.Node, parent: fx.Node, cut: bool, distributable: bool = False) -> Expr:
+    def _operand(self, arg: fx.Node, parent: fx.Node, cut: bool, distributable: bool = False,
+                 see_layout: bool = False) -> Expr:
         expr = self.exprs[arg]
-        if distributable and expr.pending is not None and not cut and self._absorbable(arg, parent):
+        if see_layout and expr.pending is not None and not cut and self._absorbable(arg, parent):
             return expr
         no_form = expr.form is None and not (distributable and expr.kind == "concat")
         if cut or expr.is_leaf or no_form or not self._absorbable(arg, parent):
