@@ -117,16 +117,23 @@ class DBBSlices(nn.Module):
         return self.post(y[:, :self.c] * 0.5 + y[:, self.c:])
 
 
-class DBBChunks(nn.Module):
-    """Like :class:`DBBSlices`, with ``chunk`` reading the halves of the concat."""
+class DBBHalves(nn.Module):
+    """Like :class:`DBBSlices`, with ``chunk``, ``torch.split`` or ``narrow`` reading the halves."""
 
-    def __init__(self, c):
+    def __init__(self, c, form="chunk"):
         super().__init__()
+        self.c, self.form = c, form
         self.a = conv_bn(c, c, 3, 1, 1)
         self.b = conv_bn(c, c, (3, 1), 1, (1, 0))
 
     def forward(self, x):
-        lo, hi = torch.cat([self.a(x), self.b(x)], dim=1).chunk(2, dim=1)
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        if self.form == "chunk":
+            lo, hi = y.chunk(2, dim=1)
+        elif self.form == "split":
+            lo, hi = torch.split(y, [self.c, self.c], dim=1)
+        else:
+            lo, hi = y.narrow(1, 0, self.c), torch.narrow(y, 1, self.c, self.c)
         return hi - lo
 
 
