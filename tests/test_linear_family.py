@@ -1,0 +1,433 @@
+"""`repc.compile` on the linear family of structural re-parameterization (issue 3).
+
+LoRA, GLoRA-style parameter-only weights, parametrizations, ZeroI2V adapters, WID compactors,
+linear chains, LayerNorm / BatchNorm folding on token layouts, RePaViT's channel-idle FFN and
+depth-reduced residual stacks, written from the papers' descriptions in
+:mod:`linear_blocks`: the fused model is exact on the example and on other batch sizes and
+token counts, runs the promised number of ops, and does no more work than the original (less
+where the method promises it).  Nonlinearities that are not identities stop merging, and a
+bottleneck is not expanded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+import linear_blocks as lb
+from linear_blocks import compile_exact, called_modules, op_counts, randomize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tokens(b=2, n=5, d=16, dtype=torch.float32):
+    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(7), dtype=dtype)
+
+
+def assert_flops_not_increased(report, strictly=True):
+    assert report.rewrites, str(report)
+    for r in report.rewrites:
+        assert r.flops_after <= r.flops_before, r
+        assert r.exact, r
+    if strictly:
+        assert report.flops_saved > 0, str(report)
+
+
+def only_linear(fused) -> nn.Linear:
+    counts = op_counts(fused)
+    assert counts["linear"] == 1, (counts, str(fused.repc_report))
+    (linear,) = called_modules(fused)
+    assert type(linear) is nn.Linear, type(linear)
+    return linear
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+@pytest.mark.parametrize("shape, bias, dtype", [
+    ((2, 5, 16), True, torch.float32),
+    ((2, 5, 16), False, torch.float32),
+    ((7, 16), True, torch.float32),
+    ((2, 5, 16), True, torch.float64),
+])
+def test_lora_becomes_one_linear_with_the_closed_form_weight(shape, bias, dtype):
+    torch.manual_seed(0)
+    model = lb.LoRALinear(16, 24, r=4, alpha=8.0, bias=bias).to(dtype).eval()
+    fused = compile_exact(model, torch.randn(shape, dtype=dtype), tol=1e-12 if dtype == torch.float64 else lb.REL_TOL)
+    linear = only_linear(fused)
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)  # dropout (eval), adds, scale gone
+    want = model.base.weight.double() + model.scale * model.lora_B.weight.double() @ model.lora_A.weight.double()
+    assert linear.weight.dtype == dtype
+    assert torch.allclose(linear.weight.double(), want, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    if bias:
+        assert torch.equal(linear.bias, model.base.bias)
+    else:
+        assert linear.bias is None or not linear.bias.any()
+    report = fused.repc_report
+    assert_flops_not_increased(report)
+    assert report.params_after < report.params_before
+
+
+def test_lora_adapter_is_not_trivial():
+    """The merge checks above would pass vacuously with LoRA's zero initialisation of B."""
+    model = lb.LoRALinear(16, 24).eval()
+    x = tokens()
+    assert (model(x) - model.base(x)).abs().max() > 0.1
+
+
+def test_functional_lora_becomes_one_linear():
+    torch.manual_seed(0)
+    model = lb.FunctionalLoRA(16, 24, r=4, scale=0.75).eval()
+    fused = compile_exact(model, tokens())
+    linear = only_linear(fused)
+    want = model.weight.double() + 0.75 * model.B.double() @ model.A.double()
+    assert torch.allclose(linear.weight.double(), want, atol=1e-5)
+    assert op_counts(fused)["matmul"] == 0
+    assert_flops_not_increased(fused.repc_report)
+
+
+def test_lora_on_a_conv_becomes_one_conv():
+    """LoRA for convs: A a k x k conv to r channels, B a 1x1 conv back: one k x k conv."""
+    class LoRAConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Conv2d(4, 6, 3, padding=1)
+            self.A = nn.Conv2d(4, 2, 3, padding=1, bias=False)
+            self.B = nn.Conv2d(2, 6, 1, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + 0.5 * self.B(self.A(x))
+
+    torch.manual_seed(0)
+    fused = compile_exact(LoRAConv().eval(), torch.randn(2, 4, 8, 8))
+    assert op_counts(fused) == {"conv": 1}, op_counts(fused)
+    assert_flops_not_increased(fused.repc_report)
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["matmul_softmax", "sdpa"])
+def test_lora_on_qkv_projections_merges_three_times_and_keeps_attention(explicit):
+    torch.manual_seed(0)
+    model = lb.LoRASelfAttention(16, r=4, explicit=explicit).eval()
+    fused = compile_exact(model, tokens())
+    counts = op_counts(fused)
+    assert counts["linear"] == 3, counts  # q, k, v: base + LoRA each merged into one linear
+    assert all(type(m) is nn.Linear for m in called_modules(fused))
+    if explicit:
+        assert counts["matmul"] == 2 and counts["softmax"] == 1, counts
+    else:
+        assert counts["scaled_dot_product_attention"] == 1, counts
+    report = fused.repc_report
+    assert len(report.rewrites) == 3, str(report)
+    assert_flops_not_increased(report)
+
+
+def test_two_lora_layers_around_a_relu_and_a_reused_lora_module():
+    """A LoRA module called twice is merged at each call; the two calls that follow each other
+    with no nonlinearity merge into one linear (``a(b(.))``); the user's modules are left alone
+    (compile_exact checks the state dict)."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = lb.LoRALinear(16, 16)
+            self.b = lb.LoRALinear(16, 16)
+
+        def forward(self, x):
+            return self.a(torch.relu(self.a(self.b(torch.relu(self.b(x))))))
+
+    torch.manual_seed(0)
+    fused = compile_exact(Twice().eval(), tokens())
+    counts = op_counts(fused)
+    assert counts["linear"] == 3 and counts["relu"] == 2, counts
+    assert_flops_not_increased(fused.repc_report)
+
+
+# ----------------------------------------------------------------------------- parameter-only weights
+
+def test_glora_weight_and_bias_fold_into_the_following_batchnorm_as_one_linear():
+    """``W + W*A + Bu@Bv`` and ``b + b*D + E`` are constants; with the BN after them, one linear."""
+    torch.manual_seed(0)
+    glora = lb.GLoRALinear(16, 24, r=3)
+    model = randomize(nn.Sequential(glora, nn.BatchNorm1d(24)))
+    fused = compile_exact(model, torch.randn(6, 16))
+    linear = only_linear(fused)
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)
+    bn = model[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = glora.weight + glora.weight * glora.A + glora.Bu @ glora.Bv
+    bias = glora.bias + glora.bias * glora.D + glora.E
+    assert torch.allclose(linear.weight, weight * scale[:, None], atol=1e-5)
+    assert torch.allclose(linear.bias, (bias - bn.running_mean) * scale + bn.bias, atol=1e-5)
+
+
+def test_glora_alone_is_exact():
+    torch.manual_seed(0)
+    compile_exact(lb.GLoRALinear(16, 24).eval(), tokens())
+    compile_exact(lb.GLoRAConv(4, 6).eval(), torch.randn(2, 4, 8, 8))
+
+
+def test_glora_conv_and_gated_kernels_fold_into_one_conv_with_the_batchnorm():
+    torch.manual_seed(0)
+    for block in (lb.GLoRAConv(4, 6), lb.GatedKernels(4, 6)):
+        model = randomize(nn.Sequential(block, nn.BatchNorm2d(6)))
+        fused = compile_exact(model, torch.randn(2, 4, 8, 8))
+        assert op_counts(fused) == {"conv": 1}, (type(block).__name__, op_counts(fused))
+
+
+@pytest.mark.parametrize("kind", ["low_rank_parametrization", "weight_norm"])
+def test_parametrized_linear_folds_into_a_plain_linear_with_its_neighbour(kind):
+    torch.manual_seed(0)
+    fc = nn.Linear(12, 20)
+    if kind == "weight_norm":
+        fc = weight_norm(fc)
+        with torch.no_grad():
+            fc.parametrizations.weight.original0.mul_(torch.rand(20, 1) + 0.5)
+    else:
+        parametrize.register_parametrization(fc, "weight", lb.LowRankDelta(20, 12))
+    model = randomize(nn.Sequential(fc, nn.BatchNorm1d(20)))
+    fused = compile_exact(model, torch.randn(6, 12))
+    only_linear(fused)
+    assert not any(parametrize.is_parametrized(m) for m in fused.modules())
+    assert parametrize.is_parametrized(model[0])  # the user's model keeps its parametrization
+
+
+def test_parametrized_mlp_is_exact_and_the_user_parametrizations_survive():
+    torch.manual_seed(0)
+    model = lb.ParametrizedMLP().eval()
+    compile_exact(model, tokens(d=12))
+    assert parametrize.is_parametrized(model.fc1, "weight") and parametrize.is_parametrized(model.fc2, "weight")
+
+
+# ----------------------------------------------------------------------------- adapters, compactors, chains
+
+@pytest.mark.parametrize("before, after", [(True, True), (True, False), (False, True)])
+def test_zeroi2v_linear_adapters_are_absorbed_into_the_frozen_linear(before, after):
+    torch.manual_seed(0)
+    model = lb.AdaptedLinear(16, 24, r=2, before=before, after=after).eval()
+    fused = compile_exact(model, tokens())
+    linear = only_linear(fused)
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)
+    eye_in, eye_out = torch.eye(16, dtype=torch.float64), torch.eye(24, dtype=torch.float64)
+    w_in = eye_in + model.adapter_in.up.weight.double() @ model.adapter_in.down.weight.double() if before else eye_in
+    w_out = eye_out + model.adapter_out.up.weight.double() @ model.adapter_out.down.weight.double() if after else eye_out
+    assert torch.allclose(linear.weight.double(), w_out @ model.fc.weight.double() @ w_in, atol=1e-5)
+    assert_flops_not_increased(fused.repc_report)
+
+
+def test_wid_compactors_around_a_teacher_linear_become_one_compact_linear():
+    torch.manual_seed(0)
+    model = lb.CompactedLinear(8, 32, 48, 12).eval()
+    fused = compile_exact(model, tokens(d=8))
+    linear = only_linear(fused)
+    assert (linear.in_features, linear.out_features) == (8, 12)
+    report = fused.repc_report
+    assert_flops_not_increased(report)
+    (rewrite,) = report.rewrites
+    assert rewrite.flops_after * 10 < rewrite.flops_before, rewrite  # 8*12 vs 8*32 + 32*48 + 48*12
+
+
+@pytest.mark.parametrize("widths", [(16, 16, 16), (16, 48, 8), (16, 16, 16, 16)])
+def test_linear_chain_is_merged_when_cheaper(widths):
+    torch.manual_seed(0)
+    fused = compile_exact(lb.LinearChain(*widths).eval(), tokens(d=widths[0]))
+    linear = only_linear(fused)
+    assert (linear.in_features, linear.out_features) == (widths[0], widths[-1])
+    assert_flops_not_increased(fused.repc_report)
+
+
+@pytest.mark.parametrize("model", [lambda: lb.LinearChain(64, 4, 64), lambda: lb.LinearAdapter(64, 2)],
+                         ids=["bottleneck", "residual_adapter_alone"])
+def test_standalone_bottleneck_is_not_expanded(model):
+    """d -> r -> d with r << d: a d x d matrix costs 8x more; the cost model keeps both thin maps."""
+    torch.manual_seed(0)
+    fused = compile_exact(model().eval(), tokens(d=64))
+    linears = called_modules(fused)
+    assert sorted((m.in_features, m.out_features) for m in linears) == [(4, 64), (64, 4)] or \
+        sorted((m.in_features, m.out_features) for m in linears) == [(2, 64), (64, 2)], linears
+    report = fused.repc_report
+    assert not report.rewrites, str(report)
+    assert report.flops_saved == 0
+    assert any("does not pay" in r.reason for r in report.rejected), str(report)
+
+
+# ----------------------------------------------------------------------------- LayerNorm, BatchNorm on tokens
+
+def _layer_norm_calls(fused):
+    return [n for gm in lb.graph_modules(fused) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is F.layer_norm]
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_layernorm_affine_folds_into_the_next_linear_and_the_normalisation_stays(functional):
+    torch.manual_seed(0)
+    model = lb.LNLinear(16, 24, functional=functional).eval()
+    fused = compile_exact(model, tokens())
+    linear = only_linear(fused)
+    (ln,) = _layer_norm_calls(fused)
+    weight, bias = (ln.args + (None, None, None))[2:4]
+    assert weight is None and bias is None, ln.args  # the affine is in the linear now
+    assert not any(isinstance(m, nn.LayerNorm) for m in called_modules(fused, nn.Module))
+    gamma, beta = model.norm.weight.double(), model.norm.bias.double()
+    w = model.fc.weight.double()
+    assert torch.allclose(linear.weight.double(), w * gamma, atol=1e-5)
+    assert torch.allclose(linear.bias.double(), w @ beta + model.fc.bias.double(), atol=1e-5)
+    assert_flops_not_increased(fused.repc_report)
+
+
+def test_repq_vit_channel_scales_after_layernorm_fold_into_the_qkv_linear():
+    torch.manual_seed(0)
+    model = lb.RepQScaledLN(16, 48).eval()
+    fused = compile_exact(model, tokens())
+    only_linear(fused)
+    counts = op_counts(fused)
+    assert counts["LayerNorm"] == 1 and counts["mul"] == 0 and counts["add"] == 0, counts
+    assert_flops_not_increased(fused.repc_report)
+
+
+def test_layernorm_before_a_nonlinearity_keeps_its_affine_and_adds_no_op():
+    torch.manual_seed(0)
+    model = lb.LNThenAct(16).eval()
+    fused = compile_exact(model, tokens())
+    counts = op_counts(fused)
+    assert counts["linear"] == 1 and counts["GELU"] == 1, counts
+    assert counts["mul"] == 0 and counts["add"] == 0, counts
+    norms = _layer_norm_calls(fused) + [m for m in called_modules(fused, nn.LayerNorm)]
+    assert len(norms) == 1
+    assert not fused.repc_report.rewrites, str(fused.repc_report)
+    calls = [n for gm in lb.graph_modules(fused) for n in gm.graph.nodes if n.op.startswith("call_")]
+    assert len(calls) == 3, calls  # layer_norm (with its affine), GELU, linear: as written
+
+
+@pytest.mark.parametrize("style", ["transpose", "flatten"])
+@pytest.mark.parametrize("before, after", [(True, True), (True, False), (False, True)])
+def test_batchnorm_on_token_layouts_folds_into_the_linear(style, before, after):
+    torch.manual_seed(0)
+    model = randomize(lb.TokenLinearBN(16, 24, style=style, before=before, after=after))
+    fused = compile_exact(model, tokens())
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)  # no BN, no transpose/flatten left
+    assert_flops_not_increased(fused.repc_report)
+
+
+def test_groupnorm_affine_folds_into_a_pointwise_conv_but_not_across_a_padded_one():
+    class GNConv(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.norm = nn.GroupNorm(2, 8)
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 2.0)
+                self.norm.bias.normal_()
+            self.conv = nn.Conv2d(8, 6, k, padding=k // 2)
+
+        def forward(self, x):
+            return self.conv(self.norm(x))
+
+    torch.manual_seed(0)
+    pointwise = compile_exact(GNConv(1).eval(), torch.randn(2, 8, 6, 6))
+    (gn,) = [n for gm in lb.graph_modules(pointwise) for n in gm.graph.nodes if n.target is F.group_norm]
+    assert gn.args[2] is None and gn.args[3] is None
+    assert op_counts(pointwise)["conv"] == 1
+    padded = compile_exact(GNConv(3).eval(), torch.randn(2, 8, 6, 6))  # beta at the zero border: not foldable
+    assert not padded.repc_report.rewrites, str(padded.repc_report)
+    assert op_counts(padded)["conv"] == 1
+
+
+# ----------------------------------------------------------------------------- RePaViT
+
+@pytest.mark.parametrize("form", ["slice", "split", "chunk"])
+def test_repavit_channel_idle_ffn_runs_about_3d2_instead_of_8d2_per_token(form):
+    d = 32
+    torch.manual_seed(0)
+    model = randomize(lb.RePaViTFFN(d, ratio=4, idle=0.75, form=form, chunks=4))
+    x = tokens(2, 5, d)
+    fused = compile_exact(model, x)
+    counts = op_counts(fused)
+    assert counts["bn"] == 0 and counts["GELU"] == 1, counts
+    assert counts["linear"] == 3, counts  # narrow fc1, narrow fc2, and the parallel idle+residual+BN linear
+    per_token = sum(m.in_features * m.out_features for m in called_modules(fused))
+    assert abs(per_token - 3 * d * d) <= 0.03 * 3 * d * d, per_token
+    before = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    assert before == 8 * d * d
+    report = fused.repc_report
+    assert_flops_not_increased(report)
+    tokens_count = x.shape[0] * x.shape[1]
+    after = sum(r.flops_after for r in report.rewrites) / tokens_count
+    assert abs(after - 3 * d * d) <= 0.05 * 3 * d * d, after
+    assert sum(r.flops_before for r in report.rewrites) / tokens_count >= 8 * d * d
+    widths = sorted((m.in_features, m.out_features) for m in called_modules(fused))
+    assert widths == [(d, d)] * 3, widths  # the GELU covers only k = d hidden channels
+
+
+def test_repavit_with_half_the_channels_idle_is_exact():
+    torch.manual_seed(0)
+    model = randomize(lb.RePaViTFFN(16, ratio=4, idle=0.5, form="slice"))
+    fused = compile_exact(model, tokens())
+    assert op_counts(fused)["linear"] == 3
+    assert_flops_not_increased(fused.repc_report)
+
+
+# ----------------------------------------------------------------------------- depth reduction
+
+IDENTITY_ACTIVATIONS = {
+    "leaky_relu_1": lambda: nn.LeakyReLU(1.0),
+    "prelu_ones": lb.all_ones_prelu,
+    "identity": nn.Identity,
+    "eval_dropout": lambda: nn.Dropout(0.3),
+}
+
+
+@pytest.mark.parametrize("act", list(IDENTITY_ACTIVATIONS))
+def test_identity_activation_vanishes_and_the_mlp_is_one_linear(act):
+    torch.manual_seed(0)
+    model = lb.ActivatedMLP(16, 16, IDENTITY_ACTIVATIONS[act]()).eval()
+    fused = compile_exact(model, tokens())
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)
+    assert_flops_not_increased(fused.repc_report)
+
+
+@pytest.mark.parametrize("act", list(IDENTITY_ACTIVATIONS))
+def test_residual_blocks_with_identity_activations_collapse_into_one_linear(act):
+    torch.manual_seed(0)
+    model = lb.ResidualLinearStack(16, depth=3, make_act=lambda d: IDENTITY_ACTIVATIONS[act]()).eval()
+    fused = compile_exact(model, tokens())
+    linear = only_linear(fused)
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)
+    eye = torch.eye(16, dtype=torch.float64)
+    want = eye
+    for fc in model.fcs:
+        want = (eye + fc.weight.double()) @ want
+    assert torch.allclose(linear.weight.double(), want, atol=1e-4)
+    report = fused.repc_report
+    assert_flops_not_increased(report)
+    assert sum(r.flops_after for r in report.rewrites) * 3 <= sum(r.flops_before for r in report.rewrites)
+
+
+@pytest.mark.parametrize("act", [lambda: nn.LeakyReLU(0.5), nn.GELU, lambda: nn.PReLU(init=0.25)],
+                         ids=["leaky_relu_0.5", "gelu", "prelu_0.25"])
+def test_nonlinearity_that_is_not_an_identity_stops_merging(act):
+    torch.manual_seed(0)
+    model = lb.ActivatedMLP(16, 16, act()).eval()
+    fused = compile_exact(model, tokens())
+    counts = op_counts(fused)
+    assert counts["linear"] == 2, counts
+    assert counts[type(model.act).__name__] == 1, counts
+    assert not fused.repc_report.rewrites, str(fused.repc_report)
+
+
+def test_residual_stack_with_one_real_nonlinearity_keeps_it_and_stays_exact():
+    torch.manual_seed(0)
+    model = lb.ResidualLinearStack(16, depth=3)
+    model.acts[1] = nn.GELU()
+    fused = compile_exact(model.eval(), tokens())
+    counts = op_counts(fused)
+    assert counts["GELU"] == 1 and counts["LeakyReLU"] == 0, counts
+    assert 1 <= counts["linear"] <= 3, counts
+    assert_flops_not_increased(fused.repc_report)
