@@ -612,10 +612,10 @@ def rel_dev(got, want) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))
 
 
-def input_variants(example, fixed_size: bool = False, seed: int = 3):
+def input_variants(example, fixed_size: bool = False, keep=(), seed: int = 3):
     """Inputs of other values and shapes than the example: random values, batch + 1, batch 1,
     and (unless ``fixed_size``) more tokens for ``(B, N, C)`` or a larger map for ``(B, C, H, W)``.
-    Non-tensor inputs and tensors that are not float stay as given."""
+    Non-tensor inputs, tensors that are not float and the inputs at ``keep`` stay as given."""
     gen = torch.Generator().manual_seed(seed)
 
     def shapes(t):
@@ -629,18 +629,20 @@ def input_variants(example, fixed_size: bool = False, seed: int = 3):
             out.append(s[:2] + [n + 3 for n in s[2:]])
         return out
 
-    tensors = [x for x in example if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    count = min(len(shapes(t)) for t in tensors)
+    vary = [isinstance(x, torch.Tensor) and x.is_floating_point() and i not in keep for i, x in enumerate(example)]
+    count = min(len(shapes(x)) for x, v in zip(example, vary) if v)
     for i in range(count):
-        yield tuple(torch.randn(shapes(x)[i], generator=gen, dtype=x.dtype)
-                    if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in example)
+        yield tuple(torch.randn(shapes(x)[i], generator=gen, dtype=x.dtype) if v else x
+                    for x, v in zip(example, vary))
 
 
-def compile_exact(model: nn.Module, example, *, fixed_size: bool = False, tol: float = REL_TOL, **options):
+def compile_exact(model: nn.Module, example, *, fixed_size: bool = False, keep=(), tol: float = REL_TOL,
+                  **options):
     """``repc.compile`` the model and check the result.
 
     The result must not be rolled back, must pass its own verification, leave ``model``
-    untouched, and match ``model`` on the example and on :func:`input_variants`.
+    untouched, and match ``model`` on the example and on :func:`input_variants` (``keep``:
+    positions of inputs such as a task embedding that keep their example value).
     """
     import repc
 
@@ -653,7 +655,7 @@ def compile_exact(model: nn.Module, example, *, fixed_size: bool = False, tol: f
     assert report.verification is not None and report.verification.ok, str(report)
     with torch.no_grad():
         assert rel_dev(fused(*example), model(*example)) <= tol, str(report)
-        for inputs in input_variants(example, fixed_size):
+        for inputs in input_variants(example, fixed_size, keep):
             dev = rel_dev(fused(*inputs), model(*inputs))
             assert dev <= tol, f"deviation {dev:.3g} on shapes {[getattr(x, 'shape', x) for x in inputs]}"
     return fused
