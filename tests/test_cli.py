@@ -40,6 +40,22 @@ def not_a_model():
 
 
 NOT_CALLABLE = 5
+
+
+class Pair(nn.Module):
+    """Two inputs: a linear-BN chain on each, summed."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.left = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d))
+        self.right = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d))
+
+    def forward(self, a, b):
+        return self.left(a) + self.right(b)
+
+
+def pair(d=8):
+    return randomize_bn(Pair(d), seed=2)
 '''
 
 
@@ -388,3 +404,34 @@ def test_inspect_json_is_the_report(work, capsys):
     assert doc["command"] == "inspect" and doc["written"] is False and doc["output"] is None
     assert [r["rule"] for r in doc["report"]["rewrites"]] == ["compose+sum"]
     assert doc["gains"]["params_after"] == 148 < doc["gains"]["params_before"] == 184
+
+
+def test_several_example_inputs(work, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(work))
+    model = __import__(FACTORY_MODULE).pair(d=8).eval()
+    torch.save(model.state_dict(), tmp_path / "pair.pt")
+    out = tmp_path / "pair_fused.pt"
+    code, stdout, err = run_cli(capsys, "fuse", tmp_path / "pair.pt", "--model", f"{FACTORY_MODULE}:pair",
+                                "--example-input", "3x8", "--example-input", "3x8", "-o", out, "-q", "--no-benchmark")
+    assert code == 0, err
+    fused = torch.load(out, weights_only=False)
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(a, b), model(a, b), atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in fused.modules()) == 0
+    code, _, err = run_cli(capsys, "fuse", tmp_path / "pair.pt", "--model", f"{FACTORY_MODULE}:pair",
+                           "--example-input", "3x8", "-o", tmp_path / "x.pt", "-q")
+    assert code == 2 and "fails on the example input" in err and "Traceback" not in err
+
+
+def test_example_inputs_follow_the_model_dtype_unless_told(work, tmp_path, capsys):
+    torch.save(tiny().double(), tmp_path / "double.pt")
+    out, report = tmp_path / "fused.pt", tmp_path / "r.json"
+    base = ["fuse", tmp_path / "double.pt", "--trust-pickle", "--example-input", "1x4x8x8", "-q", "--no-benchmark"]
+    code, _, err = run_cli(capsys, *base, "-o", out, "--report", report)
+    assert code == 0, err
+    assert json.loads(report.read_text())["example_inputs"][0]["dtype"] == "float64"
+    assert torch.load(out, weights_only=False)(torch.randn(1, 4, 8, 8, dtype=torch.float64)).dtype == torch.float64
+    code, _, err = run_cli(capsys, *base, "-o", tmp_path / "half.pt", "--dtype", "float16")
+    assert code == 2 and "fails on the example input" in err and not (tmp_path / "half.pt").exists()
