@@ -178,9 +178,7 @@ def flops(op: AffineOp, in_shape, out_shape) -> int:
         return out_numel * op.in_features
     if isinstance(op, Dense):
         return out_shape[0] * op.weight.numel()
-    if op.is_identity:
-        return 0
-    return out_numel
+    return out_numel * ((op.scale is not None) + (op.shift is not None))
 
 
 def params(op: AffineOp) -> int:

@@ -98,6 +98,10 @@ class RegionMatcher:
         if self.facts.shape(node) is None:
             self.opaque[node] = "no tensor shape recorded"
             return self._leaf(node)
+        dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+        if dtype is None or not dtype.is_floating_point:
+            self.opaque[node] = f"not a floating-point tensor ({dtype})"
+            return self._leaf(node)
         self.meanings[node] = meaning
         expr = self._build(node, meaning, cut=False)
         # a concat of several sources, or a pending layout change, stays open for its consumer
