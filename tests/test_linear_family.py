@@ -2,7 +2,7 @@
 
 LoRA, GLoRA-style parameter-only weights, parametrizations, ZeroI2V adapters, WID compactors,
 linear chains, LayerNorm / BatchNorm folding on token layouts, RePaViT's channel-idle FFN and
-depth-reduced residual stacks, written from the papers' descriptions in
+depth-reduced residual stacks and RepMLP, written from the papers' descriptions in
 :mod:`linear_blocks`: the fused model is exact on the example and on other batch sizes and
 token counts, runs the promised number of ops, and does no more work than the original (less
 where the method promises it).  Nonlinearities that are not identities stop merging, and a
@@ -126,6 +126,20 @@ def test_lora_on_qkv_projections_merges_three_times_and_keeps_attention(explicit
         assert counts["matmul"] == 2 and counts["softmax"] == 1, counts
     else:
         assert counts["scaled_dot_product_attention"] == 1, counts
+    report = fused.repc_report
+    assert len(report.rewrites) == 3, str(report)
+    assert_flops_not_increased(report)
+
+
+def test_lora_on_qkv_of_multi_head_attention_merges_three_times_and_keeps_attention():
+    """Heads split by reshape/transpose and re-assembled before the output projection."""
+    torch.manual_seed(0)
+    model = lb.LoRAMultiHeadAttention(16, heads=2, r=4).eval()
+    fused = compile_exact(model, tokens())
+    counts = op_counts(fused)
+    assert counts["linear"] == 4, counts  # q, k, v (each base + LoRA merged) and the output projection
+    assert all(type(m) is nn.Linear for m in called_modules(fused))
+    assert counts["matmul"] == 2 and counts["softmax"] == 1, counts
     report = fused.repc_report
     assert len(report.rewrites) == 3, str(report)
     assert_flops_not_increased(report)
@@ -431,3 +445,37 @@ def test_residual_stack_with_one_real_nonlinearity_keeps_it_and_stays_exact():
     assert counts["GELU"] == 1 and counts["LeakyReLU"] == 0, counts
     assert 1 <= counts["linear"] <= 3, counts
     assert_flops_not_increased(fused.repc_report)
+
+
+# ----------------------------------------------------------------------------- RepMLP
+
+def test_repmlp_conv_branches_become_part_of_the_fc_for_the_example_map_size():
+    torch.manual_seed(0)
+    model = randomize(lb.RepMLPUnit(c=3, h=4, w=4, kernels=(1, 3)))
+    fused = compile_exact(model, torch.randn(2, 3, 4, 4), fixed_size=True)
+    counts = op_counts(fused)
+    assert counts["linear"] == 1 and counts["conv"] == 0 and counts["bn"] == 0, counts
+    (fc,) = called_modules(fused)
+    assert (fc.in_features, fc.out_features) == (48, 48)
+    # the branches' matrix, read off independently: their responses to unit impulses on a 3x4x4 map
+    with torch.no_grad():
+        impulses = torch.eye(48).reshape(48, 3, 4, 4)
+        zero = torch.zeros(1, 3, 4, 4)
+        branches = sum(b(impulses) - b(zero) for b in model.branches).reshape(48, 48).T
+        offset = sum(b(zero) for b in model.branches).reshape(48)
+    assert torch.allclose(fc.weight, model.fc.weight + branches, atol=1e-5)
+    assert torch.allclose(fc.bias, model.fc.bias + offset, atol=1e-5)
+    report = fused.repc_report
+    assert_flops_not_increased(report)
+    assert all(r.shape_specialized for r in report.rewrites), report.rewrites
+    assert "SHAPE-SPECIALIZED" in str(report)
+
+
+def test_repmlp_refuses_another_map_size_like_the_original():
+    torch.manual_seed(0)
+    model = randomize(lb.RepMLPUnit(c=3, h=4, w=4))
+    fused = compile_exact(model, torch.randn(2, 3, 4, 4), fixed_size=True)
+    other = torch.randn(2, 3, 5, 5)
+    for m in (model, fused):
+        with pytest.raises(RuntimeError):
+            m(other)
