@@ -207,6 +207,8 @@ class _Writer:
         if expr.form is None:
             self._reject(expr, f"no closed form: {expr.reason}")
             return False
+        if all(NORM_AFFINE in n.meta for n in expr.region):
+            return True  # a norm's own affine tail, put back into the norm as it was: not a rewrite
         new_cost = self.matcher.form_cost(expr.form, expr.node)
         if new_cost > expr.cost:
             self._reject(expr, f"does not pay: {new_cost} multiply-adds merged vs {expr.cost} as written")
@@ -219,8 +221,6 @@ class _Writer:
             if not ok:
                 self._reject(expr, f"rolled back: {why}")
                 return False
-        if all(NORM_AFFINE in n.meta for n in expr.region):
-            return True  # a norm's own affine tail, put back as it was: not a rewrite
         before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
                             if isinstance(self.exprs[n].meaning, AffineCall))
         self.result.rewrites.append(Rewrite(
