@@ -312,3 +312,24 @@ class MethodStyleBlock(nn.Module):
         out = out.add(self.c(x))
         out.mul_(self.s)
         return self.act(out)
+
+
+# ----------------------------------------------------------------------------- reference evaluation
+
+CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def run_op(op, x):
+    """Evaluate a canonical :mod:`repc.ops` op with torch's functional ops (``F.pad`` then
+    ``F.convNd``, ``F.linear``, ``x * scale + shift``), independently of repc's emitter."""
+    from repc.ops import Conv, Linear
+
+    if isinstance(op, Conv):
+        pad = [p for lo_hi in reversed(op.padding) for p in lo_hi]
+        if any(pad):
+            x = F.pad(x, pad, mode="constant" if op.padding_mode == "zeros" else op.padding_mode)
+        return CONV_FN[op.nd](x, op.weight, op.bias, op.stride, 0, op.dilation, op.groups)
+    if isinstance(op, Linear):
+        return F.linear(x, op.weight, op.bias)
+    y = x if op.scale is None else x * op.scale
+    return y if op.shift is None else y + op.shift

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from repc import algebra
 from repc.ops import Conv, Elementwise, Linear, NotMergeable
 
-from blocks import one_thread  # noqa: F401 (autouse fixture)
+from blocks import CONV_FN, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from blocks import run_op as run
 
 F64 = torch.float64
 TOL = 1e-10
-CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -42,19 +42,6 @@ def conv(cin, cout, k, *, stride=1, padding=0, dilation=1, groups=1, bias=True, 
     w = torch.randn((cout, cin // groups) + k, generator=g, dtype=F64)
     b = torch.randn(cout, generator=g, dtype=F64) if bias else None
     return Conv(w, b, per_axis(stride), pad, per_axis(dilation), groups, mode)
-
-
-def run(op, x):
-    """Evaluate a canonical op with torch's functional ops (``F.pad`` then ``F.convNd``)."""
-    if isinstance(op, Conv):
-        pad = [p for lo_hi in reversed(op.padding) for p in lo_hi]
-        if any(pad):
-            x = F.pad(x, pad, mode="constant" if op.padding_mode == "zeros" else op.padding_mode)
-        return CONV_FN[op.nd](x, op.weight, op.bias, op.stride, 0, op.dilation, op.groups)
-    if isinstance(op, Linear):
-        return F.linear(x, op.weight, op.bias)
-    y = x if op.scale is None else x * op.scale
-    return y if op.shift is None else y + op.shift
 
 
 def torch_conv(op: Conv, x):
