@@ -162,3 +162,25 @@ def test_averaged_mixture_then_exact_merges_around_it():
     assert len(approximate) == 1 and approximate[0].rule == "average-experts", str(report)
     assert any(r.exact for r in report.rewrites), str(report)
     assert measured_deviation(fused, model, x) <= 5 * approximate[0].max_deviation
+
+
+def test_two_moe_layers_are_averaged_separately():
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = lb.EWAMoE(16, 32, n=3, seed=1)
+            self.second = lb.EWAMoE(16, 32, n=2, seed=2)
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x)))
+
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    x = tokens()
+    fused = averaged(model, x)
+    counts = op_counts(fused)
+    assert counts["GELU"] == 2 and counts["linear"] == 4, counts
+    report = fused.repc_report
+    averaged_rewrites = [r for r in report.rewrites if r.rule == "average-experts"]
+    assert len(averaged_rewrites) == 2 and not any(r.exact for r in averaged_rewrites), str(report)
+    assert measured_deviation(fused, model, x) <= 5 * max(r.max_deviation for r in averaged_rewrites)

@@ -66,6 +66,34 @@ def test_linear_experts_become_one_linear_with_the_weighted_mean_weight(block):
     assert_cheaper(fused.repc_report)
 
 
+class _StackedExperts(nn.Module):
+    """Linear experts stacked on ``axis`` and reduced over it by ``reduce``."""
+
+    def __init__(self, axis, reduce):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(12, 8) for _ in range(3))
+        self.axis, self.reduce = axis, reduce
+
+    def forward(self, x):
+        return self.reduce(torch.stack([e(x) for e in self.experts], self.axis), self.axis)
+
+
+@pytest.mark.parametrize("axis, reduce", [
+    (1, lambda t, a: t.mean(a)),
+    (-1, lambda t, a: t.mean(a)),
+    (0, lambda t, a: t.sum(a) / 3),
+    (0, lambda t, a: torch.mean(t, dim=a)),
+], ids=["mean_axis1", "mean_last_axis", "sum_then_divide", "torch_mean"])
+def test_stacked_expert_outputs_reduced_over_the_stacking_axis_become_one_linear(axis, reduce):
+    torch.manual_seed(0)
+    model = _StackedExperts(axis, reduce).eval()
+    fused = compile_exact(model, tokens())
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)
+    (linear,) = called_modules(fused)
+    assert torch.allclose(linear.weight, torch.stack([e.weight for e in model.experts]).mean(0), atol=1e-6)
+    assert_cheaper(fused.repc_report)
+
+
 def test_conv_bn_experts_with_a_parameter_gate_become_one_conv():
     torch.manual_seed(0)
     model = randomize(lb.ConvExperts(4, 6, n=3))

@@ -11,6 +11,8 @@ bottleneck is not expanded.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+import repc
 import linear_blocks as lb
 from linear_blocks import compile_exact, called_modules, op_counts, randomize
 
@@ -76,6 +79,25 @@ def test_lora_becomes_one_linear_with_the_closed_form_weight(shape, bias, dtype)
     report = fused.repc_report
     assert_flops_not_increased(report)
     assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_lora_merge_is_no_less_accurate_than_the_original(dtype):
+    """Merged in float64 and cast once: the fused model is at least as close to the float64
+    truth as the half-precision original (a merge done in half precision loses digits)."""
+    torch.manual_seed(0)
+    model = lb.LoRALinear(64, 64, r=8).eval()
+    x = torch.randn(4, 10, 64)
+    fused = repc.compile(model.to(dtype), (x.to(dtype),))
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)
+    assert fused.repc_report.verification.ok
+    (linear,) = called_modules(fused)
+    assert linear.weight.dtype == dtype
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(x.to(dtype).double())
+        original = lb.rel_dev(model(x.to(dtype)), truth)
+        merged = lb.rel_dev(fused(x.to(dtype)), truth)
+    assert merged <= 1.5 * original, (merged, original)
 
 
 def test_lora_adapter_is_not_trivial():
@@ -297,6 +319,26 @@ def test_layernorm_affine_folds_into_the_next_linear_and_the_normalisation_stays
     assert_flops_not_increased(fused.repc_report)
 
 
+def test_layernorm_read_by_a_linear_and_the_residual_is_one_linear_after_the_bare_norm():
+    """``fc(LN(x)) + LN(x)`` = ``(W + I)(norm(x) * gamma + beta) + b``: one linear on the bare norm."""
+    class NormResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = lb.LNLinear(16, 16).norm
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return self.fc(y) + y
+
+    torch.manual_seed(0)
+    fused = compile_exact(NormResidual().eval(), tokens())
+    only_linear(fused)
+    (ln,) = _layer_norm_calls(fused)
+    assert ln.args[2] is None, ln.args
+    assert_flops_not_increased(fused.repc_report)
+
+
 def test_repq_vit_channel_scales_after_layernorm_fold_into_the_qkv_linear():
     torch.manual_seed(0)
     model = lb.RepQScaledLN(16, 48).eval()
@@ -378,6 +420,26 @@ def test_repavit_channel_idle_ffn_runs_about_3d2_instead_of_8d2_per_token(form):
     assert sum(r.flops_before for r in report.rewrites) / tokens_count >= 8 * d * d
     widths = sorted((m.in_features, m.out_features) for m in called_modules(fused))
     assert widths == [(d, d)] * 3, widths  # the GELU covers only k = d hidden channels
+
+
+def test_repavit_with_the_idle_channels_first_and_a_layernorm():
+    """Idle part before the active one in the concat, and a LayerNorm as the norm: the bare
+    normalisation stays, the rest is still narrow fc1 -> GELU -> narrow fc2 + one parallel linear."""
+    class IdleFirstLN(lb.RePaViTFFN):
+        def __init__(self, d):
+            super().__init__(d)
+            self.norm = lb.LNLinear(d, d).norm
+
+        def forward(self, x):
+            h = self.fc1(self.norm(x))
+            return x + self.fc2(torch.cat([h[..., self.k:], self.act(h[..., :self.k])], -1))
+
+    torch.manual_seed(0)
+    fused = compile_exact(IdleFirstLN(32).eval(), tokens(d=32))
+    counts = op_counts(fused)
+    assert counts["linear"] == 3 and counts["GELU"] == 1, counts
+    assert sum(m.in_features * m.out_features for m in called_modules(fused)) == 3 * 32 * 32
+    assert_flops_not_increased(fused.repc_report)
 
 
 def test_repavit_with_half_the_channels_idle_is_exact():
