@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import repc
 import linear_blocks as lb
@@ -184,3 +185,38 @@ def test_two_moe_layers_are_averaged_separately():
     averaged_rewrites = [r for r in report.rewrites if r.rule == "average-experts"]
     assert len(averaged_rewrites) == 2 and not any(r.exact for r in averaged_rewrites), str(report)
     assert measured_deviation(fused, model, x) <= 5 * max(r.max_deviation for r in averaged_rewrites)
+
+
+def test_functional_experts_with_raw_parameters_are_averaged():
+    """Experts written with ``F.linear`` on their own parameters: the parameters are averaged."""
+    class FunctionalFFN(nn.Module):
+        def __init__(self, like=None):
+            super().__init__()
+            self.w1, self.b1 = nn.Parameter(torch.randn(32, 16) * 0.2), nn.Parameter(torch.randn(32))
+            self.w2, self.b2 = nn.Parameter(torch.randn(16, 32) * 0.2), nn.Parameter(torch.randn(16))
+            if like is not None:
+                with torch.no_grad():
+                    for p, q in zip(self.parameters(), like.parameters()):
+                        p.copy_(q + 1e-3 * torch.randn_like(q))
+
+        def forward(self, x):
+            return F.linear(F.gelu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+
+    class Mixture(nn.Module):
+        def __init__(self):
+            super().__init__()
+            shared = FunctionalFFN()
+            self.experts = nn.ModuleList(FunctionalFFN(shared) for _ in range(3))
+
+        def forward(self, x):
+            return sum(e(x) for e in self.experts) / 3
+
+    torch.manual_seed(0)
+    model = Mixture().eval()
+    x = tokens()
+    fused = averaged(model, x)
+    counts = op_counts(fused)
+    assert counts["gelu"] == 1 and counts["linear"] == 2, counts
+    (rewrite,) = [r for r in fused.repc_report.rewrites if r.rule == "average-experts"]
+    actual = measured_deviation(fused, model, x)
+    assert 0 < actual <= 5 * rewrite.max_deviation and rewrite.max_deviation <= 5 * actual

@@ -158,6 +158,26 @@ def test_repmode_specialized_through_the_specialize_option():
     assert fused.repc_report.specialized == {"task": "1"}
 
 
+def test_task_named_by_a_string_key_of_a_parameter_dict():
+    class NamedTasks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.ParameterDict({name: nn.Parameter(torch.randn(3)) for name in ("segment", "denoise")})
+            self.experts = nn.ModuleList(nn.Conv2d(4, 4, k, padding=k // 2) for k in (1, 3, 5))
+
+        def forward(self, x, task: str):
+            g = self.gate[task].softmax(0)
+            return sum(g[i] * e(x) for i, e in enumerate(self.experts))
+
+    torch.manual_seed(0)
+    model = NamedTasks().eval()
+    fused = compile_exact(model, (image(), "denoise"))
+    assert op_counts(fused)["conv"] == 1
+    assert fused.repc_report.specialized == {"task": "'denoise'"}
+    with pytest.raises(Exception, match="specialized"):
+        fused(image(), "segment")
+
+
 def test_tensor_task_argument_specialized_via_the_option():
     torch.manual_seed(0)
     model = lb.OneHotTaskExperts(12, n=3, tasks=4).eval()
