@@ -137,6 +137,7 @@ BLOCKS = {
     "repvgg_grouped": (lambda: RepVGG(8, 8, groups=2), (2, 8, 8, 8)),
     "repvgg_grouped_stride2": (lambda: RepVGG(8, 12, stride=2, groups=4), (2, 8, 8, 8)),
     "repvgg_depthwise": (lambda: RepVGG(6, 6, groups=6), (2, 6, 7, 7)),
+    "repvgg_depthwise_multiplier": (lambda: RepVGG(4, 8, groups=4), (2, 4, 7, 7)),
     "repvgg_dilated": (lambda: RepVGG(4, 4, dilation=2), (2, 4, 10, 10)),
     "repvgg_conv_bias": (lambda: RepVGG(4, 4, bias=True), (2, 4, 8, 8)),
     "repvgg_5x5": (lambda: RepVGG(4, 4, k=5), (2, 4, 8, 8)),
@@ -284,6 +285,35 @@ def test_float64_model_is_fused_exactly():
     fused = compile_exact(model, (2, 3, 12, 12), dtype=torch.float64, tol=1e-12)
     assert op_counts(fused)["conv"] == 3
     assert all(c.weight.dtype == torch.float64 for c in fused_convs(fused))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_merged_in_float64(dtype):
+    """The fused half-precision model is no less accurate than the original (merged in float64)."""
+    model = randomize(nn.Sequential(RepVGG(8, 8), ACNet(8, 8), RepVGG(8, 8, groups=2))).to(dtype)
+    reference = copy.deepcopy(model).double()  # the same rounded parameters, computed exactly
+    x = torch.randn(4, 8, 12, 12)
+    fused = repc.compile(model, x.to(dtype))
+    assert not fused.repc_report.rolled_back and op_counts(fused)["conv"] == 3
+    assert all(c.weight.dtype == dtype for c in fused_convs(fused))
+    with torch.no_grad():
+        want = reference(x.double())
+        err_fused = rel_dev(fused(x.to(dtype)), want)
+        err_original = rel_dev(model(x.to(dtype)), want)
+    assert err_fused <= 1.5 * err_original + 1e-3, (err_fused, err_original)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.nn.utils.weight_norm is deprecated
+@pytest.mark.parametrize("reparam", ["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_weight_parametrizations_fold(reparam):
+    wrap = {"weight_norm": nn.utils.parametrizations.weight_norm,
+            "spectral_norm": nn.utils.parametrizations.spectral_norm,
+            "old_weight_norm": nn.utils.weight_norm}[reparam]
+    model = RepVGG(4, 4)
+    model.dense[0] = wrap(model.dense[0])
+    model.pointwise[0] = wrap(model.pointwise[0])
+    fused = compile_exact(randomize(model), (2, 4, 8, 8))
+    assert op_counts(fused) == Counter(conv=1)
 
 
 # ----------------------------------------------------------------------------- stages
