@@ -68,13 +68,15 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
     reference = model
     with torch.no_grad():
         gm = _trace_whole(copy.deepcopy(model), constants, report)
+        if gm is not None:
+            report.nodes_before = len(gm.graph.nodes)
         if gm is not None and allow_approximate:
             averaged = _average_experts(model, gm, example_inputs, approximate_tolerance, report, fixed)
             if averaged is not None:
                 gm, reference = averaged
         fused = _fuse_traced(gm, example_inputs, report) if gm is not None else \
             _fuse_parts(copy.deepcopy(model), example_inputs, report)
-    report.nodes_before, report.nodes_after = _count_nodes(model), _graph_nodes(fused)
+    report.nodes_after = _graph_nodes(fused)
     if verify:
         result = compare(fused, reference, example_inputs, tolerance, fixed)
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
@@ -197,22 +199,18 @@ def _fuse_parts(work: nn.Module, example_inputs, report: Report) -> nn.Module:
         parent_path, _, name = path.rpartition(".")
         parent = work.get_submodule(parent_path) if parent_path else work
         try:
-            result = collapse(trace(getattr(parent, name)), inputs, prefix=f"{path}.")
+            gm = trace(getattr(parent, name))
+            nodes = len(gm.graph.nodes)
+            result = collapse(gm, inputs, prefix=f"{path}.")
         except Exception as err:
             report.skipped.append(SkippedPart(path, _short(err)))
             continue
         report.rewrites.extend(result.rewrites)
         report.rejected.extend(result.rejections)
+        report.nodes_before += nodes
         setattr(parent, name, result.module)
     return work
 
 
 def _graph_nodes(module: nn.Module) -> int:
     return sum(len(m.graph.nodes) for m in module.modules() if isinstance(m, fx.GraphModule))
-
-
-def _count_nodes(model: nn.Module) -> int:
-    try:
-        return len(trace(model).graph.nodes)
-    except Exception:
-        return 0
