@@ -35,6 +35,7 @@ the way), a fusion that failed or did not verify at WARNING.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -149,12 +150,12 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: List[Any], *, verify: bool = 
                                   "call the model under torch.no_grad() or torch.inference_mode() to fuse it",
                               level=logging.WARNING)
     frozen_nodes = {placeholders[i] for i in frozen_positions}
-    mutated = mutated_model_state(gm, frozen_nodes)
+    mutated = mutated_input(gm, frozen_nodes)
     if mutated:
-        return _unchanged(gm, f"the graph writes in place into the model's tensors ({mutated})")
+        return _unchanged(gm, f"the graph writes in place into an input or the model's tensors ({mutated})")
 
     user_positions = [i for i in range(len(placeholders)) if i not in set(frozen_positions)]
-    constants = _constants_root({placeholders[i]: example_inputs[i] for i in frozen_positions})
+    constants = _constants_root(gm, {placeholders[i]: example_inputs[i] for i in frozen_positions})
     user_inputs = tuple(_concrete(example_inputs[i]) for i in user_positions)
     try:
         with _real_tensors(), torch.no_grad():
@@ -230,18 +231,34 @@ def training_reason(gm: fx.GraphModule) -> Optional[str]:
     return None
 
 
-def mutated_model_state(gm: fx.GraphModule, frozen: set) -> Optional[str]:
-    """The first in-place op that writes into a value derived only from the model's state."""
-    derived = set(frozen) | set(gm.graph.find_nodes(op="get_attr"))
+def mutated_input(gm: fx.GraphModule, frozen: set) -> Optional[str]:
+    """The first in-place op that writes into something the caller can see, or None.
+
+    That is an input (or a view of one), an attribute of the module, or a value computed from
+    the model's state alone.  repc's pipeline computes out of place, so the caller would not
+    see such a write.
+    """
+    state = set(frozen) | set(gm.graph.find_nodes(op="get_attr"))
+    visible = state | set(gm.graph.find_nodes(op="placeholder"))
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         inputs = node.all_input_nodes
-        if _is_inplace(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in derived:
+        if _is_inplace(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in visible:
             return f"{node.name}: {_name(node)} on {node.args[0].name}"
-        if inputs and all(a in derived for a in inputs):
-            derived.add(node)
+        if inputs and all(a in state for a in inputs):
+            state.add(node)
+            visible.add(node)
+        elif node.op in ("call_method", "call_function") and _name(node) in _VIEWS and node.args \
+                and node.args[0] in visible:
+            visible.add(node)
     return None
+
+
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
+          "permute", "t", "T", "mT", "expand", "expand_as", "narrow", "select", "split", "chunk", "unbind",
+          "tensor_split", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "as_strided", "detach",
+          "unfold", "view_as_real", "view_as_complex", "getitem", "contiguous", "alias", "real", "imag"}
 
 
 def _is_inplace(node: fx.Node) -> bool:
@@ -278,7 +295,7 @@ def _name(node: fx.Node) -> str:
 
 def _is_model_state(node: fx.Node, value: Any) -> bool:
     """Whether dynamo lifted this placeholder from an ``nn.Module`` (a parameter, buffer or attribute)."""
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+    if not isinstance(value, torch.Tensor):  # sizes and numbers stay arguments
         return False
     source = getattr(node, "_dynamo_source", None)
     if source is None:
@@ -291,46 +308,64 @@ def _is_model_state(node: fx.Node, value: Any) -> bool:
         return False
 
 
-def _constants_root(frozen: Dict[fx.Node, Any]) -> Tuple[nn.Module, Dict[fx.Node, str]]:
-    """A module holding a copy of every frozen value, and the attribute name of each."""
-    root = nn.Module()
-    names: Dict[fx.Node, str] = {}
+def _constants_root(gm: fx.GraphModule, frozen: Dict[fx.Node, Any]) -> Dict[fx.Node, Tuple[str, Any]]:
+    """A fresh name and a copy of the value of every frozen placeholder and every attribute ``gm`` reads."""
+    values: Dict[fx.Node, Tuple[str, Any]] = {}
     with torch.no_grad():
         for i, (node, value) in enumerate(frozen.items()):
-            name = f"frozen_{i}_{node.name}"[:120]
+            values[node] = (f"frozen_{i}_{node.name}"[:120], value.detach().clone())
+        for i, node in enumerate(n for n in gm.graph.nodes if n.op in ("get_attr", "call_module")):
+            value = gm.get_submodule(node.target) if node.op == "call_module" else _fetch(gm, node.target)
             if isinstance(value, torch.Tensor):
-                root.register_buffer(name, value.detach().clone())
-            else:
-                setattr(root, name, value)
-            names[node] = name
-    return root, names
+                value = value.detach().clone()
+            values[node] = (f"attr_{i}_{node.target}".replace(".", "_")[:120], value)
+    return values
 
 
-def _frozen_module(gm: fx.GraphModule, constants: Tuple[nn.Module, Dict[fx.Node, str]]) -> fx.GraphModule:
+def _frozen_module(gm: fx.GraphModule, constants: Dict[fx.Node, Tuple[str, Any]]) -> fx.GraphModule:
     """``gm`` with each frozen placeholder read from ``constants``; the user's inputs stay placeholders.
 
-    A frozen 0-d tensor read only through ``.item()`` is a number of the model (``eps``,
-    ``momentum``) that dynamo wrapped into a tensor: those ``.item()`` calls become the number.
+    The frozen tensors are shared between the modules built from one ``constants``; submodules
+    are copied for each (repc's pipeline may edit them).  A frozen 0-d tensor read only through
+    ``.item()`` is a number of the model (``eps``, ``momentum``) that dynamo wrapped into a
+    tensor: those ``.item()`` calls become the number.
     """
-    root, names = constants
+    root = nn.Module()
     graph = fx.Graph()
     env: Dict[fx.Node, Any] = {}
+
+    def arg(a):
+        return env[a].value if isinstance(env[a], _Scalar) else env[a]
+
     for node in gm.graph.nodes:
-        if node in names:
-            value = getattr(root, names[node])
-            if isinstance(value, torch.Tensor) and value.dim() == 0 and node.users and \
+        if node in constants:
+            name, value = constants[node]
+            if isinstance(value, nn.Module):
+                root.add_module(name, copy.deepcopy(value))
+                env[node] = graph.call_module(name, fx.node.map_arg(node.args, arg),
+                                              fx.node.map_arg(node.kwargs, arg))
+            elif node.op == "placeholder" and value.dim() == 0 and node.users and \
                     all(u.op == "call_method" and u.target == "item" for u in node.users):
                 env[node] = _Scalar(value.item())
-            elif isinstance(value, torch.Tensor):
-                env[node] = graph.get_attr(names[node])
-                env[node].meta = dict(node.meta)
+                continue
             else:
-                env[node] = _Scalar(value)
+                if isinstance(value, torch.Tensor):
+                    root.register_buffer(name, value)
+                else:
+                    setattr(root, name, value)
+                env[node] = graph.get_attr(name)
+            env[node].meta = dict(node.meta)
         elif node.op == "call_method" and node.target == "item" and isinstance(env.get(node.args[0]), _Scalar):
             env[node] = env[node.args[0]]
         else:
-            env[node] = graph.node_copy(node, lambda a: env[a].value if isinstance(env[a], _Scalar) else env[a])
+            env[node] = graph.node_copy(node, arg)
     return fx.GraphModule(root, graph, class_name="FrozenGraph")
+
+
+def _fetch(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 @dataclass

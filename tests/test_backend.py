@@ -291,6 +291,26 @@ def test_a_graph_that_writes_into_a_buffer_is_left_unfused_and_the_write_reaches
     assert count_batch_norms(recorder.graphs[0]) == 2
 
 
+def test_a_graph_that_writes_into_its_input_is_left_unfused_and_the_caller_sees_the_write():
+    class Clamping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = RepVGGBlock(3, 4)
+
+        def forward(self, x):
+            x.clamp_(min=0)  # the caller's tensor changes
+            return self.block(x)
+
+    model = randomize_bn(Clamping()).eval()
+    recorder = Recorder()
+    x = torch.randn(1, 3, 8, 8)
+    expected_input = x.clamp(min=0)
+    with torch.no_grad():
+        compiled(model, recorder)(x)
+    assert torch.equal(x, expected_input)
+    assert count_batch_norms(recorder.graphs[0]) == 2
+
+
 # ----------------------------------------------------------------------------- freezing
 
 def test_weights_are_frozen_at_compile_time_and_a_recompile_picks_up_new_ones():
@@ -325,6 +345,19 @@ def test_fuse_graph_reports_rewrites_for_a_dynamo_graph():
     assert outcome.fused and len(outcome.rewrites) == 2
     assert outcome.frozen == len(inputs) - 1 and len(positions) == 1
     assert count_convs(fused) == 2 and count_batch_norms(fused) == 0
+
+
+def test_fuse_graph_on_a_traced_module_copies_its_submodules_instead_of_editing_them():
+    model = repvgg_stack(blocks=2)
+    traced = torch.fx.symbolic_trace(model)  # call_module nodes, ReLU(inplace=True) modules
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        outcome, fused, positions = fuse_graph(traced, [x])
+        assert_close(fused(x), model(x))
+    assert outcome.fused and outcome.frozen == 0 and positions == [0]
+    assert count_convs(fused) == 2 and count_batch_norms(fused) == 0
+    assert all(block.act.inplace for block in model)  # repc computes out of place on its own copies
+    assert count_batch_norms(traced) == 5
 
 
 @pytest.mark.parametrize("options, message", [
