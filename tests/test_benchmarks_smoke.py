@@ -1,0 +1,172 @@
+"""The benchmark scripts run end to end in their tiny ``--quick`` configuration, and their helpers.
+
+No timing assertions: the figures depend on the machine.  What is asserted is that each
+script checks what it times (the hand-written deploy forms agree with the training forms,
+the compiled stacks are verified), prints its table and writes valid JSON.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    key = f"repc_benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+bench_latency = _load("bench_latency")
+bench_compile_time = _load("bench_compile_time")
+common = _load("common")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- scripts
+
+def test_latency_quick_prints_a_row_per_model_and_writes_json(tmp_path, capsys, one_thread):
+    out = tmp_path / "latency.json"
+    assert bench_latency.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "repc/training" in printed and "repc/deploy" in printed
+    table_rows = [line.split()[0] for line in printed.splitlines()[3:]]
+    assert table_rows == list(bench_latency.MODELS)
+    data = json.loads(out.read_text())
+    assert [r["model"] for r in data["results"]] == list(bench_latency.MODELS)
+    for r in data["results"]:
+        assert r["convs"]["repc"] == r["convs"]["deploy"] < r["convs"]["training"]
+        assert r["ms"]["training"] > 0 and r["repc_over_deploy"] > 0
+
+
+def test_compile_time_quick_prints_growth_and_phase_tables(tmp_path, capsys, one_thread):
+    out = tmp_path / "compile.json"
+    assert bench_compile_time.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "us/node" in printed and "k first->last" in printed and "per-region checks" in printed
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert [r["family"] for r in results] == ["mixed", "mixed"]
+    assert results[0]["nodes"] < results[1]["nodes"]
+    for r in results:
+        assert r["verified"] and not r["rolled_back"]
+        assert r["rewrites"] == 4 * r["blocks"] // 3  # RepVGG 1, MobileOne unit 2, DBB 1 per cycle of 3
+        # the split accounts for the whole compile; hooks the core renamed are named, not fatal
+        timed = sum(v for k, v in r["phases_s"].items() if not k.startswith("gc"))
+        assert timed == pytest.approx(r["wall_s"], rel=0.02)
+        assert len(r["missing_phases"]) <= len(bench_compile_time.PHASES) // 2
+        for hook in r["missing_phases"]:
+            assert hook in printed
+
+
+def test_bad_arguments_get_a_one_line_message(capsys):
+    with pytest.raises(SystemExit):
+        bench_latency.main(["--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_compile_time.main(["--sizes", "5"])
+    assert "--sizes must be at least 10" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the deploy baseline
+
+@pytest.mark.parametrize("block", [
+    lambda: bench_latency.RepVGGBlock(4, 8, stride=2),
+    lambda: bench_latency.RepVGGBlock(8, 8, groups=2),
+    lambda: bench_latency.MobileOneUnit(4, 8, stride=2),
+    lambda: bench_latency.DiverseBranchBlock(4, 6, stride=2),
+    lambda: bench_latency.DiverseBranchBlock(4, 4),
+], ids=["repvgg-s2", "repvgg-g2", "mobileone-s2", "dbb-s2", "dbb"])
+def test_hand_written_deploy_form_is_one_conv_per_block_and_exact(block):
+    torch.manual_seed(0)
+    model = bench_latency.randomize_bn(block(), seed=3).eval()
+    deployed = bench_latency.deploy(model)
+    x = torch.randn(2, model_in_channels(model), 9, 9)
+    with torch.no_grad():
+        assert bench_latency.rel_deviation(deployed(x), model(x)) < 1e-5
+    blocks = 2 if isinstance(model, bench_latency.MobileOneUnit) else 1
+    assert bench_latency.count_convs(deployed) == blocks
+
+
+def model_in_channels(model: nn.Module) -> int:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+def test_deploy_refuses_an_unknown_block():
+    with pytest.raises(TypeError, match="no hand-written deploy form for Linear"):
+        bench_latency.deploy(nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_interleaved_medians_rotates_the_order_and_takes_the_median():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b"), "c": lambda: order.append("c")}
+    result = common.interleaved_medians(fns, rounds=3, calls_per_round=1, warmup=0)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(r.samples) == 3 for r in result.values())
+    lat = common.Latency("x", [3.0, 1.0, 100.0])
+    assert lat.median == 3.0
+
+
+def test_phase_timer_counts_nested_time_once():
+    timer = common.PhaseTimer()
+    with timer.phase("outer"):
+        time.sleep(0.02)
+        with timer.phase("inner"):
+            time.sleep(0.05)
+    assert timer.wall["inner"] >= 0.05
+    assert 0.02 <= timer.wall["outer"] < 0.045  # the inner 0.05 s is not counted again
+
+
+def test_phase_timer_wraps_a_module_function_only_while_instrumenting():
+    import repc.api
+    original = repc.api.compare
+    timer = common.PhaseTimer()
+    with timer.instrument([("repc.api", "compare", "verify"), ("repc.api", "no_such_function", "x"),
+                           ("repc.api", "copy.deepcopy", "copy")]):
+        assert repc.api.compare is not original
+        repc.api.copy.deepcopy([1, [2]])
+    assert repc.api.compare is original
+    assert import_copy_untouched()
+    assert timer.calls["copy"] == 1  # the deepcopy recursion is not timed call by call
+    assert timer.missing == ["repc.api:no_such_function"]
+
+
+def import_copy_untouched() -> bool:
+    import copy
+    import repc.api
+    return repc.api.copy is copy and copy.deepcopy.__module__ == "copy"
+
+
+def test_growth_exponent_reads_linear_and_quadratic():
+    assert common.growth_exponent(1000, 1.0, 2000, 2.0) == pytest.approx(1.0)
+    assert common.growth_exponent(1000, 1.0, 3000, 9.0) == pytest.approx(2.0)
+    assert common.growth_exponent(1000, 0.0, 2000, 1.0) != common.growth_exponent(1000, 0.0, 2000, 1.0)  # nan
+
+
+def test_write_json_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "out.json"
+    common.write_json(str(target), {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        common.write_json(str(target), {1j: "a complex key is not JSON"})  # fails half-way through dumping
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
