@@ -131,7 +131,7 @@ def compose(first: AffineOp, second: AffineOp) -> AffineOp:
         return compose_elementwise(first, second)
     if isinstance(second, Elementwise):
         if second.is_constant:
-            return second
+            return constant_like(first, second)
         if isinstance(first, Conv):
             s, t = second.channel_vectors(1)
             return scale_conv_outputs(first, s, t)
@@ -146,6 +146,17 @@ def compose(first: AffineOp, second: AffineOp) -> AffineOp:
     if isinstance(first, Elementwise) and isinstance(second, Linear):
         return compose_linear(elementwise_as_linear(first), second)
     raise NotMergeable(f"no closed form for {type(second).__name__} after {type(first).__name__}")
+
+
+def constant_like(first: AffineOp, constant: Elementwise) -> AffineOp:
+    """``c`` after ``first``, as the same kind of op: zero weights, the constant as bias."""
+    if isinstance(first, Conv):
+        _, t = constant.channel_vectors(1)
+        return first.replace(weight=torch.zeros_like(first.weight), bias=t)
+    if isinstance(first, Linear):
+        _, t = constant.channel_vectors(-1)
+        return Linear(torch.zeros_like(first.weight), t)
+    raise NotMergeable("a constant after this op")
 
 
 def compose_elementwise(first: Elementwise, second: Elementwise) -> Elementwise:

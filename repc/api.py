@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import split_untraceable, trace, _short
-from .passes.collapse import collapse
+from .passes.collapse import CaptureMismatch, collapse
 from .passes.average_experts import average_experts
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .verify.check import compare
@@ -49,6 +49,7 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
+    example_inputs = _with_specialized_values(model, example_inputs, specialize)
     training = _training_modules(model)
     if training:
         raise ReparamError(
@@ -56,7 +57,7 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
             "call model.eval() first; merging BatchNorm is only valid with its running statistics")
     try:
         with torch.no_grad():
-            model(*example_inputs)
+            expected = model(*example_inputs)
     except Exception as why:
         raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
 
@@ -74,8 +75,15 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
             averaged = _average_experts(model, gm, example_inputs, approximate_tolerance, report, fixed)
             if averaged is not None:
                 gm, reference = averaged
-        fused = _fuse_traced(gm, example_inputs, report) if gm is not None else \
-            _fuse_parts(copy.deepcopy(model), example_inputs, report)
+        if gm is not None:
+            try:
+                fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected)
+            except CaptureMismatch as why:
+                report.skipped.append(SkippedPart("<model>", str(why)))
+                report.nodes_before = 0
+                gm = None
+        if gm is None:
+            fused = _fuse_parts(copy.deepcopy(model), example_inputs, report)
     report.nodes_after = _graph_nodes(fused)
     if verify:
         result = compare(fused, reference, example_inputs, tolerance, fixed)
@@ -89,8 +97,11 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
                 report.rejected.append(Rejection(r.root, "rolled back: whole-model verification failed"))
             report.rewrites = []
             report.nodes_after = report.nodes_before
+    # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
+    original_buffers = {n for n, _ in model.named_buffers()}
     report.params_after = sum(p.numel() for p in fused.parameters()) + \
-        sum(b.numel() for n, b in fused.named_buffers() if "_fused" in n)
+        sum(b.numel() for n, b in fused.named_buffers() if n.rsplit(".", 1)[-1] not in
+            {o.rsplit(".", 1)[-1] for o in original_buffers} and b.is_floating_point())
     fused.repc_report = report
     return fused
 
@@ -114,6 +125,23 @@ def _specialized_arguments(model: nn.Module, example_inputs, specialize) -> Dict
         if at < len(example_inputs) and isinstance(value, torch.Tensor) != isinstance(example_inputs[at], torch.Tensor):
             raise ReparamError(f"specialize['{name}'] and the example input for it differ in kind")
     return constants
+
+
+def _with_specialized_values(model: nn.Module, example_inputs: Tuple[Any, ...], specialize) -> Tuple[Any, ...]:
+    """The example inputs, extended by the specialized values of the arguments that follow them."""
+    if not specialize:
+        return example_inputs
+    try:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return example_inputs
+    extended = list(example_inputs)
+    for name in names[len(extended):]:
+        if name not in specialize:
+            break
+        extended.append(specialize[name])
+    return tuple(extended)
 
 
 def _positions(model: nn.Module, constants: Dict[str, Any]):
@@ -183,8 +211,8 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
     return candidate, copy.deepcopy(candidate)
 
 
-def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report) -> nn.Module:
-    result = collapse(gm, example_inputs)
+def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None) -> nn.Module:
+    result = collapse(gm, example_inputs, expected_output=expected)
     report.rewrites.extend(result.rewrites)
     report.rejected.extend(result.rejections)
     return result.module

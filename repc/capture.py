@@ -67,8 +67,8 @@ def split_untraceable(model: nn.Module, example_inputs, reason: str) -> Tuple[Li
     def visit(prefix: str, mod: nn.Module):
         for name, child in mod.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if type(child).__module__.startswith("torch.nn"):
-                continue  # a standard layer on its own: nothing to fuse inside it
+            if not any(True for _ in child.children()):
+                continue  # a single layer on its own: nothing to fuse inside it
             if path not in inputs:
                 skipped.append(Skipped(path, "not called on the example inputs"))
                 continue

@@ -294,8 +294,10 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
     key = _target_key(node)
     flat: List[fx.Node] = []
     fx.node.map_arg((args, kwargs), flat.append)
-    if flat and all(a in facts.constants for a in flat) and key not in _RANDOM and node.op != "call_module":
-        return Constant(_evaluate(node, facts))
+    if all(a in facts.constants for a in flat) and key not in _RANDOM and (flat or node.op == "call_module"):
+        # computed from parameters and constants only (GLoRA weights, a parametrization, a fixed gate)
+        if node.op != "call_module" or not _is_random_module(facts.modules[node.target]):
+            return Constant(_evaluate(node, facts))
     if node.op == "call_module":
         mod = facts.modules[node.target]
         if not args or not isinstance(args[0], fx.Node):
@@ -351,7 +353,7 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
         return AffineCall(x, _avg_pool(x_shape, b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"],
                                        b["count_include_pad"], b["divisor_override"]))
-    if key is F.pad:
+    if key in (F.pad, torch._C._nn.pad):
         b = _bind(args[1:], kwargs, ["pad", "mode", "value"], {"mode": "constant", "value": None})
         if b["mode"] != "constant" or (b["value"] not in (None, 0, 0.0)):
             raise Opaque("padding that is not constant zero")
@@ -365,7 +367,9 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
         if facts.is_const(a):
             a, c = c, a
         if facts.is_const(a) or facts.const(c) is None:
-            raise Opaque("product of two activations")
+            if isinstance(facts.values.get(c), torch.Tensor) and isinstance(facts.values.get(a), torch.Tensor):
+                raise Opaque("product of two activations")
+            raise Opaque("product with a number computed at run time (e.g. from a shape)")
         return AffineCall(a, _elementwise(facts.shape(a), scale=facts.const(c)))
     if key in _DIV:
         if kwargs.get("rounding_mode") is not None or facts.const(args[1]) is None or facts.is_const(args[0]):
@@ -483,7 +487,13 @@ def _evaluate(node: fx.Node, facts: GraphFacts):
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return facts.modules[node.target](*args, **kwargs)
     raise Opaque("cannot evaluate")
+
+
+def _is_random_module(mod: nn.Module) -> bool:
+    return mod.training or isinstance(mod, _IDENTITY_MODULES[1:]) or isinstance(mod, nn.RReLU)
 
 
 # ----------------------------------------------------------------------------- normalization layers
@@ -570,10 +580,18 @@ _VIEW_NAMES = {"getitem", "narrow", "view", "reshape", "transpose", "permute", "
 VIEW_MUTATED = "repc_view_mutated"  # node.meta key: this value is mutated in place through an alias
 
 
-def _is_view(node: fx.Node) -> bool:
+_SAME_TENSOR_NAMES = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "dropout", "dropout1d",
+                      "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "identity"}
+
+
+def _is_view(node: fx.Node, modules=None) -> bool:
+    """Whether ``node`` may return (a view of) its input tensor itself: mutating one mutates both."""
+    if node.op == "call_module":
+        mod = (modules or {}).get(node.target)
+        return isinstance(mod, _IDENTITY_MODULES)
     if node.op not in ("call_function", "call_method"):
         return False
-    return _name(node) in _VIEW_NAMES
+    return _name(node) in _VIEW_NAMES | _SAME_TENSOR_NAMES
 
 
 def _inplace_kind(node: fx.Node, modules) -> Optional[str]:
@@ -607,8 +625,8 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         mutated = node.args[0]
-        if _is_view(mutated) or any(_is_view(u) for u in mutated.users):
-            for alias in _aliases(mutated):
+        if _is_view(mutated, modules) or any(_is_view(u, modules) for u in mutated.users):
+            for alias in _aliases(mutated, modules):
                 alias.meta[VIEW_MUTATED] = True
             node.meta[VIEW_MUTATED] = True
             continue
@@ -629,14 +647,14 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
     return changed
 
 
-def _aliases(node: fx.Node) -> List[fx.Node]:
+def _aliases(node: fx.Node, modules) -> List[fx.Node]:
     """``node``, the value it is a view of, and every view taken of those."""
     base = node
-    while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+    while _is_view(base, modules) and base.args and isinstance(base.args[0], fx.Node):
         base = base.args[0]
     out, todo = [], [base]
     while todo:
         n = todo.pop()
         out.append(n)
-        todo.extend(u for u in n.users if _is_view(u) and u.args and u.args[0] is n)
+        todo.extend(u for u in n.users if _is_view(u, modules) and u.args and u.args[0] is n)
     return out

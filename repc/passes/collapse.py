@@ -28,7 +28,7 @@ from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combin
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
-from ..verify.check import deviation, tolerance
+from ..verify.check import deviation, output_dtype, tolerance
 from .emit import AttributeNamer, emit_form, form_module
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -61,11 +61,27 @@ class CollapseResult:
     rejections: List[Rejection] = field(default_factory=list)
 
 
+class CaptureMismatch(Exception):
+    """The traced graph does not compute what the model computes on the example."""
+
+
 def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool = True,
-             prefix: str = "") -> CollapseResult:
-    """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule."""
+             prefix: str = "", expected_output: Any = None) -> CollapseResult:
+    """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule.
+
+    With ``expected_output`` (the model's own output on the example), a traced graph that
+    computes something else (fx records ``out += y`` out of place, so aliases of ``out`` are
+    lost) raises :class:`CaptureMismatch` before anything is rewritten.
+    """
     functionalize_inplace(gm)
     values = _record(gm, example_inputs)
+    if expected_output is not None:
+        traced = next(values[n] for n in gm.graph.nodes if n.op == "output")
+        dev = deviation(traced, expected_output)
+        if dev > tolerance(output_dtype(expected_output)):
+            raise CaptureMismatch(f"the traced graph differs from the model on the example (deviation {dev:.3g}): "
+                                  "fx cannot record this forward faithfully (an in-place update of an aliased "
+                                  "tensor, or state the trace does not see)")
     if split_norm_affine(gm):
         values = _record(gm, example_inputs)
     facts = GraphFacts(gm, values)
@@ -202,7 +218,8 @@ class _Writer:
 
     # -- decisions ------------------------------------------------------------------------------
     def _use_form(self, expr: Expr) -> bool:
-        if len(expr.region) < 2:
+        computed = self._computed_weights(expr)
+        if len(expr.region) < 2 and not computed:
             return False  # a single op as written: nothing to merge
         if expr.form is None:
             self._reject(expr, f"no closed form: {expr.reason}")
@@ -213,7 +230,7 @@ class _Writer:
         if new_cost > expr.cost:
             self._reject(expr, f"does not pay: {new_cost} multiply-adds merged vs {expr.cost} as written")
             return False
-        if new_cost == expr.cost and _op_count(expr.form) >= len(expr.region):
+        if new_cost == expr.cost and _op_count(expr.form) >= len(expr.region) and not computed:
             return False  # same work in as many ops: nothing to gain
         dev = 0.0
         if self.check:
@@ -224,7 +241,7 @@ class _Writer:
         before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
                             if isinstance(self.exprs[n].meaning, AffineCall))
         self.result.rewrites.append(Rewrite(
-            rule="+".join(sorted(expr.rules)) or "fold",
+            rule="+".join(sorted(expr.rules | ({"fold-parameters"} if computed else set()))) or "fold",
             root=self.prefix + expr.node.name,
             replaced=[self.prefix + _describe_node(n, self.facts) for n in self.gm.graph.nodes if n in expr.region],
             result=[repr(op) for op in expr.form.values()],
@@ -306,6 +323,19 @@ class _Writer:
         """``node`` reads an affine region (so it is where that region had to stop)."""
         return node.op not in ("placeholder", "output", "get_attr") and not is_container(node) and \
             any(self.exprs[a].form is not None and not self.exprs[a].is_leaf for a in node.all_input_nodes)
+
+    def _computed_weights(self, expr: Expr) -> bool:
+        """The region's weights are computed at every call from parameters only (GLoRA's
+        ``W + W*A + B@C``, weight norm, a parametrization, a gate from fixed logits)."""
+        for n in expr.region:
+            if n.op == "call_module":
+                mod = self.facts.modules[n.target]
+                if hasattr(mod, "parametrizations") or mod._forward_pre_hooks:
+                    return True
+            for a in n.all_input_nodes:
+                if a in self.facts.constants and a.op != "get_attr":
+                    return True
+        return False
 
     def _reject(self, expr: Expr, reason: str) -> None:
         self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason))

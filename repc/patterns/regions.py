@@ -104,6 +104,7 @@ class RegionMatcher:
             return self._leaf(node)
         self.meanings[node] = meaning
         expr = self._build(node, meaning, cut=False)
+        first_reason = expr.reason
         # a concat of several sources, or a pending layout change, stays open for its consumer
         if expr.form is None and expr.kind != "concat" and expr.pending is None:
             why = expr.reason
@@ -116,9 +117,9 @@ class RegionMatcher:
         if expr.form is not None:
             expr = self._absorb_forks(expr)
         if expr.form is None and expr.kind == "slice":
-            self.opaque[node] = expr.reason
+            self.opaque[node] = first_reason or expr.reason  # the guard that failed first
             leaf = self._leaf(node)
-            leaf.reason = expr.reason
+            leaf.reason = self.opaque[node]
             return leaf
         return expr
 
@@ -324,6 +325,23 @@ class RegionMatcher:
             return self._leaf(arg)
         return expr
 
+    def _cheap_to_duplicate(self, arg: fx.Node, readers: List[fx.Node]) -> bool:
+        """An elementwise-only value (a norm's affine tail, a BN) whose every reader is a conv or
+        linear map: folding a copy into each reader costs nothing and removes the pass."""
+        expr = self.exprs[arg]
+        if len(readers) < 2 or not _single_elementwise(expr):
+            return False
+        for r in readers:
+            m = self.meanings.get(r) if r in self.exprs else None
+            if r not in self.exprs:
+                try:
+                    m = describe(r, self.facts)
+                except Exception:
+                    return False
+            if not (isinstance(m, AffineCall) and isinstance(m.op, (Conv, Linear)) and m.input is arg):
+                return False
+        return True
+
     def _absorbable(self, arg: fx.Node, parent: fx.Node) -> bool:
         """``arg`` may live inside ``parent``'s region: nothing else reads it."""
         if arg in self.pinned or any(a in self.pinned for a in arg.all_input_nodes):
@@ -336,8 +354,14 @@ class RegionMatcher:
         readers = effective_users(arg)
         if readers == [parent]:
             return True
+        if self._cheap_to_duplicate(arg, readers):
+            return True  # a per-channel map read by several linear maps folds into each of them
         # read only through channel slices: each slice takes its own rows of the region
         return parent in readers and all(_is_slice_of(r, arg) for r in readers)
+
+
+def _single_elementwise(expr: "Expr") -> bool:
+    return expr.form is not None and len(expr.form) == 1 and isinstance(next(iter(expr.form.values())), Elementwise)
 
 
 def effective_users(node: fx.Node) -> List[fx.Node]:
