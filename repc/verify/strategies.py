@@ -53,6 +53,7 @@ from ..examples import randomize_bn
 # =============================================================================== input cases
 
 DISTRIBUTIONS = ("normal", "large", "near_zero", "positive", "zeros")
+EXAMPLE = "example"  # the pseudo-distribution of the example inputs themselves
 
 
 def large_magnitude(dtype: torch.dtype) -> float:
@@ -98,18 +99,26 @@ class InputCase:
     seed: int = 0
 
     def materialize(self, example_inputs: Sequence[Any]) -> Tuple[Any, ...]:
+        """The inputs; the ``example`` distribution is the example inputs themselves (cast to
+        ``dtype`` when one is set)."""
         gen = torch.Generator().manual_seed(self.seed)
         out = []
         for shape, ex in zip(self.shapes, example_inputs):
             if shape is None:
                 out.append(ex)
-                continue
-            out.append(draw_values(shape, self.distribution, self.dtype or ex.dtype, gen, ex.device))
+            elif self.distribution == EXAMPLE:
+                if tuple(ex.shape) != tuple(shape):
+                    raise ValueError(f"the example case has shape {shape}, the example input {tuple(ex.shape)}")
+                out.append(ex if self.dtype is None else ex.to(self.dtype))
+            else:
+                out.append(draw_values(shape, self.distribution, self.dtype or ex.dtype, gen, ex.device))
         return tuple(out)
 
     def describe(self) -> str:
         shapes = ", ".join("-" if s is None else "x".join(map(str, s)) for s in self.shapes)
         dtype = "" if self.dtype is None else f", {str(self.dtype).replace('torch.', '')}"
+        if self.distribution == EXAMPLE:
+            return f"the example inputs{dtype}"
         return f"{self.distribution} values of shape {shapes}{dtype}, seed {self.seed}"
 
 
@@ -118,9 +127,9 @@ def is_varied(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
-def example_case(example_inputs: Sequence[Any]) -> InputCase:
-    """The example's own shapes with normal values."""
-    return InputCase(tuple(tuple(t.shape) if is_varied(t) else None for t in example_inputs))
+def example_case(example_inputs: Sequence[Any], dtype: Optional[torch.dtype] = None) -> InputCase:
+    """The example inputs themselves (at ``dtype`` if given)."""
+    return InputCase(tuple(tuple(t.shape) if is_varied(t) else None for t in example_inputs), EXAMPLE, dtype)
 
 
 def input_cases(example_inputs: Sequence[Any], free_sizes: Optional[Mapping[Tuple[int, int], Sequence[int]]] = None,
