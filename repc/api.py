@@ -206,7 +206,8 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
         report.rewrites.append(Rewrite(
             rule="average-experts", root=a.root, replaced=a.replaced,
             result=[f"one expert with the weights averaged over {a.experts} (weights {a.weights})"],
-            params_before=a.params_before, params_after=a.params_after, flops_before=0, flops_after=0,
+            params_before=a.params_before, params_after=a.params_after, flops_before=a.flops_before,
+            flops_after=a.flops_after,
             exact=False, max_deviation=deviation))
     return candidate, copy.deepcopy(candidate)
 

@@ -20,7 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..normalize import GraphFacts
+from ..normalize import AffineCall, Constant, GraphFacts, describe
+from ..ops import flops
 from ..patterns.experts import Mixture, find_mixtures
 from .emit import AttributeNamer
 
@@ -33,6 +34,24 @@ class AveragedMixture:
     replaced: List[str]
     params_before: int
     params_after: int
+    flops_before: int = 0
+    flops_after: int = 0
+
+
+def _meaning(node: fx.Node, facts: GraphFacts):
+    if node in facts.constants:
+        return "constant"
+    try:
+        return describe(node, facts)
+    except Exception:
+        return None
+
+
+def _macs(node: fx.Node, facts: GraphFacts) -> int:
+    meaning = _meaning(node, facts)
+    if isinstance(meaning, AffineCall):
+        return flops(meaning.op, facts.shape(meaning.input), facts.shape(node))
+    return 0
 
 
 def _fetch(gm: nn.Module, target: str):
@@ -55,15 +74,24 @@ def average_experts(gm: fx.GraphModule, example_inputs) -> List[AveragedMixture]
     with torch._guards.tracing(None), torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
     facts = GraphFacts(gm)
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            facts.constants[node] = _fetch(gm, node.target)
+    for node in gm.graph.nodes:  # parameters and what is computed from them only (a softmax gate)
+        try:
+            meaning = describe(node, facts)
+        except Exception:
+            continue
+        if isinstance(meaning, Constant):
+            facts.constants[node] = meaning.value
     mixtures, _ = find_mixtures(gm, facts)
     modules = dict(gm.named_modules())
     namer = AttributeNamer(gm)
     done = []
     for mix in mixtures:
-        done.append(_average(gm, mix, modules, namer))
+        if all(_meaning(n, facts) is not None for e in mix.experts for n in e):
+            continue  # linear experts: the exact merge takes them, no approximation needed
+        per_expert = sum(_macs(n, facts) for n in mix.experts[0])
+        averaged = _average(gm, mix, modules, namer)
+        averaged.flops_before, averaged.flops_after = per_expert * len(mix.experts), per_expert
+        done.append(averaged)
     if done:
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
