@@ -243,7 +243,7 @@ class _Writer:
         self.result.rewrites.append(Rewrite(
             rule="+".join(sorted(expr.rules | ({"fold-parameters"} if computed else set()))) or "fold",
             root=self.prefix + expr.node.name,
-            replaced=[self.prefix + _describe_node(n, self.facts) for n in self.gm.graph.nodes if n in expr.region],
+            replaced=[self.prefix + _describe_node(n, self.facts) for n in self.matcher.in_order(expr.region)],
             result=[repr(op) for op in expr.form.values()],
             params_before=before_params, params_after=sum(params(op) for op in expr.form.values()),
             flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev))
@@ -383,10 +383,9 @@ class _Writer:
     def _run_region(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor]):
         """The region's original nodes evaluated on other source values."""
         env = dict(sources)
-        for node in self.gm.graph.nodes:
-            if node in expr.region:
-                self._provide_inputs(node, env)
-                env[node] = self._eval(node, env)
+        for node in self.matcher.in_order(expr.region):
+            self._provide_inputs(node, env)
+            env[node] = self._eval(node, env)
         return env[expr.node]
 
     def _provide_inputs(self, node: fx.Node, env) -> None:

@@ -77,7 +77,12 @@ class RegionMatcher:
         self.pinned: Set[fx.Node] = {n for n in gm.graph.nodes if n.meta.get(VIEW_MUTATED)}
 
     # -- public ---------------------------------------------------------------------------
+    def in_order(self, nodes) -> List[fx.Node]:
+        """``nodes`` sorted as in the graph."""
+        return sorted(nodes, key=self.order.__getitem__)
+
     def run(self) -> Dict[fx.Node, Expr]:
+        self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         for node in self.gm.graph.nodes:
             self.exprs[node] = self._match(node)
         return self.exprs
@@ -237,8 +242,7 @@ class RegionMatcher:
         for a in stack_inputs:
             if a not in cone and a in self.meanings and all(u in cone for u in effective_users(a)):
                 cone.add(a)
-        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
-        nodes = sorted(cone, key=order.__getitem__)
+        nodes = self.in_order(cone)
         sources = []
         for n in nodes:
             for a in n.all_input_nodes:
