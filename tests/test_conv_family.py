@@ -711,6 +711,7 @@ def test_spatial_slice_blocks_the_merge():
 
     fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
     assert op_counts(fused)["conv"] == 2
+    assert "axis 2" in _reasons(fused)
 
 
 def test_training_mode_is_refused():
@@ -777,3 +778,45 @@ def test_inplace_op_through_a_view_is_honoured():
     fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
     assert fused.repc_report.rewrites  # the rest of the model still fuses
     assert not fused.repc_report.rolled_back
+
+
+@pytest.mark.parametrize("alias", ["identity", "dropout", "float"])
+def test_inplace_op_on_an_op_that_returns_its_input(alias):
+    """nn.Identity, eval-mode Dropout and ``.float()`` return their input itself: mutating the
+    result mutates the original too."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.id = nn.Identity()
+            self.drop = nn.Dropout(0.2)
+            self.other = RepVGG(4, 4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = {"identity": self.id, "dropout": self.drop, "float": lambda t: t.float()}[alias](y)
+            z.mul_(2)
+            return self.bn(y) + self.other(x)
+
+    fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
+    assert fused.repc_report.rewrites
+
+
+def test_augmented_assignment_on_an_aliased_tensor():
+    """``skip = out; out += r``: eager mutates ``skip`` too, which fx's trace does not record; the
+    model must still come out exact, with its traceable parts fused."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv_bn(4, 4, 3, 1, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            out = self.conv(x)
+            skip = out
+            out += self.bn(x)
+            return out + skip
+
+    fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
+    assert fused.repc_report.rewrites
