@@ -68,7 +68,9 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
     report.params_before = sum(p.numel() for p in model.parameters())
     reference = model
     with torch.no_grad():
-        gm = _trace_whole(copy.deepcopy(model), constants, report)
+        # the traced graph's leaves are the model's own modules: repc only reads them, and the
+        # result is deep-copied at the end so that it shares nothing with the model
+        gm = _trace_whole(model, constants, report)
         if gm is not None:
             report.nodes_before = len(gm.graph.nodes)
         if gm is not None and allow_approximate:
@@ -84,6 +86,8 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
                 gm = None
         if gm is None:
             fused = _fuse_parts(copy.deepcopy(model), example_inputs, report)
+        else:
+            _own_copies(fused, model)
     report.nodes_after = _graph_nodes(fused)
     if verify:
         result = compare(fused, reference, example_inputs, tolerance, fixed)
@@ -104,6 +108,22 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
             {o.rsplit(".", 1)[-1] for o in original_buffers} and b.is_floating_point())
     fused.repc_report = report
     return fused
+
+
+def _own_copies(fused: nn.Module, model: nn.Module) -> None:
+    """Replace every module, parameter and buffer ``fused`` still shares with ``model`` by a copy."""
+    shared_modules = {id(m) for m in model.modules()}
+    shared_tensors = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    memo = {}
+    for name, mod in list(fused.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if id(child) in shared_modules:
+                setattr(mod, child_name, copy.deepcopy(child, memo))
+    for mod in fused.modules():
+        for tensors in (mod._parameters, mod._buffers):
+            for key, t in list(tensors.items()):
+                if t is not None and id(t) in shared_tensors:
+                    tensors[key] = copy.deepcopy(t, memo)
 
 
 def _specialized_arguments(model: nn.Module, example_inputs, specialize) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ on repc's private copy before analysis.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import dataclass
@@ -631,7 +632,12 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
             node.meta[VIEW_MUTATED] = True
             continue
         if kind == "module":
-            modules[node.target].inplace = False
+            # the graph's leaves are the user's own modules: swap in an out-of-place copy
+            out_of_place = copy.copy(modules[node.target])
+            out_of_place.inplace = False
+            parent, _, name = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, name, out_of_place)
+            modules[node.target] = out_of_place
         elif kind == "operator":
             node.target = _INPLACE_FUNCTIONS[node.target]
         elif kind == "kwarg":

@@ -29,7 +29,7 @@ from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, output_dtype, tolerance
-from .emit import AttributeNamer, emit_form, form_module
+from .emit import AttributeNamer, emit_form, form_function
 from torch.fx.passes.shape_prop import ShapeProp
 
 
@@ -138,13 +138,9 @@ class _Writer:
                 self.env[node] = synthesized
             else:
                 self.env[node] = self._copy(node) if expr.is_leaf else self.materialize(expr)
+        _drop_dead_nodes(self.graph)
+        self.graph.lint()
         module = fx.GraphModule(self.gm, self.graph, class_name=type(self.gm).__name__)
-        # in-place ops left in place (they mutate through a view) have no users but must stay
-        module.graph.eliminate_dead_code(lambda n: n.meta.get(VIEW_MUTATED, False) or n.is_impure())
-        module.graph.lint()
-        module.delete_all_unused_submodules()
-        # a second construction copies only the attributes the cleaned graph still reads
-        module = fx.GraphModule(module, module.graph, class_name=type(self.gm).__name__)
         self.result.module = module
         return self.result
 
@@ -348,7 +344,7 @@ class _Writer:
         if not isinstance(ref, torch.Tensor):
             return False, float("inf"), "region output is not a tensor"
         tol = tolerance(ref.dtype)
-        merged = form_module(expr.form, ref.dtype, self.device)
+        merged = form_function(expr.form, ref.dtype, self.device)
         trials = [("example", [self.values[s] for s in sources], ref)]
         gen = torch.Generator().manual_seed(len(self.result.rewrites))
         for batch in (1, 0):  # random values at another batch size; at the example's if the region fixes it
@@ -405,6 +401,19 @@ class _Writer:
         self.interp.env = env
         with torch.no_grad():
             return self.interp.run_node(node)
+
+
+def _drop_dead_nodes(graph: fx.Graph) -> None:
+    """Remove values nothing reads; keeps placeholders, side effects and in-place updates left in place."""
+    from torch.fx.node import _side_effectful_functions
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op in ("placeholder", "output") or node.meta.get(VIEW_MUTATED):
+            continue
+        if node.op == "call_function" and node.target in _side_effectful_functions:
+            continue
+        if node.op == "call_method" and node.target.endswith("_"):
+            continue
+        graph.erase_node(node)
 
 
 def _op_count(form) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -50,57 +51,86 @@ class AttributeNamer:
         return name
 
 
-def conv_module(op: Conv, dtype, device) -> nn.Module:
-    """``op`` as an ``nn.ConvNd`` (symmetric padding only; see :func:`emit_op`)."""
-    op = algebra.compact_groups(op)
-    symmetric = all(lo == hi for lo, hi in op.padding)
-    mod = _CONV_CLASSES[op.nd](op.in_channels, op.out_channels, op.kernel_size, stride=op.stride,
-                               padding=tuple(lo for lo, _ in op.padding) if symmetric else 0,
-                               dilation=op.dilation, groups=op.groups, bias=op.bias is not None,
-                               padding_mode=op.padding_mode if symmetric else "zeros", device=device, dtype=dtype)
+@dataclass
+class BuiltOp:
+    """An op turned into standard torch pieces, in the model's dtype and device.
+
+    ``pad`` (F.pad arguments) runs first, then ``module`` (a conv or linear; for a dense map on
+    the flattened sample, then reshaped to ``reshape``), then ``* scale + shift``.  The same
+    pieces are emitted into graphs and run directly by the region checks.
+    """
+
+    module: Optional[nn.Module] = None
+    pad: Optional[Tuple[List[int], str]] = None
+    flatten: bool = False
+    reshape: Optional[Tuple[int, ...]] = None
+    scale: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+
+    def __call__(self, x):
+        if self.pad is not None:
+            x = F.pad(x, self.pad[0], mode=self.pad[1])
+        if self.flatten:
+            x = torch.flatten(x, 1)
+        if self.module is not None:
+            x = self.module(x)
+        if self.reshape is not None:
+            x = torch.reshape(x, self.reshape)
+        if self.scale is not None:
+            x = x * self.scale
+        if self.shift is not None:
+            x = x + self.shift
+        return x
+
+
+def _loaded(mod: nn.Module, weight, bias) -> nn.Module:
     with torch.no_grad():
-        mod.weight.copy_(op.weight)
-        if op.bias is not None:
-            mod.bias.copy_(op.bias)
-    mod.requires_grad_(False)
-    return mod, op
+        mod.weight.copy_(weight)
+        if bias is not None:
+            mod.bias.copy_(bias)
+    return mod.requires_grad_(False)
+
+
+def build_op(op: AffineOp, dtype, device) -> BuiltOp:
+    """``op`` as standard torch modules and tensors (weights cast from float64 once)."""
+    if isinstance(op, Conv):
+        op = algebra.compact_groups(op)
+        symmetric = all(lo == hi for lo, hi in op.padding)
+        mod = _CONV_CLASSES[op.nd](op.in_channels, op.out_channels, op.kernel_size, stride=op.stride,
+                                   padding=tuple(lo for lo, _ in op.padding) if symmetric else 0,
+                                   dilation=op.dilation, groups=op.groups, bias=op.bias is not None,
+                                   padding_mode=op.padding_mode if symmetric else "zeros", device=device, dtype=dtype)
+        pad = None
+        if not symmetric:
+            pad = ([p for lo_hi in reversed(op.padding) for p in lo_hi],
+                   "constant" if op.padding_mode == "zeros" else op.padding_mode)
+        return BuiltOp(_loaded(mod, op.weight, op.bias), pad=pad)
+    if isinstance(op, (Linear, Dense)):
+        mod = nn.Linear(op.weight.shape[1], op.weight.shape[0], bias=op.bias is not None, device=device, dtype=dtype)
+        built = BuiltOp(_loaded(mod, op.weight, op.bias))
+        if isinstance(op, Dense):
+            built.flatten, built.reshape = True, (-1,) + tuple(op.out_shape)
+        return built
+    return BuiltOp(scale=None if op.scale is None else op.scale.to(device=device, dtype=dtype),
+                   shift=None if op.shift is None else op.shift.to(device=device, dtype=dtype))
 
 
 def emit_op(graph: fx.Graph, namer: AttributeNamer, op: AffineOp, x: fx.Node, hint: str, dtype, device) -> fx.Node:
     """Append nodes computing ``op(x)`` to ``graph``; returns the result node."""
-    if isinstance(op, Conv):
-        mod, op = conv_module(op, dtype, device)
-        if not all(lo == hi for lo, hi in op.padding):
-            pad = [p for lo_hi in reversed(op.padding) for p in lo_hi]
-            mode = "constant" if op.padding_mode == "zeros" else op.padding_mode
-            x = graph.call_function(F.pad, (x, pad), {"mode": mode})
-        return graph.call_module(namer.module(hint, mod), (x,))
-    if isinstance(op, Dense):
-        mod = nn.Linear(op.weight.shape[1], op.weight.shape[0], bias=op.bias is not None, device=device, dtype=dtype)
-        with torch.no_grad():
-            mod.weight.copy_(op.weight)
-            if op.bias is not None:
-                mod.bias.copy_(op.bias)
-        mod.requires_grad_(False)
-        flat = graph.call_function(torch.flatten, (x, 1))
-        y = graph.call_module(namer.module(hint, mod), (flat,))
-        return graph.call_function(torch.reshape, (y, (-1,) + tuple(op.out_shape)))
-    if isinstance(op, Linear):
-        mod = nn.Linear(op.in_features, op.out_features, bias=op.bias is not None, device=device, dtype=dtype)
-        with torch.no_grad():
-            mod.weight.copy_(op.weight)
-            if op.bias is not None:
-                mod.bias.copy_(op.bias)
-        mod.requires_grad_(False)
-        return graph.call_module(namer.module(hint, mod), (x,))
-    out = x
-    if op.scale is not None:
-        scale = graph.get_attr(namer.buffer(hint + "_scale", op.scale.to(device=device, dtype=dtype)))
-        out = graph.call_function(operator.mul, (out, scale))
-    if op.shift is not None:
-        shift = graph.get_attr(namer.buffer(hint + "_shift", op.shift.to(device=device, dtype=dtype)))
-        out = graph.call_function(operator.add, (out, shift))
-    return out
+    built = build_op(op, dtype, device)
+    if built.pad is not None:
+        x = graph.call_function(F.pad, (x, built.pad[0]), {"mode": built.pad[1]})
+    if built.flatten:
+        x = graph.call_function(torch.flatten, (x, 1))
+    if built.module is not None:
+        x = graph.call_module(namer.module(hint, built.module), (x,))
+    if built.reshape is not None:
+        x = graph.call_function(torch.reshape, (x, built.reshape))
+    if built.scale is not None:
+        x = graph.call_function(operator.mul, (x, graph.get_attr(namer.buffer(hint + "_scale", built.scale))))
+    if built.shift is not None:
+        x = graph.call_function(operator.add, (x, graph.get_attr(namer.buffer(hint + "_shift", built.shift))))
+    return x
 
 
 def emit_form(graph: fx.Graph, namer: AttributeNamer, form: Dict[fx.Node, AffineOp],
@@ -113,11 +143,15 @@ def emit_form(graph: fx.Graph, namer: AttributeNamer, form: Dict[fx.Node, Affine
     return result
 
 
-def form_module(form: Dict[fx.Node, AffineOp], dtype, device) -> fx.GraphModule:
-    """A standalone module computing the form, its sources as positional inputs in order."""
-    root = nn.Module()
-    graph = fx.Graph()
-    inputs = {src: graph.placeholder(f"x{i}") for i, src in enumerate(form)}
-    out = emit_form(graph, AttributeNamer(root), form, inputs.__getitem__, "op", dtype, device)
-    graph.output(out)
-    return fx.GraphModule(root, graph)
+def form_function(form: Dict[fx.Node, AffineOp], dtype, device) -> Callable:
+    """A function computing the form from its sources (positional, in order), built as emitted."""
+    pieces = [build_op(op, dtype, device) for op in form.values()]
+
+    def run(*inputs):
+        out = None
+        for piece, x in zip(pieces, inputs):
+            y = piece(x)
+            out = y if out is None else out + y
+        return out
+
+    return run
