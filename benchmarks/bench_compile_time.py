@@ -6,16 +6,19 @@ repc's own: capture, shape propagation, matching, writing the fused graph with i
 per-region checks, and the whole-model verification.  Families: ``repvgg``, ``mobileone``
 (depthwise + pointwise units), ``dbb`` and ``mixed`` (the three blocks in turn).
 
-The main table gives, per size: fx nodes of the traced model, rewrites applied, nodes
+The growth table gives, per size: fx nodes of the traced model, rewrites applied, nodes
 after, wall and CPU seconds of ``repc.compile`` (median of ``--repeats`` runs; one run above
-5,000 nodes), microseconds per node, and the growth exponent ``k`` of ``t ~ n^k`` against
-the previous size (1 = linear, 2 = quadratic).  The phase table splits the same runs by
-phase (exclusive times: a nested phase is not counted in its parent), with the exponent
-of each phase from the smallest to the largest size, so a superlinear phase stands out.
+5,000 nodes), CPU microseconds per node, and the growth exponent ``k`` of ``t ~ n^k``
+against the previous size (1 = linear, 2 = quadratic).  The phase table splits the median
+run by phase (exclusive times: a nested phase is not counted in its parent), with each
+phase's exponent from the smallest to the largest size, so a superlinear phase stands out.
+CPU time is the default clock there: on a shared machine wall time also measures the
+neighbours.
 
     .venv/bin/python benchmarks/bench_compile_time.py                     # mixed stack, 1k..20k nodes
     .venv/bin/python benchmarks/bench_compile_time.py --families repvgg mobileone dbb --sizes 3000
-    .venv/bin/python benchmarks/bench_compile_time.py --profile 3000      # cProfile hot spots too
+    .venv/bin/python benchmarks/bench_compile_time.py --sizes 3000 --profile 3000   # cProfile hot spots
+    .venv/bin/python benchmarks/bench_compile_time.py --threads 2         # torch's default on 2 cores
     .venv/bin/python benchmarks/bench_compile_time.py --quick             # smoke configuration
 """
 
@@ -45,7 +48,8 @@ def _load_common():
     """benchmarks/common.py under a name of its own (a bare ``common`` could be another module)."""
     name = "repc_benchmarks_common"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -84,7 +88,7 @@ PHASES = [
     ("repc.passes.collapse", "_Writer._synthesize", "synthesis"),
     ("repc.api", "compare", "whole-model verify"),
 ]
-PHASE_ORDER = [p for _, _, p in PHASES] + ["other", "gc (inside the above)"]
+PHASE_ORDER = [p for _, _, p in PHASES] + ["other", "gc (wall, inside the above)"]
 
 
 def nodes_per_cycle(family: str) -> int:
@@ -107,7 +111,7 @@ def build_stack(family: str, target_nodes: int, seed: int = 0) -> nn.Module:
 
 
 class GcClock:
-    """Seconds spent in the cyclic garbage collector while enabled."""
+    """Wall seconds spent in the cyclic garbage collector while active."""
 
     def __init__(self):
         self.seconds, self._start = 0.0, 0.0
@@ -126,25 +130,32 @@ class GcClock:
         gc.callbacks.remove(self)
 
 
+GC_ROW = "gc (wall, inside the above)"
+
+
 def compile_once(model: nn.Module, x: torch.Tensor) -> Dict:
-    """One timed ``repc.compile`` with its phase split."""
+    """One timed ``repc.compile`` with its phase split (wall and CPU seconds, exclusive)."""
     timer = common.PhaseTimer()
     gc.collect()
     with timer.instrument(PHASES), GcClock() as gc_clock:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         fused = repc.compile(model, (x,))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    phases = {p: timer.wall.get(p, 0.0) for _, _, p in PHASES}
-    phases["other"] = max(0.0, wall - sum(timer.wall.values()))
-    phases["gc (inside the above)"] = gc_clock.seconds
+    split = {}
+    for clock, total, per_phase in (("wall", wall, timer.wall), ("cpu", cpu, timer.cpu)):
+        phases = {p: per_phase.get(p, 0.0) for _, _, p in PHASES}
+        phases["other"] = max(0.0, total - sum(per_phase.values()))
+        phases[GC_ROW] = gc_clock.seconds
+        split[clock] = phases
     report = fused.repc_report
     verification = report.verification
-    return {"wall_s": wall, "cpu_s": cpu, "phases_s": phases, "missing_phases": timer.missing,
-            "rewrites": len(report.rewrites), "nodes_after": report.nodes_after,
+    return {"wall_s": wall, "cpu_s": cpu, "phases_wall_s": split["wall"], "phases_cpu_s": split["cpu"],
+            "missing_phases": timer.missing, "rewrites": len(report.rewrites), "nodes_after": report.nodes_after,
             "verified": bool(verification and verification.ok), "rolled_back": report.rolled_back}
 
 
 def measure(family: str, target: int, repeats: int) -> Dict:
+    """The family's stack at about ``target`` nodes compiled ``repeats`` times; the median run."""
     model = build_stack(family, target)
     x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
     nodes = len(fx.symbolic_trace(model).graph.nodes)
@@ -152,43 +163,52 @@ def measure(family: str, target: int, repeats: int) -> Dict:
         if not torch.isfinite(model(x)).all():
             raise SystemExit(f"{family} stack of {nodes} nodes overflows on the example input; lower BN_DAMPING")
     runs = [compile_once(model, x) for _ in range(repeats if nodes <= SINGLE_RUN_ABOVE else 1)]
-    runs.sort(key=lambda r: r["wall_s"])
-    median = runs[(len(runs) - 1) // 2]
+    by_wall = sorted(runs, key=lambda r: r["wall_s"])
+    median = by_wall[(len(runs) - 1) // 2]
     return {"family": family, "target_nodes": target, "nodes": nodes, "blocks": len(model), "runs": len(runs),
-            "wall_s_all": [r["wall_s"] for r in runs], **median,
-            "cpu_s_median": statistics.median(r["cpu_s"] for r in runs)}
+            **median, "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "wall_s_all": [r["wall_s"] for r in runs], "cpu_s_all": [r["cpu_s"] for r in runs]}
+
+
+def _exponent(a: Dict, b: Dict, key: str) -> str:
+    k = common.growth_exponent(a["nodes"], a[key], b["nodes"], b[key])
+    return "" if k != k else f"{k:.2f}"
 
 
 def growth_table(results: List[Dict]) -> str:
     rows, prev = [], None
     for r in results:
-        k = common.growth_exponent(prev["nodes"], prev["wall_s"], r["nodes"], r["wall_s"]) if prev and prev["family"] == r["family"] else None
+        same = prev is not None and prev["family"] == r["family"]
         rows.append((r["family"], r["nodes"], r["blocks"], r["rewrites"], r["nodes_after"],
-                     f"{r['wall_s']:.2f}", f"{r['cpu_s_median']:.2f}", f"{r['wall_s'] / r['nodes'] * 1e6:.0f}",
-                     "" if k is None else f"{k:.2f}", r["runs"], "yes" if r["verified"] else "NO"))
+                     f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['cpu_s'] / r['nodes'] * 1e6:.0f}",
+                     _exponent(prev, r, "wall_s") if same else "", _exponent(prev, r, "cpu_s") if same else "",
+                     r["runs"], "yes" if r["verified"] else "NO"))
         prev = r
-    return common.format_table(("family", "nodes", "blocks", "rewrites", "nodes after", "wall s", "cpu s", "us/node",
-                         "k vs prev", "runs", "verified"), rows)
+    return common.format_table(("family", "nodes", "blocks", "rewrites", "nodes after", "wall s", "cpu s",
+                                "cpu us/node", "k wall", "k cpu", "runs", "verified"), rows)
 
 
-def phase_table(results: List[Dict]) -> str:
-    headers = ["phase"] + [f"{r['family'][:3]} {r['nodes']}" for r in results] + ["k first->last"]
+def phase_table(results: List[Dict], clock: str) -> str:
+    """Seconds per phase (``clock`` is "wall" or "cpu") of one family's sizes, with the growth exponent."""
+    key = f"phases_{clock}_s"
+    headers = ["phase"] + [str(r["nodes"]) for r in results] + ["k first->last"]
     rows = []
     for phase in PHASE_ORDER:
-        values = [r["phases_s"].get(phase, 0.0) for r in results]
-        first, last = results[0], results[-1]
-        k = common.growth_exponent(first["nodes"], values[0], last["nodes"], values[-1]) \
-            if len(results) > 1 and first["family"] == last["family"] else float("nan")
+        values = [r[key].get(phase, 0.0) for r in results]
+        k = common.growth_exponent(results[0]["nodes"], values[0], results[-1]["nodes"], values[-1]) \
+            if len(results) > 1 else float("nan")
         rows.append([phase] + [f"{v:.3f}" for v in values] + ["" if k != k else f"{k:.2f}"])
-    rows.append(["total (wall)"] + [f"{r['wall_s']:.3f}" for r in results] + [""])
+    total_k = _exponent(results[0], results[-1], clock + "_s") if len(results) > 1 else ""
+    rows.append([f"total ({clock})"] + [f"{r[clock + '_s']:.3f}" for r in results] + [total_k])
     return common.format_table(headers, rows)
 
 
 def profile(family: str, target: int, top: int = 25) -> str:
-    """cProfile of one compile: the hot spots by own time, and repc's functions by cumulative time."""
+    """cProfile (CPU clock) of one compile: hot spots by own time, and repc's functions by cumulative time."""
     model = build_stack(family, target)
     x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
-    profiler = cProfile.Profile()
+    profiler = cProfile.Profile(time.process_time)  # CPU time: other processes' load does not show up
     profiler.enable()
     repc.compile(model, (x,))
     profiler.disable()
@@ -203,16 +223,23 @@ DEFAULT_SIZES = [1000, 2000, 3000, 5000, 10000, 20000]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", default=["mixed"], choices=list(BLOCKS), help="block families (default: mixed)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", nargs="+", default=["mixed"], choices=list(BLOCKS),
+                   help="block families (default: mixed)")
     p.add_argument("--sizes", nargs="+", type=int, default=DEFAULT_SIZES, help="target fx node counts")
     p.add_argument("--repeats", type=int, default=3,
                    help=f"compiles per size up to {SINGLE_RUN_ABOVE} nodes, the median is reported (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the work is Python and tiny tensors, see README)")
+    p.add_argument("--phase-clock", choices=("cpu", "wall"), default="cpu",
+                   help="clock of the phase table (default cpu: what repc itself spent, whatever the machine's load)")
     p.add_argument("--budget", type=float, default=300.0,
                    help="skip sizes whose compile, extrapolated from the last two, would exceed this many seconds")
-    p.add_argument("--profile", type=int, metavar="NODES", help="also print a cProfile of one compile at about NODES nodes")
-    p.add_argument("--quick", action="store_true", help="tiny configuration for a smoke test (100 and 200 nodes, once)")
+    p.add_argument("--profile", type=int, metavar="NODES",
+                   help="also print a cProfile of one compile at about NODES nodes")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny configuration for a smoke test (100 and 200 nodes, once)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
     if args.quick:
@@ -242,34 +269,35 @@ def main(argv=None) -> int:
                     continue
             done.append(measure(family, target, args.repeats))
         results.extend(done)
-    print(f"repc.compile time (compile + verify) vs graph size; median of {args.repeats} run(s) up to "
-          f"{SINGLE_RUN_ABOVE} nodes, one above; {common.machine_note(args.threads)}")
+    print(f"repc.compile (compile + verify) time vs graph size; median of {args.repeats} run(s) up to "
+          f"{SINGLE_RUN_ABOVE} nodes, one above; k = growth exponent vs the previous size (1 linear, 2 quadratic); "
+          f"{common.machine_note(args.threads)}")
     print(growth_table(results))
-    for s in skipped:
-        print(f"skipped {s}")
-    at_target = [r for r in results if abs(r["nodes"] - TARGET_NODES) <= 0.05 * TARGET_NODES]
-    for r in at_target:
-        verdict = "meets" if r["wall_s"] < TARGET_SECONDS else "misses"
-        print(f"target (compile + verify < {TARGET_SECONDS:g} s at {TARGET_NODES} nodes): {r['family']} {r['nodes']} "
-              f"nodes took {r['wall_s']:.2f} s: {verdict} it")
+    for line in skipped:
+        print(f"skipped {line}")
+    for r in results:
+        if abs(r["nodes"] - TARGET_NODES) <= 0.05 * TARGET_NODES:
+            verdict = "meets" if r["wall_s"] < TARGET_SECONDS else "misses"
+            print(f"target (compile + verify < {TARGET_SECONDS:g} s at {TARGET_NODES} nodes): {r['family']} "
+                  f"{r['nodes']} nodes took {r['wall_s']:.2f} s wall ({r['cpu_s']:.2f} s CPU): {verdict} it")
     for family in args.families:
         fam = [r for r in results if r["family"] == family]
         if fam:
-            print(f"\nphases, {family} stack: wall seconds (exclusive); k = growth exponent from {fam[0]['nodes']} "
-                  f"to {fam[-1]['nodes']} nodes")
-            print(phase_table(fam))
+            print(f"\nphases, {family} stack: {args.phase_clock} seconds, exclusive (a nested phase is not counted "
+                  f"in its parent); k from {fam[0]['nodes']} to {fam[-1]['nodes']} nodes")
+            print(phase_table(fam, args.phase_clock))
     missing = sorted({m for r in results for m in r["missing_phases"]})
     if missing:
         print(f"phase hooks not found (the core changed; their time is in 'other'): {', '.join(missing)}")
     profile_text = None
     if args.profile:
         profile_text = profile(args.families[0], args.profile)
-        print(f"\ncProfile of one compile, {args.families[0]} stack, about {args.profile} nodes")
+        print(f"\ncProfile (CPU clock) of one compile, {args.families[0]} stack, about {args.profile} nodes")
         print(profile_text)
     if args.json:
         common.write_json(args.json, {"benchmark": "compile_time", "machine": common.machine_note(args.threads),
-                               "threads": args.threads, "results": results, "skipped": skipped,
-                               "profile": profile_text})
+                                      "threads": args.threads, "results": results, "skipped": skipped,
+                                      "profile": profile_text})
     return 0
 
 
