@@ -19,16 +19,18 @@ architecture fuzzer, as a plain frozen description (:class:`NetworkSpec`) whose 
 valid Python, and :func:`build_network` to turn one into an ``nn.Module`` in eval mode with
 randomized BatchNorm statistics.  A network is a chain of blocks; a block applies several
 branches to the same input and sums them (with weights 1, -1, 0.5 or 2) or concatenates them
-on the channel axis, then an optional activation.  Branches are chains of convs (kernels
-1x1 to 5x5, 1xk / kx1, strides, dilation, groups, bias on/off, padding written on the conv,
-as ``padding='same'``, as a ZeroPad2d module, or as ZeroPad2d then BatchNorm: DBB's
-BN-and-pad), BatchNorms, average pools (with padding counted or not), per-channel and scalar
+on the channel axis, or splits the input's channels among them (channel slices written as
+indexing, ``narrow``, ``split`` or ``chunk``) and concatenates their outputs, then an optional
+activation; sums and activations may be written in place.  Branches are chains of convs
+(kernels 1x1 to 5x5, 1xk / kx1, strides, dilation, groups, bias on/off, padding written on the
+conv, as ``padding='same'``, as a ZeroPad2d module, or as ZeroPad2d then BatchNorm: DBB's
+BN-and-pad; reflect / replicate / circular padding modes), BatchNorms, average pools (with padding counted or not), per-channel and scalar
 scales with optional shifts, identity-like activations (``Identity``, ``LeakyReLU(1.0)``,
 ``Dropout`` in eval, ``PReLU`` at 1) and nonlinear ones, identity branches, and branches that
 re-use the modules of an earlier branch (a shared module called twice).  A block may also be
 applied twice with the same modules.  An optional tail reduces the map (``mean`` over space,
-or ``flatten``, which specializes the model to one spatial size) and applies blocks of linear
-branches (linear, low-rank pairs, BatchNorm1d, scales).
+``flatten``, which specializes the model to one spatial size, or ``tokens``: ``(N, H*W, C)``)
+and applies blocks of linear branches (linear, low-rank pairs, BatchNorm1d, LayerNorm, scales).
 
 Every branch of a block maps an input of size ``n`` (per spatial axis) to
 ``floor((n + e - 1) / s) + 1`` for the block's stride ``s`` and *slack* ``e`` (padding minus
@@ -192,7 +194,7 @@ class ConvLayer:
     ``conv`` (the conv's own symmetric padding), ``same`` (``padding='same'``), ``module``
     (``nn.ZeroPad2d`` before a conv without padding) or ``module_bn`` (``ZeroPad2d``, then a
     ``BatchNorm2d`` of the input channels, then the conv: the border is filled with the BN's
-    output for a zero input)."""
+    output for a zero input).  ``padding_mode`` other than ``zeros`` goes with ``conv``."""
 
     out_channels: int
     kernel: Pair = (1, 1)
@@ -202,6 +204,7 @@ class ConvLayer:
     groups: int = 1
     bias: bool = False
     pad_with: str = "conv"
+    padding_mode: str = "zeros"
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,10 @@ class PoolLayer:
 
 @dataclass(frozen=True)
 class NormLayer:
-    """``BatchNorm2d`` (``BatchNorm1d`` in a linear tail) over the current channels."""
+    """``kind='batch'``: ``BatchNorm2d`` (``BatchNorm1d`` in a linear tail) over the current
+    channels; ``kind='layer'``: ``LayerNorm`` over the features (linear tails only)."""
+
+    kind: str = "batch"
 
 
 @dataclass(frozen=True)
@@ -257,20 +263,27 @@ class Branch:
 
 @dataclass(frozen=True)
 class Block:
-    """Branches on one input, combined by ``sum`` (times ``weights``) or ``cat`` (channels),
-    then ``activation`` (``none`` or one of :data:`ACTIVATIONS`); run ``repeat`` times with the
-    same modules."""
+    """Branches on one input, combined by ``sum`` (times ``weights``) or ``cat`` (channels), or
+    ``split``: branch ``i`` reads the ``splits[i]`` channels after the previous branches' (a
+    slice written as ``slice_with``: ``getitem``, ``narrow``, ``split`` or ``chunk``) and the
+    outputs are concatenated; then ``activation`` (``none`` or one of :data:`ACTIVATIONS`).
+    ``inplace``: the sum is accumulated with ``+=`` / ``-=`` and the activation runs in place.
+    The block runs ``repeat`` times with the same modules."""
 
     branches: Tuple[Branch, ...]
     combine: str = "sum"
     weights: Tuple[float, ...] = ()
     activation: str = "none"
     repeat: int = 1
+    splits: Tuple[int, ...] = ()
+    slice_with: str = "getitem"
+    inplace: bool = False
 
 
 @dataclass(frozen=True)
 class Tail:
-    """``reduce`` the map (``mean`` over space or ``flatten``), then blocks of linear branches."""
+    """``reduce`` the map (``mean`` over space, ``flatten``, or ``tokens``: ``(N, H*W, C)``),
+    then blocks of linear branches."""
 
     reduce: str = "mean"
     blocks: Tuple[Block, ...] = ()
@@ -292,6 +305,8 @@ def layer_size(layer: Layer, n: int, axis: int) -> Optional[int]:
     """Size on spatial ``axis`` after ``layer`` for an input of size ``n``; None if invalid."""
     if isinstance(layer, ConvLayer):
         lo, hi = layer.padding[axis]
+        if layer.padding_mode != "zeros" and max(lo, hi) >= n:
+            return None  # reflect needs a padding smaller than the input
         reach = layer.dilation[axis] * (layer.kernel[axis] - 1) + 1
         span = n + lo + hi - reach
         return None if span < 0 else span // layer.stride[axis] + 1
@@ -352,11 +367,11 @@ def accepted_sizes(spec: NetworkSpec, axis: int, upto: int) -> List[int]:
 # ------------------------------------------------------------------------------- modules
 
 class Scale(nn.Module):
-    """``x * s (+ t)`` over channel axis 1 (the last axis of a 2-d tensor)."""
+    """``x * s (+ t)`` over channel axis 1 of a map (``ndim`` 4), the last axis otherwise."""
 
     def __init__(self, layer: ScaleLayer, channels: int, ndim: int, generator: torch.Generator):
         super().__init__()
-        view = (1, channels) + (1,) * (ndim - 2)
+        view = (1, channels, 1, 1) if ndim == 4 else (1,) * (ndim - 1) + (channels,)
         self.per_channel, self.value, self.has_shift = layer.per_channel, float(layer.value), layer.shift
         if layer.per_channel:
             self.scale = nn.Parameter(torch.rand(view, generator=generator) * 1.5 + 0.25)
@@ -370,10 +385,10 @@ class Scale(nn.Module):
         return y
 
 
-def activation_module(kind: str) -> nn.Module:
-    table = {"identity": nn.Identity, "leaky1": lambda: nn.LeakyReLU(1.0), "dropout": lambda: nn.Dropout(0.5),
-             "prelu1": lambda: nn.PReLU(1, init=1.0), "relu": nn.ReLU, "gelu": nn.GELU,
-             "leaky": lambda: nn.LeakyReLU(0.1)}
+def activation_module(kind: str, inplace: bool = False) -> nn.Module:
+    table = {"identity": nn.Identity, "leaky1": lambda: nn.LeakyReLU(1.0, inplace),
+             "dropout": lambda: nn.Dropout(0.5, inplace), "prelu1": lambda: nn.PReLU(1, init=1.0),
+             "relu": lambda: nn.ReLU(inplace), "gelu": nn.GELU, "leaky": lambda: nn.LeakyReLU(0.1, inplace)}
     if kind not in table:
         raise ValueError(f"unknown activation {kind!r}; expected one of {', '.join(table)}")
     return table[kind]()
@@ -401,8 +416,10 @@ def layer_modules(layer: Layer, channels: int, ndim: int, generator: torch.Gener
             padding = tuple(lo for lo, _ in layer.padding)
         else:
             raise ValueError(f"unknown padding style {layer.pad_with!r}; expected one of {', '.join(PAD_STYLES)}")
+        if layer.padding_mode != "zeros" and layer.pad_with != "conv":
+            raise ValueError("a padding mode other than zeros goes with the conv's own padding")
         mods.append(nn.Conv2d(channels, layer.out_channels, layer.kernel, layer.stride, padding,
-                              layer.dilation, layer.groups, layer.bias))
+                              layer.dilation, layer.groups, layer.bias, layer.padding_mode))
         return mods, layer.out_channels
     if isinstance(layer, PoolLayer):
         if layer.pad_with == "module":
@@ -412,6 +429,16 @@ def layer_modules(layer: Layer, channels: int, ndim: int, generator: torch.Gener
         return [nn.AvgPool2d(layer.kernel, layer.stride, tuple(lo for lo, _ in layer.padding),
                              count_include_pad=layer.pad_with != "exclude_pad")], channels
     if isinstance(layer, NormLayer):
+        if layer.kind == "layer":
+            if ndim == 4:
+                raise ValueError("LayerNorm layers go in linear tails")
+            norm = nn.LayerNorm(channels)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(channels, generator=generator) * 1.5 + 0.25)
+                norm.bias.copy_(torch.rand(channels, generator=generator) * 2 - 1)
+            return [norm], channels
+        if ndim == 3:
+            raise ValueError("BatchNorm1d over tokens needs the channel axis second: use a LayerNorm")
         return [nn.BatchNorm2d(channels) if ndim == 4 else nn.BatchNorm1d(channels)], channels
     if isinstance(layer, ScaleLayer):
         return [Scale(layer, channels, ndim, generator)], channels
@@ -439,18 +466,22 @@ class FuzzNet(nn.Module):
             if spec.tail.reduce == "flatten":
                 h, w = (output_size(spec, n, axis) for axis, n in enumerate(spec.size))
                 channels = channels * h * w
-            elif spec.tail.reduce != "mean":
-                raise ValueError(f"unknown tail reduction {spec.tail.reduce!r}; expected mean or flatten")
+            elif spec.tail.reduce not in ("mean", "tokens"):
+                raise ValueError(f"unknown tail reduction {spec.tail.reduce!r}; expected mean, flatten or tokens")
+            ndim = 3 if spec.tail.reduce == "tokens" else 2
             for block in spec.tail.blocks:
-                mods, channels = self._block_modules(block, channels, 2, gen)
+                mods, channels = self._block_modules(block, channels, ndim, gen)
                 self.head.append(mods)
 
     @staticmethod
     def _block_modules(block: Block, channels: int, ndim: int, gen) -> Tuple[nn.ModuleList, int]:
         branches = nn.ModuleList()
         outs = []
-        for branch in block.branches:
-            c = outs[branch.shares] if branch.shares is not None else channels
+        if block.combine == "split" and (sum(block.splits) != channels or len(block.splits) != len(block.branches)):
+            raise ValueError(f"split {block.splits} of {channels} channels among {len(block.branches)} branches")
+        for i, branch in enumerate(block.branches):
+            c = outs[branch.shares] if branch.shares is not None else \
+                (block.splits[i] if block.combine == "split" else channels)
             seq = nn.ModuleList()
             for layer in branch.layers:
                 mods, c = layer_modules(layer, c, ndim, gen)
@@ -461,15 +492,15 @@ class FuzzNet(nn.Module):
             if len(set(outs)) != 1:
                 raise ValueError(f"summed branches have different channel counts {outs}")
             out = outs[0]
-        elif block.combine == "cat":
+        elif block.combine in ("cat", "split"):
             out = sum(outs)
         else:
-            raise ValueError(f"unknown block combination {block.combine!r}; expected sum or cat")
+            raise ValueError(f"unknown block combination {block.combine!r}; expected sum, cat or split")
         if block.repeat > 1 and out != channels:
             raise ValueError("a repeated block must keep the channel count")
         mods = nn.ModuleList([branches])
         if block.activation != "none":
-            mods.append(activation_module(block.activation))
+            mods.append(activation_module(block.activation, block.inplace))
         return mods, out
 
     @staticmethod
@@ -482,11 +513,43 @@ class FuzzNet(nn.Module):
         return x
 
     @staticmethod
-    def _block(block: Block, mods: nn.ModuleList, x):
+    def _slices(block: Block, x, dim: int):
+        if block.slice_with in ("split", "chunk"):  # indexed, not iterated: fx traces a proxy
+            parts = torch.split(x, list(block.splits), dim) if block.slice_with == "split" \
+                else x.chunk(len(block.splits), dim)
+            return [parts[i] for i in range(len(block.splits))]
+        out, start = [], 0
+        for n in block.splits:
+            if block.slice_with == "narrow":
+                out.append(x.narrow(dim, start, n))
+            elif dim == 1:
+                out.append(x[:, start:start + n])
+            else:
+                out.append(x[..., start:start + n])
+            start += n
+        return out
+
+    @staticmethod
+    def _block(block: Block, mods: nn.ModuleList, x, dim: int):
+        """``dim``: the channel axis (1 in the body, -1 in the tail), a Python int so that fx
+        traces the block without control flow on tensors."""
         for _ in range(block.repeat):
-            ys = [FuzzNet._branch(block, mods[0], i, x) for i in range(len(block.branches))]
-            if block.combine == "cat":
-                out = torch.cat(ys, 1)
+            if block.combine == "split":
+                ys = [FuzzNet._branch(block, mods[0], i, part) for i, part in enumerate(FuzzNet._slices(block, x, dim))]
+            else:
+                ys = [FuzzNet._branch(block, mods[0], i, x) for i in range(len(block.branches))]
+            if block.combine in ("cat", "split"):
+                out = torch.cat(ys, dim)
+            elif block.inplace:
+                weights = block.weights or (1.0,) * len(ys)
+                out = ys[0] if weights[0] == 1.0 else ys[0] * weights[0]
+                for w, y in zip(weights[1:], ys[1:]):
+                    if w == 1.0:
+                        out += y
+                    elif w == -1.0:
+                        out -= y
+                    else:
+                        out.add_(y, alpha=w)
             else:
                 weights = block.weights or (1.0,) * len(ys)
                 out = ys[0] if weights[0] == 1.0 else ys[0] * weights[0]
@@ -502,11 +565,16 @@ class FuzzNet(nn.Module):
 
     def forward(self, x):
         for block, mods in zip(self.spec.blocks, self.body):
-            x = self._block(block, mods, x)
+            x = self._block(block, mods, x, 1)
         if self.spec.tail is not None:
-            x = x.mean((2, 3)) if self.spec.tail.reduce == "mean" else torch.flatten(x, 1)
+            if self.spec.tail.reduce == "mean":
+                x = x.mean((2, 3))
+            elif self.spec.tail.reduce == "tokens":
+                x = x.flatten(2).transpose(1, 2)
+            else:
+                x = torch.flatten(x, 1)
             for block, mods in zip(self.spec.tail.blocks, self.head):
-                x = self._block(block, mods, x)
+                x = self._block(block, mods, x, -1)
         return x
 
 
@@ -571,8 +639,12 @@ def conv_layers(draw, cin: int, cout: int, stride: Pair = (1, 1), slack: Pair = 
         styles.append("same")
     styles += ["module", "module_bn"]
     groups = draw(st.sampled_from(_divisors(math.gcd(cin, cout))))
+    style = draw(st.sampled_from(styles))
+    mode = "zeros"
+    if style == "conv" and any(lo for lo, _ in padding):
+        mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
     return ConvLayer(cout, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups,
-                     draw(st.booleans()), draw(st.sampled_from(styles)))
+                     draw(st.booleans()), style, mode)
 
 
 @st.composite
@@ -591,14 +663,20 @@ def pool_layers(draw, stride: Pair, slack: Pair) -> Optional[PoolLayer]:
     return PoolLayer(tuple(kernel), tuple(stride), tuple(padding), draw(st.sampled_from(styles)))
 
 
+def _norms(linear: bool, tokens: bool) -> List[NormLayer]:
+    if tokens:
+        return [NormLayer("layer")]
+    return [NormLayer("batch"), NormLayer("layer")] if linear else [NormLayer("batch")]
+
+
 @st.composite
-def post_layers(draw, channels: int, linear: bool = False, max_layers: int = 2) -> Tuple[Layer, ...]:
-    """Size- and channel-preserving layers: BN, scales, activations, 1x1 convs / square linears."""
+def post_layers(draw, channels: int, linear: bool = False, max_layers: int = 2, tokens: bool = False) -> Tuple[Layer, ...]:
+    """Size- and channel-preserving layers: norms, scales, activations, 1x1 convs / square linears."""
     layers = []
     for _ in range(draw(st.integers(0, max_layers))):
         kind = draw(st.sampled_from(["norm", "scale", "act", "mix"]))
         if kind == "norm":
-            layers.append(NormLayer())
+            layers.append(draw(st.sampled_from(_norms(linear, tokens))))
         elif kind == "scale":
             layers.append(ScaleLayer(draw(st.booleans()), draw(st.sampled_from([0.5, -1.0, 2.0, 0.25])),
                                      draw(st.booleans())))
@@ -657,26 +735,48 @@ def conv_branches(draw, cin: int, cout: int, stride: Pair, slack: Pair, earlier:
     return Branch(tuple(layers))
 
 
+def _fresh(branch: Branch) -> bool:
+    """The branch returns a tensor of its own (not its input or a view of it), so ``+=`` on it
+    and in-place activations after it leave the block's input alone."""
+    return branch.shares is None and any(not (isinstance(layer, ActLayer) and layer.kind in ("identity", "dropout"))
+                                         for layer in branch.layers)
+
+
+@st.composite
+def _splits(draw, channels: int, max_parts: int) -> Tuple[Tuple[int, ...], str]:
+    """Channel counts of a split of ``channels`` into 2..max_parts parts, and how it is written."""
+    n = draw(st.integers(2, max(2, min(channels, max_parts))))
+    if channels % n == 0 and draw(st.booleans()):
+        parts = (channels // n,) * n
+    else:
+        cuts = sorted(draw(st.sets(st.integers(1, channels - 1), min_size=n - 1, max_size=n - 1)))
+        parts = tuple(b - a for a, b in zip([0] + cuts, cuts + [channels]))
+    styles = ["getitem", "narrow", "split"] + (["chunk"] if len(set(parts)) == 1 else [])
+    return parts, draw(st.sampled_from(styles))
+
+
 @st.composite
 def conv_blocks(draw, cin: int, max_branches: int = 4, max_channels: int = 8) -> Block:
     """A block of conv branches on ``cin`` channels (see the module docstring)."""
-    combine = draw(st.sampled_from(["sum", "sum", "cat"]))
+    combine = draw(st.sampled_from(["sum", "sum", "cat"] + (["split"] if cin >= 2 else [])))
     stride = draw(st.sampled_from([(1, 1), (2, 2), (1, 2), (2, 1)]))
     slack = draw(st.sampled_from([(0, 0), (-1, -1), (-2, -2), (0, -1), (-2, 0)]))
-    n = draw(st.integers(1, max_branches))
-    same_cout = combine == "sum"
-    cout = draw(st.sampled_from([cin] + [c for c in range(1, max_channels + 1) if c != cin])) if same_cout else None
+    splits, slice_with = draw(_splits(cin, max_branches)) if combine == "split" else ((), "getitem")
+    n = len(splits) if splits else draw(st.integers(1, max_branches))
+    cout = draw(st.sampled_from([cin] + [c for c in range(1, max_channels + 1) if c != cin])) if combine == "sum" else None
     branches: List[Branch] = []
     outs: List[int] = []
-    for _ in range(n):
-        c = cout if same_cout else draw(st.sampled_from([cin] + list(range(1, max(2, max_channels // 2) + 1))))
+    for i in range(n):
+        c_in = splits[i] if splits else cin
+        c = cout if combine == "sum" else draw(st.sampled_from([c_in] + list(range(1, max(2, max_channels // 2) + 1))))
+        earlier = [] if splits else outs
         branch = None
         for _attempt in range(3):
-            branch = draw(conv_branches(cin, c, stride, slack, outs, max_channels))
+            branch = draw(conv_branches(c_in, c, stride, slack, earlier, max_channels))
             if branch is not None:
                 break
         if branch is None:
-            branch = Branch((draw(conv_layers(cin, c, stride, slack)),))
+            branch = Branch((draw(conv_layers(c_in, c, stride, slack)),))
         if branch.shares is not None:
             c = outs[branch.shares]
         branches.append(branch)
@@ -686,38 +786,41 @@ def conv_blocks(draw, cin: int, max_branches: int = 4, max_channels: int = 8) ->
     out = outs[0] if combine == "sum" else sum(outs)
     activation = draw(st.sampled_from(("none",) + ACTIVATIONS))
     repeat = draw(st.sampled_from([1, 1, 1, 2])) if out == cin else 1
-    return Block(tuple(branches), combine, weights, activation, repeat)
+    inplace = (combine != "sum" or _fresh(branches[0])) and draw(st.booleans())
+    return Block(tuple(branches), combine, weights, activation, repeat, splits, slice_with, inplace)
 
 
 @st.composite
-def linear_blocks(draw, features: int, max_branches: int = 3, max_features: int = 12) -> Block:
-    """A block of linear branches on ``features`` inputs: linear, low-rank pair, BN1d, scale."""
-    combine = draw(st.sampled_from(["sum", "sum", "cat"]))
+def linear_blocks(draw, features: int, max_branches: int = 3, max_features: int = 12, tokens: bool = False) -> Block:
+    """A block of linear branches on ``features`` inputs: linear, low-rank pair, norms, scale."""
+    combine = draw(st.sampled_from(["sum", "sum", "cat"] + (["split"] if features >= 2 else [])))
+    splits, slice_with = draw(_splits(features, max_branches)) if combine == "split" else ((), "getitem")
     out = draw(st.sampled_from([features] + [f for f in range(1, max_features + 1) if f != features]))
     branches: List[Branch] = []
-    outs: List[int] = []
-    for _ in range(draw(st.integers(1, max_branches))):
+    for i in range(len(splits) if splits else draw(st.integers(1, max_branches))):
+        f_in = splits[i] if splits else features
         o = out if combine == "sum" else draw(st.integers(1, 6))
         kind = draw(st.sampled_from(["linear", "lowrank", "identity"]))
-        if kind == "identity" and o == features:
-            layers: Tuple[Layer, ...] = draw(st.sampled_from([(), (NormLayer(),), (ScaleLayer(True, 1.0, True),)]))
+        if kind == "identity" and o == f_in:
+            layers: Tuple[Layer, ...] = draw(st.sampled_from(
+                [(), (ScaleLayer(True, 1.0, True),)] + [(norm,) for norm in _norms(True, tokens)]))
         elif kind == "lowrank":
             r = draw(st.integers(1, 3))
             layers = (LinearLayer(r, False), LinearLayer(o, draw(st.booleans())))
         else:
             layers = (LinearLayer(o, draw(st.booleans())),)
-        layers += draw(post_layers(o, linear=True, max_layers=1))
+        layers += draw(post_layers(o, linear=True, max_layers=1, tokens=tokens))
         branches.append(Branch(layers))
-        outs.append(o)
     weights = tuple([1.0] + [draw(st.sampled_from([1.0, -1.0, 0.5])) for _ in branches[1:]]) if combine == "sum" else ()
     activation = draw(st.sampled_from(("none",) + ACTIVATIONS))
-    return Block(tuple(branches), combine, weights, activation)
+    inplace = (combine != "sum" or _fresh(branches[0])) and draw(st.booleans())
+    return Block(tuple(branches), combine, weights, activation, 1, splits, slice_with, inplace)
 
 
 def _block_out(block: Block, cin: int) -> int:
     outs = []
-    for b in block.branches:
-        c = outs[b.shares] if b.shares is not None else cin
+    for i, b in enumerate(block.branches):
+        c = outs[b.shares] if b.shares is not None else (block.splits[i] if block.combine == "split" else cin)
         for layer in b.layers:
             if isinstance(layer, (ConvLayer, LinearLayer)):
                 c = layer.out_channels if isinstance(layer, ConvLayer) else layer.out_features
@@ -745,7 +848,7 @@ def networks(draw, max_blocks: int = 3, max_branches: int = 4, max_channels: int
     size = tuple(min_size(body, axis, 32) + draw(st.integers(0, 4)) for axis in range(2))
     tail = None
     if tails and draw(st.booleans()):
-        reduce = draw(st.sampled_from(["mean", "mean", "flatten"]))
+        reduce = draw(st.sampled_from(["mean", "mean", "flatten", "tokens"]))
         features = c
         if reduce == "flatten":
             h, w = (output_size(body, n, axis) for axis, n in enumerate(size))
@@ -754,7 +857,7 @@ def networks(draw, max_blocks: int = 3, max_branches: int = 4, max_channels: int
                 reduce, features = "mean", c
         tail_blocks = []
         for _ in range(draw(st.integers(1, 2))):
-            block = draw(linear_blocks(features))
+            block = draw(linear_blocks(features, tokens=reduce == "tokens"))
             tail_blocks.append(block)
             features = _block_out(block, features)
         tail = Tail(reduce, tuple(tail_blocks))
