@@ -283,8 +283,9 @@ def main(argv=None) -> int:
     for family in args.families:
         fam = [r for r in results if r["family"] == family]
         if fam:
+            growth = f"; k from {fam[0]['nodes']} to {fam[-1]['nodes']} nodes" if len(fam) > 1 else ""
             print(f"\nphases, {family} stack: {args.phase_clock} seconds, exclusive (a nested phase is not counted "
-                  f"in its parent); k from {fam[0]['nodes']} to {fam[-1]['nodes']} nodes")
+                  f"in its parent){growth}")
             print(phase_table(fam, args.phase_clock))
     missing = sorted({m for r in results for m in r["missing_phases"]})
     if missing:

@@ -59,6 +59,11 @@ class Latency:
         return statistics.median(self.samples)
 
     @property
+    def best(self) -> float:
+        """The fastest round: the least disturbed by other processes."""
+        return min(self.samples)
+
+    @property
     def spread(self) -> float:
         """Interquartile range relative to the median (0.1 = the middle half lies within 10%)."""
         if len(self.samples) < 4:
