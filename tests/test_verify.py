@@ -279,3 +279,46 @@ def test_half_precision_fusion_is_no_further_from_float64_truth(dtype):
     assert rms_fused <= 1.5 * rms_unfused, (rms_fused, rms_unfused)
     assert worst_ratio_max <= 2.0
     assert verify(model, fused, torch.randn(2, 3, 32, 32).to(dtype), max_examples=6).ok
+
+
+# --------------------------------------------------------------------------- rounding-noise floor
+
+class _Cancelling(nn.Module):
+    """Two equal rows, then their difference: the output is the bias alone, and any re-rounding
+    of the weights leaves a residue proportional to the (large) activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 2)
+        self.fc2 = nn.Linear(2, 1)
+        with torch.no_grad():
+            self.fc1.weight[1] = self.fc1.weight[0]
+            self.fc1.bias[1] = self.fc1.bias[0]
+            self.fc2.weight.copy_(torch.tensor([[1.0, -1.0]]))
+            self.fc2.bias.fill_(1e-3)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _rerounded(model: _Cancelling) -> nn.Module:
+    """What a merge does to weights: one row re-rounded by an ulp."""
+    fused = copy.deepcopy(model)
+    with torch.no_grad():
+        fused.fc1.weight[1] = torch.nextafter(fused.fc1.weight[1], torch.full((4,), 2.0))
+    return fused
+
+
+def test_noise_floor_accepts_rounding_in_ill_conditioned_cases_only():
+    torch.manual_seed(0)
+    model = _Cancelling().eval()
+    x = torch.randn(3, 4)
+    rerounded = _rerounded(model)
+    strict = verify(model, rerounded, x, max_examples=10, distributions=("large",), noise_floor=False)
+    assert not strict.ok  # relative to the tiny output, an ulp is a big deviation
+    result = verify(model, rerounded, x, max_examples=10, distributions=("large",))
+    assert result.ok, str(result)  # the floor decided: the same cases pass
+    wrong = copy.deepcopy(rerounded)
+    with torch.no_grad():
+        wrong.fc2.bias.mul_(1.1)
+    assert not verify(model, wrong, x, max_examples=10, distributions=("large",)).ok

@@ -27,7 +27,8 @@ conv, as ``padding='same'``, as a ZeroPad2d module, or as ZeroPad2d then BatchNo
 BN-and-pad; reflect / replicate / circular padding modes), BatchNorms, average pools (with padding counted or not), per-channel and scalar
 scales with optional shifts, identity-like activations (``Identity``, ``LeakyReLU(1.0)``,
 ``Dropout`` in eval, ``PReLU`` at 1) and nonlinear ones, identity branches, and branches that
-re-use the modules of an earlier branch (a shared module called twice).  A block may also be
+re-use the modules of an earlier branch (a shared module called twice).  The layers are called as
+modules or, in a *functional* network, as ``torch.nn.functional`` calls on the modules' tensors.  A block may also be
 applied twice with the same modules.  An optional tail reduces the map (``mean`` over space,
 ``flatten``, which specializes the model to one spatial size, or ``tokens``: ``(N, H*W, C)``)
 and applies blocks of linear branches (linear, low-rank pairs, BatchNorm1d, LayerNorm, scales).
@@ -297,6 +298,7 @@ class NetworkSpec:
     tail: Optional[Tail] = None
     batch: int = 2
     seed: int = 0
+    functional: bool = False  # layers called as torch.nn.functional calls on the modules' tensors
 
 
 # ------------------------------------------------------------------------------- sizes
@@ -503,13 +505,12 @@ class FuzzNet(nn.Module):
             mods.append(activation_module(block.activation, block.inplace))
         return mods, out
 
-    @staticmethod
-    def _branch(block: Block, branches: nn.ModuleList, index: int, x):
+    def _branch(self, block: Block, branches: nn.ModuleList, index: int, x):
         branch = block.branches[index]
         if branch.shares is not None:
-            x = FuzzNet._branch(block, branches, branch.shares, x)
+            x = self._branch(block, branches, branch.shares, x)
         for mod in branches[index]:
-            x = mod(x)
+            x = call_functional(mod, x) if self.spec.functional else mod(x)
         return x
 
     @staticmethod
@@ -529,15 +530,14 @@ class FuzzNet(nn.Module):
             start += n
         return out
 
-    @staticmethod
-    def _block(block: Block, mods: nn.ModuleList, x, dim: int):
+    def _block(self, block: Block, mods: nn.ModuleList, x, dim: int):
         """``dim``: the channel axis (1 in the body, -1 in the tail), a Python int so that fx
         traces the block without control flow on tensors."""
         for _ in range(block.repeat):
             if block.combine == "split":
-                ys = [FuzzNet._branch(block, mods[0], i, part) for i, part in enumerate(FuzzNet._slices(block, x, dim))]
+                ys = [self._branch(block, mods[0], i, part) for i, part in enumerate(self._slices(block, x, dim))]
             else:
-                ys = [FuzzNet._branch(block, mods[0], i, x) for i in range(len(block.branches))]
+                ys = [self._branch(block, mods[0], i, x) for i in range(len(block.branches))]
             if block.combine in ("cat", "split"):
                 out = torch.cat(ys, dim)
             elif block.inplace:
@@ -560,7 +560,10 @@ class FuzzNet(nn.Module):
                         out = out - y
                     else:
                         out = out + y * w
-            x = mods[1](out) if len(mods) > 1 else out
+            if len(mods) > 1:
+                x = call_functional(mods[1], out) if self.spec.functional else mods[1](out)
+            else:
+                x = out
         return x
 
     def forward(self, x):
@@ -576,6 +579,44 @@ class FuzzNet(nn.Module):
             for block, mods in zip(self.spec.tail.blocks, self.head):
                 x = self._block(block, mods, x, -1)
         return x
+
+
+def call_functional(mod: nn.Module, x):
+    """``mod(x)`` written as ``torch.nn.functional`` calls on the module's own tensors."""
+    if isinstance(mod, nn.Sequential):
+        for m in mod:
+            x = call_functional(m, x)
+        return x
+    if isinstance(mod, nn.Conv2d):
+        if mod.padding_mode != "zeros":
+            pad = [p for p in reversed(mod.padding) for _ in range(2)]
+            return F.conv2d(F.pad(x, pad, mode=mod.padding_mode), mod.weight, mod.bias, mod.stride, 0,
+                            mod.dilation, mod.groups)
+        return F.conv2d(x, mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return F.batch_norm(x, mod.running_mean, mod.running_var, mod.weight, mod.bias, False, 0.0, mod.eps)
+    if isinstance(mod, nn.LayerNorm):
+        return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+    if isinstance(mod, nn.Linear):
+        return F.linear(x, mod.weight, mod.bias)
+    if isinstance(mod, nn.AvgPool2d):
+        return F.avg_pool2d(x, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
+                            mod.divisor_override)
+    if isinstance(mod, nn.ZeroPad2d):
+        return F.pad(x, list(mod.padding))
+    if isinstance(mod, nn.ReLU):
+        return F.relu(x, inplace=mod.inplace)
+    if isinstance(mod, nn.LeakyReLU):
+        return F.leaky_relu(x, mod.negative_slope, mod.inplace)
+    if isinstance(mod, nn.GELU):
+        return F.gelu(x)
+    if isinstance(mod, nn.Dropout):
+        return F.dropout(x, mod.p, False, mod.inplace)
+    if isinstance(mod, nn.PReLU):
+        return F.prelu(x, mod.weight)
+    if isinstance(mod, nn.Identity):
+        return x
+    return mod(x)
 
 
 def build_network(spec: NetworkSpec) -> nn.Module:
@@ -861,4 +902,5 @@ def networks(draw, max_blocks: int = 3, max_branches: int = 4, max_channels: int
             tail_blocks.append(block)
             features = _block_out(block, features)
         tail = Tail(reduce, tuple(tail_blocks))
-    return NetworkSpec(cin, size, tuple(blocks), tail, draw(st.integers(1, 3)), draw(st.integers(0, 2 ** 16)))
+    return NetworkSpec(cin, size, tuple(blocks), tail, draw(st.integers(1, 3)), draw(st.integers(0, 2 ** 16)),
+                       draw(st.booleans()))
