@@ -10,7 +10,7 @@ BatchNorm statistics, in eval mode under ``torch.no_grad()``.  Variants:
 * ``deploy+inductor``  -- ``torch.compile(deploy(model))``: Inductor on the deploy form written by
   hand here (one conv per block, as the papers' ``reparameterize()`` methods produce it).
 
-Latency is the median over rounds; each round times every variant once, in a rotated order,
+Latency is the median over rounds (the fastest round is shown too); each round times every variant once, in a rotated order,
 so that load from other processes hits all of them alike.  Compile time is the first call
 (dynamo + backend + Inductor's code generation), measured for each variant in a process of its
 own with a fresh Inductor cache directory (unless ``--warm-cache``), after Inductor has been
@@ -248,6 +248,7 @@ def measure(args) -> Dict:
         rows.append({
             "variant": name,
             "median_ms": median[name] * 1e3,
+            "min_ms": min(samples[name]) * 1e3,
             "vs_eager": median["eager"] / median[name],
             "vs_inductor": median["inductor"] / median[name],
             "vs_deploy_inductor": median["deploy+inductor"] / median[name],
@@ -277,17 +278,18 @@ def machine_note(threads: int) -> str:
 
 
 def render(result: Dict) -> str:
-    head = f"{'variant':<17}{'median ms':>11}{'vs eager':>10}{'vs inductor':>13}{'vs deploy':>11}" \
+    head = f"{'variant':<17}{'median ms':>11}{'min ms':>9}{'vs eager':>10}{'vs inductor':>13}{'vs deploy':>11}" \
            f"{'compile s':>11}{'deviation':>11}"
     lines = [f"{result['network']}; input {tuple(result['input'])}", head, "-" * len(head)]
     for row in result["rows"]:
         compile_s = "-" if row["compile_s"] is None else f"{row['compile_s']:.2f}"
-        lines.append(f"{row['variant']:<17}{row['median_ms']:>11.3f}{row['vs_eager']:>9.2f}x"
+        lines.append(f"{row['variant']:<17}{row['median_ms']:>11.3f}{row['min_ms']:>9.3f}{row['vs_eager']:>9.2f}x"
                      f"{row['vs_inductor']:>12.2f}x{row['vs_deploy_inductor']:>10.2f}x{compile_s:>11}"
                      f"{row['deviation']:>11.1e}")
     lines.append(f"convs: {result['convs_training_form']} in the training form, {result['convs_deploy_form']} "
                  f"in the deploy form; time inside repc during its compile: {result['repc_fuse_s']:.2f} s")
-    lines.append("ratios are speed-ups (median latency of the column's variant / this row's); "
+    lines.append("ratios are speed-ups (median latency of the column's variant / this row's); min ms is the "
+                 "fastest round, the least disturbed by other processes; "
                  "deviation is max |out - eager| / max |eager|")
     lines.append(result["machine"])
     return "\n".join(lines)
