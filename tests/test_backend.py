@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from repc.backend import BackendOptionError, fuse_graph, repc_backend
-from repc.examples import MobileOneUnit, RepVGGBlock, randomize_bn
+from repc.examples import MobileOneUnit, RepVGGBlock, example_net, randomize_bn
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +160,17 @@ def test_branchy_net_with_a_linear_head_matches_eager_with_every_batch_norm_fold
     assert "dropout" not in names  # eval-mode dropout is an identity and vanishes
     assert count_convs(graph) == 4  # two RepVGG blocks, MobileOne depthwise and pointwise
     assert sum(name in ("Linear", "linear") for name in names) == 1  # the head is one linear map
+
+
+def test_example_net_with_a_diverse_branch_block_compiles_to_one_conv_per_block():
+    model = example_net(width=8)  # the DBB's zero padding reaches the backend as torch._C._nn.pad
+    recorder = Recorder()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(compiled(model, recorder)(x), model(x))
+    (graph,) = recorder.graphs
+    assert count_batch_norms(graph) == 0
+    assert count_convs(graph) == 6  # stem, 2 RepVGG, DBB, MobileOne depthwise and pointwise
 
 
 def test_mobileone_stack_with_dynamic_shapes_is_fused_and_runs_on_other_sizes():
