@@ -192,15 +192,15 @@ def growth_table(results: List[Dict]) -> str:
 def phase_table(results: List[Dict], clock: str) -> str:
     """Seconds per phase (``clock`` is "wall" or "cpu") of one family's sizes, with the growth exponent."""
     key = f"phases_{clock}_s"
-    headers = ["phase"] + [str(r["nodes"]) for r in results] + ["k first->last"]
+    several = len(results) > 1
+    headers = ["phase"] + [str(r["nodes"]) for r in results] + (["k first->last"] if several else [])
     rows = []
     for phase in PHASE_ORDER:
         values = [r[key].get(phase, 0.0) for r in results]
-        k = common.growth_exponent(results[0]["nodes"], values[0], results[-1]["nodes"], values[-1]) \
-            if len(results) > 1 else float("nan")
-        rows.append([phase] + [f"{v:.3f}" for v in values] + ["" if k != k else f"{k:.2f}"])
-    total_k = _exponent(results[0], results[-1], clock + "_s") if len(results) > 1 else ""
-    rows.append([f"total ({clock})"] + [f"{r[clock + '_s']:.3f}" for r in results] + [total_k])
+        k = common.growth_exponent(results[0]["nodes"], values[0], results[-1]["nodes"], values[-1])
+        rows.append([phase] + [f"{v:.3f}" for v in values] + ([("" if k != k else f"{k:.2f}")] if several else []))
+    rows.append([f"total ({clock})"] + [f"{r[clock + '_s']:.3f}" for r in results]
+                + ([_exponent(results[0], results[-1], clock + "_s")] if several else []))
     return common.format_table(headers, rows)
 
 
