@@ -9,7 +9,7 @@ import importlib.util
 import json
 import pathlib
 import sys
-import time
+import types
 
 import pytest
 import torch
@@ -127,34 +127,58 @@ def test_interleaved_medians_rotates_the_order_and_takes_the_median():
     assert lat.median == 3.0
 
 
-def test_phase_timer_counts_nested_time_once():
+class FakeClock:
+    """Stands in for the ``time`` module inside common: time moves only when told to."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def process_time(self):
+        return self.now / 2  # as if the process had half a core
+
+
+def test_phase_timer_counts_nested_time_once(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(common, "time", clock)
     timer = common.PhaseTimer()
     with timer.phase("outer"):
-        time.sleep(0.02)
+        clock.now += 2.0
         with timer.phase("inner"):
-            time.sleep(0.05)
-    assert timer.wall["inner"] >= 0.05
-    assert 0.02 <= timer.wall["outer"] < 0.045  # the inner 0.05 s is not counted again
+            clock.now += 5.0
+        with timer.phase("inner"):
+            clock.now += 1.0
+    assert timer.wall == {"inner": 6.0, "outer": 2.0}  # the inner 6 s are not counted in outer again
+    assert timer.cpu == {"inner": 3.0, "outer": 1.0}
+    assert timer.calls == {"inner": 2, "outer": 1}
 
 
-def test_phase_timer_wraps_a_module_function_only_while_instrumenting():
-    import repc.api
-    original = repc.api.compare
-    timer = common.PhaseTimer()
-    with timer.instrument([("repc.api", "compare", "verify"), ("repc.api", "no_such_function", "x"),
-                           ("repc.api", "copy.deepcopy", "copy")]):
-        assert repc.api.compare is not original
-        repc.api.copy.deepcopy([1, [2]])
-    assert repc.api.compare is original
-    assert import_copy_untouched()
-    assert timer.calls["copy"] == 1  # the deepcopy recursion is not timed call by call
-    assert timer.missing == ["repc.api:no_such_function"]
+@pytest.fixture
+def reader_module(monkeypatch):
+    """A module that reads ``copy.deepcopy`` through ``import copy`` and has a function of its own."""
+    module = types.ModuleType("bench_smoke_reader")
+    exec("import copy\n"
+         "def work(x):\n"
+         "    return copy.deepcopy(x)\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module
 
 
-def import_copy_untouched() -> bool:
+def test_phase_timer_wraps_functions_only_while_instrumenting(reader_module):
     import copy
-    import repc.api
-    return repc.api.copy is copy and copy.deepcopy.__module__ == "copy"
+    original = reader_module.work
+    timer = common.PhaseTimer()
+    targets = [("bench_smoke_reader", "work", "work"), ("bench_smoke_reader", "no_such_function", "x"),
+               ("bench_smoke_reader", "copy.deepcopy", "copy")]
+    with timer.instrument(targets):
+        assert reader_module.work is not original
+        assert reader_module.work([1, [2, [3]]]) == [1, [2, [3]]]
+        assert copy.deepcopy.__module__ == "copy"  # the copy module itself is not patched
+    assert reader_module.work is original and reader_module.copy is copy
+    assert timer.calls == {"work": 1, "copy": 1}  # deepcopy's recursion is not timed call by call
+    assert timer.missing == ["bench_smoke_reader:no_such_function"]
 
 
 def test_growth_exponent_reads_linear_and_quadratic():
