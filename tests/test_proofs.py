@@ -97,11 +97,14 @@ def test_biased_pointwise_before_padded_conv_is_wrong_only_at_the_border():
 
 
 def test_value_dependent_closed_form_is_refused():
-    """``compose`` returns the constant map when a scale is all zero: one-hot operands hit that
-    branch, so the reading must be refused rather than proven wrong or right by accident."""
-    ops = [conv_template(2, 2, (1, 1)), channel_affine_template(2, 2)]
+    """``compact_groups`` picks the group count from which kernel blocks are zero: one-hot
+    operands change the result's structure, so the reading is refused rather than proven wrong
+    or right by accident."""
+    space = SymbolSpace()
+    sym = space.op("a", conv_template(4, 4, (1, 1)))
+    space.build()
     with pytest.raises(ProofError, match="value-dependent"):
-        prove_composition("compose", algebra.compose, ops, (2, 2, 2))
+        lift(algebra.compact_groups, [sym], space)
 
 
 def test_non_multiaffine_closed_form_is_refused():

@@ -238,9 +238,10 @@ def _sample_view(t: Optional[np.ndarray], ndim: int) -> Optional[np.ndarray]:
     return t
 
 
-def apply(op: Union[SymOp, AffineOp], x: np.ndarray, space: SymbolSpace) -> np.ndarray:
-    """``op(x)`` with the reference semantics; tensors from a :class:`SymOp` or a float op."""
-    if isinstance(op, SymOp):
+def apply(op: Union["SymOp", "LiftedOp", AffineOp], x: np.ndarray, space: SymbolSpace) -> np.ndarray:
+    """``op(x)`` with the reference semantics; symbolic tensors from a :class:`SymOp` or a
+    :class:`LiftedOp`, or exact constants from a float op."""
+    if isinstance(op, (SymOp, LiftedOp)):
         template = op.template
 
         def get(name):
@@ -326,6 +327,9 @@ class Lifted:
 
 @dataclass
 class LiftedOp:
+    """A merged op: the closed form's result (``template``: type and geometry) with polynomial
+    tensors."""
+
     template: AffineOp
     values: Dict[str, Optional[np.ndarray]]
 
@@ -574,17 +578,8 @@ def prove_constant_op(name: str, op: AffineOp, original: Callable[[np.ndarray, S
 
 
 def apply_lifted(op: LiftedOp, x: np.ndarray, space: SymbolSpace) -> np.ndarray:
-    return apply(SymOpView(op), x, space)
-
-
-class SymOpView(SymOp):
-    """A :class:`LiftedOp` seen through the :class:`SymOp` interface of :func:`apply`."""
-
-    def __init__(self, lifted: LiftedOp):
-        self.template, self._values, self.parts = lifted.template, lifted.values, {}
-
-    def tensor(self, field_name):
-        return self._values.get(field_name)
+    """The merged op read off by :func:`lift`, applied with the reference semantics."""
+    return apply(op, x, space)
 
 
 def prove_batchnorm_affine(channels: int = 3, eps: float = 0.25) -> ProofResult:
@@ -683,6 +678,10 @@ def _catalogue() -> Dict[str, Callable[[], Optional[ProofResult]]]:
             lambda: prove_scale_conv_outputs(c(4, 4, (3, 3), padding=pad1, groups=2), (4, 4, 5)),
         "bn_after_conv (1x3, stride 2, no bias)":
             lambda: prove_scale_conv_outputs(c(2, 4, (1, 3), stride=(2, 2), padding=((0, 0), (1, 1)), bias=False), (2, 5, 5)),
+        "conv then BN through compose (its zero-scale branch included)":
+            lambda: prove_composition("compose_conv_bn", algebra.compose,
+                                      [c(4, 4, (3, 3), padding=pad1, groups=2, bias=False), channel_affine_template(4, 2)],
+                                      (4, 3, 4)),
         "bn_before_unpadded_conv (compose, groups 2)":
             lambda: prove_composition("bn_before_conv", algebra.compose,
                                       [channel_affine_template(4, 2), c(4, 2, (3, 3), groups=2)], (4, 4, 5)),
