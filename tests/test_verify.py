@@ -322,3 +322,27 @@ def test_noise_floor_accepts_rounding_in_ill_conditioned_cases_only():
     with torch.no_grad():
         wrong.fc2.bias.mul_(1.1)
     assert not verify(model, wrong, x, max_examples=10, distributions=("large",)).ok
+
+
+class _TwoInputs(nn.Module):
+    """An image and a per-pixel bias map of the same batch and size."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 4, 1)
+
+    def forward(self, x, bias_map):
+        return self.a(x) + self.b(bias_map)
+
+
+def test_axes_shared_by_several_inputs_vary_together():
+    model = _TwoInputs().eval()
+    example = (torch.randn(2, 3, 6, 7), torch.randn(2, 1, 6, 7))
+    free = probe_free_sizes(model, example)
+    assert {(0, 0), (1, 0), (0, 2), (1, 2), (0, 3), (1, 3)} <= set(free)
+    fused = repc.compile(model, example)
+    result = verify(model, fused, example, max_examples=10)
+    assert result.ok, str(result)
+    assert all(a[0] == b[0] and a[2:] == b[2:] for a, b in result.shapes_checked)
+    assert len({a for a, _ in result.shapes_checked}) > 3

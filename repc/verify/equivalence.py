@@ -211,33 +211,41 @@ def check_case(models: ModelPair, example_inputs: Sequence[Any], case: InputCase
 def probe_free_sizes(original: Callable, example_inputs: Sequence[Any]) -> Dict[Tuple[int, int], Tuple[int, ...]]:
     """Sizes each axis of each floating-point input may take, as far as ``original`` accepts them.
 
-    Each axis is tried alone at a few other sizes (batch: 1 and n+1; other axes: n-1, n+1 and
-    n+2, both parities, so strided grids are exercised) with the other axes at the example's
-    sizes; one forward pass of the original per candidate.  Returns ``{(input, axis): sizes}``
-    for the axes with more than one accepted size, the example's size first.
+    Axes are probed in *ties*: the same axis of every input with the same size there (the batch
+    of an image and of its mask, the tokens of a sequence and of its attention bias) changes
+    together, as :func:`~repc.verify.strategies.input_cases` draws them.  Each tie is tried at a
+    few other sizes (batch: 1 and n+1; other axes: n-1, n+1 and n+2, both parities, so strided
+    grids are exercised) with everything else at the example's sizes; one forward pass of the
+    original per candidate.  Returns ``{(input, axis): sizes}`` for the axes with more than one
+    accepted size, the example's size first.
     """
+    ties: Dict[Tuple[int, int], List[int]] = {}
+    for i, t in enumerate(example_inputs):
+        if is_varied(t):
+            for axis, size in enumerate(t.shape):
+                ties.setdefault((axis, size), []).append(i)
     free: Dict[Tuple[int, int], Tuple[int, ...]] = {}
     gen = torch.Generator().manual_seed(0)
-    for i, t in enumerate(example_inputs):
-        if not is_varied(t):
-            continue
-        for axis, size in enumerate(t.shape):
-            candidates = [1, size + 1] if axis == 0 else [size - 1, size + 1, size + 2]
-            accepted = [size]
-            for c in candidates:
-                if c < 1 or c in accepted:
-                    continue
-                shape = list(t.shape)
+    for (axis, size), members in ties.items():
+        candidates = [1, size + 1] if axis == 0 else [size - 1, size + 1, size + 2]
+        accepted = [size]
+        for c in candidates:
+            if c < 1 or c in accepted:
+                continue
+            trial = list(example_inputs)
+            for i in members:
+                shape = list(trial[i].shape)
                 shape[axis] = c
-                trial = list(example_inputs)
+                t = example_inputs[i]
                 trial[i] = torch.randn(shape, generator=gen, dtype=torch.float64).to(t.dtype).to(t.device)
-                try:
-                    with torch.no_grad():
-                        original(*trial)
-                except Exception:
-                    continue
-                accepted.append(c)
-            if len(accepted) > 1:
+            try:
+                with torch.no_grad():
+                    original(*trial)
+            except Exception:
+                continue
+            accepted.append(c)
+        if len(accepted) > 1:
+            for i in members:
                 free[(i, axis)] = tuple(accepted)
     return free
 

@@ -141,9 +141,10 @@ def input_cases(example_inputs: Sequence[Any], free_sizes: Optional[Mapping[Tupl
     """Input cases for ``example_inputs``.
 
     ``free_sizes[(i, axis)]`` lists the sizes input ``i`` may take on ``axis`` (the example's
-    size first, so shrinking goes back to it); axes not listed keep the example's size.  Axis
-    0 is drawn once for all inputs that share the example's batch size.  With ``vary`` false,
-    only the example's shapes are drawn.
+    size first, so shrinking goes back to it); axes not listed keep the example's size.  An
+    axis is drawn once for all inputs that have the same size on it in the example (a batch,
+    or the tokens of a sequence and of its mask, change together).  With ``vary`` false, only
+    the example's shapes are drawn.
     """
     free_sizes = dict(free_sizes or {})
     example_shapes = [tuple(t.shape) if is_varied(t) else None for t in example_inputs]
@@ -156,7 +157,7 @@ def input_cases(example_inputs: Sequence[Any], free_sizes: Optional[Mapping[Tupl
     @st.composite
     def cases(draw) -> InputCase:
         shapes: List[Optional[Tuple[int, ...]]] = []
-        batch: Dict[int, int] = {}  # example batch size -> drawn batch size
+        tied: Dict[Tuple[int, int], int] = {}  # (axis, example size) -> drawn size
         for i, shape in enumerate(example_shapes):
             if shape is None:
                 shapes.append(None)
@@ -166,12 +167,9 @@ def input_cases(example_inputs: Sequence[Any], free_sizes: Optional[Mapping[Tupl
                 options = list(free_sizes.get((i, axis), ())) if vary else []
                 if len(options) <= 1:
                     continue
-                if axis == 0:
-                    if size not in batch:
-                        batch[size] = draw(st.sampled_from(options))
-                    new[0] = batch[size]
-                else:
-                    new[axis] = draw(st.sampled_from(options))
+                if (axis, size) not in tied:
+                    tied[(axis, size)] = draw(st.sampled_from(options))
+                new[axis] = tied[(axis, size)]
             shapes.append(tuple(new))
         return InputCase(tuple(shapes), draw(st.sampled_from(list(distributions))), draw(st.sampled_from(list(dtypes))),
                          draw(st.integers(0, 2 ** 16)))
