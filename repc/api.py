@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 from typing import Any, Dict, Optional, Tuple
 
@@ -44,6 +45,17 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
     approximate with the deviation measured against the original, and with
     ``approximate_tolerance`` an averaging that deviates more is not applied.
     """
+    enabled = gc.isenabled()
+    gc.disable()  # the graphs built here are webs of objects that all die together at the end
+    try:
+        return _compile(model, example_inputs, verify, tolerance, specialize, allow_approximate,
+                        approximate_tolerance)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _compile(model, example_inputs, verify, tolerance, specialize, allow_approximate, approximate_tolerance):
     if not isinstance(model, nn.Module):
         raise ReparamError(f"repc.compile expects an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
@@ -102,10 +114,10 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
             report.rewrites = []
             report.nodes_after = report.nodes_before
     # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
-    original_buffers = {n for n, _ in model.named_buffers()}
+    original_buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
     report.params_after = sum(p.numel() for p in fused.parameters()) + \
-        sum(b.numel() for n, b in fused.named_buffers() if n.rsplit(".", 1)[-1] not in
-            {o.rsplit(".", 1)[-1] for o in original_buffers} and b.is_floating_point())
+        sum(b.numel() for n, b in fused.named_buffers()
+            if n.rsplit(".", 1)[-1] not in original_buffers and b.is_floating_point())
     fused.repc_report = report
     return fused
 
@@ -193,6 +205,8 @@ def _trace_whole(work: nn.Module, constants: Dict[str, Any], report: Report) -> 
 
 def _bind_tensor_arguments(gm: fx.GraphModule, tensors: Dict[str, torch.Tensor]) -> None:
     """Turn the named tensor inputs into constants, guarded by a check of the value passed."""
+    if not tensors:
+        return
     for node in list(gm.graph.nodes):
         if node.op != "placeholder" or node.target not in tensors:
             continue

@@ -649,7 +649,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
             if user is not node and order[user] > order[node]:
                 user.replace_input_with(mutated, node)
     if changed:
-        gm.recompile()
+        gm.recompile()  # keep gm's forward in step with its graph
     return changed
 
 
