@@ -702,6 +702,7 @@ def _op_kind(result: str) -> str:
 def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
     """The report as text: a table of the rewrites (with what each becomes when ``detailed``),
     the regions kept and why, the parts not captured, verification and the totals."""
+    from .report import format_table
     lines: List[str] = []
     if report.rewrites:
         lines.append(f"{len(report.rewrites)} fusable region(s):" if detailed else
@@ -713,11 +714,7 @@ def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
                          f"{r.params_before:,} -> {r.params_after:,}",
                          f"{r.flops_before:,} -> {r.flops_after:,}{_change(r.flops_before, r.flops_after)}",
                          f"{r.max_deviation:.1e}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for i, row in enumerate(rows):
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-            if i == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
+        lines.extend(format_table(rows))
         if detailed:
             lines.append("")
             for r in report.rewrites:
@@ -729,17 +726,7 @@ def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
         lines.append("no region fused: every rewrite was rolled back")
     else:
         lines.append("no fusable region found")
-    for r in report.rejected:
-        lines.append(f"  kept {r.root} as written: {r.reason}")
-    for s in report.skipped:
-        lines.append(f"  not captured {s.path}: {s.reason}")
-    v = report.verification
-    if v is not None:
-        status = "passed" if v.ok else f"FAILED on {v.failing_input}" + (f" ({v.error})" if v.error else "")
-        lines.append(f"verification {status}: max deviation {v.max_deviation:.2e} (tolerance {v.tolerance:g}) "
-                     f"on inputs {', '.join(v.inputs_checked) or '-'}")
-    if report.rolled_back:
-        lines.append("all rewrites were rolled back")
+    lines.extend(report.notes())
     lines.append("")
     lines.append("gains" + (" (estimated; nothing written)" if detailed else "") + ":")
     lines.append(f"  parameters   {report.params_before:,} -> {report.params_after:,}"

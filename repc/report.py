@@ -70,20 +70,10 @@ class Report:
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), default=str, **kwargs)
 
-    def __str__(self) -> str:
-        lines = [f"repc: {len(self.rewrites)} rewrite(s); graph nodes {self.nodes_before} -> {self.nodes_after}; "
-                 f"parameters {self.params_before:,} -> {self.params_after:,}"]
-        if self.rewrites:
-            rows = [("root", "rule", "replaced", "params", "MACs", "max dev")]
-            for r in self.rewrites:
-                rows.append((r.root, r.rule, str(len(r.replaced)) + " ops",
-                             f"{r.params_before:,} -> {r.params_after:,}",
-                             f"{r.flops_before:,} -> {r.flops_after:,}", f"{r.max_deviation:.1e}"))
-            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-            for i, row in enumerate(rows):
-                lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
-                if i == 0:
-                    lines.append("  " + "  ".join("-" * w for w in widths))
+    def notes(self) -> List[str]:
+        """What the table of rewrites does not say: specializations, approximations, the regions
+        kept and why, the parts not captured, and the verification."""
+        lines = []
         if self.specialized:
             lines.append("  specialized to " + ", ".join(f"{k}={v}" for k, v in self.specialized.items())
                          + " (other values are refused at run time)")
@@ -104,4 +94,27 @@ class Report:
                          + (f"; shapes the model rejects: {', '.join(v.inputs_skipped)}" if v.inputs_skipped else ""))
         if self.rolled_back:
             lines.append("all rewrites were rolled back: the returned model computes as the original")
-        return "\n".join(lines)
+        return lines
+
+    def __str__(self) -> str:
+        lines = [f"repc: {len(self.rewrites)} rewrite(s); graph nodes {self.nodes_before} -> {self.nodes_after}; "
+                 f"parameters {self.params_before:,} -> {self.params_after:,}"]
+        if self.rewrites:
+            rows = [("root", "rule", "replaced", "params", "MACs", "max dev")]
+            for r in self.rewrites:
+                rows.append((r.root, r.rule, str(len(r.replaced)) + " ops",
+                             f"{r.params_before:,} -> {r.params_after:,}",
+                             f"{r.flops_before:,} -> {r.flops_after:,}", f"{r.max_deviation:.1e}"))
+            lines.extend(format_table(rows))
+        return "\n".join(lines + self.notes())
+
+
+def format_table(rows) -> List[str]:
+    """Rows of strings as aligned columns, a rule under the first (the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    return lines
