@@ -9,7 +9,6 @@ Every BatchNorm must get random statistics before use (:func:`randomize` below d
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,17 +17,6 @@ from repc.examples import randomize_bn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared 2-core machine: thread hand-offs cost far more than the work.
-
-    A test module that imports this fixture runs with one intra-op thread (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

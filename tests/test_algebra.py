@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from repc import algebra
 from repc.ops import Conv, Elementwise, Linear, NotMergeable
 
-from blocks import CONV_FN, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from blocks import CONV_FN
 from blocks import run_op as run
 
 F64 = torch.float64

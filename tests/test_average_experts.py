@@ -20,14 +20,6 @@ import linear_blocks as lb
 from linear_blocks import called_modules, compile_exact, input_variants, op_counts, rel_dev, snapshot, assert_unchanged
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tokens(b=2, n=5, d=16):
     return torch.randn(b, n, d, generator=torch.Generator().manual_seed(21))
 

@@ -25,7 +25,7 @@ from repc.examples import DiverseBranchBlock, MobileOneBlock, MobileOneUnit, Rep
 import blocks
 from blocks import (ACNet, BNLinear, DBBHalves, DBBConcat, DBBSlices, FastViTBlock, FunctionalRepMixer,
                     FunctionalRepVGG, LeViTMLP, LinearBN, MethodStyleBlock, RepMixer, RepVGG, RepVGGDW,
-                    RepViTBlock, conv_bn, one_thread, randomize)  # noqa: F401 (one_thread: autouse fixture)
+                    RepViTBlock, conv_bn, randomize)
 
 REL_TOL = 1e-5  # float32; a folding error (border, bias, channel) shows at 1e-2 and above
 

@@ -25,15 +25,6 @@ import linear_blocks as lb
 from linear_blocks import compile_exact, called_modules, op_counts, randomize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tokens(b=2, n=5, d=16, dtype=torch.float32):
     return torch.randn(b, n, d, generator=torch.Generator().manual_seed(7), dtype=dtype)
 

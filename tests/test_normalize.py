@@ -23,7 +23,7 @@ from repc.normalize import (AffineCall, Combine, Concat, Constant, GraphFacts, L
                             functionalize_inplace, split_norm_affine)
 from repc.ops import Conv, Elementwise, Linear
 
-from blocks import one_thread, run_op  # noqa: F401 (one_thread: autouse fixture)
+from blocks import run_op
 
 F64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")

@@ -21,7 +21,7 @@ from repc.normalize import GraphFacts, functionalize_inplace
 from repc.ops import Conv, Elementwise, Linear
 from repc.patterns.regions import RegionMatcher
 
-from blocks import ACNet, DBBConcat, RepMixer, RepVGG, conv_bn, one_thread, randomize, run_op  # noqa: F401
+from blocks import ACNet, DBBConcat, RepMixer, RepVGG, conv_bn, randomize, run_op
 
 F64 = torch.float64
 
