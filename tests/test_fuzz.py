@@ -27,15 +27,6 @@ from repc.verify.strategies import (DISTRIBUTIONS, InputCase, NetworkSpec, accep
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run ~30x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def other_cases(spec: NetworkSpec):
     """Input cases whose shape differs from the example's (batch and/or spatial sizes)."""
     heights = accepted_sizes(spec, 0, spec.size[0] + 5)

@@ -18,14 +18,6 @@ from repc.verify.strategies import (DISTRIBUTIONS, InputCase, draw_values, input
                                     small_magnitude)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
