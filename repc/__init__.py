@@ -7,6 +7,7 @@ closed-form merged op, and verifies the result against the original.
 
 from .api import ReparamError, compile
 from .report import Report
+from . import verify  # a callable package: repc.verify(original, fused, example_inputs)
 
-__all__ = ["compile", "ReparamError", "Report"]
+__all__ = ["compile", "verify", "ReparamError", "Report"]
 __version__ = "0.1.0"
