@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, Padding
+from .ops import AffineOp, Conv, Dense, Elementwise, Linear, NotMergeable, Padding
 
 F64 = torch.float64
 
@@ -412,6 +412,25 @@ def select_inputs(op: AffineOp, start: int, stop: int) -> AffineOp:
         w = regroup(op.weight, op.groups, 1)[:, start:stop].contiguous()
         return op.replace(weight=w, groups=1)
     raise NotMergeable("only conv and linear inputs can be split")
+
+
+def apply(op: AffineOp, x: Tensor) -> Tensor:
+    """``op(x)`` in float64 with torch's own functions (the reference semantics of each op)."""
+    x = x.to(F64)
+    if isinstance(op, Conv):
+        pads = [p for lo_hi in reversed(op.padding) for p in lo_hi]
+        if any(pads):
+            x = torch.nn.functional.pad(x, pads, mode="constant" if op.padding_mode == "zeros" else op.padding_mode)
+        conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[op.nd]
+        return conv(x, op.weight, op.bias, op.stride, 0, op.dilation, op.groups)
+    if isinstance(op, Linear):
+        return torch.nn.functional.linear(x, op.weight, op.bias)
+    if isinstance(op, Dense):
+        y = torch.nn.functional.linear(x.flatten(1), op.weight, op.bias)
+        return y.reshape((-1,) + tuple(op.out_shape))
+    if op.scale is not None:
+        x = x * op.scale
+    return x if op.shift is None else x + op.shift
 
 
 def scale_op(op: AffineOp, factor: float) -> AffineOp:

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
+from .. import algebra
 from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, functionalize_inplace, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
@@ -218,7 +219,8 @@ class _Writer:
         if len(expr.region) < 2 and not computed:
             return False  # a single op as written: nothing to merge
         if expr.form is None:
-            self._reject(expr, f"no closed form: {expr.reason}")
+            if expr.pending is None:  # (a layout change nothing undoes is just a layout change)
+                self._reject(expr, f"no closed form: {expr.reason}")
             return False
         if all(NORM_AFFINE in n.meta for n in expr.region):
             return True  # a norm's own affine tail, put back into the norm as it was: not a rewrite
@@ -279,6 +281,8 @@ class _Writer:
         if dense_cost >= min(as_written, partial):
             return None
         probe = Expr(node, "dense", region=set(cone), rules={"synthesize"})
+        if self._accepts_other_sizes(probe, sources):
+            return None  # a dense map would tie a size-generic region to the example's size
         try:
             probe.form = self._probe(probe, sources)
         except Exception:
@@ -292,6 +296,25 @@ class _Writer:
         self.result.rewrites[-1].shape_specialized = True
         return self._emit(probe)
 
+    def _accepts_other_sizes(self, probe: Expr, sources: List[fx.Node]) -> bool:
+        """Whether the region as written also runs on other per-sample sizes (maps one larger,
+        or one more token)."""
+        inputs = {}
+        for s in sources:
+            v = self.values[s]
+            shape = list(v.shape)
+            axes = range(2, len(shape)) if len(shape) >= 4 else (range(1, 2) if len(shape) == 3 else ())
+            if not axes:
+                return False
+            for a in axes:
+                shape[a] += 1
+            inputs[s] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        try:
+            self._run_region(probe, inputs)
+        except Exception:
+            return False
+        return True
+
     def _probe(self, probe: Expr, sources: List[fx.Node]) -> Dict[fx.Node, Dense]:
         ref = self.values[probe.node]
         if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
@@ -300,18 +323,18 @@ class _Writer:
 
         def zeros(s, batch):
             v = self.values[s]
-            return torch.zeros((batch,) + tuple(v.shape[1:]), dtype=v.dtype, device=v.device)
+            return torch.zeros((batch,) + tuple(v.shape[1:]), dtype=torch.float64, device=v.device)
 
         base = {s: zeros(s, 1) for s in sources}
-        bias = self._run_region(probe, base).reshape(-1).to(torch.float64)
+        bias = self._run_region(probe, base, exact=True).reshape(-1)
         out_shape = tuple(ref.shape[1:])
         form = {}
         for i, s in enumerate(sources):
             v = self.values[s]
             n_in = math.prod(v.shape[1:])
             inputs = {t: zeros(t, n_in) for t in sources}
-            inputs[s] = torch.eye(n_in, dtype=v.dtype, device=v.device).reshape((n_in,) + tuple(v.shape[1:]))
-            out = self._run_region(probe, inputs).reshape(n_in, -1).to(torch.float64) - bias
+            inputs[s] = torch.eye(n_in, dtype=torch.float64, device=v.device).reshape((n_in,) + tuple(v.shape[1:]))
+            out = self._run_region(probe, inputs, exact=True).reshape(n_in, -1) - bias
             form[s] = Dense(out.T.contiguous().cpu(), bias.cpu() if i == 0 else None, tuple(v.shape[1:]), out_shape)
         return form
 
@@ -380,12 +403,19 @@ class _Writer:
                     return False, dev, f"deviation {dev:.3g} > {tol:g} on the {name} input"
         return True, worst, ""
 
-    def _run_region(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor]):
-        """The region's original nodes evaluated on other source values."""
+    def _run_region(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor], exact: bool = False):
+        """The region's original nodes evaluated on other source values.
+
+        ``exact``: in float64, each conv/linear/BN through its canonical op (``algebra.apply``)
+        rather than the model's own lower-precision module."""
         env = dict(sources)
         for node in self.matcher.in_order(expr.region):
             self._provide_inputs(node, env)
-            env[node] = self._eval(node, env)
+            meaning = self.matcher.meanings.get(node)
+            if exact and isinstance(meaning, AffineCall):
+                env[node] = algebra.apply(meaning.op, env[meaning.input])
+            else:
+                env[node] = self._eval(node, env)
         return env[expr.node]
 
     def _provide_inputs(self, node: fx.Node, env) -> None:
