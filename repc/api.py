@@ -104,7 +104,7 @@ def _compile(model, example_inputs, verify, tolerance, specialize, allow_approxi
     if verify:
         result = compare(fused, reference, example_inputs, tolerance, fixed)
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
-                                           result.skipped, result.failing_input, result.error)
+                                           result.skipped, result.failing_input, result.error, result.within_noise)
         if not result.ok:
             # a miscompile that slipped past the per-region checks: never return it
             fused = copy.deepcopy(model)

@@ -43,6 +43,7 @@ class Verification:
     inputs_skipped: List[str]
     failing_input: Optional[str] = None
     error: Optional[str] = None
+    within_noise: List[str] = field(default_factory=list)  # inputs passed by the rounding-noise floor
 
 
 @dataclass
@@ -91,7 +92,9 @@ class Report:
             status = "passed" if v.ok else f"FAILED on {v.failing_input}" + (f" ({v.error})" if v.error else "")
             lines.append(f"verification {status}: max deviation {v.max_deviation:.2e} (tolerance {v.tolerance:g}) "
                          f"on inputs {', '.join(v.inputs_checked) or '-'}"
-                         + (f"; shapes the model rejects: {', '.join(v.inputs_skipped)}" if v.inputs_skipped else ""))
+                         + (f"; shapes the model rejects: {', '.join(v.inputs_skipped)}" if v.inputs_skipped else "")
+                         + (f"; {', '.join(v.within_noise)} within the original's own rounding noise "
+                            "(an ill-conditioned output)" if v.within_noise else ""))
         if self.rolled_back:
             lines.append("all rewrites were rolled back: the returned model computes as the original")
         return lines
