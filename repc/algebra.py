@@ -11,7 +11,6 @@ Notation: a convolution ``y = conv(x; W, b)`` with stride ``s``, dilation ``d``,
 from __future__ import annotations
 
 import math
-from functools import reduce
 from typing import List, Optional, Sequence, Tuple
 
 import torch

@@ -17,10 +17,9 @@ on repc's private copy before analysis.
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx

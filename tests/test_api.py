@@ -1,9 +1,7 @@
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import repc
 from repc.examples import RepVGGBlock, example_net, randomize_bn

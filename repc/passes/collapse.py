@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -319,7 +319,6 @@ class _Writer:
         ref = self.values[probe.node]
         if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
             raise NotMergeable("not a floating-point tensor")
-        dtype = ref.dtype
 
         def zeros(s, batch):
             v = self.values[s]

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import algebra
-from ..ops import AffineOp, Conv, Dense, Elementwise, Linear
+from ..ops import AffineOp, Conv, Dense, Linear
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

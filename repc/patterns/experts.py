@@ -13,7 +13,6 @@ sums that are not mixtures, why.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 

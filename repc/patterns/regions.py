@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import VIEW_MUTATED, AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, apply_layout, describe
+from ..normalize import VIEW_MUTATED, AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, apply_layout, describe
 from ..ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, flops, identity
 
 Form = Dict[fx.Node, AffineOp]
