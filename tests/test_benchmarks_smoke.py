@@ -30,6 +30,7 @@ def _load(name: str):
 
 bench_latency = _load("bench_latency")
 bench_compile_time = _load("bench_compile_time")
+bench_vit = _load("bench_vit")
 common = _load("common")
 
 
@@ -54,6 +55,18 @@ def test_latency_quick_prints_a_row_per_model_and_writes_json(tmp_path, capsys, 
     for r in data["results"]:
         assert r["convs"]["repc"] == r["convs"]["deploy"] < r["convs"]["training"]
         assert r["ms"]["training"] > 0 and r["repc_over_deploy"] > 0
+
+
+def test_vit_quick_merges_every_block_and_lowers_flops(tmp_path, capsys, one_thread):
+    out = tmp_path / "vit.json"
+    assert bench_vit.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "repc/training" in printed and "MACs before" in printed
+    data = json.loads(out.read_text())
+    assert data["flops"]["repc"] < data["flops"]["training"]
+    rules = [r["rule"] for r in data["rewrites"]]
+    assert sum("distribute" in r for r in rules) == data["config"]["depth"]  # one RePaViT FFN per block
+    assert all(r["macs_after"] < r["macs_before"] for r in data["rewrites"])
 
 
 def test_compile_time_quick_prints_growth_and_phase_tables(tmp_path, capsys, one_thread):
