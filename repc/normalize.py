@@ -567,6 +567,75 @@ def _constant_node(gm, graph, tensor, ndim, where):
     return graph.get_attr(f"{name}_{i}")
 
 
+def push_scales_into_concat(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
+    """``E(cat([a, b], axis)) = cat([E_a(a), E_b(b)], axis)`` for a per-channel map ``E`` on that axis.
+
+    ``E_i`` is ``E``'s rows for part ``i``.  Written this way, a BatchNorm after a depth
+    concatenation folds into the branch convs even when stacking the branches into one conv
+    does not pay.  Done only where a part is a conv or linear map that nothing else reads (so
+    the piece of ``E`` has somewhere to go).  Runs on repc's own copy; returns how many.
+    """
+    graph = gm.graph
+    facts = GraphFacts(gm, values)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            facts.constants[node] = _fetch_attr(gm, node.target)
+    count = 0
+    for node in list(graph.nodes):
+        cat = node.args[0] if node.args else None
+        if not (isinstance(cat, fx.Node) and cat.op == "call_function" and cat.target in _CAT and len(cat.users) == 1):
+            continue
+        try:
+            meaning = describe(node, facts)
+            b = _bind(cat.args, cat.kwargs, ["tensors", "dim"], {"dim": 0})
+            parts, ndim = list(b["tensors"]), len(facts.shape(cat))
+            axis = b["dim"] % ndim
+            if not (isinstance(meaning, AffineCall) and isinstance(meaning.op, Elementwise) and meaning.input is cat):
+                continue
+            scale, shift = meaning.op.channel_vectors(axis)
+        except Exception:
+            continue
+        if not any(_is_single_use_map(p, facts) for p in parts):
+            continue
+        dtype = getattr(node.meta.get("tensor_meta"), "dtype", torch.float32)
+        with graph.inserting_before(node):
+            pieces, start = [], 0
+            for part in parts:
+                size = facts.shape(part)[axis]
+                view = (size,) + (1,) * (ndim - 1 - axis)
+                rows = slice(start, start + size)
+                piece = graph.call_function(operator.mul, (part, _buffer_node(gm, graph, scale[rows].reshape(view), dtype)))
+                piece = graph.call_function(operator.add, (piece, _buffer_node(gm, graph, shift[rows].reshape(view), dtype)))
+                pieces.append(piece)
+                start += size
+            joined = graph.call_function(torch.cat, (pieces, axis))
+        node.replace_all_uses_with(joined)
+        graph.erase_node(node)
+        graph.erase_node(cat)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _is_single_use_map(node, facts: GraphFacts) -> bool:
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return False
+    try:
+        meaning = describe(node, facts)
+    except Exception:
+        return False
+    return isinstance(meaning, AffineCall) and isinstance(meaning.op, (Conv, Linear))
+
+
+def _buffer_node(gm, graph, value: Tensor, dtype):
+    name, i = "_repc_concat_scale", 0
+    while hasattr(gm, f"{name}_{i}"):
+        i += 1
+    gm.register_buffer(f"{name}_{i}", value.to(dtype).clone())
+    return graph.get_attr(f"{name}_{i}")
+
+
 # ----------------------------------------------------------------------------- in-place ops
 
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,

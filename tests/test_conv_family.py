@@ -11,6 +11,7 @@ Regions that must not merge stay as written, exactly, and the report says why.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter
 
 import pytest
@@ -820,3 +821,26 @@ def test_augmented_assignment_on_an_aliased_tensor():
 
     fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
     assert fused.repc_report.rewrites
+
+
+class ConcatThenBN(nn.Module):
+    """Inception/DBB-style depth concatenation of conv branches, then one BatchNorm."""
+
+    def __init__(self, two_inputs: bool):
+        super().__init__()
+        self.two_inputs = two_inputs
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, y):
+        return torch.relu(self.bn(torch.cat([self.a(x), self.b(y if self.two_inputs else x)], 1)))
+
+
+@pytest.mark.parametrize("two_inputs", [False, True])
+def test_bn_after_a_concat_folds_into_each_branch(two_inputs):
+    model = randomize(ConcatThenBN(two_inputs)).eval()
+    fused = compile_exact(model, [(2, 4, 8, 8), (2, 4, 8, 8)])
+    counts = op_counts(fused)
+    assert counts["bn"] == 0 and counts["conv"] == 2, counts
+    assert not any(n.target is operator.mul for n in fused.graph.nodes), fused.graph  # no BN left as a scale
