@@ -75,34 +75,19 @@ def _compile(model, example_inputs, verify, tolerance, specialize, allow_approxi
 
     constants = _specialized_arguments(model, example_inputs, specialize)
     fixed = _positions(model, constants)
-    report = Report()
-    report.specialized = {name: _brief(value) for name, value in constants.items()}
-    report.params_before = sum(p.numel() for p in model.parameters())
-    reference = model
-    with torch.no_grad():
-        # the traced graph's leaves are the model's own modules: repc only reads them, and the
-        # result is deep-copied at the end so that it shares nothing with the model
-        gm = _trace_whole(model, constants, report)
-        if gm is not None:
-            report.nodes_before = len(gm.graph.nodes)
-        if gm is not None and allow_approximate:
-            averaged = _average_experts(model, gm, example_inputs, approximate_tolerance, report, fixed)
-            if averaged is not None:
-                gm, reference = averaged
-        if gm is not None:
-            try:
-                fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected)
-            except CaptureMismatch as why:
-                report.skipped.append(SkippedPart("<model>", str(why)))
-                report.nodes_before = 0
-                gm = None
-        if gm is None:
-            fused = _fuse_parts(copy.deepcopy(model), example_inputs, report)
-        else:
-            _own_copies(fused, model)
-    report.nodes_after = _graph_nodes(fused)
+    build = dict(model=model, example_inputs=example_inputs, constants=constants, fixed=fixed, expected=expected,
+                 allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance)
+    fused, report, reference = _build(**build, synthesize=True)
     if verify:
         result = compare(fused, reference, example_inputs, tolerance, fixed)
+        dense = [r.root for r in report.rewrites if r.shape_specialized]
+        if not result.ok and dense:
+            # a map read off by probing fits the example's size; the model accepts others
+            fused, report, reference = _build(**build, synthesize=False)
+            result = compare(fused, reference, example_inputs, tolerance, fixed)
+            report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
+                                                   "example's per-sample size only, and the model accepts others")
+                                   for root in dense)
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
                                            result.skipped, result.failing_input, result.error, result.within_noise)
         if not result.ok:
@@ -120,6 +105,39 @@ def _compile(model, example_inputs, verify, tolerance, specialize, allow_approxi
             if n.rsplit(".", 1)[-1] not in original_buffers and b.is_floating_point())
     fused.repc_report = report
     return fused
+
+
+def _build(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
+           synthesize: bool):
+    """Capture and fuse ``model``: (the fused module, its report, the reference it must equal)."""
+    report = Report()
+    report.specialized = {name: _brief(value) for name, value in constants.items()}
+    report.params_before = sum(p.numel() for p in model.parameters())
+    reference = model
+    with torch.no_grad():
+        # the traced graph's leaves are the model's own modules: repc only reads them, and the
+        # result is copied where it still shares something with the model at the end
+        gm = _trace_whole(model, constants, report)
+        if gm is not None:
+            report.nodes_before = len(gm.graph.nodes)
+        if gm is not None and allow_approximate:
+            averaged = _average_experts(model, gm, example_inputs, approximate_tolerance, report, fixed)
+            if averaged is not None:
+                gm, reference = averaged
+        if gm is not None:
+            try:
+                fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected,
+                                     synthesize)
+            except CaptureMismatch as why:
+                report.skipped.append(SkippedPart("<model>", str(why)))
+                report.nodes_before = 0
+                gm = None
+        if gm is None:
+            fused = _fuse_parts(copy.deepcopy(model), example_inputs, report, synthesize)
+        else:
+            _own_copies(fused, model)
+    report.nodes_after = _graph_nodes(fused)
+    return fused, report, reference
 
 
 def _own_copies(fused: nn.Module, model: nn.Module) -> None:
@@ -246,14 +264,14 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
     return candidate, copy.deepcopy(candidate)
 
 
-def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None) -> nn.Module:
-    result = collapse(gm, example_inputs, expected_output=expected)
+def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None, synthesize=True) -> nn.Module:
+    result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize)
     report.rewrites.extend(result.rewrites)
     report.rejected.extend(result.rejections)
     return result.module
 
 
-def _fuse_parts(work: nn.Module, example_inputs, report: Report) -> nn.Module:
+def _fuse_parts(work: nn.Module, example_inputs, report: Report, synthesize: bool = True) -> nn.Module:
     """The largest traceable parts of ``work`` (repc's copy) fused in place; the shells kept."""
     why = report.skipped.pop().reason if report.skipped and report.skipped[-1].path == "<model>" else "does not trace"
     parts, skipped = split_untraceable(work, example_inputs, why)
@@ -264,7 +282,7 @@ def _fuse_parts(work: nn.Module, example_inputs, report: Report) -> nn.Module:
         try:
             gm = trace(getattr(parent, name))
             nodes = len(gm.graph.nodes)
-            result = collapse(gm, inputs, prefix=f"{path}.")
+            result = collapse(gm, inputs, prefix=f"{path}.", synthesize=synthesize)
         except Exception as err:
             report.skipped.append(SkippedPart(path, _short(err)))
             continue

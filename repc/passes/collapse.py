@@ -67,12 +67,13 @@ class CaptureMismatch(Exception):
 
 
 def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool = True,
-             prefix: str = "", expected_output: Any = None) -> CollapseResult:
+             prefix: str = "", expected_output: Any = None, synthesize: bool = True) -> CollapseResult:
     """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule.
 
     With ``expected_output`` (the model's own output on the example), a traced graph that
     computes something else (fx records ``out += y`` out of place, so aliases of ``out`` are
-    lost) raises :class:`CaptureMismatch` before anything is rewritten.
+    lost) raises :class:`CaptureMismatch` before anything is rewritten.  ``synthesize=False``
+    turns off reading dense maps off regions by probing.
     """
     functionalize_inplace(gm)
     values = _record(gm, example_inputs)
@@ -89,7 +90,7 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     matcher = RegionMatcher(gm, facts)
     matcher.run()
     device = _device(gm, example_inputs)
-    return _Writer(gm, facts, matcher, device, check, prefix).run()
+    return _Writer(gm, facts, matcher, device, check, prefix, synthesize).run()
 
 
 def _device(gm, example_inputs):
@@ -102,12 +103,13 @@ def _device(gm, example_inputs):
 
 
 class _Writer:
-    def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, device, check: bool, prefix: str):
+    def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, device, check: bool, prefix: str,
+                 synthesize: bool = True):
         self.gm, self.facts, self.matcher = gm, facts, matcher
         self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
         self.values = facts.values
         self.interp = fx.Interpreter(gm)  # evaluates region nodes on other inputs
-        self.device, self.check, self.prefix = device, check, prefix
+        self.device, self.check, self.prefix, self.synthesize = device, check, prefix, synthesize
         self.graph = fx.Graph()
         self.namer = AttributeNamer(gm)
         self.env: Dict[fx.Node, fx.Node] = {}
@@ -134,7 +136,7 @@ class _Writer:
             if is_container(node):
                 continue  # emitted when a reader needs the tuple or the stack
             expr = self.exprs[node]
-            synthesized = self._synthesize(expr) if node in self.matcher.meanings else None
+            synthesized = self._synthesize(expr) if self.synthesize and node in self.matcher.meanings else None
             if synthesized is not None:
                 self.env[node] = synthesized
             else:
