@@ -36,9 +36,29 @@ def test_token_reader_after_convs_is_exact_on_other_sizes():
     model = ConvsReadAsTokens().eval()
     x = torch.randn(1, 2, 2, 2)
     fused = repc.compile(model, x)
-    assert fused.repc_report.verification.ok or fused.repc_report.rolled_back
+    assert fused.repc_report.verification.ok and not fused.repc_report.rolled_back
     with torch.no_grad():
         for shape in [(1, 2, 5, 5), (3, 2, 2, 3), (2, 2, 4, 7)]:
             y = torch.randn(shape)
             assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-5)
     assert verify(model, fused, x, max_examples=10).ok
+
+
+def test_dense_map_is_dropped_when_the_model_accepts_other_sizes():
+    """Found by the slow fuzz profile: a strided conv block, a concat with identity and pool
+    branches, then flatten -> linear.  The head region was read off as one dense map at the
+    example's size (1 x 5); the model also runs at 4 x 8 (the strides bring it to the same
+    width), which the dense map refused, so the whole-model check failed and rolled back
+    everything.  repc now compiles again without probing and keeps the exact merges."""
+    from repc.verify.strategies import (ActLayer, Block, Branch, ConvLayer, LinearLayer, NetworkSpec, PoolLayer,
+                                        Tail, build_network, example_input)
+    spec = NetworkSpec(in_channels=1, size=(1, 5), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'), ActLayer(kind='relu')), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None)), combine='sum', weights=(1.0, 1.0, 1.0, 1.0), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(), shares=0), Branch(layers=(), shares=0), Branch(layers=(PoolLayer(kernel=(1, 1), stride=(2, 2), padding=((0, 0), (0, 0)), pad_with='module'),), shares=None)), combine='cat', weights=(), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=Tail(reduce='flatten', blocks=(Block(branches=(Branch(layers=(LinearLayer(out_features=16, bias=False),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False),)), batch=1, seed=0, functional=False)
+    model = build_network(spec)
+    x = example_input(spec)
+    fused = repc.compile(model, x)
+    report = fused.repc_report
+    assert report.verification.ok and not report.rolled_back, str(report)
+    assert report.rewrites and not any(r.shape_specialized for r in report.rewrites)
+    with torch.no_grad():
+        y = torch.randn(1, 1, 4, 8)
+        assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-5)
