@@ -213,7 +213,7 @@ def _trace_whole(work: nn.Module, constants: Dict[str, Any], report: Report) -> 
     """``work`` traced as a whole, with specialized arguments bound; None if it does not trace."""
     plain = {k: v for k, v in constants.items() if not isinstance(v, torch.Tensor)}
     try:
-        gm = fx.symbolic_trace(work, concrete_args=plain or None)
+        gm = trace(work, concrete_args=plain or None)
     except Exception as why:
         report.skipped.append(SkippedPart("<model>", _short(why)))
         return None

@@ -8,8 +8,9 @@ are, with the reason recorded.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -27,9 +28,26 @@ class Skipped:
     reason: str
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``module``; standard ``torch.nn`` layers stay call_module leaves."""
-    return fx.symbolic_trace(module)
+class _AssignableProxy(fx.Proxy):
+    """A proxy that records item assignment (``y[:, :, :p] = v``) as an ``operator.setitem`` node
+    instead of failing: DBB's BN-and-pad fills its border that way."""
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+class Tracer(fx.Tracer):
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AssignableProxy(node, self)
+
+
+def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
+    """Symbolically trace ``module``; standard ``torch.nn`` layers stay call_module leaves and
+    item assignments are recorded (the graph then holds in-place ``setitem`` nodes)."""
+    tracer = Tracer()
+    graph = tracer.trace(module, concrete_args)
+    name = module.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> None:

@@ -844,3 +844,70 @@ def test_bn_after_a_concat_folds_into_each_branch(two_inputs):
     counts = op_counts(fused)
     assert counts["bn"] == 0 and counts["conv"] == 2, counts
     assert not any(n.target is operator.mul for n in fused.graph.nodes), fused.graph  # no BN left as a scale
+
+
+class BNAndPad(nn.Module):
+    """DBB's own BN-and-pad layer: BN, zero padding, then the border filled in place with the
+    BN's output for a zero input (item assignment, which plain fx tracing rejects)."""
+
+    def __init__(self, pad: int, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pad = pad
+
+    def forward(self, x):
+        out = F.pad(self.bn(x), [self.pad] * 4)
+        bn = self.bn
+        values = (bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps))
+        values = values.view(1, -1, 1, 1)
+        p = self.pad
+        out[:, :, 0:p, :] = values
+        out[:, :, -p:, :] = values
+        out[:, :, :, 0:p] = values
+        out[:, :, :, -p:] = values
+        return out
+
+
+class DBBOriginalForm(nn.Module):
+    def __init__(self, c=4, k=3):
+        super().__init__()
+        self.origin = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c))
+        self.one = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.seq = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), BNAndPad(k // 2, c),
+                                 nn.Conv2d(c, c, k, bias=False), nn.BatchNorm2d(c))
+        self.avg = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), BNAndPad(k // 2, c), nn.AvgPool2d(k, 1, 0),
+                                 nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(self.origin(x) + self.one(x) + self.seq(x) + self.avg(x))
+
+
+def test_dbb_with_its_in_place_border_fill_becomes_one_conv():
+    model = randomize(DBBOriginalForm()).eval()
+    fused = compile_exact(model, (2, 4, 8, 8))
+    counts = op_counts(fused)
+    assert counts["conv"] == 1 and counts["bn"] == 0, counts
+    assert not any(n.target is operator.setitem for n in fused.graph.nodes)
+
+
+class AssignAfterRead(nn.Module):
+    """An item assignment into a value another op already read: that op must run first."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        z = self.c2(y)
+        y[:, 0] = 0
+        return self.bn(y) + z
+
+
+def test_item_assignment_keeps_earlier_readers_in_place():
+    model = randomize(AssignAfterRead()).eval()
+    x = torch.randn(2, 4, 6, 6)
+    fused = repc.compile(model, x, verify=False)
+    with torch.no_grad():
+        assert rel_dev(fused(x), model(x)) <= REL_TOL
+    assert any(n.target is operator.setitem for n in fused.graph.nodes)

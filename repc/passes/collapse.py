@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, functionalize_inplace, push_scales_into_concat, split_norm_affine
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, fold_border_fill, functionalize_inplace, push_scales_into_concat, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
@@ -75,8 +75,9 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     lost) raises :class:`CaptureMismatch` before anything is rewritten.  ``synthesize=False``
     turns off reading dense maps off regions by probing.
     """
-    functionalize_inplace(gm)
     values = _record(gm, example_inputs)
+    if fold_border_fill(gm, values) + functionalize_inplace(gm):
+        values = _record(gm, example_inputs)
     if expected_output is not None:
         traced = next(values[n] for n in gm.graph.nodes if n.op == "output")
         dev = deviation(traced, expected_output)

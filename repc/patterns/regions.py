@@ -194,7 +194,7 @@ class RegionMatcher:
                 inner = self.exprs.get(src)
                 if inner is None or inner.is_leaf or inner.form is None or src in self.absorbed:
                     continue
-                if not all(u in expr.region for u in effective_users(src)) or src in self.pinned:
+                if not all(u in expr.region for u in effective_users(src)) or self._stays_in_place(src):
                     continue
                 try:
                     pulled = compose_form(inner.form, expr.form[src])
@@ -229,7 +229,7 @@ class RegionMatcher:
                         a = a.args[0] if _is_split(a) else a
                         if not isinstance(a, fx.Node):
                             continue
-                    if a in cone or a not in self.meanings or a in self.pinned:
+                    if a in cone or a not in self.meanings or self._stays_in_place(a):
                         continue
                     if all(u in cone for u in effective_users(a)):
                         cone.add(a)
@@ -346,10 +346,15 @@ class RegionMatcher:
                 return False
         return True
 
+    def _stays_in_place(self, node: fx.Node) -> bool:
+        """Mutated in place through an alias, or reading such a value (it may run before the
+        mutation): the value is computed where it is written, never moved into a later region."""
+        return node in self.pinned or any(a in self.pinned for a in node.all_input_nodes)
+
     def _absorbable(self, arg: fx.Node, parent: fx.Node) -> bool:
         """``arg`` may live inside ``parent``'s region: nothing else reads it."""
-        if arg in self.pinned or any(a in self.pinned for a in arg.all_input_nodes):
-            return False  # mutated through a view, or read before such a mutation: stays in place
+        if self._stays_in_place(arg):
+            return False
         occurrences = []
         fx.node.map_arg((parent.args, parent.kwargs),
                         lambda a: occurrences.append(a) if a is arg or (is_container(a) and a.args[0] is arg) else None)
