@@ -678,7 +678,7 @@ def push_scales_into_concat(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
             scale, shift = meaning.op.channel_vectors(axis)
         except Exception:
             continue
-        if not any(_is_single_use_map(p, facts) for p in parts):
+        if any(facts.shape(p) is None for p in parts) or not any(_is_single_use_map(p, facts) for p in parts):
             continue
         dtype = getattr(node.meta.get("tensor_meta"), "dtype", torch.float32)
         with graph.inserting_before(node):
@@ -689,9 +689,11 @@ def push_scales_into_concat(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
                 rows = slice(start, start + size)
                 piece = graph.call_function(operator.mul, (part, _buffer_node(gm, graph, scale[rows].reshape(view), dtype)))
                 piece = graph.call_function(operator.add, (piece, _buffer_node(gm, graph, shift[rows].reshape(view), dtype)))
+                piece.meta["tensor_meta"] = part.meta.get("tensor_meta")
                 pieces.append(piece)
                 start += size
             joined = graph.call_function(torch.cat, (pieces, axis))
+            joined.meta["tensor_meta"] = node.meta.get("tensor_meta")  # (a later concat may read it)
         node.replace_all_uses_with(joined)
         graph.erase_node(node)
         graph.erase_node(cat)

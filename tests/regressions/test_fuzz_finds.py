@@ -62,3 +62,16 @@ def test_dense_map_is_dropped_when_the_model_accepts_other_sizes():
     with torch.no_grad():
         y = torch.randn(1, 1, 4, 8)
         assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-5)
+
+
+def test_scale_after_concat_of_freshly_split_norm_tails():
+    """Found by the slow fuzz profile: two concatenations in a row, each followed by an identity
+    map: pushing the first map into its concat made a new concat without a recorded shape,
+    which the second push then read (TypeError).  New nodes now carry their shapes."""
+    from repc.verify.strategies import Block, Branch, ConvLayer, NetworkSpec, build_network, example_input
+    spec = NetworkSpec(in_channels=3, size=(1, 1), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None)), combine='split', weights=(), activation='identity', repeat=1, splits=(1, 2), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=1, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None), Branch(layers=(), shares=None)), combine='cat', weights=(), activation='identity', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=None, batch=1, seed=0, functional=False)
+    model = build_network(spec)
+    x = example_input(spec)
+    fused = repc.compile(model, x)
+    assert fused.repc_report.verification.ok and not fused.repc_report.rolled_back
+    assert verify(model, fused, x, max_examples=5).ok
