@@ -496,6 +496,20 @@ def _is_random_module(mod: nn.Module) -> bool:
     return mod.training or isinstance(mod, _IDENTITY_MODULES[1:]) or isinstance(mod, nn.RReLU)
 
 
+def constant_facts(gm: fx.GraphModule, values: Optional[Dict[fx.Node, Any]] = None) -> GraphFacts:
+    """Facts about ``gm`` with every constant known: parameters and buffers, and the values
+    computed from them only (a gate's softmax, a BN's zero response)."""
+    facts = GraphFacts(gm, values)
+    for node in gm.graph.nodes:
+        try:
+            meaning = describe(node, facts)
+        except Exception:
+            continue
+        if isinstance(meaning, Constant):
+            facts.constants[node] = meaning.value
+    return facts
+
+
 # ----------------------------------------------------------------------------- normalization layers
 
 NORM_CORE = "repc_norm_core"  # node.meta key: (function, normalized axes, where) of a norm without affine
@@ -578,14 +592,9 @@ def fold_border_fill(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
     reads the padded value.  Runs on repc's own copy; returns how many paddings were rewritten.
     """
     graph = gm.graph
-    facts = GraphFacts(gm, values)
-    for node in graph.nodes:  # parameters, and values computed from them only
-        try:
-            meaning = describe(node, facts)
-        except Exception:
-            continue
-        if isinstance(meaning, Constant):
-            facts.constants[node] = meaning.value
+    if not any(n.op == "call_function" and n.target is operator.setitem for n in graph.nodes):
+        return 0
+    facts = constant_facts(gm, values)
     order = {n: i for i, n in enumerate(graph.nodes)}
     count = 0
     for node in list(graph.nodes):
@@ -659,10 +668,9 @@ def push_scales_into_concat(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
     the piece of ``E`` has somewhere to go).  Runs on repc's own copy; returns how many.
     """
     graph = gm.graph
-    facts = GraphFacts(gm, values)
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            facts.constants[node] = _fetch_attr(gm, node.target)
+    if not any(n.op == "call_function" and n.target in _CAT and len(n.users) == 1 for n in graph.nodes):
+        return 0
+    facts = constant_facts(gm, values)
     count = 0
     for node in list(graph.nodes):
         cat = node.args[0] if node.args else None

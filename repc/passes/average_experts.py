@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..normalize import AffineCall, Constant, GraphFacts, describe
+from ..normalize import AffineCall, GraphFacts, constant_facts, describe
 from ..ops import flops
 from ..patterns.experts import Mixture, find_mixtures
 from .emit import AttributeNamer
@@ -73,14 +73,7 @@ def average_experts(gm: fx.GraphModule, example_inputs) -> List[AveragedMixture]
     """Replace every mixture of identical experts in ``gm`` (repc's own copy) by one expert."""
     with torch._guards.tracing(None), torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
-    facts = GraphFacts(gm)
-    for node in gm.graph.nodes:  # parameters and what is computed from them only (a softmax gate)
-        try:
-            meaning = describe(node, facts)
-        except Exception:
-            continue
-        if isinstance(meaning, Constant):
-            facts.constants[node] = meaning.value
+    facts = constant_facts(gm)  # parameters and what is computed from them only (a softmax gate)
     mixtures, _ = find_mixtures(gm, facts)
     modules = dict(gm.named_modules())
     namer = AttributeNamer(gm)
