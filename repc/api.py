@@ -156,13 +156,18 @@ def _own_copies(fused: nn.Module, model: nn.Module) -> None:
                     tensors[key] = copy.deepcopy(t, memo)
 
 
+def _positional_names(model: nn.Module):
+    """Names of ``model.forward``'s positional parameters (empty if they cannot be read)."""
+    try:
+        return [p.name for p in inspect.signature(model.forward).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return []
+
+
 def _specialized_arguments(model: nn.Module, example_inputs, specialize) -> Dict[str, Any]:
     """Forward arguments the result is specialized to: non-tensor example inputs, ``specialize``."""
-    try:
-        names = [p.name for p in inspect.signature(model.forward).parameters.values()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        names = []
+    names = _positional_names(model)
     constants = {}
     for name, value in zip(names, example_inputs):
         if not isinstance(value, torch.Tensor):
@@ -179,15 +184,8 @@ def _specialized_arguments(model: nn.Module, example_inputs, specialize) -> Dict
 
 def _with_specialized_values(model: nn.Module, example_inputs: Tuple[Any, ...], specialize) -> Tuple[Any, ...]:
     """The example inputs, extended by the specialized values of the arguments that follow them."""
-    if not specialize:
-        return example_inputs
-    try:
-        names = [p.name for p in inspect.signature(model.forward).parameters.values()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        return example_inputs
     extended = list(example_inputs)
-    for name in names[len(extended):]:
+    for name in _positional_names(model)[len(extended):] if specialize else ():
         if name not in specialize:
             break
         extended.append(specialize[name])
@@ -196,10 +194,7 @@ def _with_specialized_values(model: nn.Module, example_inputs: Tuple[Any, ...], 
 
 def _positions(model: nn.Module, constants: Dict[str, Any]):
     """Positional indices of the specialized arguments (verification keeps them as given)."""
-    try:
-        names = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+    names = _positional_names(model)
     return {names.index(n) for n in constants if n in names}
 
 
