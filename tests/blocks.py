@@ -321,3 +321,30 @@ def run_op(op, x):
         return F.linear(x, op.weight, op.bias)
     y = x if op.scale is None else x * op.scale
     return y if op.shift is None else y + op.shift
+
+
+# ----------------------------------------------------------------------------- checks shared by the tests
+
+def snapshot(model: nn.Module):
+    """Everything ``repc.compile`` must leave alone: state, train flags, requires_grad."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, m.training) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    state, flags, grads = before
+    now = model.state_dict()
+    assert state.keys() == now.keys()
+    for k in state:
+        assert torch.equal(state[k], now[k]), f"compile mutated {k}"
+    assert flags == [(n, m.training) for n, m in model.named_modules()]
+    assert grads == [(n, p.requires_grad) for n, p in model.named_parameters()]
+
+
+def rel_dev(got, want) -> float:
+    """``max |got - want| / max |want|`` over (nested) outputs, in float64."""
+    if isinstance(want, (tuple, list)):
+        return max(rel_dev(g, w) for g, w in zip(got, want))
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))

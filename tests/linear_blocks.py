@@ -24,6 +24,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from repc.examples import randomize_bn
 
+from blocks import assert_unchanged, rel_dev, snapshot  # the checks shared with the conv-family tests
+
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BatchNorm statistics and affine parameters everywhere; eval mode."""
@@ -586,30 +588,6 @@ class TopKRouterMoE(nn.Module):
 
 REL_TOL = 1e-5  # float32 merges sum the same products in another order; folding errors show at 1e-2
 
-
-def snapshot(model: nn.Module):
-    """Everything ``repc.compile`` must leave alone: state, train flags, requires_grad."""
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(n, m.training) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()])
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    state, flags, grads = before
-    now = model.state_dict()
-    assert state.keys() == now.keys()
-    for k in state:
-        assert torch.equal(state[k], now[k]), f"compile mutated {k}"
-    assert flags == [(n, m.training) for n, m in model.named_modules()]
-    assert grads == [(n, p.requires_grad) for n, p in model.named_parameters()]
-
-
-def rel_dev(got, want) -> float:
-    """``max |got - want| / max |want|`` over (nested) outputs, in float64."""
-    if isinstance(want, (tuple, list)):
-        return max(rel_dev(g, w) for g, w in zip(got, want))
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))
 
 
 def input_variants(example, fixed_size: bool = False, keep=(), seed: int = 3):

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 import repc
 from repc.examples import DiverseBranchBlock, MobileOneBlock, MobileOneUnit, RepVGGBlock, example_net
 
-import blocks
 from blocks import (ACNet, BNLinear, DBBHalves, DBBConcat, DBBSlices, FastViTBlock, FunctionalRepMixer,
                     FunctionalRepVGG, LeViTMLP, LinearBN, MethodStyleBlock, RepMixer, RepVGG, RepVGGDW,
-                    RepViTBlock, conv_bn, randomize)
+                    RepViTBlock, assert_unchanged, conv_bn, randomize, rel_dev, snapshot)
 
 REL_TOL = 1e-5  # float32; a folding error (border, bias, channel) shows at 1e-2 and above
 
@@ -65,29 +64,6 @@ def op_counts(module: nn.Module) -> Counter:
 
 def fused_convs(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, _CONV_MODULES)]
-
-
-def rel_dev(got, want) -> float:
-    if isinstance(want, (tuple, list)):
-        return max(rel_dev(g, w) for g, w in zip(got, want))
-    assert got.shape == want.shape
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))
-
-
-def snapshot(model: nn.Module):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(n, m.training) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()])
-
-
-def assert_unchanged(model: nn.Module, before) -> None:
-    state, flags, grads = before
-    now = model.state_dict()
-    assert state.keys() == now.keys()
-    for k in state:
-        assert torch.equal(state[k], now[k]), f"compile mutated {k}"
-    assert flags == [(n, m.training) for n, m in model.named_modules()]
-    assert grads == [(n, p.requires_grad) for n, p in model.named_parameters()]
 
 
 def variants(shape):
