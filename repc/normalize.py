@@ -573,12 +573,7 @@ def _constant_node(gm, graph, tensor, ndim, where):
     value = tensor.detach()
     if where == "channel":
         value = value.reshape((-1,) + (1,) * (ndim - 2))  # broadcast over the spatial axes of (N, C, *)
-    name = "_repc_norm_affine"
-    i = 0
-    while hasattr(gm, f"{name}_{i}"):
-        i += 1
-    gm.register_buffer(f"{name}_{i}", value.clone())
-    return graph.get_attr(f"{name}_{i}")
+    return _buffer_node(gm, graph, value, value.dtype)
 
 
 def fold_border_fill(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
@@ -722,7 +717,8 @@ def _is_single_use_map(node, facts: GraphFacts) -> bool:
 
 
 def _buffer_node(gm, graph, value: Tensor, dtype):
-    name, i = "_repc_concat_scale", 0
+    """A get_attr of ``value`` (cast to ``dtype``) registered on ``gm`` under a fresh name."""
+    name, i = "_repc_constant", 0
     while hasattr(gm, f"{name}_{i}"):
         i += 1
     gm.register_buffer(f"{name}_{i}", value.to(dtype).clone())
