@@ -8,10 +8,16 @@ BatchNorm statistics, in eval mode under ``torch.no_grad()``.  Variants:
 * ``inductor``         -- ``torch.compile(model)``: Inductor on the training form;
 * ``repc``             -- ``torch.compile(model, backend="repc")``: repc fuses, Inductor compiles;
 * ``deploy+inductor``  -- ``torch.compile(deploy(model))``: Inductor on the deploy form written by
-  hand here (one conv per block, as the papers' ``reparameterize()`` methods produce it).
+  hand here (one conv per block, as the papers' ``reparameterize()`` methods produce it);
+* ``repc.compile+inductor`` -- ``torch.compile(repc.compile(model, x))``: repc first, then dynamo
+  and Inductor on the fused module.
 
-Latency is the median over rounds (the fastest round is shown too); each round times every variant once, in a rotated order,
-so that load from other processes hits all of them alike.  Compile time is the first call
+Latency is the median over rounds (the fastest round is shown too); each round times every
+variant once, in a shuffled order, so that load from other processes hits all of them alike.
+The speed-up columns are medians of the per-round ratios, which drift in the machine's speed
+does not bias.  The same rounds also time dynamo's own per-call cost on the training form and on
+the deploy form, with a backend that returns a precomputed output: guards on the module tree
+and gathering the lifted parameters, which any backend given the training form pays.  Compile time is the first call
 (dynamo + backend + Inductor's code generation), measured for each variant in a process of its
 own with a fresh Inductor cache directory (unless ``--warm-cache``), after Inductor has been
 warmed up on an unrelated function: variants do not reuse each other's kernels, and none pays
@@ -33,11 +39,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import random
 import time
 from typing import Callable, Dict, List
 
 
-VARIANTS = ("eager", "inductor", "repc", "deploy+inductor")
+VARIANTS = ("eager", "inductor", "repc", "deploy+inductor", "repc.compile+inductor")
+DYNAMO_ONLY = ("training form", "deploy form")  # dynamo with a backend that does no work
 
 
 def parse_args(argv=None):
@@ -67,6 +75,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import repc  # noqa: E402
 import repc.backend  # noqa: E402
 from repc.examples import MobileOneBlock, MobileOneUnit, RepVGGBlock, randomize_bn  # noqa: E402
 
@@ -177,14 +186,24 @@ def count_convs(module: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
-def build(name: str, model: nn.Module, deployed: nn.Module) -> Callable:
+def build(name: str, model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> Callable:
     if name == "eager":
         return model
     if name == "inductor":
         return torch.compile(copy.deepcopy(model))
     if name == "repc":
         return torch.compile(copy.deepcopy(model), backend="repc")
+    if name == "repc.compile+inductor":
+        return torch.compile(repc.compile(model, (x,)))
     return torch.compile(copy.deepcopy(deployed))
+
+
+def dynamo_only(module: nn.Module) -> Callable:
+    """``module`` under dynamo with a backend that returns a precomputed output: dynamo's own cost."""
+    def backend(gm, example_inputs):
+        output = gm(*example_inputs)
+        return lambda *args: output
+    return torch.compile(copy.deepcopy(module), backend=backend)
 
 
 def compile_once(args) -> Dict:
@@ -195,10 +214,9 @@ def compile_once(args) -> Dict:
     x = torch.randn(args.batch, 3, args.size, args.size)
     with torch.no_grad():
         torch.compile(lambda t: torch.sin(t) * 2 + 1)(torch.randn(8))  # Inductor's one-time start-up
-        fn = build(args.compile_only, model, deployed)
         with FuseClock() as clock:
             start = time.perf_counter()
-            fn(x)
+            build(args.compile_only, model, deployed, x)(x)  # repc.compile+inductor: repc's time counts
             seconds = time.perf_counter() - start
     return {"variant": args.compile_only, "compile_s": seconds, "repc_s": clock.seconds}
 
@@ -228,30 +246,38 @@ def measure(args) -> Dict:
         hand_error = deviation(deployed(x), reference)
         if hand_error > 1e-4:
             raise SystemExit(f"the hand-written deploy form is wrong: deviation {hand_error:.3g}")
-        variants = {name: build(name, model, deployed) for name in VARIANTS}
+        variants = {name: build(name, model, deployed, x) for name in VARIANTS}
         outputs = {name: fn(x) for name, fn in variants.items()}
-        for fn in variants.values():  # warm up
+        timed = dict(variants)
+        timed.update({DYNAMO_ONLY[0]: dynamo_only(model), DYNAMO_ONLY[1]: dynamo_only(deployed)})
+        for fn in timed.values():  # warm up
             for _ in range(3):
                 fn(x)
-        samples: Dict[str, List[float]] = {name: [] for name in variants}
-        names = list(variants)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                fn = variants[name]
+        samples: Dict[str, List[float]] = {name: [] for name in timed}
+        names = list(timed)
+        shuffle = random.Random(0).shuffle
+        for _ in range(args.rounds):
+            shuffle(names)
+            for name in names:
+                fn = timed[name]
                 start = time.perf_counter()
                 for _ in range(args.calls):
                     fn(x)
                 samples[name].append((time.perf_counter() - start) / args.calls)
     median = {name: statistics.median(s) for name, s in samples.items()}
+
+    def speedup(base: str, name: str) -> float:  # the median of the per-round ratios
+        return statistics.median(b / t for b, t in zip(samples[base], samples[name]))
+
     rows = []
     for name in variants:
         rows.append({
             "variant": name,
             "median_ms": median[name] * 1e3,
             "min_ms": min(samples[name]) * 1e3,
-            "vs_eager": median["eager"] / median[name],
-            "vs_inductor": median["inductor"] / median[name],
-            "vs_deploy_inductor": median["deploy+inductor"] / median[name],
+            "vs_eager": speedup("eager", name),
+            "vs_inductor": speedup("inductor", name),
+            "vs_deploy_inductor": speedup("deploy+inductor", name),
             "compile_s": compiled[name]["compile_s"] if name in compiled else None,
             "deviation": deviation(outputs[name], reference),
         })
@@ -261,6 +287,7 @@ def measure(args) -> Dict:
         "convs_training_form": count_convs(model),
         "convs_deploy_form": count_convs(deployed),
         "repc_fuse_s": compiled["repc"]["repc_s"],
+        "dynamo_call_us": {name: median[name] * 1e6 for name in DYNAMO_ONLY},
         "rows": rows,
         "settings": {"rounds": args.rounds, "calls": args.calls, "threads": args.threads,
                      "warm_cache": args.warm_cache},
@@ -278,18 +305,21 @@ def machine_note(threads: int) -> str:
 
 
 def render(result: Dict) -> str:
-    head = f"{'variant':<17}{'median ms':>11}{'min ms':>9}{'vs eager':>10}{'vs inductor':>13}{'vs deploy':>11}" \
+    head = f"{'variant':<23}{'median ms':>11}{'min ms':>9}{'vs eager':>10}{'vs inductor':>13}{'vs deploy':>11}" \
            f"{'compile s':>11}{'deviation':>11}"
     lines = [f"{result['network']}; input {tuple(result['input'])}", head, "-" * len(head)]
     for row in result["rows"]:
         compile_s = "-" if row["compile_s"] is None else f"{row['compile_s']:.2f}"
-        lines.append(f"{row['variant']:<17}{row['median_ms']:>11.3f}{row['min_ms']:>9.3f}{row['vs_eager']:>9.2f}x"
+        lines.append(f"{row['variant']:<23}{row['median_ms']:>11.3f}{row['min_ms']:>9.3f}{row['vs_eager']:>9.2f}x"
                      f"{row['vs_inductor']:>12.2f}x{row['vs_deploy_inductor']:>10.2f}x{compile_s:>11}"
                      f"{row['deviation']:>11.1e}")
     lines.append(f"convs: {result['convs_training_form']} in the training form, {result['convs_deploy_form']} "
                  f"in the deploy form; time inside repc during its compile: {result['repc_fuse_s']:.2f} s")
-    lines.append("ratios are speed-ups (median latency of the column's variant / this row's); min ms is the "
-                 "fastest round, the least disturbed by other processes; "
+    dynamo = result["dynamo_call_us"]
+    lines.append(f"dynamo's own cost per call (backend doing no work): {dynamo[DYNAMO_ONLY[0]]:.0f} us on the "
+                 f"training form, {dynamo[DYNAMO_ONLY[1]]:.0f} us on the deploy form")
+    lines.append("ratios are speed-ups (median over rounds of the column's variant's time / this row's); min ms is "
+                 "the fastest round, the least disturbed by other processes; "
                  "deviation is max |out - eager| / max |eager|")
     lines.append(result["machine"])
     return "\n".join(lines)

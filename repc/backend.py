@@ -17,6 +17,8 @@ piece between graph breaks), :func:`repc_backend`
 4. compiles the fused graph with the inner backend (``options={"inner": "inductor"}`` by
    default; ``"eager"``, any registered backend name, or a backend callable) and returns a
    callable taking the full argument list dynamo passes (the frozen arguments are dropped).
+   Inductor compiles a fused graph with its ``freezing`` setting on, since the weights are
+   constants already; a graph left unfused goes to the inner backend as it is.
 
 **Weights are frozen at compile time**, as with Inductor's ``freezing``: changing a
 parameter, buffer or module attribute after the first call is not seen by the compiled
@@ -91,12 +93,36 @@ def repc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
     outcome, fused, user_positions = fuse_graph(gm, example_inputs, verify=verify)
     if not outcome.fused:
         return inner(gm, example_inputs)
-    compiled = inner(fused, [example_inputs[i] for i in user_positions])
+    user_inputs = [example_inputs[i] for i in user_positions]
+    if _is_inductor(inner):
+        compiled = _inductor_frozen(inner, fused, user_inputs)
+    else:
+        compiled = inner(fused, user_inputs)
 
     def run(*args):
         return compiled(*[args[i] for i in user_positions])
 
     return run
+
+
+def _is_inductor(inner: Callable) -> bool:
+    try:
+        return inner is torch._dynamo.lookup_backend("inductor")
+    except Exception:  # no Inductor in this build of torch
+        return False
+
+
+def _inductor_frozen(inductor: Callable, fused: fx.GraphModule, example_inputs: List[Any]) -> Callable:
+    """Compile a fused graph with Inductor's ``freezing``: its weights are constants already.
+
+    repc has bound every parameter and buffer to a copy taken at compile time, so Inductor may
+    fold them too (prepacked convolution and linear weights, constant-folded subgraphs).  Its
+    freezing applies to graphs compiled without gradients; the fused graph needs none (repc
+    fuses only when nothing requires grad), so it is compiled under ``no_grad``.
+    """
+    import torch._inductor.config as inductor_config
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        return inductor(fused, example_inputs)
 
 
 def _parse_options(options, mode) -> Tuple[Callable, bool]:

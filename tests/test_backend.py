@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import linear_blocks as lb
 from repc.backend import BackendOptionError, fuse_graph, repc_backend
 from repc.examples import MobileOneUnit, RepVGGBlock, example_net, randomize_bn
 
@@ -220,6 +221,72 @@ def test_small_repvgg_net_through_inductor_matches_eager(caplog):
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="repc.backend"):
         assert_close(fast(x), model(x), tol=1e-4)
     assert "2 region(s) merged" in caplog.text
+
+
+class InductorSpy:
+    """Records, for every graph Inductor compiles, whether freezing was on and how many convs it has."""
+
+    def __init__(self, monkeypatch):
+        import torch._inductor.compile_fx as compile_fx_module
+        self.calls = []
+        self._compile_fx = compile_fx_module.compile_fx
+        monkeypatch.setattr(compile_fx_module, "compile_fx", self)
+
+    def __call__(self, gm, example_inputs, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+        self.calls.append({"freezing": inductor_config.freezing, "grad": torch.is_grad_enabled(),
+                           "convs": count_convs(gm), "batch_norms": count_batch_norms(gm)})
+        return self._compile_fx(gm, example_inputs, *args, **kwargs)
+
+
+def test_default_inner_backend_compiles_fused_graphs_with_inductor_freezing(monkeypatch):
+    spy = InductorSpy(monkeypatch)
+    model = repvgg_stack(width=4, blocks=2, seed=5)
+    x = torch.randn(2, 3, 12, 12)
+    fast = torch.compile(model, backend="repc")
+    with torch.no_grad():
+        assert_close(fast(x), model(x), tol=1e-4)
+    assert spy.calls == [{"freezing": True, "grad": False, "convs": 2, "batch_norms": 0}]
+    import torch._inductor.config as inductor_config
+    assert inductor_config.freezing is False  # the setting is the compile's own, not left behind
+
+
+def test_inductor_freezing_also_applies_when_grad_is_enabled_but_nothing_requires_it(monkeypatch):
+    spy = InductorSpy(monkeypatch)
+    model = repvgg_stack(width=4, blocks=2, seed=6).requires_grad_(False)
+    x = torch.randn(2, 3, 12, 12)
+    out = torch.compile(model, backend="repc")(x)  # grad mode on, as in a plain script
+    assert not out.requires_grad
+    assert_close(out, model(x), tol=1e-4)
+    assert [c["freezing"] for c in spy.calls] == [True] and spy.calls[0]["batch_norms"] == 0
+
+
+def test_an_unfused_training_graph_goes_to_inductor_without_freezing(monkeypatch):
+    spy = InductorSpy(monkeypatch)
+    model = repvgg_stack(width=4, blocks=2, seed=7).train()
+    x = torch.randn(4, 3, 12, 12)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend="repc")(x), reference(x), tol=1e-4)
+    assert [(c["freezing"], c["batch_norms"]) for c in spy.calls] == [(False, 5)]
+
+
+def test_linear_and_dynamic_shape_graphs_through_frozen_inductor_match_eager(monkeypatch):
+    spy = InductorSpy(monkeypatch)
+    torch.manual_seed(0)
+    attention = lb.randomize(lb.LoRASelfAttention(16, 4)).eval()
+    ffn = lb.randomize(lb.RePaViTFFN(16)).eval()
+    tokens = torch.randn(2, 9, 16)
+    conv = randomize_bn(nn.Sequential(RepVGGBlock(3, 8, stride=2), MobileOneUnit(8, 16))).eval()
+    with torch.no_grad():
+        assert_close(torch.compile(attention, backend="repc")(tokens), attention(tokens), tol=1e-4)
+        assert_close(torch.compile(ffn, backend="repc")(tokens), ffn(tokens), tol=1e-4)
+        fast = torch.compile(conv, backend="repc", dynamic=True)
+        for shape in ((2, 3, 16, 16), (3, 3, 20, 24)):
+            x = torch.randn(shape)
+            assert_close(fast(x), conv(x), tol=1e-4)
+    assert len(spy.calls) >= 3 and all(c["freezing"] for c in spy.calls)
+    assert spy.calls[-1]["batch_norms"] == 0 and spy.calls[-1]["convs"] == 3
 
 
 # ----------------------------------------------------------------------------- validity
