@@ -121,7 +121,15 @@ def _inductor_frozen(inductor: Callable, fused: fx.GraphModule, example_inputs: 
     fuses only when nothing requires grad), so it is compiled under ``no_grad``.
     """
     import torch._inductor.config as inductor_config
-    with torch.no_grad(), inductor_config.patch(freezing=True):
+    from torch._dynamo.exc import RestartAnalysis
+    try:
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return inductor(fused, example_inputs)
+    except RestartAnalysis:  # dynamo's signal to trace the frame again (e.g. with a scalar made a tensor)
+        raise
+    except Exception as why:  # a freezing pass that cannot handle this graph: the plain compile still can
+        log.warning("repc backend: Inductor's freezing failed on a fused graph (%s); compiling it without",
+                    _short(why))
         return inductor(fused, example_inputs)
 
 

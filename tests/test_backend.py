@@ -261,6 +261,25 @@ def test_inductor_freezing_also_applies_when_grad_is_enabled_but_nothing_require
     assert [c["freezing"] for c in spy.calls] == [True] and spy.calls[0]["batch_norms"] == 0
 
 
+def test_a_fused_graph_that_inductor_cannot_freeze_is_compiled_without_freezing(monkeypatch, caplog):
+    spy = InductorSpy(monkeypatch)
+    compile_fx = spy._compile_fx
+
+    def refuse_freezing(gm, example_inputs, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+        if inductor_config.freezing:
+            raise NotImplementedError("no freezing for this graph")
+        return compile_fx(gm, example_inputs, *args, **kwargs)
+
+    spy._compile_fx = refuse_freezing
+    model = repvgg_stack(width=4, blocks=2, seed=8)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="repc.backend"):
+        assert_close(torch.compile(model, backend="repc")(x), model(x), tol=1e-4)
+    assert "freezing failed on a fused graph (NotImplementedError: no freezing for this graph)" in caplog.text
+    assert [(c["freezing"], c["batch_norms"]) for c in spy.calls] == [(True, 0), (False, 0)]  # still fused
+
+
 def test_an_unfused_training_graph_goes_to_inductor_without_freezing(monkeypatch):
     spy = InductorSpy(monkeypatch)
     model = repvgg_stack(width=4, blocks=2, seed=7).train()
@@ -287,6 +306,15 @@ def test_linear_and_dynamic_shape_graphs_through_frozen_inductor_match_eager(mon
             assert_close(fast(x), conv(x), tol=1e-4)
     assert len(spy.calls) >= 3 and all(c["freezing"] for c in spy.calls)
     assert spy.calls[-1]["batch_norms"] == 0 and spy.calls[-1]["convs"] == 3
+
+
+def test_a_graph_with_a_fixed_size_head_compiles_without_printing_to_stderr(capfd):
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(RepVGGBlock(3, 4, stride=2), nn.Flatten(1), nn.Linear(4 * 4 * 4, 10))).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert_close(compiled(model)(x), model(x))
+    assert capfd.readouterr().err == ""  # the checks' trial sizes that the head rejects stay quiet
 
 
 # ----------------------------------------------------------------------------- validity
