@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from repc.verify.check import compare, deviation, input_variants, perturbed_copies
+from repc.verify.check import compare, deviation, input_variants, perturbed_copies, quiet_call
 
 
 def _model():
@@ -53,3 +53,26 @@ def test_deviation_is_relative_and_structure_sensitive():
     assert abs(deviation(a + 0.04, a) - 0.01) < 1e-7  # 0.04 against a largest magnitude of 4
     assert deviation((a,), [a]) == float("inf")
     assert deviation(a[:2], a) == float("inf")
+
+
+def test_graph_modules_that_reject_a_trial_size_are_skipped_without_printing_their_code(capfd):
+    class FixedSizeHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 3 * 6 * 6))
+
+        def forward(self, x):  # the failing call is in the generated code itself, not in a submodule
+            return torch.nn.functional.linear(x.flatten(1), self.weight)
+
+    torch.manual_seed(0)
+    traced = torch.fx.symbolic_trace(FixedSizeHead())  # accepts 6x6 maps only, like the backend's frozen graphs
+    result = compare(traced, copy.deepcopy(traced), (torch.randn(2, 3, 6, 6),))
+    assert result.ok and result.skipped  # the other spatial sizes do not fit the linear head
+    assert capfd.readouterr().err == ""
+    try:
+        quiet_call(traced, (torch.randn(1, 3, 5, 5),))
+    except RuntimeError as why:
+        assert "shapes cannot be multiplied" in str(why)  # the error itself still propagates
+    else:
+        raise AssertionError("a 5x5 map should not fit the linear head")
+    assert capfd.readouterr().err == ""

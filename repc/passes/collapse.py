@@ -29,7 +29,7 @@ from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combin
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
-from ..verify.check import deviation, output_dtype, tolerance
+from ..verify.check import deviation, output_dtype, quiet_call, tolerance
 from .emit import AttributeNamer, emit_form, form_function
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -396,7 +396,7 @@ class _Writer:
         with torch.no_grad():
             for name, inputs, want in trials:
                 try:
-                    got = merged(*inputs)
+                    got = quiet_call(merged, inputs)
                 except Exception as why:
                     return False, float("inf"), f"merged op failed on {name} input: {why}"
                 dev = deviation(got, want)

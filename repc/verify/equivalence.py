@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .check import deviation
+from .check import deviation, quiet_call
 from .strategies import DISTRIBUTIONS, InputCase, example_case, input_cases, is_varied
 
 Tolerance = Union[None, float, Mapping[torch.dtype, float], Callable[[torch.dtype], float]]
@@ -185,13 +185,13 @@ def check_case(models: ModelPair, example_inputs: Sequence[Any], case: InputCase
     original, fused = models.at(case.dtype)
     with torch.no_grad():
         try:
-            ref = original(*inputs)
+            ref = quiet_call(original, inputs)
         except Exception:
             return CaseResult(case, skipped=True)
         dtype = least_precise(output_dtypes(ref) + models.model_dtypes())
         tol = resolve_tolerance(tolerance, dtype)
         try:
-            got = fused(*inputs)
+            got = quiet_call(fused, inputs)
         except Exception as why:
             return CaseResult(case, math.inf, tol, f"{type(why).__name__}: {str(why).strip().splitlines()[0] if str(why).strip() else ''}")
         dev = deviation(got, ref)
@@ -240,7 +240,7 @@ def probe_free_sizes(original: Callable, example_inputs: Sequence[Any]) -> Dict[
                 trial[i] = torch.randn(shape, generator=gen, dtype=torch.float64).to(t.dtype).to(t.device)
             try:
                 with torch.no_grad():
-                    original(*trial)
+                    quiet_call(original, trial)
             except Exception:
                 continue
             accepted.append(c)
