@@ -40,6 +40,7 @@ import contextlib
 import copy
 import logging
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -92,17 +93,78 @@ def repc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
     example_inputs = list(example_inputs)
     outcome, fused, user_positions = fuse_graph(gm, example_inputs, verify=verify)
     if not outcome.fused:
+        context = _compile_context()
+        if context is not None:
+            _UNFUSED_COMPILES.add(context)
         return inner(gm, example_inputs)
     user_inputs = [example_inputs[i] for i in user_positions]
     if _is_inductor(inner):
         compiled = _inductor_frozen(inner, fused, user_inputs)
     else:
         compiled = inner(fused, user_inputs)
+    frozen_positions = [i for i in range(len(example_inputs)) if i not in set(user_positions)]
 
     def run(*args):
+        if torch.is_grad_enabled() and any(args[i].requires_grad for i in frozen_positions):
+            # only reachable when guard_filter dropped the guards that would have recompiled:
+            # the model's tensors require grad again, and the frozen graph has no gradient
+            return gm(*args)
         return compiled(*[args[i] for i in user_positions])
 
     return run
+
+
+_UNFUSED_COMPILES: "weakref.WeakSet" = weakref.WeakSet()  # dynamo's frame compiles that left a graph unfused
+
+
+def _compile_context():
+    """Dynamo's context of the frame compile in progress, or None outside one."""
+    try:
+        return torch._guards.CompileContext.try_get()
+    except Exception:
+        return None
+
+
+def guard_filter(entries: Sequence[Any]) -> List[bool]:
+    """A ``guard_filter_fn`` that trims dynamo's per-call guards to what a frozen model needs.
+
+    Use it as ``torch.compile(model, backend="repc", options={"guard_filter_fn":
+    repc.backend.guard_filter})`` to serve a model for inference.  Dynamo checks these guards
+    on every call.  On a training-form model they cover every parameter, buffer and submodule,
+    and on small inputs they take a sizable share of each call.
+
+    What it keeps:
+
+    * every guard that is not on the model: inputs, globals, grad mode and other global state;
+    * the model's plain values: ``training`` flags and any number, string or flag its forward
+      reads.  ``model.train()`` or a changed setting still recompiles.
+
+    What it drops: guards on the model's tensors and on its module structure (submodule types,
+    dict keys, hook dicts).  The frozen graph does not read those tensors; it uses the copies
+    taken at compile time.  Replacing, moving or retyping parameters, or adding hooks and
+    submodules, is then not seen, just as changed weight values are not.  Recompile after such
+    changes.
+
+    Tensors that require grad again under grad mode send the call to the unfused graph, so
+    gradients still flow.  If the frame compiled just now left any graph unfused (training mode,
+    gradients, in-place writes), that graph reads the model's tensors directly, so every guard
+    is kept.
+    """
+    context = _compile_context()
+    if context is None or context in _UNFUSED_COMPILES:
+        return [True] * len(entries)
+    return [not _on_model(entry) or entry.guard_type in _VALUE_GUARDS for entry in entries]
+
+
+_VALUE_GUARDS = ("CONSTANT_MATCH", "EQUALS_MATCH")
+
+
+def _on_model(entry) -> bool:
+    """Whether a guard checks something reached through an ``nn.Module`` dynamo did not specialize."""
+    try:
+        return bool(entry.orig_guard.source.is_unspecialized_nn_module())
+    except Exception:  # a guard without a source: not the model's
+        return False
 
 
 def _is_inductor(inner: Callable) -> bool:

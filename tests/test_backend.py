@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import linear_blocks as lb
-from repc.backend import BackendOptionError, fuse_graph, repc_backend
+from repc.backend import BackendOptionError, fuse_graph, guard_filter, repc_backend
 from repc.examples import MobileOneUnit, RepVGGBlock, example_net, randomize_bn
 
 
@@ -315,6 +315,76 @@ def test_a_graph_with_a_fixed_size_head_compiles_without_printing_to_stderr(capf
     with torch.no_grad():
         assert_close(compiled(model)(x), model(x))
     assert capfd.readouterr().err == ""  # the checks' trial sizes that the head rejects stay quiet
+
+
+# ----------------------------------------------------------------------------- guard_filter
+
+def filtered(model, recorder, **kwargs):
+    return torch.compile(model, backend="repc", options={"inner": recorder, "guard_filter_fn": guard_filter}, **kwargs)
+
+
+def test_guard_filter_drops_the_guards_on_the_models_tensors_and_structure():
+    model = repvgg_stack(blocks=2)
+    x = torch.randn(2, 3, 16, 16)
+    kept = {}
+    for name, keep in (("all", lambda entries: [True] * len(entries)), ("filtered", guard_filter)):
+        def record(entries, name=name, keep=keep):
+            flags = list(keep(entries))
+            kept[name] = [(e.name, e.guard_type) for e, k in zip(entries, flags) if k]
+            return flags
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(copy.deepcopy(model), backend="repc", options={"inner": "eager", "guard_filter_fn": record})(x)
+    assert not any(kind == "TENSOR_MATCH" and "_parameters" in name for name, kind in kept["filtered"])
+    assert any(kind == "TENSOR_MATCH" and "_parameters" in name for name, kind in kept["all"])
+    assert any(kind == "TENSOR_MATCH" and name == "args[0]" for name, kind in kept["filtered"])  # the input
+    assert any(name.endswith(".training") for name, kind in kept["filtered"])
+    assert "GRAD_MODE" in {kind for _, kind in kept["filtered"]}
+    assert len(kept["filtered"]) < len(kept["all"]) / 3
+
+
+def test_guard_filter_still_recompiles_for_training_and_the_compiled_model_trains():
+    model = repvgg_stack(blocks=2)
+    recorder = Recorder()
+    fast = filtered(model, recorder)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(fast(x), model(x))
+    assert count_batch_norms(recorder.graphs[-1]) == 0
+    reference = copy.deepcopy(model).train()
+    model.train()
+    with torch.no_grad():
+        assert_close(fast(x), reference(x))  # batch statistics: the training flag's guard recompiled
+    assert len(recorder.graphs) == 2 and count_batch_norms(recorder.graphs[-1]) == 5
+    assert torch.equal(model[0].dense[1].running_mean, reference[0].dense[1].running_mean)
+
+
+def test_guard_filter_sends_calls_whose_weights_require_grad_again_to_the_unfused_graph():
+    model = repvgg_stack(blocks=2).requires_grad_(False)
+    recorder = Recorder()
+    fast = filtered(model, recorder)
+    x = torch.randn(2, 3, 16, 16)
+    assert_close(fast(x), model(x))  # grad mode on, nothing requires grad: fused
+    assert len(recorder.graphs) == 1 and count_batch_norms(recorder.graphs[0]) == 0
+    model.requires_grad_(True)  # fine-tuning: with the tensor guards gone, dynamo does not recompile
+    out = fast(x)
+    assert out.requires_grad
+    out.sum().backward()
+    want = copy.deepcopy(model)
+    want(x).sum().backward()
+    assert torch.allclose(model[0].dense[0].weight.grad, want[0].dense[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_guard_filter_keeps_every_guard_of_a_frame_whose_graph_was_left_unfused():
+    model = repvgg_stack(blocks=2).train()
+    recorder = Recorder()
+    fast = filtered(model, recorder)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        fast(x)
+        model.requires_grad_(False)  # the unfused graph reads the parameters: their guards must hold
+        fast(x)
+    assert len(recorder.graphs) == 2  # the second call recompiled
 
 
 # ----------------------------------------------------------------------------- validity
