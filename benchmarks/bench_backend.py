@@ -10,7 +10,11 @@ BatchNorm statistics, in eval mode under ``torch.no_grad()``.  Variants:
 * ``deploy+inductor``  -- ``torch.compile(deploy(model))``: Inductor on the deploy form written by
   hand here (one conv per block, as the papers' ``reparameterize()`` methods produce it);
 * ``repc.compile+inductor`` -- ``torch.compile(repc.compile(model, x))``: repc first, then dynamo
-  and Inductor on the fused module.
+  and Inductor on the fused module;
+* ``repc, guard_filter`` -- ``backend="repc"`` with ``options={"guard_filter_fn":
+  repc.backend.guard_filter}``: dynamo's per-call guards trimmed to what a frozen model needs;
+* ``deploy+inductor, no nn guards`` -- the deploy form with
+  ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``, the like-for-like comparison for it.
 
 Latency is the median over rounds (the fastest round is shown too); each round times every
 variant once, in a shuffled order, so that load from other processes hits all of them alike.
@@ -44,7 +48,8 @@ import time
 from typing import Callable, Dict, List
 
 
-VARIANTS = ("eager", "inductor", "repc", "deploy+inductor", "repc.compile+inductor")
+VARIANTS = ("eager", "inductor", "repc", "deploy+inductor", "repc.compile+inductor", "repc, guard_filter",
+            "deploy+inductor, no nn guards")
 DYNAMO_ONLY = ("training form", "deploy form")  # dynamo with a backend that does no work
 
 
@@ -195,6 +200,15 @@ def build(name: str, model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> 
         return torch.compile(copy.deepcopy(model), backend="repc")
     if name == "repc.compile+inductor":
         return torch.compile(repc.compile(model, (x,)))
+    # The two guard-filtered variants name an option that is the default anyway ("verify",
+    # "freezing"): torch.compile removes guard_filter_fn from the options, and dynamo would
+    # otherwise reuse the unfiltered variant's compiled entry, whose backend compares equal.
+    if name == "repc, guard_filter":
+        return torch.compile(copy.deepcopy(model), backend="repc",
+                             options={"guard_filter_fn": repc.backend.guard_filter, "verify": True})
+    if name == "deploy+inductor, no nn guards":
+        return torch.compile(copy.deepcopy(deployed), options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "freezing": False})
     return torch.compile(copy.deepcopy(deployed))
 
 
@@ -305,12 +319,12 @@ def machine_note(threads: int) -> str:
 
 
 def render(result: Dict) -> str:
-    head = f"{'variant':<23}{'median ms':>11}{'min ms':>9}{'vs eager':>10}{'vs inductor':>13}{'vs deploy':>11}" \
+    head = f"{'variant':<31}{'median ms':>11}{'min ms':>9}{'vs eager':>10}{'vs inductor':>13}{'vs deploy':>11}" \
            f"{'compile s':>11}{'deviation':>11}"
     lines = [f"{result['network']}; input {tuple(result['input'])}", head, "-" * len(head)]
     for row in result["rows"]:
         compile_s = "-" if row["compile_s"] is None else f"{row['compile_s']:.2f}"
-        lines.append(f"{row['variant']:<23}{row['median_ms']:>11.3f}{row['min_ms']:>9.3f}{row['vs_eager']:>9.2f}x"
+        lines.append(f"{row['variant']:<31}{row['median_ms']:>11.3f}{row['min_ms']:>9.3f}{row['vs_eager']:>9.2f}x"
                      f"{row['vs_inductor']:>12.2f}x{row['vs_deploy_inductor']:>10.2f}x{compile_s:>11}"
                      f"{row['deviation']:>11.1e}")
     lines.append(f"convs: {result['convs_training_form']} in the training form, {result['convs_deploy_form']} "
