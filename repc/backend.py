@@ -27,6 +27,11 @@ model (dynamo does not guard on tensor values).  Recompile after changing weight
 calls with parameters that require grad are compiled unfused (dynamo recompiles when the
 mode changes), so a model can be trained and served with the same compiled object.
 
+Dynamo checks its guards on every call, and on a training-form model they cover every
+parameter, buffer and submodule.  ``options={"guard_filter_fn": repc.backend.guard_filter}``
+trims them to what a frozen model needs (see :func:`guard_filter`); ``torch.compile`` hands
+that option to dynamo, not to this backend.
+
 Options: ``inner`` (see above) and ``verify`` (default ``True``: the whole-graph check on the
 example and on random inputs; the per-region checks of the collapse pass always run).
 What happened to each graph is logged on the ``repc.backend`` logger: the rewrites at INFO,
@@ -36,11 +41,11 @@ the way), a fusion that failed or did not verify at WARNING.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
 import operator
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -95,7 +100,7 @@ def repc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
     if not outcome.fused:
         context = _compile_context()
         if context is not None:
-            _UNFUSED_COMPILES.add(context)
+            _UNFUSED_COMPILES.append(context)
         return inner(gm, example_inputs)
     user_inputs = [example_inputs[i] for i in user_positions]
     if _is_inductor(inner):
@@ -114,7 +119,10 @@ def repc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
     return run
 
 
-_UNFUSED_COMPILES: "weakref.WeakSet" = weakref.WeakSet()  # dynamo's frame compiles that left a graph unfused
+# Dynamo's contexts of the latest frame compiles that left a graph unfused.  Dynamo builds a
+# frame's guards right after compiling its graphs, so the latest few are all guard_filter needs;
+# holding them keeps identity comparisons sound.
+_UNFUSED_COMPILES: "collections.deque" = collections.deque(maxlen=16)
 
 
 def _compile_context():
@@ -151,7 +159,7 @@ def guard_filter(entries: Sequence[Any]) -> List[bool]:
     is kept.
     """
     context = _compile_context()
-    if context is None or context in _UNFUSED_COMPILES:
+    if context is None or any(c is context for c in _UNFUSED_COMPILES):
         return [True] * len(entries)
     return [not _on_model(entry) or entry.guard_type in _VALUE_GUARDS for entry in entries]
 

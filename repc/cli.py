@@ -844,7 +844,7 @@ def cmd_inspect(args, progress: Progress) -> int:
         doc = report_document("inspect", args, report, gains, inputs, output=None, written=False)
         print(json.dumps(doc, indent=2, default=str))
     else:
-        print(f"repc inspect: ran the same pipeline as `repc fuse` (repc.compile); nothing is written\n")
+        print("repc inspect: ran the same pipeline as `repc fuse` (repc.compile); nothing is written\n")
         print(render(report, gains, detailed=True))
     failure = _verification_failed(report)
     if failure is not None:

@@ -430,7 +430,6 @@ def _check_at_random_point(closed_form, operands, sizes, lifted: Lifted, space: 
             point[g] = value
     _, tensors = _flatten_result(closed_form(*args))
     gens = space.ring.gens
-    index = {g: i for i, g in enumerate(gens)}
     for want, got in zip(tensors, lifted.tensors):
         if want is None or got is None:
             continue
