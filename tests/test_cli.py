@@ -6,11 +6,9 @@ file fast.  The fused file is loaded in a fresh interpreter where repc cannot be
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from repc.examples import RepVGGBlock, example_net, randomize_bn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FACTORY_MODULE = "repc_cli_test_models"
 
-FACTORIES = f'''
+FACTORIES = '''
 import torch.nn as nn
 from repc.examples import RepVGGBlock, randomize_bn
 

@@ -8,8 +8,6 @@ linear tails).  The number of networks comes from the Hypothesis profile selecte
 spec; keep it as a plain test in tests/regressions/.
 """
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn

@@ -1,7 +1,5 @@
 """Symbolic proofs of the closed forms (repc.verify.proofs), and checks that the proofs can fail."""
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -9,10 +7,9 @@ import torch.nn.functional as F
 from sympy import QQ
 
 from repc import algebra
-from repc.ops import Conv, Elementwise
 from repc.verify import proofs
-from repc.verify.proofs import (PROOFS, ProofError, SymbolSpace, apply, channel_affine_template, constants,
-                                conv_template, lift, linear_template, prove_composition, prove_sum)
+from repc.verify.proofs import (PROOFS, ProofError, SymbolSpace, apply, constants, conv_template, lift,
+                                prove_composition, prove_sum)
 
 
 @pytest.mark.parametrize("name", list(PROOFS))

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from repc.capture import propagate_shapes
 from repc.normalize import GraphFacts, functionalize_inplace
-from repc.ops import Conv, Elementwise, Linear
+from repc.ops import Conv
 from repc.patterns.regions import RegionMatcher
 
 from blocks import ACNet, DBBConcat, RepMixer, RepVGG, conv_bn, randomize, run_op
