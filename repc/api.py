@@ -117,7 +117,7 @@ def _build(model, example_inputs, constants, fixed, expected, allow_approximate,
     with torch.no_grad():
         # the traced graph's leaves are the model's own modules: repc only reads them, and the
         # result is copied where it still shares something with the model at the end
-        gm = _trace_whole(model, constants, report)
+        gm = _trace_whole(model, constants, report, example_inputs)
         if gm is not None:
             report.nodes_before = len(gm.graph.nodes)
         if gm is not None and allow_approximate:
@@ -204,11 +204,12 @@ def _brief(value) -> str:
     return repr(value)
 
 
-def _trace_whole(work: nn.Module, constants: Dict[str, Any], report: Report) -> Optional[fx.GraphModule]:
+def _trace_whole(work: nn.Module, constants: Dict[str, Any], report: Report,
+                 example_inputs: Tuple[Any, ...]) -> Optional[fx.GraphModule]:
     """``work`` traced as a whole, with specialized arguments bound; None if it does not trace."""
     plain = {k: v for k, v in constants.items() if not isinstance(v, torch.Tensor)}
     try:
-        gm = trace(work, concrete_args=plain or None)
+        gm = trace(work, concrete_args=plain or None, example_inputs=example_inputs)
     except Exception as why:
         report.skipped.append(SkippedPart("<model>", _short(why)))
         return None
@@ -275,7 +276,7 @@ def _fuse_parts(work: nn.Module, example_inputs, report: Report, synthesize: boo
         parent_path, _, name = path.rpartition(".")
         parent = work.get_submodule(parent_path) if parent_path else work
         try:
-            gm = trace(getattr(parent, name))
+            gm = trace(getattr(parent, name), example_inputs=inputs)
             nodes = len(gm.graph.nodes)
             result = collapse(gm, inputs, prefix=f"{path}.", synthesize=synthesize)
         except Exception as err:

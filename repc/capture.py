@@ -8,6 +8,7 @@ are, with the reason recorded.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -30,24 +31,104 @@ class Skipped:
 
 class _AssignableProxy(fx.Proxy):
     """A proxy that records item assignment (``y[:, :, :p] = v``) as an ``operator.setitem`` node
-    instead of failing: DBB's BN-and-pad fills its border that way."""
+    instead of failing (DBB's BN-and-pad fills its border that way), and whose ``len`` is a
+    shape's length on the example (see :class:`Tracer`)."""
 
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
+    def __len__(self) -> int:
+        return _example_len(self)
+
+    def __getattr__(self, name):
+        return _Attribute(self, name)
+
+
+class _Attribute(fx.proxy.Attribute):
+    """``x.shape`` and other attributes of a proxy: ``len(x.shape)`` is the example's rank."""
+
+    def __len__(self) -> int:
+        return _example_len(self)
+
+
+def _example_len(proxy: fx.Proxy) -> int:
+    size = proxy.tracer.example_size(proxy) if isinstance(proxy.tracer, Tracer) else None
+    if size is None:
+        return fx.Proxy.__len__(proxy)
+    return len(size)
+
 
 class Tracer(fx.Tracer):
+    """fx's tracer, with item assignment recorded and shapes that can be unpacked.
+
+    Given the example's arguments by name, a shape (``x.shape[:-1]``, ``x.size()``) can be
+    iterated (``(*x.shape[:-1], -1, d)``) and measured (``len(x.shape)``): the graph built so
+    far runs on the example to learn the shape's length, and the items are read one by one.
+    That length is the tensor's rank, which does not change with the input's sizes.
+    """
+
+    def __init__(self, example_arguments: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.example_arguments = example_arguments
+        self._example_values: Dict[fx.Node, Any] = {}
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AssignableProxy(node, self)
 
+    def iter(self, obj):
+        size = self.example_size(obj) if isinstance(obj, fx.Proxy) else None
+        if size is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(size))])
 
-def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
+    def example_size(self, proxy: fx.Proxy) -> Optional[torch.Size]:
+        """The ``torch.Size`` that ``proxy`` holds on the example, or None (not a shape, or no example)."""
+        if self.example_arguments is None:
+            return None
+        try:
+            value = self._example_value(proxy.node)
+        except Exception:
+            return None
+        return value if isinstance(value, torch.Size) else None
+
+    def _example_value(self, target: fx.Node):
+        interpreter = fx.Interpreter(self.root, graph=self.graph)
+        interpreter.env = self._example_values
+        with torch.no_grad():
+            for node in self.graph.nodes:
+                if node not in self._example_values:
+                    if node.op == "placeholder":
+                        name = node.target.lstrip("*")
+                        if name not in self.example_arguments:
+                            raise LookupError(f"no example value for the argument {name}")
+                        self._example_values[node] = self.example_arguments[name]
+                    else:
+                        self._example_values[node] = interpreter.run_node(node)
+                if node is target:
+                    return self._example_values[node]
+        raise LookupError("the node is not in the graph")
+
+
+def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None,
+          example_inputs: Optional[Tuple[Any, ...]] = None) -> fx.GraphModule:
     """Symbolically trace ``module``; standard ``torch.nn`` layers stay call_module leaves and
-    item assignments are recorded (the graph then holds in-place ``setitem`` nodes)."""
-    tracer = Tracer()
+    item assignments are recorded (the graph then holds in-place ``setitem`` nodes).  With the
+    positional ``example_inputs``, shapes can be unpacked in the forward (see :class:`Tracer`)."""
+    tracer = Tracer(_arguments_by_name(module, example_inputs))
     graph = tracer.trace(module, concrete_args)
     name = module.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _arguments_by_name(module: nn.Module, example_inputs: Optional[Tuple[Any, ...]]) -> Optional[Dict[str, Any]]:
+    if example_inputs is None:
+        return None
+    try:
+        bound = inspect.signature(module.forward).bind(*example_inputs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> None:
@@ -91,7 +172,7 @@ def split_untraceable(model: nn.Module, example_inputs, reason: str) -> Tuple[Li
                 skipped.append(Skipped(path, "not called on the example inputs"))
                 continue
             try:
-                trace(child)
+                trace(child, example_inputs=inputs[path])
             except Exception as why:
                 skipped.append(Skipped(path, _short(why)))
                 visit(path, child)

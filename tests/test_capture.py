@@ -1,0 +1,59 @@
+"""Capture (repc.capture): tracing with item assignment and shapes that unpack on the example."""
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from repc.capture import trace
+
+
+class HeadSplit(nn.Module):
+    """Splits the last axis into heads the way current transformer code does: ``(*shape[:-1], -1, d)``."""
+
+    def __init__(self, d=8, head_dim=4):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.head_dim = head_dim
+
+    def forward(self, x):
+        hidden_shape = (*x.shape[:-1], -1, self.head_dim)
+        return self.proj(x).view(hidden_shape).transpose(-3, -2) * len(x.shape)
+
+
+def test_a_shape_unpacks_and_measures_on_the_example_and_the_graph_stays_size_generic():
+    model = HeadSplit().eval()
+    gm = trace(model, example_inputs=(torch.randn(2, 5, 8),))
+    assert not any(n.op == "call_function" and n.target is len for n in gm.graph.nodes)
+    for shape in ((2, 5, 8), (3, 7, 8)):  # the batch and token counts are read from the input
+        x = torch.randn(shape)
+        assert torch.equal(gm(x), model(x))
+    items = [n for n in gm.graph.nodes if n.target is operator.getitem]
+    assert len(items) == 3  # the slice of the shape, then its two items
+
+
+def test_without_an_example_an_unpacked_shape_still_fails_to_trace():
+    with pytest.raises(fx.proxy.TraceError):
+        trace(HeadSplit())
+
+
+def test_iterating_a_tensor_is_not_specialized_to_the_example_batch():
+    class RowLoop(nn.Module):
+        def forward(self, x):
+            return torch.stack([row * 2 for row in x])
+
+    with pytest.raises(fx.proxy.TraceError):
+        trace(RowLoop(), example_inputs=(torch.randn(3, 4),))
+
+
+def test_arguments_are_matched_to_the_example_by_name():
+    class TwoInputs(nn.Module):
+        def forward(self, x, scale=None):
+            return x.reshape(*x.shape[:-2], -1) * scale
+
+    model = TwoInputs()
+    x, s = torch.randn(2, 3, 4, 5), torch.tensor(0.5)
+    gm = trace(model, example_inputs=(x, s))
+    assert torch.equal(gm(x, s), model(x, s))
