@@ -17,6 +17,7 @@ on repc's private copy before analysis.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -704,6 +705,102 @@ def push_scales_into_concat(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
     if count:
         gm.recompile()
     return count
+
+
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+
+
+def push_scales_into_matmul(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
+    """``(a @ b) * c = (a * c) @ b`` for a scalar ``c``.
+
+    Attention often scales after the product: ``(q @ k.transpose(-2, -1)) * scale``, or
+    ``/ math.sqrt(d)``.  Moved onto an operand that an affine region computes (q's projection)
+    and that nothing else reads, the scale folds into that region's weights, and the multiply
+    over the scores disappears.  Without such an operand, the scale moves only onto an operand
+    no larger than the product, so the result never costs more.  Runs on repc's own copy;
+    returns how many.
+    """
+    graph = gm.graph
+    if not any(_target_key(n) in _MATMULS for n in graph.nodes if n.op in ("call_function", "call_method")):
+        return 0
+    facts = constant_facts(gm, values)
+    count = 0
+    for node in list(graph.nodes):
+        products = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op in ("call_function", "call_method")
+                    and _target_key(a) in _MATMULS and len(a.users) == 1 and len(a.args) == 2 and not a.kwargs
+                    and all(isinstance(o, fx.Node) for o in a.args)]
+        if len(products) != 1:
+            continue
+        product = products[0]
+        scale = _scalar_scale(node, product, facts)
+        target = None if scale is None else _scale_target(product, facts)
+        if target is None:
+            continue
+        reader = next(iter(target.users))  # the target's one reader: the product or the chain to it
+        with graph.inserting_after(target):
+            scaled = graph.call_function(operator.mul, (target, scale))
+        scaled.meta["tensor_meta"] = target.meta.get("tensor_meta")
+        reader.replace_input_with(target, scaled)
+        node.replace_all_uses_with(product)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _scalar_scale(node: fx.Node, product: fx.Node, facts: GraphFacts) -> Optional[float]:
+    """The number ``c`` when ``node`` computes ``product * c`` (a multiply or a divide), else None."""
+    try:
+        meaning = describe(node, facts)
+    except Exception:
+        return None
+    if not (isinstance(meaning, AffineCall) and meaning.input is product and isinstance(meaning.op, Elementwise)):
+        return None
+    op = meaning.op
+    if op.shift is not None and bool((op.shift != 0).any()):
+        return None
+    if op.scale is None or op.scale.numel() != 1:
+        return None
+    return float(op.scale.reshape(()).to(torch.float64))
+
+
+def _scale_target(product: fx.Node, facts: GraphFacts) -> Optional[fx.Node]:
+    """Where the scale of ``product`` goes: the map behind an operand, else the smaller operand.
+
+    A scalar commutes with reshapes, transposes and slices, so on an operand that a conv or
+    linear map computes through such views, nothing else reading them, it goes right after the
+    map and folds into it.  Otherwise it goes on an operand no larger than the product.
+    """
+    maps = [m for m in (_map_behind(o, facts) for o in product.args if len(o.users) == 1) if m is not None]
+    if maps:
+        return min(maps, key=lambda m: _numel(m, facts))
+    out = _numel(product, facts)
+    small = [o for o in product.args if len(o.users) == 1 and _numel(o, facts) <= out]
+    return min(small, key=lambda o: _numel(o, facts)) if small else None
+
+
+def _numel(node: fx.Node, facts: GraphFacts) -> float:
+    shape = facts.shape(node)
+    return math.inf if shape is None else math.prod(shape)
+
+
+def _map_behind(node: fx.Node, facts: GraphFacts) -> Optional[fx.Node]:
+    """The conv or linear map (or sum or concat of them) that ``node`` is, seen through
+    reshapes, transposes and slices that nothing else reads; None if there is none."""
+    while True:
+        try:
+            meaning = describe(node, facts)
+        except Exception:
+            return None
+        if isinstance(meaning, (Layout, Slice)):
+            if len(meaning.input.users) != 1:
+                return None
+            node = meaning.input
+            continue
+        if isinstance(meaning, AffineCall):
+            return node if isinstance(meaning.op, (Conv, Linear)) else None
+        return node if isinstance(meaning, (Combine, Concat)) else None
 
 
 def _is_single_use_map(node, facts: GraphFacts) -> bool:

@@ -122,6 +122,32 @@ class LoRAMultiHeadAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+class ScaledProductAttention(nn.Module):
+    """Self-attention as current transformer code writes it (e.g. Hugging Face's eager path):
+    separate q/k/v projections, heads split by ``view`` to the input's shape + ``transpose``,
+    the scores scaled after the product (``* scaling``, or ``/ sqrt(head_dim)`` with
+    ``divide``), and an additive attention mask."""
+
+    def __init__(self, d=16, heads=2, divide=False):
+        super().__init__()
+        self.head_dim, self.divide = d // heads, divide
+        self.scaling = self.head_dim ** -0.5
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+
+    def forward(self, hidden, mask):
+        input_shape = hidden.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(hidden).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden).view(hidden_shape).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(2, 3))
+        scores = scores / math.sqrt(self.head_dim) if self.divide else scores * self.scaling
+        probs = (scores + mask).softmax(-1)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out)
+
+
 # ----------------------------------------------------------------------------- parameter-only weights
 
 class GLoRALinear(nn.Module):

@@ -137,11 +137,29 @@ def test_lora_on_qkv_projections_merges_three_times_and_keeps_attention(explicit
     assert all(type(m) is nn.Linear for m in called_modules(fused))
     if explicit:
         assert counts["matmul"] == 2 and counts["softmax"] == 1, counts
+        assert "mul" not in counts, counts  # the scale on the scores went into q's weights
     else:
         assert counts["scaled_dot_product_attention"] == 1, counts
     report = fused.repc_report
     assert len(report.rewrites) == 3, str(report)
     assert_flops_not_increased(report)
+
+
+@pytest.mark.parametrize("divide", [False, True], ids=["times_scaling", "over_sqrt_head_dim"])
+def test_attention_scale_after_the_product_folds_into_the_query_projection(divide):
+    torch.manual_seed(0)
+    model = lb.randomize(lb.ScaledProductAttention(16, heads=2, divide=divide)).eval()
+    x = tokens(n=6)
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[1, ..., -2:] = -1e4  # the second sequence is padded
+    fused = compile_exact(model, (x, mask), fixed_size=True)
+    counts = op_counts(fused)
+    assert counts["linear"] == 4 and counts["softmax"] == 1 and counts["matmul"] == 2, counts
+    assert "truediv" not in counts and "mul" not in counts, counts
+    (rewrite,) = fused.repc_report.rewrites  # the query projection, with the scale in its weights
+    with torch.no_grad():
+        scaled = model.q_proj.weight * model.scaling
+        assert any(torch.allclose(m.weight, scaled, atol=1e-6) for m in called_modules(fused))
 
 
 def test_lora_on_qkv_of_multi_head_attention_merges_three_times_and_keeps_attention():

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from repc.capture import propagate_shapes
 from repc.normalize import (AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, describe,
-                            functionalize_inplace, split_norm_affine)
+                            functionalize_inplace, push_scales_into_matmul, split_norm_affine)
 from repc.ops import Conv, Elementwise, Linear
+from repc.passes.collapse import _record
 
 from blocks import run_op
 
@@ -472,3 +473,54 @@ def test_split_norm_affine_keeps_the_function(norm, shape):
     assert torch.allclose(gm(x), module(x), atol=1e-6)
     if n:
         assert not any(n.op == "call_module" for n in gm.graph.nodes)
+
+
+# ----------------------------------------------------------------------------- scales through matmul
+
+class ScaledScores(nn.Module):
+    """``(q(x) @ k(x)^T) * c`` (or ``/ c``), the scores optionally read twice."""
+
+    def __init__(self, d=6, divide=False, reuse=False, maps=True):
+        super().__init__()
+        self.q, self.k = (nn.Linear(d, d), nn.Linear(d, d)) if maps else (nn.Identity(), nn.Identity())
+        self.divide, self.reuse = divide, reuse
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(-2, -1)
+        out = scores / 2.5 if self.divide else scores * 0.4
+        return out + scores if self.reuse else out
+
+
+def scale_pass(module, x):
+    gm = fx.symbolic_trace(module)
+    return gm, push_scales_into_matmul(gm, _record(gm, (x,)))
+
+
+@pytest.mark.parametrize("divide", [False, True], ids=["multiply", "divide"])
+def test_a_scalar_after_a_matmul_moves_onto_the_operand_a_linear_map_computes(divide):
+    module = ScaledScores(divide=divide)
+    x = torch.randn(2, 5, 6)
+    gm, count = scale_pass(module, x)
+    assert count == 1
+    (product,) = [n for n in gm.graph.nodes if n.target is operator.matmul]
+    assert list(product.users)[0].op == "output"  # nothing scales the scores any more
+    scaled = product.args[0]
+    assert scaled.target is operator.mul and scaled.args[0].target == "q"
+    assert scaled.args[1] == pytest.approx(1 / 2.5 if divide else 0.4)
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+
+
+def test_a_scale_stays_on_scores_that_something_else_also_reads():
+    module = ScaledScores(reuse=True)
+    gm, count = scale_pass(module, torch.randn(2, 5, 6))
+    assert count == 0
+
+
+def test_without_a_map_to_fold_into_the_scale_moves_only_onto_a_smaller_operand():
+    x = torch.randn(2, 5, 6)  # 5x6 operands, 5x5 scores: the operand is larger
+    gm, count = scale_pass(ScaledScores(maps=False), x)
+    assert count == 0
+    long = torch.randn(2, 8, 3)  # 8x3 operands, 8x8 scores: the operand is smaller
+    module = ScaledScores(maps=False)
+    gm, count = scale_pass(module, long)
+    assert count == 1 and torch.allclose(gm(long), module(long), atol=1e-6)

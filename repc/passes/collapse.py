@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, fold_border_fill, functionalize_inplace, push_scales_into_concat, split_norm_affine
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, fold_border_fill, functionalize_inplace, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
@@ -85,7 +85,7 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
             raise CaptureMismatch(f"the traced graph differs from the model on the example (deviation {dev:.3g}): "
                                   "fx cannot record this forward faithfully (an in-place update of an aliased "
                                   "tensor, or state the trace does not see)")
-    if split_norm_affine(gm) + push_scales_into_concat(gm, values):
+    if split_norm_affine(gm) + push_scales_into_concat(gm, values) + push_scales_into_matmul(gm, values):
         values = _record(gm, example_inputs)
     facts = GraphFacts(gm, values)
     matcher = RegionMatcher(gm, facts)
