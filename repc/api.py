@@ -165,6 +165,17 @@ def _positional_names(model: nn.Module):
         return []
 
 
+def _defaults(model: nn.Module, names) -> Dict[str, Any]:
+    """The non-tensor default values of the named forward parameters (``mask=None``, ``flag=False``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: parameters[n].default for n in names if n in parameters
+            and parameters[n].default is not inspect.Parameter.empty
+            and not isinstance(parameters[n].default, torch.Tensor)}
+
+
 def _specialized_arguments(model: nn.Module, example_inputs, specialize) -> Dict[str, Any]:
     """Forward arguments the result is specialized to: non-tensor example inputs, ``specialize``."""
     names = _positional_names(model)
@@ -172,6 +183,8 @@ def _specialized_arguments(model: nn.Module, example_inputs, specialize) -> Dict
     for name, value in zip(names, example_inputs):
         if not isinstance(value, torch.Tensor):
             constants[name] = value
+    for name, default in _defaults(model, names[len(example_inputs):]).items():
+        constants[name] = default  # left out of the example: the result computes the default's path
     for name, value in (specialize or {}).items():
         if name not in names:
             raise ReparamError(f"cannot specialize '{name}': forward has no such positional argument ({', '.join(names)})")

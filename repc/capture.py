@@ -67,6 +67,8 @@ class Tracer(fx.Tracer):
     That length is the tensor's rank, which does not change with the input's sizes.
     """
 
+    proxy_buffer_attributes = True  # ``self.mask[:, :, :T, :T]`` with T read from the input records a slice
+
     def __init__(self, example_arguments: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.example_arguments = example_arguments
@@ -169,7 +171,10 @@ def split_untraceable(model: nn.Module, example_inputs, reason: str) -> Tuple[Li
             if not any(True for _ in child.children()):
                 continue  # a single layer on its own: nothing to fuse inside it
             if path not in inputs:
-                skipped.append(Skipped(path, "not called on the example inputs"))
+                if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or type(child) is nn.Module:
+                    visit(path, child)  # a container is never called itself, but its blocks may be
+                else:
+                    skipped.append(Skipped(path, "not called on the example inputs"))
                 continue
             try:
                 trace(child, example_inputs=inputs[path])

@@ -111,3 +111,38 @@ def test_report_says_why_a_region_was_kept():
     reasons = " ".join(r.reason for r in fused.repc_report.rejected)
     assert "border" in reasons
     assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
+
+
+class OptionalMask(nn.Module):
+    """A forward with an optional argument that the code branches on (``attention_mask=None``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x, mask=None):
+        h = self.fc(self.norm(x))
+        if mask is not None:
+            h = h * mask[..., None]
+        return h
+
+
+def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_default():
+    torch.manual_seed(0)
+    model = OptionalMask().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 8)
+    fused = repc.compile(model, (x,))
+    assert fused.repc_report.rewrites and fused.repc_report.specialized == {"mask": "None"}
+    assert torch.allclose(fused(x), model(x), atol=1e-5)
+    with pytest.raises(AssertionError, match="mask has been specialized"):
+        fused(x, torch.ones(2, 5))  # the fused graph computed the path without a mask
+
+
+def test_a_none_example_input_is_guarded_too():
+    model = OptionalMask().eval()
+    x = torch.randn(2, 5, 8)
+    fused = repc.compile(model, (x, None))
+    with pytest.raises(AssertionError, match="specialized"):
+        fused(x, torch.ones(2, 5))

@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+import repc
 from repc.capture import trace
 
 
@@ -57,3 +58,44 @@ def test_arguments_are_matched_to_the_example_by_name():
     x, s = torch.randn(2, 3, 4, 5), torch.tensor(0.5)
     gm = trace(model, example_inputs=(x, s))
     assert torch.equal(gm(x, s), model(x, s))
+
+
+class CausalMask(nn.Module):
+    """nanoGPT's causal attention mask: a buffer sliced by the sequence length of the input."""
+
+    def __init__(self, block_size=8):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("mask", torch.tril(torch.ones(block_size, block_size)))
+
+    def forward(self, x):
+        t = x.size(1)
+        scores = self.fc(x) @ x.transpose(-2, -1)
+        return scores.masked_fill(self.mask[:t, :t] == 0, float("-inf")).softmax(-1)
+
+
+def test_a_buffer_sliced_by_an_input_size_traces_and_stays_size_generic():
+    model = CausalMask().eval()
+    gm = trace(model)
+    for shape in ((2, 5, 4), (1, 7, 4)):
+        x = torch.randn(shape)
+        assert torch.equal(gm(x), model(x))
+
+
+def test_blocks_in_a_module_list_are_fused_when_the_model_does_not_trace_whole():
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(2))
+
+        def forward(self, x):
+            if x.sum() > -1e9:  # data-dependent control flow: the model does not trace whole
+                for block in self.blocks:
+                    x = torch.relu(block(x))
+            return x
+
+    model = Blocks().eval()
+    x = torch.randn(3, 4)
+    fused = repc.compile(model, (x,))
+    assert len(fused.repc_report.rewrites) == 2  # each block's two linears become one
+    assert torch.allclose(fused(x), model(x), atol=1e-5)

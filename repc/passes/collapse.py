@@ -445,11 +445,16 @@ def _drop_dead_nodes(graph: fx.Graph) -> None:
     for node in reversed(list(graph.nodes)):
         if node.users or node.op in ("placeholder", "output") or node.meta.get(VIEW_MUTATED):
             continue
-        if node.op == "call_function" and node.target in _side_effectful_functions:
+        if node.op == "call_function" and (node.target in _side_effectful_functions or _is_check(node.target)):
             continue
         if node.op == "call_method" and node.target.endswith("_"):
             continue
         graph.erase_node(node)
+
+
+def _is_check(target) -> bool:
+    """An assertion fx inserts for a specialized argument (``_assert_is_none``): it returns nothing."""
+    return getattr(target, "__name__", "").startswith("_assert")
 
 
 def _op_count(form) -> int:
