@@ -849,7 +849,7 @@ def _is_view(node: fx.Node, modules=None) -> bool:
     return _name(node) in _VIEW_NAMES | _SAME_TENSOR_NAMES
 
 
-def _inplace_kind(node: fx.Node, modules) -> Optional[str]:
+def inplace_kind(node: fx.Node, modules) -> Optional[str]:
     if node.op == "call_function" and node.target is operator.setitem:
         return "setitem"
     if node.op == "call_module" and getattr(modules.get(node.target), "inplace", False):
@@ -878,7 +878,7 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
     modules = dict(gm.named_modules())
     changed = 0
     for node in list(gm.graph.nodes):
-        kind = _inplace_kind(node, modules)
+        kind = inplace_kind(node, modules)
         if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         mutated = node.args[0]

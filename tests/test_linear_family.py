@@ -571,3 +571,34 @@ def test_repmlp_refuses_another_map_size_like_the_original():
     for m in (model, fused):
         with pytest.raises(RuntimeError):
             m(other)
+
+
+def test_an_in_place_layer_scale_after_eval_dropout_does_not_spoil_the_region_checks():
+    """timm's ``LayerScale(inplace=True)``: ``x.mul_(gamma)`` on fc2's output, which the eval
+    Dropout passes through as the same tensor.  The merge of fc1/fc2 with their neighbours is
+    checked against values recorded before that write."""
+    class LayerScale(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+        def forward(self, x):
+            return x.mul_(self.gamma)
+
+    class Block(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.norm = nn.LayerNorm(d)
+            self.fc1, self.act, self.fc2 = nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)
+            self.drop1, self.drop2 = nn.Dropout(0.1), nn.Dropout(0.1)
+            self.ls = LayerScale(d)
+
+        def forward(self, x):  # timm's Mlp: fc1, act, drop1, fc2, drop2
+            return x + self.ls(self.drop2(self.fc2(self.drop1(self.act(self.fc1(self.norm(x)))))))
+
+    torch.manual_seed(0)
+    model = lb.randomize(Block()).eval()
+    fused = compile_exact(model, tokens())
+    report = fused.repc_report
+    assert not [r.reason for r in report.rejected if r.reason.startswith("rolled back")], str(report)
+    assert {r.root for r in report.rewrites} == {"fc1", "fc2"}, str(report)  # LN into fc1; drop1 into fc2

@@ -25,26 +25,37 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, fold_border_fill, functionalize_inplace, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, fold_border_fill, inplace_kind, functionalize_inplace, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, output_dtype, quiet_call, tolerance
 from .emit import AttributeNamer, emit_form, form_function
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
 
 class _Recorder(ShapeProp):
-    """Shape propagation that also keeps every node's value on the example inputs."""
+    """Shape propagation that also keeps every node's value on the example inputs.
+
+    In a graph that still writes in place (``x.mul_(g)`` through an alias), a later op can
+    change a tensor already recorded; the values are then kept as copies.
+    """
 
     def __init__(self, gm):
         super().__init__(gm)
         self.values: Dict[fx.Node, Any] = {}
+        modules = dict(gm.named_modules())
+        self._copy = any(inplace_kind(n, modules) for n in gm.graph.nodes)
 
     def run_node(self, n):
         out = super().run_node(n)
-        self.values[n] = out
+        self.values[n] = tree_map(_copy_tensor, out) if self._copy else out
         return out
+
+
+def _copy_tensor(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _record(gm, example_inputs) -> Dict[fx.Node, Any]:
