@@ -146,3 +146,20 @@ def test_a_none_example_input_is_guarded_too():
     fused = repc.compile(model, (x, None))
     with pytest.raises(AssertionError, match="specialized"):
         fused(x, torch.ones(2, 5))
+
+
+def test_a_model_returning_a_dict_is_fused_as_a_whole():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"logits": self.b(self.a(x)), "features": [x * 2]}
+
+    model = Heads().eval()
+    x = torch.randn(2, 4)
+    fused = repc.compile(model, (x,))
+    assert not fused.repc_report.skipped and len(fused.repc_report.rewrites) == 1
+    out = fused(x)
+    assert torch.allclose(out["logits"], model(x)["logits"], atol=1e-6)

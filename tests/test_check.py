@@ -76,3 +76,10 @@ def test_graph_modules_that_reject_a_trial_size_are_skipped_without_printing_the
     else:
         raise AssertionError("a 5x5 map should not fit the linear head")
     assert capfd.readouterr().err == ""
+
+
+def test_fx_immutable_containers_compare_like_plain_ones():
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+    t = torch.randn(3)
+    assert deviation(immutable_dict({"a": t, "b": immutable_list([t, t])}), {"a": t, "b": [t, t]}) == 0.0
+    assert deviation({"a": t}, {"b": t}) == float("inf")  # other keys are still another structure

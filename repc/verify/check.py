@@ -32,8 +32,8 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def deviation(fused: Any, original: Any) -> float:
     """Largest relative deviation between two (nested) outputs; inf if their structure differs."""
-    a, spec_a = tree_flatten(fused)
-    b, spec_b = tree_flatten(original)
+    a, spec_a = tree_flatten(_plain_containers(fused))
+    b, spec_b = tree_flatten(_plain_containers(original))
     if spec_a != spec_b or len(a) != len(b):
         return float("inf")
     worst = 0.0
@@ -123,6 +123,20 @@ def perturbed_copies(model: torch.nn.Module, count: int = 2, seed: int = 0) -> L
                     t.mul_(1 + sign.to(t.dtype) * torch.finfo(t.dtype).eps)
         copies.append(c)
     return copies
+
+
+def _plain_containers(value: Any) -> Any:
+    """fx's immutable dicts and lists (what a traced graph's output holds) as plain ones."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+    if isinstance(value, dict):
+        items = {k: _plain_containers(v) for k, v in value.items()}
+        return dict(items) if isinstance(value, immutable_dict) else type(value)(items)
+    if isinstance(value, list):
+        return [_plain_containers(v) for v in value] if isinstance(value, immutable_list) else \
+            type(value)(_plain_containers(v) for v in value)
+    if type(value) is tuple:
+        return tuple(_plain_containers(v) for v in value)
+    return value
 
 
 def quiet_call(fn: Callable, inputs: Tuple[Any, ...]):
