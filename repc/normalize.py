@@ -237,6 +237,13 @@ _DIV = {operator.truediv, torch.div, "div", operator.itruediv, torch.true_divide
 _NEG = {operator.neg, torch.neg, "neg"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _PASS = {"contiguous", "clone", operator.pos, torch.clone}
+_CASTS = {"to", "type", "type_as", "float", "double", "half", "bfloat16"}
+
+
+def _same_tensor_kind(out, x) -> bool:
+    """Whether a cast's example output has the dtype, device and shape of its input: it changed nothing."""
+    return isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype == x.dtype and \
+        out.device == x.device and out.shape == x.shape
 _LAYOUT = {torch.transpose, torch.permute, torch.flatten, torch.reshape, torch.unflatten, torch.swapaxes,
            torch.squeeze, torch.unsqueeze, "transpose", "permute", "flatten", "reshape", "view", "reshape_as",
            "view_as", "unflatten", "swapaxes", "squeeze", "unsqueeze", "t"}
@@ -361,6 +368,8 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
         return AffineCall(x, _zero_pad(x_shape, b["pad"]))
     if key in _PASS:
         return AffineCall(x, identity(x_shape))
+    if key in _CASTS and isinstance(x, fx.Node) and _same_tensor_kind(facts.values.get(node), facts.values.get(x)):
+        return AffineCall(x, identity(x_shape))  # a cast to the dtype and device it already has (peft's LoRA)
     if key in _ADD | _SUB:
         return _add_or_sub(node, key in _SUB, facts)
     if key in _MUL:
@@ -705,6 +714,80 @@ def push_scales_into_concat(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
     if count:
         gm.recompile()
     return count
+
+
+_METADATA_ATTRIBUTES = {"dtype", "device"}  # the same on every input (the model's dtype and device)
+_SHAPE_READS = {"size", "dim", "ndimension"}  # methods; and the attributes "shape" and "ndim"
+
+
+def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
+    """Keep reads of a value's dtype, device or shape from pinning that value.
+
+    ``result.dtype`` (peft's LoRA) becomes the dtype itself, except for an input's.  ``x.shape`` / ``x.size()`` (timm's
+    ``B, N, C = x.shape`` after a LayerNorm) is moved to the input of the elementwise maps and
+    sums that computed ``x`` with its shape, so ``x`` itself is read only by what consumes its
+    values and can be folded away.  Runs on repc's own copy; returns how many reads moved.
+    """
+    graph = gm.graph
+    facts = None
+    count = 0
+    for node in list(graph.nodes):
+        target = _metadata_read(node)
+        if target is None:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node):
+            continue
+        if target in _METADATA_ATTRIBUTES:
+            value = values.get(node)
+            # an input's dtype may differ from call to call; everything else follows the weights
+            if isinstance(value, (torch.dtype, torch.device)) and source.op != "placeholder":
+                for user in list(node.users):
+                    user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+                    user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+                graph.erase_node(node)
+                count += 1
+            continue
+        facts = facts or constant_facts(gm, values)
+        start = source
+        while True:
+            earlier = _same_shape_input(source, facts)
+            if earlier is None:
+                break
+            source = earlier
+        if source is not start:
+            node.replace_input_with(start, source)
+            count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def _metadata_read(node: fx.Node) -> Optional[str]:
+    """"dtype" / "device" / "shape" ... when ``node`` reads that of its first argument, else None."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+            and node.args[1] in _METADATA_ATTRIBUTES | {"shape", "ndim"}:
+        return node.args[1]
+    if node.op == "call_method" and node.target in _SHAPE_READS:
+        return node.target
+    return None
+
+
+def _same_shape_input(node: fx.Node, facts: GraphFacts) -> Optional[fx.Node]:
+    """The input of the elementwise map or sum that computes ``node``, when it has ``node``'s shape."""
+    try:
+        meaning = describe(node, facts)
+    except Exception:
+        return None
+    if isinstance(meaning, AffineCall) and isinstance(meaning.op, Elementwise):
+        candidate = meaning.input
+    elif isinstance(meaning, Combine) and meaning.terms:
+        candidate = meaning.terms[0][0]
+    else:
+        return None
+    shape = facts.shape(node)
+    return candidate if shape is not None and facts.shape(candidate) == shape else None
 
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}

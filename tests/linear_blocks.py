@@ -78,6 +78,39 @@ class FunctionalLoRA(nn.Module):
         return F.linear(x, self.weight, self.bias) + (x @ self.A.T @ self.B.T) * self.scale
 
 
+class PeftLoRALinear(nn.Module):
+    """LoRA as peft's ``lora.Linear.forward`` writes it: the input cast to the adapter's dtype and
+    the result cast back to the base layer's output dtype (no-ops in one dtype)."""
+
+    def __init__(self, d_in=16, d_out=16, r=4, alpha=8):
+        super().__init__()
+        self.base_layer = nn.Linear(d_in, d_out)
+        self.lora_A, self.lora_B = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out, bias=False)
+        self.lora_dropout = nn.Dropout(0.1)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        torch_result_dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return result.to(torch_result_dtype)
+
+
+class TimmAttentionInput(nn.Module):
+    """A LayerNorm, then timm's Attention entry: ``B, N, C = x.shape`` of the norm's output, then
+    the qkv projection split into heads."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.norm, self.qkv, self.heads = nn.LayerNorm(d), nn.Linear(d, 3 * d), heads
+
+    def forward(self, x):
+        x = self.norm(x)
+        B, N, C = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+
+
 class LoRASelfAttention(nn.Module):
     """Single-head self-attention whose q, k, v projections carry LoRA adapters (``explicit``:
     written with explicit matmuls and softmax; otherwise with ``F.scaled_dot_product_attention``)."""

@@ -602,3 +602,21 @@ def test_an_in_place_layer_scale_after_eval_dropout_does_not_spoil_the_region_ch
     report = fused.repc_report
     assert not [r.reason for r in report.rejected if r.reason.startswith("rolled back")], str(report)
     assert {r.root for r in report.rewrites} == {"fc1", "fc2"}, str(report)  # LN into fc1; drop1 into fc2
+
+
+def test_peft_style_lora_with_its_dtype_casts_merges_into_one_linear():
+    torch.manual_seed(0)
+    model = lb.randomize(lb.PeftLoRALinear()).eval()
+    fused = compile_exact(model, tokens())
+    assert op_counts(fused)["linear"] == 1, op_counts(fused)
+    assert len(called_modules(fused)) == 1 and type(called_modules(fused)[0]) is nn.Linear
+
+
+def test_reading_the_shape_of_a_norm_output_does_not_stop_its_affine_folding_into_qkv():
+    torch.manual_seed(0)
+    model = lb.randomize(lb.TimmAttentionInput()).eval()
+    fused = compile_exact(model, tokens())
+    (rewrite,) = fused.repc_report.rewrites
+    assert "qkv (Linear)" in rewrite.replaced, str(fused.repc_report)
+    counts = op_counts(fused)
+    assert "mul" not in counts and "add" not in counts, counts  # the LN's scale and shift are in qkv

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from repc.capture import propagate_shapes
 from repc.normalize import (AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, describe,
-                            functionalize_inplace, push_scales_into_matmul, split_norm_affine)
+                            detach_metadata_reads, functionalize_inplace, push_scales_into_matmul,
+                            split_norm_affine)
 from repc.ops import Conv, Elementwise, Linear
 from repc.passes.collapse import _record
 
@@ -524,3 +525,32 @@ def test_without_a_map_to_fold_into_the_scale_moves_only_onto_a_smaller_operand(
     module = ScaledScores(maps=False)
     gm, count = scale_pass(module, long)
     assert count == 1 and torch.allclose(gm(long), module(long), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- metadata reads
+
+class MetadataReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        g = h * 2.0 + 1.0
+        n = g.size(0)
+        return (g.to(h.dtype) + n).to(x.dtype)
+
+
+def test_metadata_reads_become_constants_or_move_to_the_same_shaped_input():
+    module = MetadataReads()
+    x = torch.randn(3, 4)
+    gm = fx.symbolic_trace(module)
+    count = detach_metadata_reads(gm, _record(gm, (x,)))
+    assert count == 2  # h.dtype became float32; g.size(0) reads h
+    reads = {n.args[1] if n.target is getattr else n.target: n for n in gm.graph.nodes
+             if n.target is getattr or n.target == "size"}
+    assert set(reads) == {"dtype", "size"}
+    assert reads["dtype"].args[0].name == "x"  # an input's dtype stays a read: it may change
+    assert reads["size"].args[0].name == "fc"
+    assert torch.equal(gm(x), module(x))
+    assert torch.equal(gm(x[:2]), module(x[:2]))

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, fold_border_fill, inplace_kind, functionalize_inplace, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, detach_metadata_reads, fold_border_fill, inplace_kind, functionalize_inplace, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
@@ -97,6 +97,8 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
                                   "fx cannot record this forward faithfully (an in-place update of an aliased "
                                   "tensor, or state the trace does not see)")
     if split_norm_affine(gm) + push_scales_into_concat(gm, values) + push_scales_into_matmul(gm, values):
+        values = _record(gm, example_inputs)
+    if detach_metadata_reads(gm, values):
         values = _record(gm, example_inputs)
     facts = GraphFacts(gm, values)
     matcher = RegionMatcher(gm, facts)
