@@ -20,7 +20,7 @@ import copy
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -944,6 +944,19 @@ def inplace_kind(node: fx.Node, modules) -> Optional[str]:
     if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
             and hasattr(torch.Tensor, node.target[:-1]):
         return "method"
+    if node.op == "call_function" and _out_of_place_function(node.target) is not None:
+        return "function"
+    return None
+
+
+def _out_of_place_function(target) -> Optional[Callable]:
+    """``F.relu`` for ``F.relu_``, ``torch.sigmoid`` for ``torch.sigmoid_``...; None for other targets."""
+    name = getattr(target, "__name__", "")
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    for namespace in (F, torch):
+        if getattr(namespace, name, None) is target:
+            return getattr(namespace, name[:-1], None)
     return None
 
 
@@ -981,6 +994,8 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
             node.target = _INPLACE_FUNCTIONS[node.target]
         elif kind == "kwarg":
             node.kwargs = {**node.kwargs, "inplace": False}
+        elif kind == "function":
+            node.target = _out_of_place_function(node.target)
         else:
             node.target = node.target[:-1]
         changed += 1

@@ -739,6 +739,24 @@ def test_inplace_relu_on_a_value_read_by_other_branches():
     assert op_counts(fused)["conv"] == 1
 
 
+@pytest.mark.parametrize("relu_", [F.relu_, torch.relu_], ids=["F.relu_", "torch.relu_"])
+def test_inplace_relu_functions_are_made_out_of_place_like_the_module(relu_):
+    class Block(nn.Module):  # torchvision / detectron2 style: F.relu_(bn(conv(x))), then read again
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(4, 4, 3, 1, 1), conv_bn(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = relu_(y)
+            return self.b(z) + y  # y is relu(y) now
+
+    fused = compile_exact(randomize(Block()), (2, 4, 8, 8))
+    assert op_counts(fused)["conv"] == 2 and "bn" not in op_counts(fused), op_counts(fused)
+    assert not fused.repc_report.rolled_back and not [r for r in fused.repc_report.rejected
+                                                      if r.reason.startswith("rolled back")]
+
+
 def test_inplace_op_through_a_view_is_honoured():
     class Block(nn.Module):
         def __init__(self):
