@@ -905,3 +905,52 @@ def test_item_assignment_keeps_earlier_readers_in_place():
     with torch.no_grad():
         assert rel_dev(fused(x), model(x)) <= REL_TOL
     assert any(n.target is operator.setitem for n in fused.graph.nodes)
+
+
+# ----------------------------------------------------------------------------- a region's last step alone
+
+def test_separable_conv_keeps_two_convs_and_folds_its_batch_norm_into_the_pointwise_one():
+    """Xception / MobileNet: depthwise 3x3 then pointwise 1x1 then BN.  Merging all three would
+    make one dense 3x3 conv (9x the multiply-adds); the BN still folds into the pointwise conv."""
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+                          nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+    fused = compile_exact(randomize(model), (2, 16, 12, 12))
+    counts = op_counts(fused)
+    assert counts["conv"] == 2 and "bn" not in counts, counts
+    report = fused.repc_report
+    assert any(r.reason.startswith("does not pay") for r in report.rejected), str(report)
+    assert len(report.rewrites) == 1 and report.rewrites[0].flops_after <= report.rewrites[0].flops_before
+
+
+def test_inverted_residual_blocks_fold_every_batch_norm():
+    """MobileNetV2: expand 1x1-BN-ReLU6, depthwise 3x3-BN-ReLU6, project 1x1-BN (linear
+    bottleneck), then the next block's expansion: project and expand would merge into a wider
+    conv that does not pay, so each BN goes into its own conv."""
+    def block(cin, cout, t=4):
+        hidden = cin * t
+        return nn.Sequential(conv_bn(cin, hidden, 1), nn.ReLU6(), conv_bn(hidden, hidden, 3, 1, 1, groups=hidden),
+                             nn.ReLU6(), conv_bn(hidden, cout, 1))
+
+    model = nn.Sequential(block(8, 4), block(4, 8))
+    fused = compile_exact(randomize(model), (2, 8, 10, 10))
+    counts = op_counts(fused)
+    assert counts["conv"] == 6 and "bn" not in counts, counts
+
+
+def test_batch_norm_after_a_conv_over_a_concatenation_folds_into_that_conv():
+    """ASPP / YOLO SPPF: a 1x1 conv over concatenated branches, then BN.  Splitting the conv
+    over the branches does not pay; folding the BN into it does."""
+    class Project(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU())
+            self.proj, self.bn = nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            pooled = x.mean((2, 3), keepdim=True).expand_as(x)
+            return torch.relu(self.bn(self.proj(torch.cat([self.a(x), self.b(x), pooled], 1))))
+
+    fused = compile_exact(randomize(Project()), (2, 8, 12, 12))
+    counts = op_counts(fused)
+    assert counts["conv"] == 3 and "bn" not in counts, counts

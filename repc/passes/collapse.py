@@ -181,7 +181,8 @@ class _Writer:
         elif self._use_form(expr):
             out = self._emit(expr)
         else:
-            out = self._as_written(expr)
+            shallow = self._shallower(expr)
+            out = self._emit(shallow) if shallow is not None else self._as_written(expr)
         self.memo[id(expr)] = out
         return out
 
@@ -230,6 +231,15 @@ class _Writer:
         return getattr(meta, "dtype", torch.float32)
 
     # -- decisions ------------------------------------------------------------------------------
+    def _shallower(self, expr: Expr) -> Optional[Expr]:
+        """The root merged with its operands' last ops only, when the whole region was not taken."""
+        if expr.form is None:
+            return None
+        shallow = self.matcher.shallow(expr)
+        if shallow is None or shallow.form is None or not self._use_form(shallow):
+            return None
+        return shallow
+
     def _use_form(self, expr: Expr) -> bool:
         computed = self._computed_weights(expr)
         if len(expr.region) < 2 and not computed:

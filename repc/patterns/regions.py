@@ -256,6 +256,27 @@ class RegionMatcher:
                     sources.append(a)  # (shape arithmetic such as x.shape[0] is recomputed, not a source)
         return nodes, sources
 
+    def shallow(self, expr: Expr) -> Optional[Expr]:
+        """``expr`` with every operand region cut back to its own last op.
+
+        When merging a whole region does not pay (a depthwise then a pointwise conv would
+        become one dense conv), its last step still may: the BN after the pointwise conv folds
+        into that conv alone.  The operands' own operands become sources; they are written by
+        their own exprs.  None when no operand region holds more than one op.
+        """
+        deeper = [c for c in expr.children if not c.is_leaf and len(c.region) > 1 and c.node in self.meanings]
+        if not deeper or expr.node not in self.meanings:
+            return None
+        saved = {c.node: self.exprs[c.node] for c in deeper}
+        try:
+            for c in deeper:
+                self.exprs[c.node] = self._build(c.node, self.meanings[c.node], cut=True)
+            return self._build(expr.node, self.meanings[expr.node], cut=False)
+        except Exception:
+            return None
+        finally:
+            self.exprs.update(saved)
+
     def form_cost(self, form: Form, node: fx.Node) -> int:
         """Multiply-accumulates of ``sum_s op_s(s)`` on the example shapes."""
         out = self.facts.shape(node)
