@@ -329,7 +329,17 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
         if w is None or (bias is not None and facts.const(bias) is None):
             raise Opaque("linear whose weight or bias depends on the input")
         return AffineCall(x, Linear(as_float64(w), None if bias is None else as_float64(facts.const(bias))))
-    if key in (torch.matmul, operator.matmul, "matmul") and len(args) == 2:
+    if key in (torch.addmm, "addmm"):  # GPT-2's Conv1D: addmm(bias, x.view(-1, nx), weight)
+        b = _bind(args, kwargs, ["input", "mat1", "mat2"], {})
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+        bias, w = facts.const(b["input"]), facts.const(b["mat2"])
+        if w is None or bias is None or w.dim() != 2 or facts.is_const(b["mat1"]) or bias.dim() > 1 and bias.shape[0] != 1:
+            raise Opaque("addmm other than a constant bias plus an activation times a constant matrix")
+        if not isinstance(b["mat1"], fx.Node):
+            raise Opaque("addmm of a non-tensor")
+        return AffineCall(b["mat1"], Linear(alpha * as_float64(w).T.contiguous(),
+                                            beta * as_float64(bias).reshape(-1).expand(w.shape[1]).clone()))
+    if key in (torch.matmul, operator.matmul, "matmul", torch.mm, "mm") and len(args) == 2:
         w = facts.const(args[1])
         if w is None or w.dim() != 2 or facts.is_const(args[0]):
             raise Opaque("matmul of two activations")
@@ -790,7 +800,7 @@ def _same_shape_input(node: fx.Node, facts: GraphFacts) -> Optional[fx.Node]:
     return candidate if shape is not None and facts.shape(candidate) == shape else None
 
 
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}
 
 
 def push_scales_into_matmul(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
