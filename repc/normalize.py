@@ -222,6 +222,13 @@ def _module_meaning(mod: nn.Module, x: fx.Node, x_shape, facts: GraphFacts) -> M
     raise Opaque(f"module {type(mod).__name__} is not an affine map repc knows")
 
 
+def _has_node(value) -> bool:
+    """Whether arguments (nested in tuples, lists, dicts) hold a graph value, e.g. a size read at run time."""
+    found = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
 def _bind(args, kwargs, names: Sequence[str], defaults: Dict[str, Any]) -> Dict[str, Any]:
     bound = dict(defaults)
     bound.update(zip(names, args))
@@ -369,6 +376,8 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
     if key in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d):
         b = _bind(args[1:], kwargs, ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
                   {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None})
+        if _has_node(b):
+            raise Opaque("a pooling window computed from the input's size at run time, not one fixed map")
         return AffineCall(x, _avg_pool(x_shape, b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"],
                                        b["count_include_pad"], b["divisor_override"]))
     if key in (F.pad, torch._C._nn.pad):
@@ -449,6 +458,7 @@ def _reduce_stack(node: fx.Node, stack: fx.Node, mean: bool, facts: GraphFacts) 
 def apply_layout(node: fx.Node, tensor: Tensor, facts: GraphFacts) -> Tensor:
     """Run the layout op of ``node`` on ``tensor`` in place of its input (other args as recorded)."""
     data = node.args[0]
+    tensor = tensor.contiguous()  # the values are what matter: a view needs no particular strides
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: tensor if n is data else facts.values[n])
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -733,10 +743,11 @@ _SHAPE_READS = {"size", "dim", "ndimension"}  # methods; and the attributes "sha
 def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
     """Keep reads of a value's dtype, device or shape from pinning that value.
 
-    ``result.dtype`` (peft's LoRA) becomes the dtype itself, except for an input's.  ``x.shape`` / ``x.size()`` (timm's
-    ``B, N, C = x.shape`` after a LayerNorm) is moved to the input of the elementwise maps and
-    sums that computed ``x`` with its shape, so ``x`` itself is read only by what consumes its
-    values and can be folded away.  Runs on repc's own copy; returns how many reads moved.
+    ``result.dtype`` (peft's LoRA) becomes the dtype itself, except for an input's.
+    ``x.shape`` / ``x.size()`` (timm's ``B, N, C = x.shape`` after a LayerNorm) is moved up the
+    elementwise maps and sums that computed ``x`` with its shape, when it arrives at a value no
+    region absorbs (the norm's core): ``x`` is then read only by what consumes its values and
+    can be folded away.  Runs on repc's own copy; returns how many reads moved.
     """
     graph = gm.graph
     facts = None
@@ -765,13 +776,22 @@ def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int
             if earlier is None:
                 break
             source = earlier
-        if source is not start:
+        if source is not start and not _has_affine_meaning(source, facts):
+            # moved onto a value no region absorbs (a norm's core, an activation, an input);
+            # a conv or linear output would be pinned by the read instead
             node.replace_input_with(start, source)
             count += 1
     if count:
         graph.lint()
         gm.recompile()
     return count
+
+
+def _has_affine_meaning(node: fx.Node, facts: GraphFacts) -> bool:
+    try:
+        return not isinstance(describe(node, facts), Constant)
+    except Exception:
+        return False
 
 
 def _metadata_read(node: fx.Node) -> Optional[str]:

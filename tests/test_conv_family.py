@@ -954,3 +954,42 @@ def test_batch_norm_after_a_conv_over_a_concatenation_folds_into_that_conv():
     fused = compile_exact(randomize(Project()), (2, 8, 12, 12))
     counts = op_counts(fused)
     assert counts["conv"] == 3 and "bn" not in counts, counts
+
+
+def test_conv_bn_before_a_channel_shuffle_folds_and_the_shuffle_is_understood():
+    """ShuffleNetV2: view -> transpose -> contiguous -> view, with the sizes read from the value."""
+    def channel_shuffle(x, groups):
+        b, c, h, w = x.size()
+        x = x.view(b, groups, c // groups, h, w)
+        x = torch.transpose(x, 1, 2).contiguous()
+        return x.view(b, -1, h, w)
+
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(8, 8, 1), nn.Conv2d(8, 8, 1, bias=False)
+
+        def forward(self, x):
+            return self.b(channel_shuffle(self.a(x), 2))
+
+    fused = compile_exact(randomize(Shuffle()), (2, 8, 6, 6))
+    assert "bn" not in op_counts(fused), op_counts(fused)
+    assert not any("not understood" in r.reason for r in fused.repc_report.rejected), str(fused.repc_report)
+
+
+def test_a_pooling_window_read_from_the_input_size_is_reported_plainly():
+    class SEBlock(nn.Module):  # RepVGG's SE block: the window is the map's own size
+        def __init__(self):
+            super().__init__()
+            self.body = conv_bn(8, 8, 3, 1, 1)
+            self.down, self.up = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+
+        def forward(self, x):
+            x = self.body(x)
+            s = F.avg_pool2d(x, kernel_size=x.size(3))
+            return x * torch.sigmoid(self.up(F.relu(self.down(s))))
+
+    fused = compile_exact(randomize(SEBlock()), (2, 8, 6, 6))
+    reasons = [r.reason for r in fused.repc_report.rejected]
+    assert any("pooling window computed from the input's size" in r for r in reasons), reasons
+    assert not any("not understood" in r for r in reasons), reasons

@@ -541,21 +541,23 @@ class MetadataReads(nn.Module):
 
     def forward(self, x):
         h = self.fc(x)
-        g = h * 2.0 + 1.0
-        n = g.size(0)
+        core = F.layer_norm(h, (4,))
+        g = core * 2.0 + 1.0
+        n = g.size(0) + self.fc(g).size(0) + (h * 3.0).size(0)
         return (g.to(h.dtype) + n).to(x.dtype)
 
 
-def test_metadata_reads_become_constants_or_move_to_the_same_shaped_input():
+def test_metadata_reads_become_constants_or_move_to_a_same_shaped_value_no_region_absorbs():
     module = MetadataReads()
     x = torch.randn(3, 4)
     gm = fx.symbolic_trace(module)
     count = detach_metadata_reads(gm, _record(gm, (x,)))
-    assert count == 2  # h.dtype became float32; g.size(0) reads h
-    reads = {n.args[1] if n.target is getattr else n.target: n for n in gm.graph.nodes
-             if n.target is getattr or n.target == "size"}
-    assert set(reads) == {"dtype", "size"}
-    assert reads["dtype"].args[0].name == "x"  # an input's dtype stays a read: it may change
-    assert reads["size"].args[0].name == "fc"
+    assert count == 2  # h.dtype became float32; g.size(0) reads the norm's core
+    reads = [(n.args[1] if n.target is getattr else n.target, n.args[0].name) for n in gm.graph.nodes
+             if n.target is getattr or n.target == "size"]
+    assert sorted(reads) == [("dtype", "x"),  # an input's dtype stays a read: it may change
+                             ("size", "fc_1"),  # a linear's output is not moved past
+                             ("size", "layer_norm"),
+                             ("size", "mul_1")]  # (h * 3) would reach fc, which a region absorbs
     assert torch.equal(gm(x), module(x))
     assert torch.equal(gm(x[:2]), module(x[:2]))
