@@ -67,7 +67,9 @@ class Tracer(fx.Tracer):
     That length is the tensor's rank, which does not change with the input's sizes.
     """
 
-    proxy_buffer_attributes = True  # ``self.mask[:, :, :T, :T]`` with T read from the input records a slice
+    # ``self.mask[:, :, :T, :T]`` with T read from the input records a slice (``trace`` retries
+    # without when a buffer's value steers Python control flow)
+    proxy_buffer_attributes = True
 
     def __init__(self, example_arguments: Optional[Dict[str, Any]] = None):
         super().__init__()
@@ -116,8 +118,18 @@ def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None,
     """Symbolically trace ``module``; standard ``torch.nn`` layers stay call_module leaves and
     item assignments are recorded (the graph then holds in-place ``setitem`` nodes).  With the
     positional ``example_inputs``, shapes can be unpacked in the forward (see :class:`Tracer`)."""
-    tracer = Tracer(_arguments_by_name(module, example_inputs))
-    graph = tracer.trace(module, concrete_args)
+    arguments = _arguments_by_name(module, example_inputs)
+    try:
+        tracer = Tracer(arguments)
+        graph = tracer.trace(module, concrete_args)
+    except Exception as first:
+        # a buffer read by Python control flow (``if self.initialized:``) needs its value, not a proxy
+        tracer = Tracer(arguments)
+        tracer.proxy_buffer_attributes = False
+        try:
+            graph = tracer.trace(module, concrete_args)
+        except Exception:
+            raise first from None
     name = module.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
 

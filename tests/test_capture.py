@@ -99,3 +99,21 @@ def test_blocks_in_a_module_list_are_fused_when_the_model_does_not_trace_whole()
     fused = repc.compile(model, (x,))
     assert len(fused.repc_report.rewrites) == 2  # each block's two linears become one
     assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
+def test_a_buffer_that_steers_python_control_flow_is_read_as_its_value():
+    class ActNorm(nn.Module):  # Glow's ActNorm: a flag buffer decides the path
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("initialized", torch.tensor(1))
+
+        def forward(self, x):
+            if self.initialized.item() == 0:
+                raise RuntimeError("not initialized")
+            return self.fc(x)
+
+    model = ActNorm().eval()
+    x = torch.randn(2, 4)
+    gm = trace(model)
+    assert torch.equal(gm(x), model(x))
