@@ -753,7 +753,7 @@ def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int
     facts = None
     count = 0
     for node in list(graph.nodes):
-        target = _metadata_read(node)
+        target = metadata_read(node)
         if target is None:
             continue
         source = node.args[0]
@@ -794,7 +794,7 @@ def _has_affine_meaning(node: fx.Node, facts: GraphFacts) -> bool:
         return False
 
 
-def _metadata_read(node: fx.Node) -> Optional[str]:
+def metadata_read(node: fx.Node) -> Optional[str]:
     """"dtype" / "device" / "shape" ... when ``node`` reads that of its first argument, else None."""
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
             and node.args[1] in _METADATA_ATTRIBUTES | {"shape", "ndim"}:
@@ -818,6 +818,55 @@ def _same_shape_input(node: fx.Node, facts: GraphFacts) -> Optional[fx.Node]:
         return None
     shape = facts.shape(node)
     return candidate if shape is not None and facts.shape(candidate) == shape else None
+
+
+def push_linears_before_flattens(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
+    """``L(h.view(-1, C)) = flatten(L(h), 0, -2)`` for a linear map ``L`` on the last axis.
+
+    GPT-2's ``Conv1D`` (and code that flattens tokens for a 2-D matmul) puts a reshape between
+    a norm's affine and the linear layer; with the linear moved before it, the affine folds
+    into the linear, and the reshape back to tokens after it meets the flatten and cancels.
+    Done where the reshape keeps the last axis, gives a 2-D value and has no other reader.
+    Runs on repc's own copy; returns how many.
+    """
+    graph = gm.graph
+    facts = None
+    count = 0
+    for node in list(graph.nodes):
+        if not (node.op in ("call_function", "call_method", "call_module") and node.all_input_nodes):
+            continue
+        facts = facts or constant_facts(gm, values)
+        try:
+            meaning = describe(node, facts)
+        except Exception:
+            continue
+        if not (isinstance(meaning, AffineCall) and isinstance(meaning.op, Linear)):
+            continue
+        flat = meaning.input
+        try:
+            layout = describe(flat, facts)
+        except Exception:
+            continue
+        h = layout.input if isinstance(layout, Layout) else None
+        h_shape, flat_shape = facts.shape(h) if h is not None else None, facts.shape(flat)
+        if h_shape is None or flat_shape is None or len(flat_shape) != 2 or len(h_shape) < 3 \
+                or flat_shape[-1] != h_shape[-1] or len(flat.users) != 1:
+            continue
+        dtype = getattr(node.meta.get("tensor_meta"), "dtype", torch.float32)
+        op = meaning.op
+        with graph.inserting_before(node):
+            weight = _buffer_node(gm, graph, op.weight, dtype)
+            bias = None if op.bias is None else _buffer_node(gm, graph, op.bias, dtype)
+            mapped = graph.call_function(F.linear, (h, weight, bias))
+            flattened = graph.call_function(torch.flatten, (mapped, 0, -2))
+        node.replace_all_uses_with(flattened)
+        graph.erase_node(node)
+        if not flat.users:
+            graph.erase_node(flat)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"}

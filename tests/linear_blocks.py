@@ -111,6 +111,33 @@ class TimmAttentionInput(nn.Module):
         return self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
 
 
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D``: a linear layer written as ``addmm`` on flattened tokens,
+    with its weight stored transposed (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPT2MLP(nn.Module):
+    """GPT-2's pre-norm MLP with Conv1D layers and the residual."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln_2, self.c_fc, self.c_proj = nn.LayerNorm(d), Conv1D(4 * d, d), Conv1D(d, 4 * d)
+
+    def forward(self, x):
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
 class LoRASelfAttention(nn.Module):
     """Single-head self-attention whose q, k, v projections carry LoRA adapters (``explicit``:
     written with explicit matmuls and softmax; otherwise with ``F.scaled_dot_product_attention``)."""

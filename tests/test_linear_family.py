@@ -620,3 +620,14 @@ def test_reading_the_shape_of_a_norm_output_does_not_stop_its_affine_folding_int
     assert "qkv (Linear)" in rewrite.replaced, str(fused.repc_report)
     counts = op_counts(fused)
     assert "mul" not in counts and "add" not in counts, counts  # the LN's scale and shift are in qkv
+
+
+def test_gpt2_conv1d_mlp_takes_the_layer_norm_affine_into_its_first_layer():
+    """``addmm`` on tokens flattened by ``view(-1, C)``: the linear moves before the flatten,
+    the LN's scale and shift fold into it, and the flatten and the view back cancel."""
+    torch.manual_seed(0)
+    model = lb.randomize(lb.GPT2MLP()).eval()
+    fused = compile_exact(model, tokens())
+    counts = op_counts(fused)
+    assert counts["linear"] == 2 and "addmm" not in counts, counts
+    assert "mul" not in counts and "view" not in counts and "flatten" not in counts, counts

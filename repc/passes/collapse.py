@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, detach_metadata_reads, fold_border_fill, inplace_kind, functionalize_inplace, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, detach_metadata_reads, fold_border_fill, inplace_kind, functionalize_inplace, metadata_read, push_linears_before_flattens, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
@@ -98,7 +98,7 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
                                   "tensor, or state the trace does not see)")
     if split_norm_affine(gm) + push_scales_into_concat(gm, values) + push_scales_into_matmul(gm, values):
         values = _record(gm, example_inputs)
-    if detach_metadata_reads(gm, values):
+    if detach_metadata_reads(gm, values) + push_linears_before_flattens(gm, values):
         values = _record(gm, example_inputs)
     facts = GraphFacts(gm, values)
     matcher = RegionMatcher(gm, facts)
@@ -409,9 +409,9 @@ class _Writer:
                 inputs.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(v.dtype).to(v.device))
             try:
                 want = self._run_region(expr, dict(zip(sources, inputs)))
-            except Exception:
+            except Exception as why:
                 if not batch:
-                    raise
+                    return False, float("inf"), f"the region does not run on random inputs ({type(why).__name__}: {why})"
                 continue
             trials.append((f"random{'+batch' if batch else ''}{' small' if small else ''}", inputs, want))
             break
@@ -453,6 +453,10 @@ class _Writer:
                 # a tuple/stack of region values, or shape arithmetic (x.shape[0]): recompute
                 self._provide_inputs(arg, env)
                 env[arg] = self._eval(arg, env)
+            elif metadata_read(node) is not None:
+                # the shape of a value outside the region (x.shape of the model's input): the
+                # example's, which fits the trials at the example's sizes (others fail and are skipped)
+                env[arg] = self.values[arg]
             else:
                 raise RuntimeError(f"region input {arg.name} is not a source")
 
