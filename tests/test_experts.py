@@ -86,6 +86,52 @@ def test_stacked_expert_outputs_reduced_over_the_stacking_axis_become_one_linear
     assert_cheaper(fused.repc_report)
 
 
+class _GatedStack(nn.Module):
+    """Linear experts combined by a constant soft gate written over a stack of their outputs."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.gate_logits = nn.Parameter(torch.randn(3))
+        self.experts = nn.ModuleList(nn.Linear(12, 8) for _ in range(3))
+        self.combine = combine
+
+    def forward(self, x):
+        return self.combine(torch.softmax(self.gate_logits, 0), [e(x) for e in self.experts])
+
+
+@pytest.mark.parametrize("combine", [
+    lambda w, outs: torch.einsum("e,ebnd->bnd", w, torch.stack(outs)),
+    lambda w, outs: torch.einsum("ebnd,e->bnd", torch.stack(outs), w),
+    lambda w, outs: (w.view(-1, 1, 1, 1) * torch.stack(outs, 0)).sum(0),
+    lambda w, outs: torch.sum(torch.stack(outs, 1) * w.view(1, -1, 1, 1), dim=1),
+    lambda w, outs: torch.stack(outs, -1) @ w,
+], ids=["einsum", "einsum_stack_first", "broadcast_then_sum", "torch_sum_axis1", "matmul_by_gate"])
+def test_gated_expert_outputs_over_a_stack_become_one_linear(combine):
+    torch.manual_seed(0)
+    model = _GatedStack(combine).eval()
+    fused = compile_exact(model, tokens())
+    assert op_counts(fused) == {"linear": 1}, op_counts(fused)
+    (linear,) = called_modules(fused)
+    gate = torch.softmax(model.gate_logits, 0)
+    want = sum(g * e.weight for g, e in zip(gate, model.experts))
+    assert torch.allclose(linear.weight, want, atol=1e-6)
+
+
+def test_a_gate_that_broadcasts_along_another_axis_is_not_taken_for_a_per_expert_weight():
+    class Broadcast(nn.Module):  # w (3,) meets the last axis (3 features), not the expert axis
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+            self.experts = nn.ModuleList(nn.Linear(12, 3) for _ in range(3))
+
+        def forward(self, x):
+            return (torch.stack([e(x) for e in self.experts], 0) * self.w).sum(0)
+
+    torch.manual_seed(0)
+    model = Broadcast().eval()
+    compile_exact(model, tokens())  # exact on the example and other sizes: not mistaken for a gate
+
+
 def test_conv_bn_experts_with_a_parameter_gate_become_one_conv():
     torch.manual_seed(0)
     model = randomize(lb.ConvExperts(4, 6, n=3))

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, detach_metadata_reads, fold_border_fill, inplace_kind, functionalize_inplace, metadata_read, push_linears_before_flattens, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
+from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, detach_metadata_reads, expand_weighted_stacks, fold_border_fill, inplace_kind, functionalize_inplace, metadata_read, push_linears_before_flattens, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from ..report import Rejection, Rewrite
@@ -96,7 +96,8 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
             raise CaptureMismatch(f"the traced graph differs from the model on the example (deviation {dev:.3g}): "
                                   "fx cannot record this forward faithfully (an in-place update of an aliased "
                                   "tensor, or state the trace does not see)")
-    if split_norm_affine(gm) + push_scales_into_concat(gm, values) + push_scales_into_matmul(gm, values):
+    if split_norm_affine(gm) + push_scales_into_concat(gm, values) + push_scales_into_matmul(gm, values) \
+            + expand_weighted_stacks(gm, values):
         values = _record(gm, example_inputs)
     if detach_metadata_reads(gm, values) + push_linears_before_flattens(gm, values):
         values = _record(gm, example_inputs)
