@@ -101,6 +101,8 @@ class Tracer(fx.Tracer):
         with torch.no_grad():
             for node in self.graph.nodes:
                 if node not in self._example_values:
+                    if _writes_in_place(node):  # running it would write into the model's tensors
+                        raise LookupError("an in-place write comes first")
                     if node.op == "placeholder":
                         name = node.target.lstrip("*")
                         if name not in self.example_arguments:
@@ -113,6 +115,22 @@ class Tracer(fx.Tracer):
         raise LookupError("the node is not in the graph")
 
 
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """An item assignment, an in-place operator, method or function (its target may be a buffer)."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True or \
+            (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False
+
+
 def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None,
           example_inputs: Optional[Tuple[Any, ...]] = None) -> fx.GraphModule:
     """Symbolically trace ``module``; standard ``torch.nn`` layers stay call_module leaves and
@@ -123,13 +141,20 @@ def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None,
         tracer = Tracer(arguments)
         graph = tracer.trace(module, concrete_args)
     except Exception as first:
-        # a buffer read by Python control flow (``if self.initialized:``) needs its value, not a proxy
+        # a buffer read by Python control flow (``if self.initialized:``) needs its value, not a
+        # proxy; a forward that writes a constant into a buffer would then really write it
         tracer = Tracer(arguments)
         tracer.proxy_buffer_attributes = False
+        buffers = [(b, b.clone()) for b in module.buffers()]
         try:
             graph = tracer.trace(module, concrete_args)
         except Exception:
             raise first from None
+        finally:
+            with torch.no_grad():
+                for buffer, before in buffers:
+                    if not torch.equal(buffer, before):
+                        buffer.copy_(before)
     name = module.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
 

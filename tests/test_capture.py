@@ -117,3 +117,22 @@ def test_a_buffer_that_steers_python_control_flow_is_read_as_its_value():
     x = torch.randn(2, 4)
     gm = trace(model)
     assert torch.equal(gm(x), model(x))
+
+
+def test_unpacking_a_shape_never_runs_a_write_into_the_models_buffers():
+    class Cache(nn.Module):  # writes into its own buffer, then unpacks a shape
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(4))
+
+        def forward(self, x):
+            self.seen[0] = 1.0
+            return x.view(*x.shape[:-1], 2, 2)
+
+    model = Cache()
+    x = torch.randn(3, 4)
+    try:
+        trace(model, example_inputs=(x,))
+    except Exception:
+        pass  # whether it traces or not, tracing must not run the write
+    assert torch.equal(model.seen, torch.zeros(4))
