@@ -8,6 +8,7 @@ are, with the reason recorded.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ class _AssignableProxy(fx.Proxy):
         return _example_len(self)
 
     def __getattr__(self, name):
+        if name in ("dtype", "device") and isinstance(self.tracer, Tracer):
+            value = self.tracer.example_attribute(self, name)
+            if value is not None:
+                return value
         return _Attribute(self, name)
 
 
@@ -85,6 +90,16 @@ class Tracer(fx.Tracer):
             return super().iter(obj)
         return iter([obj[i] for i in range(len(size))])
 
+    def example_attribute(self, proxy: fx.Proxy, name: str):
+        """A computed value's ``dtype`` or ``device`` on the example (``torch.finfo(x.dtype).min``);
+        None for the model's inputs (theirs may change from call to call) or without an example."""
+        if self.example_arguments is None or proxy.node.op == "placeholder":
+            return None
+        try:
+            return getattr(self._example_value(proxy.node), name)
+        except Exception:
+            return None
+
     def example_size(self, proxy: fx.Proxy) -> Optional[torch.Size]:
         """The ``torch.Size`` that ``proxy`` holds on the example, or None (not a shape, or no example)."""
         if self.example_arguments is None:
@@ -98,7 +113,8 @@ class Tracer(fx.Tracer):
     def _example_value(self, target: fx.Node):
         interpreter = fx.Interpreter(self.root, graph=self.graph)
         interpreter.env = self._example_values
-        with torch.no_grad():
+        # the model's modules run for real here, not through the tracer's patched Module.__call__
+        with torch.no_grad(), _real_calls():
             for node in self.graph.nodes:
                 if node not in self._example_values:
                     if _writes_in_place(node):  # running it would write into the model's tensors
@@ -109,10 +125,22 @@ class Tracer(fx.Tracer):
                             raise LookupError(f"no example value for the argument {name}")
                         self._example_values[node] = self.example_arguments[name]
                     else:
-                        self._example_values[node] = interpreter.run_node(node)
+                        value = interpreter.run_node(node)
+                        if any(isinstance(v, fx.Proxy) for v in torch.utils._pytree.tree_leaves(value)):
+                            raise LookupError("the example ran into the tracer")
+                        self._example_values[node] = value
                 if node is target:
                     return self._example_values[node]
         raise LookupError("the node is not in the graph")
+
+
+def _real_calls():
+    """fx's tracing patches (``nn.Module.__call__``...) lifted for the duration, where torch has the helper."""
+    try:
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+    except ImportError:
+        return contextlib.nullcontext()
+    return _maybe_revert_all_patches()
 
 
 _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,

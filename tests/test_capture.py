@@ -136,3 +136,32 @@ def test_unpacking_a_shape_never_runs_a_write_into_the_models_buffers():
     except Exception:
         pass  # whether it traces or not, tracing must not run the write
     assert torch.equal(model.seen, torch.zeros(4))
+
+
+def test_learning_the_shape_of_a_submodules_output_runs_it_outside_the_trace():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.proj(x)
+            scores = y.view(*y.shape[:-1], 2, 4)
+            return scores.masked_fill(scores == 0, torch.finfo(y.dtype).min)  # GPT-2's mask value
+
+    model = Heads().eval()
+    gm = trace(model, example_inputs=(torch.randn(2, 3, 8),))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["proj"]  # no stray calls
+    assert not any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes)
+    x = torch.randn(5, 7, 8)
+    assert torch.equal(gm(x), model(x))
+
+
+def test_an_inputs_dtype_is_not_baked_into_the_graph():
+    class Cast(nn.Module):
+        def forward(self, x):
+            return (x.float() * 2).to(x.dtype)
+
+    gm = trace(Cast(), example_inputs=(torch.randn(3),))
+    x = torch.randn(3, dtype=torch.float64)
+    assert gm(x).dtype == torch.float64
