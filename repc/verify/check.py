@@ -128,15 +128,13 @@ def perturbed_copies(model: torch.nn.Module, count: int = 2, seed: int = 0) -> L
 def _plain_containers(value: Any) -> Any:
     """fx's immutable dicts and lists (what a traced graph's output holds) as plain ones."""
     from torch.fx.immutable_collections import immutable_dict, immutable_list
-    if isinstance(value, dict):
-        items = {k: _plain_containers(v) for k, v in value.items()}
-        return dict(items) if isinstance(value, immutable_dict) else type(value)(items)
-    if isinstance(value, list):
-        return [_plain_containers(v) for v in value] if isinstance(value, immutable_list) else \
-            type(value)(_plain_containers(v) for v in value)
+    if type(value) in (dict, immutable_dict):
+        return {k: _plain_containers(v) for k, v in value.items()}
+    if type(value) in (list, immutable_list):
+        return [_plain_containers(v) for v in value]
     if type(value) is tuple:
         return tuple(_plain_containers(v) for v in value)
-    return value
+    return value  # other containers (named tuples, OrderedDict subclasses) are compared as they are
 
 
 def quiet_call(fn: Callable, inputs: Tuple[Any, ...]):
