@@ -669,7 +669,7 @@ def measure(original, fused, inputs, benchmark: bool) -> Dict[str, Any]:
     gains: Dict[str, Any] = {
         "params_before": report.params_before,
         "params_after": report.params_after,
-        "region_macs_before": sum(r.flops_before for r in report.rewrites),
+        "region_macs_before": sum(r.flops_before - r.shared_flops for r in report.rewrites),
         "region_macs_after": sum(r.flops_after for r in report.rewrites),
         "flops_before": None,
         "flops_after": None,

@@ -20,6 +20,7 @@ class Rewrite:
     exact: bool = True
     max_deviation: float = 0.0  # measured against the region as written
     shape_specialized: bool = False  # valid only for the example's per-sample shape
+    shared_flops: int = 0  # of flops_before, what an earlier rewrite's region already counted
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Report:
 
     @property
     def flops_saved(self) -> int:
-        return sum(r.flops_before - r.flops_after for r in self.rewrites)
+        return sum(r.flops_before - r.shared_flops - r.flops_after for r in self.rewrites)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)

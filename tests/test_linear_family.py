@@ -631,3 +631,26 @@ def test_gpt2_conv1d_mlp_takes_the_layer_norm_affine_into_its_first_layer():
     counts = op_counts(fused)
     assert counts["linear"] == 2 and "addmm" not in counts, counts
     assert "mul" not in counts and "view" not in counts and "flatten" not in counts, counts
+
+
+def test_a_projection_read_through_slices_counts_its_multiply_adds_once_in_the_savings():
+    """LN -> qkv -> chunk(3): each slice takes the LN's affine and its rows of qkv, so every
+    rewrite's region holds the whole qkv; the savings are the LN's multiply-adds, not 3x qkv's."""
+    class SplitHeads(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.norm, self.qkv = nn.LayerNorm(d), nn.Linear(d, 3 * d)
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.norm(x)).chunk(3, -1)
+            return q.softmax(-1) + torch.relu(k) + torch.sigmoid(v)
+
+    torch.manual_seed(0)
+    model = lb.randomize(SplitHeads()).eval()
+    x = tokens()
+    fused = compile_exact(model, x)
+    report = fused.repc_report
+    assert len(report.rewrites) == 3, str(report)
+    assert sum(r.shared_flops > 0 for r in report.rewrites) == 2
+    ln_affine = 2 * x.numel()  # a multiply and an add per element
+    assert report.flops_saved == ln_affine, (report.flops_saved, ln_affine)

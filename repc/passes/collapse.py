@@ -129,6 +129,7 @@ class _Writer:
         self.namer = AttributeNamer(gm)
         self.env: Dict[fx.Node, fx.Node] = {}
         self.memo: Dict[int, fx.Node] = {}
+        self.counted: set = set()  # nodes whose ops a rewrite's flops_before has counted
         self.result = CollapseResult(gm)
 
     # -- driver ----------------------------------------------------------------------------
@@ -265,13 +266,16 @@ class _Writer:
                 return False
         before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
                             if isinstance(self.exprs[n].meaning, AffineCall))
+        # a region read through several slices is merged once per slice: count its ops once
+        shared = sum(self.matcher.own_cost.get(n, 0) for n in expr.region if n in self.counted)
+        self.counted |= expr.region
         self.result.rewrites.append(Rewrite(
             rule="+".join(sorted(expr.rules | ({"fold-parameters"} if computed else set()))) or "fold",
             root=self.prefix + expr.node.name,
             replaced=[self.prefix + _describe_node(n, self.facts) for n in self.matcher.in_order(expr.region)],
             result=[repr(op) for op in expr.form.values()],
             params_before=before_params, params_after=sum(params(op) for op in expr.form.values()),
-            flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev))
+            flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev, shared_flops=shared))
         return True
 
     # -- synthesis by probing ------------------------------------------------------------------
