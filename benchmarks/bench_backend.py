@@ -19,9 +19,11 @@ BatchNorm statistics, in eval mode under ``torch.no_grad()``.  Variants:
 Latency is the median over rounds (the fastest round is shown too); each round times every
 variant once, in a shuffled order, so that load from other processes hits all of them alike.
 The speed-up columns are medians of the per-round ratios, which drift in the machine's speed
-does not bias.  The same rounds also time dynamo's own per-call cost on the training form and on
-the deploy form, with a backend that returns a precomputed output: guards on the module tree
-and gathering the lifted parameters, which any backend given the training form pays.  Compile time is the first call
+does not skew.  The same rounds also time dynamo's own per-call cost on the training form and
+on the deploy form, with a backend that returns a precomputed output: guards on the module tree
+and gathering the lifted parameters, which any backend given the training form pays.
+
+Compile time is the first call
 (dynamo + backend + Inductor's code generation), measured for each variant in a process of its
 own with a fresh Inductor cache directory (unless ``--warm-cache``), after Inductor has been
 warmed up on an unrelated function: variants do not reuse each other's kernels, and none pays
