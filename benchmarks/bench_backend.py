@@ -23,11 +23,10 @@ does not skew.  The same rounds also time dynamo's own per-call cost on the trai
 on the deploy form, with a backend that returns a precomputed output: guards on the module tree
 and gathering the lifted parameters, which any backend given the training form pays.
 
-Compile time is the first call
-(dynamo + backend + Inductor's code generation), measured for each variant in a process of its
-own with a fresh Inductor cache directory (unless ``--warm-cache``), after Inductor has been
-warmed up on an unrelated function: variants do not reuse each other's kernels, and none pays
-Inductor's one-time start-up alone.  Usage::
+Compile time is the first call (dynamo + backend + Inductor's code generation), measured for
+each variant in a process of its own with a fresh Inductor cache directory (unless
+``--warm-cache``), after Inductor has been warmed up on an unrelated function: variants do not
+reuse each other's kernels, and none pays Inductor's one-time start-up alone.  Usage::
 
     python benchmarks/bench_backend.py [--rounds 30] [--threads 2] [--json out.json]
 """
