@@ -226,8 +226,24 @@ def _trace_whole(work: nn.Module, constants: Dict[str, Any], report: Report,
     except Exception as why:
         report.skipped.append(SkippedPart("<model>", _short(why)))
         return None
+    _keep_argument_names(gm, plain)
     _bind_tensor_arguments(gm, {k: v for k, v in constants.items() if isinstance(v, torch.Tensor)})
     return gm
+
+
+def _keep_argument_names(gm: fx.GraphModule, specialized: Dict[str, Any]) -> None:
+    """fx names a specialized argument's placeholder ``mask_1``: give the signature back ``mask``,
+    so that ``fused(x, mask=m)`` reaches the check that refuses other values."""
+    taken = {n.target for n in gm.graph.find_nodes(op="placeholder")}
+    renamed = False
+    for node in gm.graph.find_nodes(op="placeholder"):
+        base, _, suffix = node.target.rpartition("_")
+        if base in specialized and suffix.isdigit() and base not in taken:
+            node.target = base
+            taken.add(base)
+            renamed = True
+    if renamed:
+        gm.recompile()
 
 
 def _bind_tensor_arguments(gm: fx.GraphModule, tensors: Dict[str, torch.Tensor]) -> None:

@@ -138,6 +138,9 @@ def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_defa
     assert torch.allclose(fused(x), model(x), atol=1e-5)
     with pytest.raises(AssertionError, match="mask has been specialized"):
         fused(x, torch.ones(2, 5))  # the fused graph computed the path without a mask
+    with pytest.raises(AssertionError, match="mask has been specialized"):
+        fused(x, mask=torch.ones(2, 5))  # by keyword too: the argument keeps its name
+    assert torch.allclose(fused(x, mask=None), model(x), atol=1e-5)
 
 
 def test_a_none_example_input_is_guarded_too():
