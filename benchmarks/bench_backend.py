@@ -38,7 +38,6 @@ import atexit
 import copy
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -83,6 +82,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import repc  # noqa: E402
 import repc.backend  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
+import bench_common as common  # noqa: E402
 from repc.examples import MobileOneBlock, MobileOneUnit, RepVGGBlock, randomize_bn  # noqa: E402
 
 
@@ -306,17 +308,8 @@ def measure(args) -> Dict:
         "rows": rows,
         "settings": {"rounds": args.rounds, "calls": args.calls, "threads": args.threads,
                      "warm_cache": args.warm_cache},
-        "machine": machine_note(args.threads),
+        "machine": common.machine_note(args.threads),
     }
-
-
-def machine_note(threads: int) -> str:
-    try:
-        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        load = "n/a"
-    return (f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPU cores visible, "
-            f"torch threads {threads}, load average at the end {load}")
 
 
 def render(result: Dict) -> str:

@@ -25,7 +25,6 @@ the timings were.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -39,19 +38,8 @@ from repc.examples import (DiverseBranchBlock, ExampleNet, MobileOneBlock, Mobil
                            RepVGGBlock, example_net, randomize_bn)
 
 
-def _load_common():
-    """benchmarks/common.py under a name of its own (a bare ``common`` could be another module)."""
-    name = "repc_benchmarks_common"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load_common()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
+import bench_common as common  # noqa: E402
 
 F64 = torch.float64
 AGREEMENT = 1e-4  # relative deviation allowed between the three forms before timing

@@ -21,7 +21,6 @@ median latency of interleaved rounds (see ``common.interleaved_medians``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -34,19 +33,8 @@ import repc
 from repc.examples import randomize_bn
 
 
-def _load_common():
-    """benchmarks/common.py under a name of its own (a bare ``common`` could be another module)."""
-    name = "repc_benchmarks_common"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-common = _load_common()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
+import bench_common as common  # noqa: E402
 AGREEMENT = 1e-4  # relative deviation allowed between training form and repc before timing
 
 
