@@ -65,16 +65,6 @@ def Fn(fn, **attrs) -> nn.Module:
     return {1: _Fn1, 2: _Fn2, 3: _Fn3}[arity](fn, **attrs)
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.values = {}
-
-    def run_node(self, n):
-        self.values[n] = super().run_node(n)
-        return self.values[n]
-
-
 def analyse(module: nn.Module, *shapes):
     """Trace in float64, record every value, and describe every node in graph order."""
     module = module.double().eval()
@@ -83,11 +73,8 @@ def analyse(module: nn.Module, *shapes):
     gm = fx.symbolic_trace(module)
     g = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=g, dtype=F64) for s in shapes)
-    propagate_shapes(gm, inputs)
-    rec = _Recorder(gm)
-    with torch.no_grad():
-        rec.run(*inputs)
-    facts = GraphFacts(gm, rec.values)
+    values = _record(gm, inputs)
+    facts = GraphFacts(gm, values)
     meanings = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -99,7 +86,7 @@ def analyse(module: nn.Module, *shapes):
         if isinstance(meaning, Constant):
             facts.constants[node] = meaning.value
         meanings[node] = meaning
-    return gm, meanings, rec.values
+    return gm, meanings, values
 
 
 def recomputed(meaning, values):

@@ -14,24 +14,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from repc.capture import propagate_shapes
 from repc.normalize import GraphFacts, functionalize_inplace
 from repc.ops import Conv
+from repc.passes.collapse import _record
 from repc.patterns.regions import RegionMatcher
 
 from blocks import ACNet, DBBConcat, RepMixer, RepVGG, conv_bn, randomize, run_op
 
 F64 = torch.float64
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.values = {}
-
-    def run_node(self, n):
-        self.values[n] = super().run_node(n)
-        return self.values[n]
 
 
 class Matched:
@@ -43,11 +33,7 @@ class Matched:
         functionalize_inplace(self.gm)
         g = torch.Generator().manual_seed(0)
         inputs = tuple(torch.randn(s, generator=g, dtype=F64) for s in shapes)
-        propagate_shapes(self.gm, inputs)
-        rec = _Recorder(self.gm)
-        with torch.no_grad():
-            rec.run(*inputs)
-        self.values = rec.values
+        self.values = _record(self.gm, inputs)
         self.matcher = RegionMatcher(self.gm, GraphFacts(self.gm, self.values))
         self.exprs = self.matcher.run()
 
