@@ -914,6 +914,9 @@ def _weighted_stack(node: fx.Node, facts: GraphFacts):
     return None
 
 
+_FLATTENS = {"view", "reshape", "flatten"}
+
+
 def push_linears_before_flattens(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
     """``L(h.view(-1, C)) = flatten(L(h), 0, -2)`` for a linear map ``L`` on the last axis.
 
@@ -924,10 +927,14 @@ def push_linears_before_flattens(gm: fx.GraphModule, values: Dict[fx.Node, Any])
     Runs on repc's own copy; returns how many.
     """
     graph = gm.graph
+    if not any(_name(n) in _FLATTENS for n in graph.nodes if n.op in ("call_function", "call_method")):
+        return 0
     facts = None
     count = 0
     for node in list(graph.nodes):
         if not (node.op in ("call_function", "call_method", "call_module") and node.all_input_nodes):
+            continue
+        if not any(_name(a) in _FLATTENS for a in node.all_input_nodes if a.op in ("call_function", "call_method")):
             continue
         facts = facts or constant_facts(gm, values)
         try:

@@ -39,19 +39,35 @@ class _Recorder(ShapeProp):
     """Shape propagation that also keeps every node's value on the example inputs.
 
     In a graph that still writes in place (``x.mul_(g)`` through an alias), a later op can
-    change a tensor already recorded; the values are then kept as copies.
+    change a tensor already recorded: just before such a write, the recorded values that share
+    the written tensor's storage are replaced by copies.
     """
 
     def __init__(self, gm):
         super().__init__(gm)
         self.values: Dict[fx.Node, Any] = {}
         modules = dict(gm.named_modules())
-        self._copy = any(inplace_kind(n, modules) for n in gm.graph.nodes)
+        self._writes = {n for n in gm.graph.nodes if inplace_kind(n, modules)
+                        and n.args and isinstance(n.args[0], fx.Node)}
+        self._by_storage: Dict[int, List[fx.Node]] = {}  # recorded tensors by storage, where writes exist
 
     def run_node(self, n):
+        if n in self._writes:
+            written = self.env.get(n.args[0])
+            if isinstance(written, torch.Tensor):
+                for node in self._by_storage.pop(_storage(written), []):
+                    self.values[node] = tree_map(_copy_tensor, self.values[node])
         out = super().run_node(n)
-        self.values[n] = tree_map(_copy_tensor, out) if self._copy else out
+        self.values[n] = out
+        if self._writes:
+            for leaf in torch.utils._pytree.tree_leaves(out):
+                if isinstance(leaf, torch.Tensor):
+                    self._by_storage.setdefault(_storage(leaf), []).append(n)
         return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _copy_tensor(value):
