@@ -979,8 +979,11 @@ def push_scales_into_matmul(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
     Attention often scales after the product: ``(q @ k.transpose(-2, -1)) * scale``, or
     ``/ math.sqrt(d)``.  Moved onto an operand that an affine region computes (q's projection)
     and that nothing else reads, the scale folds into that region's weights, and the multiply
-    over the scores disappears.  Without such an operand, the scale moves only onto an operand
-    no larger than the product, so the result never costs more.  Runs on repc's own copy;
+    over the scores disappears.  When the operand is one slice of a map whose other slices are
+    read too (a fused qkv projection read through ``chunk``, ``split`` or indexing), the scale
+    goes on that map as a vector that is ``c`` on the slice and 1 elsewhere, so k and v are
+    left as they were.  Without such an operand, the scale moves only onto an operand no
+    larger than the product, so the result never costs more.  Runs on repc's own copy;
     returns how many.
     """
     graph = gm.graph
@@ -996,20 +999,38 @@ def push_scales_into_matmul(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
             continue
         product = products[0]
         scale = _scalar_scale(node, product, facts)
-        target = None if scale is None else _scale_target(product, facts)
-        if target is None:
+        site = None if scale is None else _scale_target(product, facts)
+        if site is None:
             continue
-        reader = next(iter(target.users))  # the target's one reader: the product or the chain to it
-        with graph.inserting_after(target):
-            scaled = graph.call_function(operator.mul, (target, scale))
+        target, part = site
+        if part is None:
+            reader = next(iter(target.users))  # the target's one reader: the product or the chain to it
+            with graph.inserting_after(target):
+                scaled = graph.call_function(operator.mul, (target, scale))
+            reader.replace_input_with(target, scaled)
+        else:
+            readers = list(target.users)  # every one reads a slice: only the scaled one sees c
+            with graph.inserting_after(target):
+                vector = _buffer_node(gm, graph, _slice_scale(part, facts.shape(target), scale),
+                                      values[target].dtype)
+            with graph.inserting_after(vector):
+                scaled = graph.call_function(operator.mul, (target, vector))
+            for reader in readers:
+                reader.replace_input_with(target, scaled)
         scaled.meta["tensor_meta"] = target.meta.get("tensor_meta")
-        reader.replace_input_with(target, scaled)
         node.replace_all_uses_with(product)
         graph.erase_node(node)
         count += 1
     if count:
         gm.recompile()
     return count
+
+
+def _slice_scale(part: Slice, shape: Sequence[int], scale: float) -> Tensor:
+    """A tensor broadcasting over ``shape``: ``scale`` on ``part``'s range of its axis, 1 elsewhere."""
+    vector = torch.ones(shape[part.axis], dtype=torch.float64)
+    vector[part.start:part.stop] = scale
+    return vector.reshape((-1,) + (1,) * (len(shape) - 1 - part.axis))
 
 
 def _scalar_scale(node: fx.Node, product: fx.Node, facts: GraphFacts) -> Optional[float]:
@@ -1028,19 +1049,21 @@ def _scalar_scale(node: fx.Node, product: fx.Node, facts: GraphFacts) -> Optiona
     return float(op.scale.reshape(()).to(torch.float64))
 
 
-def _scale_target(product: fx.Node, facts: GraphFacts) -> Optional[fx.Node]:
+def _scale_target(product: fx.Node, facts: GraphFacts) -> Optional[Tuple[fx.Node, Optional[Slice]]]:
     """Where the scale of ``product`` goes: the map behind an operand, else the smaller operand.
 
-    A scalar commutes with reshapes, transposes and slices, so on an operand that a conv or
-    linear map computes through such views, nothing else reading them, it goes right after the
-    map and folds into it.  Otherwise it goes on an operand no larger than the product.
+    Returns ``(node, part)``: the scale multiplies all of ``node`` (``part`` None), or only the
+    range ``part`` (a :class:`Slice` of ``node``) of it.  A scalar commutes with reshapes,
+    transposes and slices, so on an operand that a conv or linear map computes through such
+    views, nothing else reading them, it goes right after the map and folds into it.  Otherwise
+    it goes on an operand no larger than the product.
     """
     maps = [m for m in (_map_behind(o, facts) for o in product.args if len(o.users) == 1) if m is not None]
     if maps:
-        return min(maps, key=lambda m: _numel(m, facts))
+        return min(maps, key=lambda m: _numel(m[0], facts))
     out = _numel(product, facts)
     small = [o for o in product.args if len(o.users) == 1 and _numel(o, facts) <= out]
-    return min(small, key=lambda o: _numel(o, facts)) if small else None
+    return (min(small, key=lambda o: _numel(o, facts)), None) if small else None
 
 
 def _numel(node: fx.Node, facts: GraphFacts) -> float:
@@ -1048,22 +1071,84 @@ def _numel(node: fx.Node, facts: GraphFacts) -> float:
     return math.inf if shape is None else math.prod(shape)
 
 
-def _map_behind(node: fx.Node, facts: GraphFacts) -> Optional[fx.Node]:
+def _map_behind(node: fx.Node, facts: GraphFacts) -> Optional[Tuple[fx.Node, Optional[Slice]]]:
     """The conv or linear map (or sum or concat of them) that ``node`` is, seen through
-    reshapes, transposes and slices that nothing else reads; None if there is none."""
+    reshapes, transposes and slices that nothing else reads; None if there is none.
+
+    Returns ``(map, None)``, or ``(map, slice)`` when ``node`` is one slice of the map and other
+    slices of it are read too (q of a fused qkv projection): only that slice may be scaled.
+    """
     while True:
         try:
             meaning = describe(node, facts)
         except Exception:
             return None
-        if isinstance(meaning, (Layout, Slice)):
+        if isinstance(meaning, Layout):
             if len(meaning.input.users) != 1:
                 return None
             node = meaning.input
             continue
+        if isinstance(meaning, Slice):
+            via = node.args[0]  # the sliced value, or the chunk/split tuple the slice indexes
+            if len(via.users) == 1 and len(meaning.input.users) == 1:
+                node = meaning.input  # the only slice read: the rest is discarded
+                continue
+            if _feature_axis(meaning.input, facts) != meaning.axis or not _only_this_slice_overlaps(node, meaning, facts):
+                return None
+            return meaning.input, meaning
         if isinstance(meaning, AffineCall):
-            return node if isinstance(meaning.op, (Conv, Linear)) else None
-        return node if isinstance(meaning, (Combine, Concat)) else None
+            return (node, None) if isinstance(meaning.op, (Conv, Linear)) else None
+        return (node, None) if isinstance(meaning, (Combine, Concat)) else None
+
+
+def _feature_axis(node: fx.Node, facts: GraphFacts, depth: int = 8) -> Optional[int]:
+    """The axis along which a per-axis scale of ``node`` folds into the conv or linear maps that
+    compute it (1 for a conv, the last axis for a linear, through elementwise maps, sums and
+    concatenations); None when no such map computes ``node``."""
+    shape = facts.shape(node)
+    if shape is None or depth == 0:
+        return None
+    try:
+        meaning = describe(node, facts)
+    except Exception:
+        return None
+    if isinstance(meaning, AffineCall):
+        if isinstance(meaning.op, Linear):
+            return len(shape) - 1
+        if isinstance(meaning.op, Conv):
+            return 1
+        if isinstance(meaning.op, Elementwise) and facts.shape(meaning.input) == shape:
+            return _feature_axis(meaning.input, facts, depth - 1)
+        return None
+    if isinstance(meaning, (Combine, Concat)):
+        parts = [t for t, _ in meaning.terms] if isinstance(meaning, Combine) else meaning.inputs
+        axes = {_feature_axis(p, facts, depth - 1) if facts.shape(p) == shape or isinstance(meaning, Concat) else None
+                for p in parts}
+        return axes.pop() if len(axes) == 1 else None
+    return None
+
+
+def _only_this_slice_overlaps(node: fx.Node, part: Slice, facts: GraphFacts) -> bool:
+    """Every reader of ``part.input`` reads a slice of it on ``part``'s axis (directly, or
+    through a chunk/split), and none but ``node`` reads any of ``part``'s range."""
+    base = part.input
+    for user in base.users:
+        if user.op in ("call_function", "call_method") and _name(user) in ("chunk", "split") and user.args[0] is base:
+            readers = list(user.users)
+        else:
+            readers = [user]
+        for reader in readers:
+            if reader is node:
+                continue
+            try:
+                other = describe(reader, facts)
+            except Exception:
+                return False
+            if not isinstance(other, Slice) or other.input is not base or other.axis != part.axis:
+                return False
+            if other.start < part.stop and part.start < other.stop and other.stop > other.start:
+                return False
+    return True
 
 
 def _is_single_use_map(node, facts: GraphFacts) -> bool:

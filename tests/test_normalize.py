@@ -10,6 +10,7 @@ In-place ops are made out-of-place by :func:`functionalize_inplace` without chan
 from __future__ import annotations
 
 import copy
+import math
 import operator
 
 import pytest
@@ -518,6 +519,62 @@ def test_without_a_map_to_fold_into_the_scale_moves_only_onto_a_smaller_operand(
     gm, count = scale_pass(module, long)
     assert count == 1 and torch.allclose(gm(long), module(long), atol=1e-6)
 
+
+
+class FusedQKVScores(nn.Module):
+    """A fused qkv projection read through ``chunk``, ``split`` or slices, scores scaled after
+    the product."""
+
+    def __init__(self, d=6, read="chunk", divide=True):
+        super().__init__()
+        self.qkv, self.d, self.read, self.divide = nn.Linear(d, 3 * d), d, read, divide
+
+    def forward(self, x):
+        h, d = self.qkv(x), self.d
+        if self.read == "chunk":
+            q, k, v = h.chunk(3, -1)
+        elif self.read == "split":
+            q, k, v = h.split(d, -1)
+        else:
+            q, k, v = h[..., :d], h[..., d:2 * d], h[..., 2 * d:]
+        scores = q @ k.transpose(-2, -1)
+        scores = scores / math.sqrt(d) if self.divide else scores * 0.4
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("read", ["chunk", "split", "index"])
+@pytest.mark.parametrize("divide", [False, True], ids=["multiply", "divide"])
+def test_a_scale_on_one_slice_of_a_shared_map_scales_only_that_slice(read, divide):
+    """Found by the transformer fuzzer: q of a fused qkv read through ``chunk(3, -1)`` was seen
+    through the chunk as all of qkv, so the scale went onto k and v too (deviation 0.5).  It
+    now goes onto qkv as a vector, ``c`` on q's rows and 1 on k's and v's."""
+    module = FusedQKVScores(read=read, divide=divide)
+    x = torch.randn(2, 5, 6)
+    gm, count = scale_pass(module, x)
+    assert count == 1
+    (qkv,) = [n for n in gm.graph.nodes if n.target == "qkv"]
+    (scaled,) = qkv.users
+    assert scaled.target is operator.mul and scaled.args[1].op == "get_attr"
+    vector = getattr(gm, scaled.args[1].target)
+    c = 1 / math.sqrt(6) if divide else 0.4
+    assert torch.allclose(vector.reshape(-1), torch.tensor([c] * 6 + [1.0] * 12))
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+    y = torch.randn(3, 4, 6)  # the vector runs along the features: any batch, any length
+    assert torch.allclose(gm(y), module(y), atol=1e-6)
+
+
+def test_a_scale_stays_off_a_shared_map_whose_scaled_rows_something_else_reads():
+    class Overlap(FusedQKVScores):
+        def forward(self, x):
+            h, d = self.qkv(x), self.d
+            q, k, v = h.chunk(3, -1)
+            return (q @ k.transpose(-2, -1)) * 0.4 + h[..., :2 * d].sum()  # q's and k's rows read again
+
+    module = Overlap()
+    x = torch.randn(2, 5, 6)  # (and the 5x6 operands are larger than the 5x5 scores)
+    gm, count = scale_pass(module, x)
+    assert count == 0
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
 
 # ----------------------------------------------------------------------------- metadata reads
 
