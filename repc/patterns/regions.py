@@ -186,13 +186,20 @@ class RegionMatcher:
         reads ``u`` (a fork whose branches all join here: an adapter after a layer, a residual
         block after another).  Taken only when the merged form costs no more than keeping
         ``u`` apart.
+
+        A source that an operand's region already computes inside (``u`` absorbed by one
+        expert, and read as a source by the others through a duplicated elementwise map) is
+        always pulled in: a region must not both compute a value and read it as an input, or
+        its check, which draws every source independently, runs an inconsistent region.  When
+        that cannot be done, the expr has no form.
         """
         changed = True
         while changed:
             changed = False
             for src in list(expr.form):
                 inner = self.exprs.get(src)
-                if inner is None or inner.is_leaf or inner.form is None or src in self.absorbed:
+                inside = src in expr.region  # computed by an operand's region: must be pulled in
+                if inner is None or inner.is_leaf or inner.form is None or (src in self.absorbed and not inside):
                     continue
                 if not all(u in expr.region for u in effective_users(src)) or self._stays_in_place(src):
                     continue
@@ -202,15 +209,20 @@ class RegionMatcher:
                     form = sum_forms([rest, pulled], [1.0, 1.0]) if rest else pulled
                 except NotMergeable:
                     continue
-                if self.form_cost(form, expr.node) > self.form_cost(expr.form, expr.node) + inner.cost:
+                if not inside and self.form_cost(form, expr.node) > self.form_cost(expr.form, expr.node) + inner.cost:
                     continue
                 expr.form = form
+                if not inside:  # (inside: the operand that computes it has counted its cost)
+                    expr.cost += inner.cost
                 expr.region |= inner.region
-                expr.cost += inner.cost
                 expr.rules |= inner.rules | {"compose"}
                 self.absorbed.add(src)
                 changed = True
                 break
+        inside = [src for src in expr.form if src in expr.region]
+        if inside:
+            expr.form = None
+            expr.reason = f"the region computes {inside[0].name} and also reads it as an input"
         return expr
 
     def affine_cone(self, root: fx.Node) -> Tuple[List[fx.Node], List[fx.Node]]:
