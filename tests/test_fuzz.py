@@ -1,6 +1,6 @@
 """The architecture fuzzer: random branchy networks compiled by repc, compared on other shapes.
 
-Networks come from :func:`repc.verify.strategies.networks` (kernels 1x1..5x5 incl. 1xk/kx1,
+Networks come from :func:`fuzz_networks.networks` (kernels 1x1..5x5 incl. 1xk/kx1,
 strides, dilation, groups, bias with padding, BN-and-pad, pools, identity and shared
 branches, scales, identity-like and nonlinear activations, concatenations, repeated blocks,
 linear tails).  The number of networks comes from the Hypothesis profile selected by
@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 import repc
 import repc.algebra
+from fuzz_networks import NetworkSpec, accepted_sizes, build_network, example_input, networks, output_size
 from fuzz_profiles import fuzz_settings
 from repc.examples import randomize_bn
 from repc.verify.equivalence import ModelPair, check_case, verify
-from repc.verify.strategies import (DISTRIBUTIONS, InputCase, NetworkSpec, accepted_sizes, build_network,
-                                    example_input, networks, output_size)
+from repc.verify.strategies import DISTRIBUTIONS, InputCase
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 

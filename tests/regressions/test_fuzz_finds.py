@@ -50,8 +50,8 @@ def test_dense_map_is_dropped_when_the_model_accepts_other_sizes():
     example's size (1 x 5); the model also runs at 4 x 8 (the strides bring it to the same
     width), which the dense map refused, so the whole-model check failed and rolled back
     everything.  repc now compiles again without probing and keeps the exact merges."""
-    from repc.verify.strategies import (ActLayer, Block, Branch, ConvLayer, LinearLayer, NetworkSpec, PoolLayer,
-                                        Tail, build_network, example_input)
+    from fuzz_networks import (ActLayer, Block, Branch, ConvLayer, LinearLayer, NetworkSpec, PoolLayer, Tail,
+                               build_network, example_input)
     spec = NetworkSpec(in_channels=1, size=(1, 5), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'), ActLayer(kind='relu')), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None)), combine='sum', weights=(1.0, 1.0, 1.0, 1.0), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(), shares=0), Branch(layers=(), shares=0), Branch(layers=(PoolLayer(kernel=(1, 1), stride=(2, 2), padding=((0, 0), (0, 0)), pad_with='module'),), shares=None)), combine='cat', weights=(), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=Tail(reduce='flatten', blocks=(Block(branches=(Branch(layers=(LinearLayer(out_features=16, bias=False),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False),)), batch=1, seed=0, functional=False)
     model = build_network(spec)
     x = example_input(spec)
@@ -68,7 +68,7 @@ def test_scale_after_concat_of_freshly_split_norm_tails():
     """Found by the slow fuzz profile: two concatenations in a row, each followed by an identity
     map: pushing the first map into its concat made a new concat without a recorded shape,
     which the second push then read (TypeError).  New nodes now carry their shapes."""
-    from repc.verify.strategies import Block, Branch, ConvLayer, NetworkSpec, build_network, example_input
+    from fuzz_networks import Block, Branch, ConvLayer, NetworkSpec, build_network, example_input
     spec = NetworkSpec(in_channels=3, size=(1, 1), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None)), combine='split', weights=(), activation='identity', repeat=1, splits=(1, 2), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=1, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None), Branch(layers=(), shares=None)), combine='cat', weights=(), activation='identity', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=None, batch=1, seed=0, functional=False)
     model = build_network(spec)
     x = example_input(spec)
@@ -83,8 +83,7 @@ def test_ill_conditioned_output_is_judged_by_the_originals_rounding_noise():
     float32 tolerance (the unfused float32 model is 3.8e-3 from the float64 truth).  The correct
     fusion was rolled back; now such inputs pass within 4x the deviation an ulp of the weights
     causes, and the report names them."""
-    from repc.verify.strategies import (Block, Branch, ConvLayer, NetworkSpec, NormLayer, ScaleLayer, build_network,
-                                        example_input)
+    from fuzz_networks import Block, Branch, ConvLayer, NetworkSpec, NormLayer, ScaleLayer, build_network, example_input
     spec = NetworkSpec(in_channels=7, size=(2, 2), blocks=(Block(branches=(
         Branch(layers=(ConvLayer(out_channels=1, kernel=(3, 3), stride=(2, 1), padding=((0, 4), (1, 2)), dilation=(2, 2),
                                  bias=True, pad_with='module_bn'),)),
