@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -266,6 +266,10 @@ class _Writer:
             if expr.pending is None:  # (a layout change nothing undoes is just a layout change)
                 self._reject(expr, f"no closed form: {expr.reason}")
             return False
+        bad = _non_finite(expr.form, self._dtype(expr.node))
+        if bad:
+            self._reject(expr, f"not merged: {bad}")
+            return False
         if all(NORM_AFFINE in n.meta for n in expr.region):
             return True  # a norm's own affine tail, put back into the norm as it was: not a rewrite
         new_cost = self.matcher.form_cost(expr.form, expr.node)
@@ -503,6 +507,28 @@ def _drop_dead_nodes(graph: fx.Graph) -> None:
 def _is_check(target) -> bool:
     """An assertion fx inserts for a specialized argument (``_assert_is_none``): it returns nothing."""
     return getattr(target, "__name__", "").startswith("_assert")
+
+
+def _non_finite(form, dtype) -> Optional[str]:
+    """Why the form's merged tensors cannot be emitted: NaN or Inf in one of them, in float64 (from
+    non-finite weights or statistics) or once cast to ``dtype`` (a finite product too large for
+    float16); None if all are finite."""
+    for op in form.values():
+        for f in fields(op):
+            t = getattr(op, f.name)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                continue
+            cast = t.to(dtype) if dtype.is_floating_point else t
+            bad = ~(torch.isfinite(t) & torch.isfinite(cast))
+            if not bad.any():
+                continue
+            nan = int(torch.isnan(cast).sum())
+            what = " and ".join(w for w, n in (("NaN", nan), ("Inf", int(bad.sum()) - nan)) if n)
+            why = ("it is computed from non-finite weights or statistics" if not torch.isfinite(t).all() else
+                   f"its values are too large for {str(dtype).replace('torch.', '')}")
+            return f"the merged {type(op).__name__.lower()} {f.name} would hold {what} " \
+                   f"({int(bad.sum())} of {t.numel()} entries): {why}"
+    return None
 
 
 def _op_count(form) -> int:
