@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import gc
 import inspect
+import numbers
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from .capture import split_untraceable, trace, _short
 from .passes.collapse import CaptureMismatch, collapse
@@ -73,6 +75,8 @@ def _compile(model, example_inputs, verify, tolerance, specialize, allow_approxi
     except Exception as why:
         raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
 
+    if tolerance is not None:
+        _check_tolerance(tolerance, model, expected)
     constants = _specialized_arguments(model, example_inputs, specialize)
     fixed = _positions(model, constants)
     build = dict(model=model, example_inputs=example_inputs, constants=constants, fixed=fixed, expected=expected,
@@ -104,7 +108,22 @@ def _compile(model, example_inputs, verify, tolerance, specialize, allow_approxi
         sum(b.numel() for n, b in fused.named_buffers()
             if n.rsplit(".", 1)[-1] not in original_buffers and b.is_floating_point())
     fused.repc_report = report
-    return fused
+    return fused.eval()  # like the model: new GraphModules start in training mode
+
+
+def _check_tolerance(tolerance, model: nn.Module, expected) -> None:
+    """Refuse a tolerance no result can meet: below the rounding (eps) of the least precise
+    floating dtype among the model's output, parameters and buffers."""
+    floats = [t.dtype for t in tree_leaves(expected) + list(model.parameters())
+              + list(model.buffers()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    dtype = max(floats, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+    eps, name = torch.finfo(dtype).eps, str(dtype).replace("torch.", "")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or tolerance != tolerance:
+        raise ReparamError(f"tolerance must be a number (at least {eps:.3g}, the rounding of {name}), "
+                           f"got {tolerance!r}")
+    if tolerance < eps:
+        raise ReparamError(f"tolerance {tolerance:g} is below the rounding of {name} (eps {eps:.3g}): "
+                           f"no result can be verified that closely; use at least {eps:.3g}")
 
 
 def _build(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,

@@ -166,3 +166,83 @@ def test_a_model_returning_a_dict_is_fused_as_a_whole():
     assert not fused.repc_report.skipped and len(fused.repc_report.rewrites) == 1
     out = fused(x)
     assert torch.allclose(out["logits"], model(x)["logits"], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- issue 13
+
+
+def test_the_result_is_in_eval_mode_like_the_model():
+    x = torch.randn(1, 4, 8, 8)
+    for model in (randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval(), randomize_bn(_Shell()).eval()):
+        fused = repc.compile(model, x)
+        assert fused.repc_report.rewrites  # (new GraphModules were made)
+        assert [n for n, m in fused.named_modules() if m.training] == []
+        again = repc.compile(fused, x)  # repc's own output is accepted as input
+        with torch.no_grad():
+            assert torch.allclose(again(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance, message", [
+    (torch.float32, 1e-12, "tolerance 1e-12 is below the rounding of float32 (eps 1.19e-07)"),
+    (torch.float32, 1e-8, "below the rounding of float32"),
+    (torch.float32, 0.0, "below the rounding"),
+    (torch.float32, -1.0, "below the rounding"),
+    (torch.float64, 1e-17, "below the rounding of float64 (eps 2.22e-16)"),
+    (torch.float16, 1e-4, "below the rounding of float16 (eps 0.000977)"),
+    (torch.float32, float("nan"), "tolerance must be a number"),
+    (torch.float32, "1e-3", "tolerance must be a number"),
+])
+def test_a_tolerance_below_the_dtype_rounding_is_refused(dtype, tolerance, message):
+    model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval().to(dtype)
+    with pytest.raises(repc.api.ReparamError) as refused:
+        repc.compile(model, torch.randn(1, 4, 8, 8, dtype=dtype), tolerance=tolerance)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_tolerance_at_the_dtype_rounding_is_taken():
+    model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval().double()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    fused = repc.compile(model, x, tolerance=1e-12)  # far below float32's eps, well above float64's
+    assert fused.repc_report.verification.ok and fused.repc_report.verification.tolerance == 1e-12
+    assert fused.repc_report.rewrites
+
+
+def _conv_bn(dtype=torch.float32):
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), seed=0).eval().to(dtype)
+
+
+def _new_non_finite_tensors(fused, model):
+    """Tensors of ``fused`` holding NaN or Inf that are not copies of one of ``model``'s own."""
+    theirs = list(model.parameters()) + list(model.buffers())
+    return [k for k, t in list(fused.named_parameters()) + list(fused.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+            and not any(o.shape == t.shape and torch.allclose(o, t, rtol=0, atol=0, equal_nan=True) for o in theirs)]
+
+
+@pytest.mark.parametrize("poison, reason", [
+    ("running_var", "the merged conv weight would hold NaN (27 of 108 entries): it is computed from non-finite"),
+    ("weight", "the merged conv weight would hold Inf (1 of 108 entries): it is computed from non-finite"),
+    ("overflow", "would hold Inf (108 of 108 entries): its values are too large for float16"),
+])
+def test_a_merge_whose_weights_are_not_finite_is_never_emitted(poison, reason):
+    model = _conv_bn(torch.float16 if poison == "overflow" else torch.float32)
+    with torch.no_grad():
+        if poison == "running_var":
+            model[1].running_var[1] = float("nan")
+        elif poison == "weight":
+            model[0].weight[2, 0, 1, 1] = float("inf")
+        else:  # each finite in float16; their product is not
+            model[0].weight.fill_(300.0)
+            model[1].weight.fill_(300.0)
+    dtype = model[0].weight.dtype
+    x = torch.randn(1, 3, 8, 8, dtype=dtype)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = repc.compile(model, x, verify=False)
+    report = fused.repc_report
+    assert not report.rewrites and any(reason in r.reason for r in report.rejected), str(report)
+    assert _new_non_finite_tensors(fused, model) == []  # the region was kept as written
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert torch.allclose(got, want, rtol=0, atol=0, equal_nan=True)  # computes exactly as the model
+    assert all(torch.allclose(v, state[k], rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
