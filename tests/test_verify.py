@@ -338,3 +338,113 @@ def test_axes_shared_by_several_inputs_vary_together():
     assert result.ok, str(result)
     assert all(a[0] == b[0] and a[2:] == b[2:] for a, b in result.shapes_checked)
     assert len({a for a, _ in result.shapes_checked}) > 3
+
+
+# --------------------------------------------------------------------------- NaN and Inf (issue 13)
+
+def _conv_bn(seed=0):
+    torch.manual_seed(seed)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), seed=seed).eval()
+
+
+class _Poisoned(nn.Module):
+    """``inner``, with one output entry replaced by ``value``: a fused model gone wrong."""
+
+    def __init__(self, inner, value):
+        super().__init__()
+        self.inner, self.value = inner, value
+
+    def forward(self, x):
+        y = self.inner(x).clone()
+        y[:, 1, 0, 0] = self.value
+        return y
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_in_the_fused_output_where_the_original_is_finite_fails(value):
+    model = _conv_bn()
+    x = torch.randn(1, 3, 8, 8)
+    fused = repc.compile(model, x)
+    result = verify(model, _Poisoned(fused, value).eval(), x, max_examples=3)
+    assert not result.ok and result.max_deviation == float("inf")
+    kind = "NaN" if value != value else "Inf"
+    assert result.error == f"the fused model gives {kind} in 1 of 256 entries of the output where the original's are finite"
+    assert "FAILED on the example inputs" in str(result) and kind in str(result)
+
+
+def _nan_statistics():
+    model = _conv_bn(1)
+    model[1].running_var[2] = float("nan")
+    return model
+
+
+def _inf_weight():
+    model = _conv_bn(2)
+    with torch.no_grad():
+        model[0].weight[1, 0, 1, 1] = float("inf")
+    return model
+
+
+@pytest.mark.parametrize("build, kind", [(_nan_statistics, "NaN"), (_inf_weight, "Inf")])
+def test_an_original_giving_nan_or_inf_on_the_example_fails_and_says_so(build, kind):
+    model = build()
+    x = torch.randn(1, 3, 8, 8)
+    state = _state(model)
+    fused = repc.compile(model, x)
+    assert all(torch.allclose(v, state[k], rtol=0, atol=0, equal_nan=True)
+               for k, v in _state(model).items())  # the model was not touched
+    # repc kept the region that would have carried the non-finite values into a merged weight
+    assert any("would hold" in r.reason for r in fused.repc_report.rejected), str(fused.repc_report)
+    for candidate in (fused, copy.deepcopy(model)):  # even a perfect copy is not "verified"
+        result = verify(model, candidate, x, max_examples=3)
+        assert not result.ok, str(result)
+        assert result.error.startswith(f"the original model gives {kind} in ") and "on the example inputs" in result.error
+        assert "nothing to compare" in str(result)
+        assert result.original_non_finite and result.original_non_finite[0].startswith("the example inputs: ")
+
+
+def test_nan_in_an_example_input_is_named():
+    model = _conv_bn(3)
+    x = torch.randn(1, 3, 8, 8)
+    fused = repc.compile(model, x)
+    bad = x.clone()
+    bad[0, 0, 4, 4] = float("nan")
+    result = verify(model, fused, bad, max_examples=3)
+    assert not result.ok and "an input holds NaN or Inf" in result.error and "NaN in " in result.error
+    assert "nothing to compare" in result.error
+
+
+class _Overflows(nn.Module):
+    """Finite on normal values, Inf on large ones: ``exp`` of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.exp(self.lin(x) * 100)
+
+
+def test_a_drawn_case_where_the_original_overflows_is_listed_as_unverified():
+    torch.manual_seed(0)
+    model = _Overflows().eval()
+    with torch.no_grad():
+        model.lin.weight.mul_(0.01)
+        model.lin.bias.zero_()
+    x = torch.randn(2, 4) * 0.01
+    same = copy.deepcopy(model)
+    result = verify(model, same, x, max_examples=20, distributions=("normal", "large"))
+    assert result.ok, str(result)
+    assert result.original_non_finite and all("Inf in " in n for n in result.original_non_finite)
+    assert "WARNING: the original model itself gives NaN or Inf" in str(result) and "not verified" in str(result)
+
+    class _ClampsInf(nn.Module):  # gives a finite value where the original overflows
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).clamp(max=1e30)
+
+    result = verify(model, _ClampsInf(same).eval(), x, max_examples=20, distributions=("normal", "large"))
+    assert not result.ok and "the original gives Inf in" in result.error and "something else" in result.error

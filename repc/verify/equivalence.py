@@ -15,7 +15,15 @@ values and seed 0 before it is returned as ``failing_input``.
 
 **Deviation** (:func:`repc.verify.check.deviation`): per output tensor,
 ``max |fused - original| / max(max |original|, eps)``, the worst over all output tensors;
-infinite when the output structures, shapes or non-finite entries differ.
+infinite when the output structures or shapes differ.
+
+**Non-finite values** (:func:`non_finite`): a NaN or Inf in the fused output where the
+original's entry is finite fails the case.  The original giving NaN or Inf on the example
+inputs fails the check, saying so: there is nothing to compare the fused model with (NaN in its
+weights or statistics, or in the example).  On a drawn case where the original gives NaN or Inf
+(an overflow on ``large`` values), the fused model must give the same value there (NaN for NaN,
+the same signed Inf) and the finite entries are compared; the result lists those cases
+(``original_non_finite``, and a warning in its text): those entries are not verified.
 
 **Tolerance**: by default ``sqrt(eps)`` of the least precise floating dtype among the
 original's output and both models' parameters and buffers -- half of the significand's bits
@@ -57,7 +65,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from .check import deviation, quiet_call
-from .strategies import DISTRIBUTIONS, InputCase, example_case, input_cases, is_varied
+from .strategies import DISTRIBUTIONS, EXAMPLE, InputCase, example_case, input_cases, is_varied
 
 Tolerance = Union[None, float, Mapping[torch.dtype, float], Callable[[torch.dtype], float]]
 
@@ -125,6 +133,7 @@ class CaseResult:
     error: Optional[str] = None
     skipped: bool = False
     noise: Optional[float] = None  # the rounding-noise floor, when it was measured
+    original_non_finite: Optional[str] = None  # where the original's output is NaN or Inf, if it is
 
     @property
     def ok(self) -> bool:
@@ -194,16 +203,70 @@ def check_case(models: ModelPair, example_inputs: Sequence[Any], case: InputCase
             got = quiet_call(fused, inputs)
         except Exception as why:
             return CaseResult(case, math.inf, tol, f"{type(why).__name__}: {str(why).strip().splitlines()[0] if str(why).strip() else ''}")
+        failure, note = non_finite(got, ref)
+        if failure is not None:
+            return CaseResult(case, math.inf, tol, failure, original_non_finite=note)
+        if note is not None and _holds_non_finite(inputs):
+            note += " (an input holds NaN or Inf)"
+        if note is not None and case.distribution == EXAMPLE:
+            return CaseResult(case, math.inf, tol, f"the original model gives {note} on the example inputs, so "
+                              "there is nothing to compare the fused model with there; check its weights, "
+                              "statistics and the example", original_non_finite=note)
         dev = deviation(got, ref)
         if dev <= tol or not noise_floor or not math.isfinite(dev):
-            return CaseResult(case, dev, tol)
+            return CaseResult(case, dev, tol, original_non_finite=note)
         noise = 0.0
         for sample in range(NOISE_SAMPLES):
             copy_ = models.perturbed(case.dtype, sample)
             if copy_ is None:
-                return CaseResult(case, dev, tol)
+                return CaseResult(case, dev, tol, original_non_finite=note)
             noise = max(noise, deviation(copy_(*inputs), ref))
-    return CaseResult(case, dev, max(tol, NOISE_FACTOR * noise), noise=noise)
+    return CaseResult(case, dev, max(tol, NOISE_FACTOR * noise), noise=noise, original_non_finite=note)
+
+
+def _kinds(mask: torch.Tensor, values: torch.Tensor) -> str:
+    """``"NaN"``, ``"Inf"`` or ``"NaN and Inf"``: what ``values`` holds where ``mask`` is set."""
+    nan = bool(torch.isnan(values[mask]).any())
+    inf = bool(torch.isinf(values[mask]).any())
+    return " and ".join(k for k, present in (("NaN", nan), ("Inf", inf)) if present)
+
+
+def non_finite(fused_out: Any, original_out: Any) -> Tuple[Optional[str], Optional[str]]:
+    """``(failure, note)`` about NaN and Inf in two outputs of the same structure.
+
+    ``failure``: the fused output is NaN or Inf where the original's is finite, or differs from a
+    NaN or Inf of the original's.  ``note``: where the original's output is NaN or Inf (those
+    entries cannot be checked against anything).  Both None when every entry is finite.
+    """
+    got, ref = tree_flatten(fused_out)[0], tree_flatten(original_out)[0]
+    if len(got) != len(ref):
+        return None, None  # the structures differ: the deviation says so
+    several = len(ref) > 1
+    failure, notes = None, []
+    for i, (x, y) in enumerate(zip(got, ref)):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and y.is_floating_point()
+                and x.is_floating_point() and x.shape == y.shape):
+            continue
+        x, y = x.detach(), y.detach().to(x.dtype)
+        where = f"output {i}" if several else "the output"
+        finite_x, finite_y = torch.isfinite(x), torch.isfinite(y)
+        new = ~finite_x & finite_y
+        if new.any() and failure is None:
+            failure = (f"the fused model gives {_kinds(new, x)} in {int(new.sum())} of {x.numel()} entries of "
+                       f"{where} where the original's are finite")
+        if finite_y.all():
+            continue
+        lost = ~finite_y & ~((x == y) | (torch.isnan(x) & torch.isnan(y)))
+        if lost.any() and failure is None:
+            failure = (f"the original gives {_kinds(~finite_y, y)} in {int((~finite_y).sum())} of {y.numel()} "
+                       f"entries of {where}, and the fused model gives something else at {int(lost.sum())} of them")
+        notes.append(f"{_kinds(~finite_y, y)} in {int((~finite_y).sum())} of {y.numel()} entries of {where}")
+    return failure, ("; ".join(notes) if notes else None)
+
+
+def _holds_non_finite(inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+               for t in tree_flatten(inputs)[0])
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -272,6 +335,7 @@ class VerifyResult:
     error: Optional[str] = None
     free_sizes: Dict[Tuple[int, int], Tuple[int, ...]] = field(default_factory=dict)
     shapes_checked: List[Tuple[Optional[Tuple[int, ...]], ...]] = field(default_factory=list)
+    original_non_finite: List[str] = field(default_factory=list)  # cases on which the original gave NaN/Inf
 
     def __bool__(self) -> bool:
         return self.ok
@@ -281,10 +345,19 @@ class VerifyResult:
                            for shapes in self.shapes_checked[:6])
         more = f" and {len(self.shapes_checked) - 6} more" if len(self.shapes_checked) > 6 else ""
         if self.ok:
-            return (f"verification passed: max deviation {self.max_deviation:.2e} (tolerance {self.tolerance:.2g}) "
+            text = (f"verification passed: max deviation {self.max_deviation:.2e} (tolerance {self.tolerance:.2g}) "
                     f"over {self.cases_checked} input cases; shapes {shapes}{more}")
-        what = self.error or f"deviation {self.max_deviation:.3g} > tolerance {self.tolerance:.2g}"
-        return f"verification FAILED on {self.failing_case.describe()}: {what}"
+        else:
+            what = self.error or f"deviation {self.max_deviation:.3g} > tolerance {self.tolerance:.2g}"
+            text = f"verification FAILED on {self.failing_case.describe()}: {what}"
+        failed = f"{self.failing_case.describe()}: " if self.failing_case is not None else None
+        others = [n for n in self.original_non_finite if not (failed and n.startswith(failed))]
+        if others:
+            shown = "; ".join(others[:2]) + (f"; and {len(others) - 2} more" if len(others) > 2 else "")
+            text += (f"\nWARNING: the original model itself gives NaN or Inf on {len(others)} "
+                     f"input case(s) ({shown}): there the fused model was only required to give the same "
+                     "NaN/Inf, and those entries are not verified")
+        return text
 
 
 class _Mismatch(Exception):
@@ -377,11 +450,14 @@ def verify(original: Callable, fused: Callable, example_inputs: Any, *, max_exam
     checked = [r for r in results if not r.skipped]
     skipped = len(results) - len(checked)
     shapes = list(dict.fromkeys(r.case.shapes for r in checked))
+    non_finite_cases = list(dict.fromkeys(f"{r.case.describe()}: {r.original_non_finite}" for r in checked
+                                          if r.original_non_finite))
     if failure is not None:
         return VerifyResult(False, failure.deviation, failure.tolerance, len(checked), skipped,
-                            failure.case.materialize(example_inputs), failure.case, failure.error, free, shapes)
+                            failure.case.materialize(example_inputs), failure.case, failure.error, free, shapes,
+                            non_finite_cases)
     worst = max(checked, key=lambda r: r.deviation / r.tolerance if r.tolerance else math.inf, default=None)
     if worst is None:
         raise VerificationError("no input case could be run on the original model")
     return VerifyResult(True, worst.deviation, worst.tolerance, len(checked), skipped,
-                        free_sizes=free, shapes_checked=shapes)
+                        free_sizes=free, shapes_checked=shapes, original_non_finite=non_finite_cases)
