@@ -6,8 +6,9 @@ pipeline, prints what was rewritten and what it gained, and writes a fused ``Gra
 (or a ``torch.export`` program) that loads where repc is not installed.
 
 Exit codes: 0 success, 1 internal error or output that could not be written, 2 bad input or
-usage, 3 verification failure (nothing written).  Every expected failure is one line on stderr
-naming the problem; ``--debug`` adds the traceback.
+usage (an OUT that is not a regular file, a tolerance below the dtype's rounding), 3
+verification failure (nothing written), 141 stdout closed by its reader.  Every expected
+failure is one line on stderr naming the problem; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import pickle
 import pickletools
 import re
+import stat
 import statistics
 import sys
 import tempfile
@@ -41,11 +43,15 @@ EXIT_VERIFICATION = 3
 EXIT_CODES_HELP = """\
 exit codes:
   0  success
-  1  internal error, or the output could not be written (rerun with --debug)
+  1  internal error, or the output could not be written: a folder without write
+     permission, a full disk (rerun with --debug)
   2  bad input or usage: missing/corrupt file, wrong kind of object, unknown factory,
-     bad shape, a model that fails on the example input or is in training mode
+     bad shape, a model that fails on the example input or is in training mode, an
+     OUT that exists and is not a regular file (never replaced, even with --force),
+     a --tolerance below the rounding of the model's dtype
   3  verification failed: the fused model does not compute what the original computes;
-     nothing is written (the --report file, if asked for, says where it deviates)"""
+     nothing is written (the --report file, if asked for, says where it deviates)
+  141  the reader of stdout went away (repc inspect ... | head -1), as for SIGPIPE"""
 
 EXAMPLE_SHAPE = "1x3x32x32"
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -511,21 +517,49 @@ def _describe_inputs(inputs) -> str:
 
 
 def check_output_path(path: str, *, what: str, force: bool, inputs: Sequence[str]) -> None:
-    """Refuse before any work: OUT equal to an input, a directory, a missing folder, or existing without --force."""
+    """Refuse before any work: OUT equal to an input, anything but a regular file (a directory, a
+    device such as /dev/null, a FIFO, a socket, a link to one of those; even with --force), a
+    missing folder, or existing without --force (all exit 2); a folder that is not writable (exit 1,
+    as any output that cannot be written)."""
     real = os.path.realpath(path)
     for other in inputs:
         if other and (real == os.path.realpath(other) or
                       (os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other))):
             raise CliError(f"{what} {path} is the input file: refusing to overwrite the input")
-    if os.path.isdir(path):
-        raise CliError(f"{what} {path} is a directory")
+    special = not_a_regular_file(path)
+    if special:
+        raise CliError(f"{what} {path} {special}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CliError(f"{what} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise CliError(f"{what} {path}: folder {folder} is not writable")
-    if os.path.exists(path) and not force:
+        raise CliError(f"{what} {path}: folder {folder} is not writable", EXIT_INTERNAL)
+    if os.path.lexists(path) and not force:
         raise CliError(f"{what} {path} already exists: pass --force to overwrite it")
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_regular_file(path: str) -> Optional[str]:
+    """What is wrong with writing a file at ``path`` when something other than a regular file
+    (or a link to one) is there: ``"is a directory"``, ``"is a symlink to /dev/null, a character
+    device, not a regular file: ..."``; None when ``path`` is free, a regular file, or a dangling link."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None  # nothing there, or a dangling link (the link itself is replaced)
+    except OSError as why:
+        return f"cannot be examined ({_short(why)})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    link = f"is a symlink to {os.path.realpath(path)}, " if os.path.islink(path) else "is "
+    if kind == "a directory" and not link.startswith("is a symlink"):
+        return "is a directory"
+    return f"{link}{kind}, not a regular file: refusing to replace or write through it (even with --force)"
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -541,6 +575,9 @@ def atomic_write(path: str, data: bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        special = not_a_regular_file(path)  # (again: it may have appeared since the check)
+        if special:
+            raise CliError(f"{path} {special}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -554,6 +591,8 @@ def portable_copy(fused, report_dict: Dict[str, Any]):
     import torch.fx as fx
 
     saved = copy.copy(fused)
+    if not any(m.training for m in fused.modules()):
+        saved.eval()  # (the copy's new containers for dotted submodule paths start in training mode)
     saved.__dict__.pop("repc_report", None)
     saved.repc_report = report_dict
     for m in saved.modules():
@@ -852,17 +891,51 @@ def cmd_inspect(args, progress: Progress) -> int:
     return EXIT_OK
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # the reader of stdout went away (``repc inspect | head -1``), as SIGPIPE reports
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """After the reader of stdout closed the pipe: send what is still buffered to /dev/null, so
+    that Python's own flush at exit does not raise again."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _flush_stdout() -> None:
+    """Flush stdout before a message on stderr; a reader that went away is no new error."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     progress = Progress(args.quiet)
     command = {"fuse": cmd_fuse, "inspect": cmd_inspect}[args.command]
     try:
+        if args.tolerance is not None and not args.tolerance > 0:  # (NaN too)
+            raise CliError(f"bad --tolerance {args.tolerance:g}: it must be a positive number")
         return command(args, progress)
+    except BrokenPipeError:
+        raise
     except CliError as why:
         if args.debug:
             traceback.print_exc()
-        sys.stdout.flush()
+        _flush_stdout()
         print(f"repc: error: {why}", file=sys.stderr)
         return why.code
     except KeyboardInterrupt:
@@ -871,7 +944,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as why:
         if args.debug:
             traceback.print_exc()
-        sys.stdout.flush()
+        _flush_stdout()
         print(f"repc: internal error: {_short(why)} (rerun with --debug for the traceback and please report it)",
               file=sys.stderr)
         return EXIT_INTERNAL

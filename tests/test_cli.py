@@ -6,7 +6,9 @@ file fast.  The fused file is loaded in a fresh interpreter where repc cannot be
 """
 
 import json
+import os
 import pathlib
+import stat
 import subprocess
 import sys
 
@@ -14,6 +16,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import repc
+import repc.api
 from repc import cli
 from repc.examples import RepVGGBlock, example_net, randomize_bn
 
@@ -337,17 +341,27 @@ def test_safetensors_reader_reads_a_file_written_by_the_safetensors_library(tmp_
         cli.read_safetensors(str(path))
 
 
-def test_force_overwrites_and_a_failed_run_keeps_the_old_file(work, tmp_path, capsys):
+def _impossible_tolerance(compare):
+    def strict(fused, reference, example_inputs, tolerance=None, *rest, **kw):
+        return compare(fused, reference, example_inputs, 1e-30, *rest, **kw)
+    return strict
+
+
+def test_force_overwrites_and_a_failed_run_keeps_the_old_file(work, tmp_path, capsys, monkeypatch):
     out = tmp_path / "fused.pt"
     out.write_bytes(b"previous result")
     base = ["fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8", "-o", out, "-q", "--no-benchmark"]
     code, _, err = run_cli(capsys, *base)
     assert code == 2 and "--force" in err and out.read_bytes() == b"previous result"
-    # verification cannot pass at this tolerance: exit 3, the old file stays, no temporary file is left
-    code, stdout, err = run_cli(capsys, *base, "--force", "--tolerance", "1e-15")
+    # verification cannot pass at a tolerance of 1e-30 (which repc.compile itself refuses as below the
+    # rounding of float32, so it is given to the whole-model check directly): exit 3, the old file
+    # stays, no temporary file is left
+    monkeypatch.setattr(repc.api, "compare", _impossible_tolerance(repc.api.compare))
+    code, stdout, err = run_cli(capsys, *base, "--force")
     assert code == cli.EXIT_VERIFICATION and "verification failed" in err and "nothing written" in err
     assert "rolled back" in stdout
     assert out.read_bytes() == b"previous result" and sorted(p.name for p in tmp_path.iterdir()) == ["fused.pt"]
+    monkeypatch.undo()
     code, _, err = run_cli(capsys, *base, "--force")
     assert code == 0, err
     assert isinstance(torch.load(out, weights_only=False), torch.fx.GraphModule)
@@ -433,3 +447,197 @@ def test_example_inputs_follow_the_model_dtype_unless_told(work, tmp_path, capsy
     assert torch.load(out, weights_only=False)(torch.randn(1, 4, 8, 8, dtype=torch.float64)).dtype == torch.float64
     code, _, err = run_cli(capsys, *base, "-o", tmp_path / "half.pt", "--dtype", "float16")
     assert code == 2 and "fails on the example input" in err and not (tmp_path / "half.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# output safety (issue 13)
+
+
+def _special_outputs(tmp_path):
+    """Paths that exist and are not regular files: (path, words the refusal must contain)."""
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    links = {name: tmp_path / f"link_to_{name}.pt" for name in ("null", "fifo", "folder")}
+    links["null"].symlink_to("/dev/null")
+    links["fifo"].symlink_to(fifo)
+    links["folder"].symlink_to(folder)
+    return [
+        ("/dev/null", "is a character device, not a regular file"),
+        ("/dev/full", "is a character device, not a regular file"),
+        (fifo, "is a FIFO (named pipe), not a regular file"),
+        (folder, "is a directory"),
+        (links["null"], "is a symlink to /dev/null, a character device"),
+        (links["fifo"], f"is a symlink to {fifo}, a FIFO"),
+        (links["folder"], f"is a symlink to {folder}, a directory"),
+    ]
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(work, tmp_path, capsys):
+    for path, message in _special_outputs(tmp_path):
+        before = {p.name: (os.lstat(p).st_mode, os.lstat(p).st_mtime_ns) for p in tmp_path.iterdir()}
+        for where in (["-o", path], ["-o", tmp_path / "out.pt", "--report", path]):
+            code, stdout, err = run_cli(capsys, "fuse", work / "model.pt", "--trust-pickle", "--example-input",
+                                        "1x4x8x8", *where, "--force", "-q", "--no-benchmark")
+            assert code == cli.EXIT_BAD_INPUT, (path, err)
+            assert len(err.splitlines()) == 1 and err.startswith("repc: error: ") and message in err, err
+            assert "pass --force" not in err  # (--force would not help)
+            assert {p.name: (os.lstat(p).st_mode, os.lstat(p).st_mtime_ns) for p in tmp_path.iterdir()} == before
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and stat.S_ISFIFO(os.lstat(tmp_path / "pipe.pt").st_mode)
+
+
+def test_atomic_write_checks_again_before_replacing(tmp_path):
+    # something that is not a regular file appeared at OUT after the checks: it is not replaced
+    fifo = tmp_path / "late.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(cli.CliError, match="FIFO") as refused:
+        cli.atomic_write(str(fifo), b"data")
+    assert refused.value.code == cli.EXIT_BAD_INPUT
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["late.pt"]
+    # a regular file, and a dangling link, are replaced atomically by the new file
+    (tmp_path / "plain.pt").write_bytes(b"old")
+    cli.atomic_write(str(tmp_path / "plain.pt"), b"new")
+    assert (tmp_path / "plain.pt").read_bytes() == b"new"
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "nowhere")
+    cli.atomic_write(str(tmp_path / "dangling.pt"), b"new")
+    assert not (tmp_path / "dangling.pt").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_an_output_that_cannot_be_written_exits_1(work, tmp_path, capsys, monkeypatch):
+    # the README: "1 internal error or output not writable"; as root os.access says yes to every
+    # folder, so an unwritable folder is simulated, and so is a write refused by the file system
+    base = ["fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8", "-q", "--no-benchmark"]
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode, **kw: False if str(p) == str(folder) and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+    for where in (["-o", folder / "out.pt"], ["-o", tmp_path / "out.pt", "--report", folder / "r.json"]):
+        code, _, err = run_cli(capsys, *base, *where)
+        assert code == cli.EXIT_INTERNAL and "is not writable" in err and len(err.splitlines()) == 1, err
+    monkeypatch.undo()
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", refused)
+    for where in (["-o", tmp_path / "out.pt"], ["-o", tmp_path / "out.pt", "--report", tmp_path / "r.json"]):
+        code, _, err = run_cli(capsys, *base, *where)
+        assert code == cli.EXIT_INTERNAL and "cannot write" in err and "Permission denied" in err, err
+        assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_readme_and_help_state_the_exit_codes_the_code_uses():
+    readme = (ROOT / "README.md").read_text()
+    line = next(l for l in readme.split("## Command line")[1].splitlines() if "**Exit codes**" in l)
+    text = " ".join(readme.split("## Command line")[1].split("**Exit codes**")[1].split("\n\n")[0].split())
+    assert line and "0 success" in text and "1 internal error or output not writable" in text
+    assert "2 bad input" in text and "3 verification failed" in text and "141" in text
+    assert "not a regular file" in text
+    assert (cli.EXIT_OK, cli.EXIT_INTERNAL, cli.EXIT_BAD_INPUT, cli.EXIT_VERIFICATION, cli.EXIT_BROKEN_PIPE) == \
+        (0, 1, 2, 3, 141)
+    assert "141" in cli.EXIT_CODES_HELP and "not a regular file" in cli.EXIT_CODES_HELP
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    # `repc inspect --example | head -1`, and a reader that exits before anything is written
+    for reader in ("head -1", "true"):
+        done = subprocess.run(["bash", "-c", f'"$0" -m repc inspect --example --no-benchmark -q | {reader}; '
+                                             'echo "status ${{PIPESTATUS[0]}}" >&2'.replace("{{", "{").replace("}}", "}"),
+                               sys.executable], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert "Error" not in done.stderr and "internal error" not in done.stderr, done.stderr
+        assert "Exception ignored" not in done.stderr, done.stderr
+        assert done.stderr.splitlines()[-1] in ("status 0", f"status {cli.EXIT_BROKEN_PIPE}"), done.stderr
+        if reader == "true":
+            assert done.stderr.splitlines() == [f"status {cli.EXIT_BROKEN_PIPE}"], done.stderr
+        else:
+            assert done.stdout.startswith("repc inspect: ran the same pipeline") and done.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("tolerance, message", [
+    ("1e-12", "tolerance 1e-12 is below the rounding of float32 (eps 1.19e-07)"),
+    ("1e-8", "below the rounding of float32"),
+    ("0", "bad --tolerance 0: it must be a positive number"),
+    ("-1e-3", "must be a positive number"),
+    ("nan", "must be a positive number"),
+])
+def test_a_tolerance_below_the_dtype_rounding_is_refused(work, tmp_path, capsys, tolerance, message):
+    out = tmp_path / "out.pt"
+    code, _, err = run_cli(capsys, "fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8",
+                           "-o", out, f"--tolerance={tolerance}", "-q", "--no-benchmark")
+    assert code == cli.EXIT_BAD_INPUT and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+    # at the dtype's rounding and above it is taken
+    code, _, err = run_cli(capsys, "fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8",
+                           "-o", out, "--tolerance", "1e-3", "-q", "--no-benchmark")
+    assert code == 0, err
+
+
+def test_inspect_reads_repcs_own_output(work, tmp_path, capsys):
+    out = tmp_path / "fused.pt"
+    code, _, err = run_cli(capsys, "fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8",
+                           "-o", out, "-q", "--no-benchmark")
+    assert code == 0, err
+    fused = torch.load(out, weights_only=False)
+    assert not any(m.training for m in fused.modules())
+    code, stdout, err = run_cli(capsys, "inspect", out, "--trust-pickle", "--example-input", "1x4x8x8", "-q",
+                                "--no-benchmark")
+    assert code == 0, err
+    assert "training mode" not in err and "verification passed" in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# NaN and Inf (issue 13)
+
+
+def _nan_statistics():
+    model = tiny(seed=4)
+    model[0].dense[1].running_var[2] = float("nan")  # one channel of one BatchNorm
+    return model
+
+
+def _inf_weight():
+    model = tiny(seed=5)
+    with torch.no_grad():
+        model[0].dense[0].weight[1, 0, 1, 1] = float("inf")
+    return model
+
+
+@pytest.mark.parametrize("build, what", [(_nan_statistics, "NaN"), (_inf_weight, "Inf")])
+def test_a_model_with_non_finite_weights_is_not_fused_and_nothing_is_written(tmp_path, capsys, build, what):
+    model = build()
+    torch.save(model, tmp_path / "model.pt")
+    out = tmp_path / "fused.pt"
+    code, stdout, err = run_cli(capsys, "fuse", tmp_path / "model.pt", "--trust-pickle", "--example-input",
+                                "1x4x8x8", "-o", out, "-q", "--no-benchmark")
+    # the merge that would emit a non-finite weight is refused, and the model's own NaN/Inf output
+    # on the example leaves nothing to verify against
+    assert code == cli.EXIT_VERIFICATION, (stdout, err)
+    assert f"would hold {what}" in stdout and "non-finite weights or statistics" in stdout
+    assert len(err.splitlines()) == 1 and "verification failed" in err and "nothing written" in err, err
+    assert f"the original model produces {what}" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_fused_model_that_would_carry_nan_is_not_written(work, tmp_path, capsys, monkeypatch):
+    """A miscompile past the per-region check (simulated: every emitted merge adds a NaN) must be
+    caught by the whole-model check: exit 3, nothing written.  This depends on
+    repc/verify/check.py treating NaN where the original is finite as a deviation."""
+    import repc.passes.collapse as collapse
+
+    real = collapse.emit_form
+
+    def poisoned(graph, namer, form, value_of, hint, dtype, device):
+        out = real(graph, namer, form, value_of, hint, dtype, device)
+        nan = graph.get_attr(namer.buffer(hint + "_poison", torch.tensor(float("nan"), dtype=dtype, device=device)))
+        return graph.call_function(torch.add, (out, nan))
+
+    monkeypatch.setattr(collapse, "emit_form", poisoned)
+    out, report = tmp_path / "fused.pt", tmp_path / "report.json"
+    code, stdout, err = run_cli(capsys, "fuse", work / "model.pt", "--trust-pickle", "--example-input", "1x4x8x8",
+                                "-o", out, "--report", report, "-q", "--no-benchmark")
+    assert code == cli.EXIT_VERIFICATION, (stdout, err)
+    assert "verification failed" in err and "nothing written" in err and len(err.splitlines()) == 1
+    assert not out.exists() and json.loads(report.read_text())["written"] is False
