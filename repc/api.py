@@ -11,9 +11,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .capture import split_untraceable, trace, _short
+from .capture import CaptureError, split_untraceable, trace, _short
+from .capture_export import GUARD_WORDS, export_graph, register_output_dataclasses
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.average_experts import average_experts
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
@@ -28,13 +29,24 @@ def _training_modules(model: nn.Module):
     return [name or "<model>" for name, m in model.named_modules() if m.training]
 
 
-def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
-            tolerance: Optional[float] = None, specialize: Optional[Dict[str, Any]] = None,
-            allow_approximate: bool = False, approximate_tolerance: Optional[float] = None) -> nn.Module:
+FRONT_ENDS = ("auto", "export", "fx")
+
+
+def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[str, Any]] = None, *,
+            verify: bool = True, tolerance: Optional[float] = None, specialize: Optional[Dict[str, Any]] = None,
+            allow_approximate: bool = False, approximate_tolerance: Optional[float] = None,
+            front_end: str = "auto") -> nn.Module:
     """Return a new module computing ``model``'s function with its affine regions merged.
 
-    ``example_inputs`` is a tuple of positional inputs (a single tensor is accepted).  The
-    model must be in eval mode; it is never modified.  ``verify`` checks the result against
+    ``example_inputs`` is a tuple of positional inputs (a single tensor is accepted) and
+    ``kwargs`` the keyword inputs (``input_ids=..., attention_mask=...``).  The model must be
+    in eval mode; it is never modified.
+
+    ``front_end`` chooses how the model is captured: ``"export"`` (``torch.export``, the model's
+    Python run as Python), ``"fx"`` (fx symbolic tracing, in parts where the whole does not
+    trace), or ``"auto"`` (export first, fx where export fails or its graph holds for fewer
+    inputs than the model accepts).  The report says which captured what and why another
+    failed.  ``verify`` checks the result against
     the original on the example and on random inputs of other batch and spatial sizes; a
     result that fails is rolled back.  The report is in ``result.repc_report``.
 
@@ -50,16 +62,19 @@ def compile(model: nn.Module, example_inputs: Any, *, verify: bool = True,
     enabled = gc.isenabled()
     gc.disable()  # the graphs built here are webs of objects that all die together at the end
     try:
-        return _compile(model, example_inputs, verify, tolerance, specialize, allow_approximate,
-                        approximate_tolerance)
+        return _compile(model, example_inputs, dict(kwargs or {}), verify, tolerance, specialize, allow_approximate,
+                        approximate_tolerance, front_end)
     finally:
         if enabled:
             gc.enable()
 
 
-def _compile(model, example_inputs, verify, tolerance, specialize, allow_approximate, approximate_tolerance):
+def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate, approximate_tolerance,
+             front_end):
     if not isinstance(model, nn.Module):
         raise ReparamError(f"repc.compile expects an nn.Module, got {type(model).__name__}")
+    if front_end not in FRONT_ENDS:
+        raise ReparamError(f"front_end must be one of {', '.join(FRONT_ENDS)}, got {front_end!r}")
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -71,27 +86,51 @@ def _compile(model, example_inputs, verify, tolerance, specialize, allow_approxi
             "call model.eval() first; merging BatchNorm is only valid with its running statistics")
     try:
         with torch.no_grad():
-            expected = model(*example_inputs)
+            expected = model(*example_inputs, **kwargs)
     except Exception as why:
         raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
 
+    register_output_dataclasses(expected)  # so that captures and checks see into ``Output(logits=...)``
     if tolerance is not None:
         _check_tolerance(tolerance, model, expected)
-    constants = _specialized_arguments(model, example_inputs, specialize)
+    positional = _as_positional(model, example_inputs, kwargs)
+    constants = _specialized_arguments(model, positional if positional is not None else example_inputs, specialize)
     fixed = _positions(model, constants)
-    build = dict(model=model, example_inputs=example_inputs, constants=constants, fixed=fixed, expected=expected,
-                 allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance)
-    fused, report, reference = _build(**build, synthesize=True)
-    if verify:
-        result = compare(fused, reference, example_inputs, tolerance, fixed)
-        dense = [r.root for r in report.rewrites if r.shape_specialized]
-        if not result.ok and dense:
-            # a map read off by probing fits the example's size; the model accepts others
-            fused, report, reference = _build(**build, synthesize=False)
-            result = compare(fused, reference, example_inputs, tolerance, fixed)
-            report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
-                                                   "example's per-sample size only, and the model accepts others")
-                                   for root in dense)
+    build = dict(model=model, example_inputs=example_inputs, kwargs=kwargs, positional=positional,
+                 constants=constants, fixed=fixed, expected=expected, allow_approximate=allow_approximate,
+                 approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize)
+    if not verify:
+        fused, report, reference = _build(**build, synthesize=True)
+    else:
+        check_inputs, as_flat = _flat_calling(example_inputs, kwargs)
+
+        def check(fused, reference):
+            # the original's output on the example is `expected`, computed above: not run again
+            return compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, fixed,
+                           expected=expected if reference is model else None)
+
+        def verified_build(build):
+            fused, report, reference = _build(**build, synthesize=True)
+            result = check(fused, reference)
+            dense = [r.root for r in report.rewrites if r.shape_specialized]
+            if not result.ok and dense:
+                # a map read off by probing fits the example's size; the model accepts others
+                fused, report, reference = _build(**build, synthesize=False)
+                result = check(fused, reference)
+                report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
+                                                       "example's per-sample size only, and the model accepts others")
+                                       for root in dense)
+            return fused, report, reference, result
+
+        fused, report, reference, result = verified_build(build)
+        if not result.ok and report.front_end == "torch.export" and GUARD_WORDS in (result.error or "") \
+                and front_end == "auto":
+            # export's graph holds for fewer inputs than the model accepts (a branch on a size, a
+            # size-1 axis): the fx front end captures what holds for all of them
+            refused = SkippedPart("<model>", f"torch.export: on the {result.failing_input} input, which the "
+                                             f"model accepts, {result.error}")
+            fused, report, reference, result = verified_build(dict(build, front_end="fx"))
+            report.skipped.insert(0, refused)
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
                                            result.skipped, result.failing_input, result.error, result.within_noise)
         if not result.ok:
@@ -126,37 +165,113 @@ def _check_tolerance(tolerance, model: nn.Module, expected) -> None:
                            f"no result can be verified that closely; use at least {eps:.3g}")
 
 
-def _build(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
-           synthesize: bool):
-    """Capture and fuse ``model``: (the fused module, its report, the reference it must equal)."""
+def _build(model, example_inputs, kwargs, positional, constants, fixed, expected, allow_approximate,
+           approximate_tolerance, synthesize: bool, front_end: str, specialize):
+    """Capture and fuse ``model``: (the fused module, its report, the reference it must equal).
+
+    ``positional`` is the example as positional inputs only (None where keyword inputs cannot
+    be passed by position), what the fx front end needs."""
     report = Report()
-    report.specialized = {name: _brief(value) for name, value in constants.items()}
     report.params_before = sum(p.numel() for p in model.parameters())
-    reference = model
     with torch.no_grad():
-        # the traced graph's leaves are the model's own modules: repc only reads them, and the
-        # result is copied where it still shares something with the model at the end
-        gm = _trace_whole(model, constants, report, example_inputs)
-        if gm is not None:
-            report.nodes_before = len(gm.graph.nodes)
-        if gm is not None and allow_approximate:
-            averaged = _average_experts(model, gm, example_inputs, approximate_tolerance, report, fixed)
-            if averaged is not None:
-                gm, reference = averaged
-        if gm is not None:
-            try:
-                fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected,
-                                     synthesize)
-            except CaptureMismatch as why:
-                report.skipped.append(SkippedPart("<model>", str(why)))
-                report.nodes_before = 0
-                gm = None
-        if gm is None:
-            fused = _fuse_parts(copy.deepcopy(model), example_inputs, report, synthesize)
-        else:
-            _own_copies(fused, model)
+        if _export_applies(front_end, allow_approximate, specialize, example_inputs, kwargs):
+            defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
+                        _positional_names(model)[len(example_inputs):]}
+            fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize)
+            if fused is not None:
+                report.nodes_after = _graph_nodes(fused)
+                return fused, report, model
+            if front_end == "export":
+                raise ReparamError(f"front_end='export': {report.skipped[-1].reason}")
+        if positional is None:
+            report.skipped.append(SkippedPart("<model>", "fx: keyword inputs that forward does not take by position"))
+            return copy.deepcopy(model), report, model
+        return _build_traced(model, positional, constants, fixed, expected, allow_approximate,
+                             approximate_tolerance, synthesize, report)
+
+
+def _export_applies(front_end: str, allow_approximate: bool, specialize, args, kwargs) -> bool:
+    """Whether ``torch.export`` is tried: not for EWA (its matcher reads fx module calls) nor
+    with ``specialize`` (the fx front end binds tensors to constants and guards them); export
+    itself guards the non-tensor inputs it specializes to."""
+    return not (front_end == "fx" or allow_approximate or specialize)
+
+
+def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: Report,
+                   synthesize: bool) -> Optional[nn.Module]:
+    """``model`` captured by ``torch.export`` and fused, with the model's calling convention;
+    None (and the reason in the report) where export does not capture it."""
+    try:
+        captured = export_graph(model, args, kwargs)
+    except CaptureError as why:
+        report.skipped.append(SkippedPart("<model>", str(why)))
+        return None
+    report.front_end = "torch.export"
+    report.nodes_before = len(captured.gm.graph.nodes)
+    try:
+        fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(expected)), synthesize)
+    except CaptureMismatch as why:
+        report.skipped.append(SkippedPart("<model>", f"torch.export: {why}"))
+        report.front_end, report.nodes_before = "", 0
+        return None
+    captured.give_signature(fused, defaults)
+    report.specialized = {name: _brief(value) for name, value in constants.items()}
+    _own_copies(fused, model)
+    return fused
+
+
+def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
+                  synthesize: bool, report: Report):
+    """The fx front end: ``model`` traced as a whole, or in parts where it does not trace."""
+    report.specialized = {name: _brief(value) for name, value in constants.items()}
+    reference = model
+    # the traced graph's leaves are the model's own modules: repc only reads them, and the
+    # result is copied where it still shares something with the model at the end
+    gm = _trace_whole(model, constants, report, example_inputs)
+    if gm is not None:
+        report.nodes_before = len(gm.graph.nodes)
+    if gm is not None and allow_approximate:
+        averaged = _average_experts(model, gm, example_inputs, approximate_tolerance, report, fixed)
+        if averaged is not None:
+            gm, reference = averaged
+    if gm is not None:
+        try:
+            fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected,
+                                 synthesize)
+        except CaptureMismatch as why:
+            report.skipped.append(SkippedPart("<model>", str(why)))
+            report.nodes_before = 0
+            gm = None
+    if gm is None:
+        report.front_end = "fx (in parts)"
+        fused = _fuse_parts(copy.deepcopy(model), example_inputs, report, synthesize)
+    else:
+        report.front_end = "fx"
+        _own_copies(fused, model)
     report.nodes_after = _graph_nodes(fused)
     return fused, report, reference
+
+
+class _FlatCall(nn.Module):
+    """``module`` called on the flat tensor leaves of its ``(args, kwargs)``: how the checks,
+    which vary positional tensors, reach a model that takes keyword inputs."""
+
+    def __init__(self, module: nn.Module, in_spec):
+        super().__init__()
+        self.module, self.in_spec = module, in_spec
+
+    def forward(self, *leaves):
+        args, kwargs = tree_unflatten(list(leaves), self.in_spec)
+        return self.module(*args, **kwargs)
+
+
+def _flat_calling(args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+    """The check's inputs and how to call a model on them: the positional example as it is, or
+    with keyword inputs, the flat leaves of ``(args, kwargs)``."""
+    if not kwargs:
+        return args, lambda module: module
+    leaves, spec = tree_flatten((args, kwargs))
+    return tuple(leaves), lambda module: _FlatCall(module, spec)
 
 
 def _own_copies(fused: nn.Module, model: nn.Module) -> None:
@@ -173,6 +288,21 @@ def _own_copies(fused: nn.Module, model: nn.Module) -> None:
             for key, t in list(tensors.items()):
                 if t is not None and id(t) in shared_tensors:
                     tensors[key] = copy.deepcopy(t, memo)
+
+
+def _as_positional(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+    """``(args, kwargs)`` as positional inputs only, the parameters between them at their
+    defaults; None where a keyword input is not a positional parameter of ``forward``."""
+    if not kwargs:
+        return args
+    names = _positional_names(model)
+    if any(k not in names[len(args):] for k in kwargs):
+        return None
+    last = max(names.index(k) for k in kwargs)
+    defaults = _defaults(model, names)
+    if any(n not in kwargs and n not in defaults for n in names[len(args):last + 1]):
+        return None
+    return tuple(args) + tuple(kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):last + 1])
 
 
 def _positional_names(model: nn.Module):

@@ -59,6 +59,7 @@ class Report:
     nodes_after: int = 0
     rolled_back: bool = False
     specialized: Dict[str, str] = field(default_factory=dict)  # forward arguments fixed to a value
+    front_end: str = ""  # what captured the model: "torch.export", "fx", "fx (in parts)"
 
     @property
     def flops_saved(self) -> int:
@@ -102,7 +103,8 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"repc: {len(self.rewrites)} rewrite(s); graph nodes {self.nodes_before} -> {self.nodes_after}; "
-                 f"parameters {self.params_before:,} -> {self.params_after:,}"]
+                 f"parameters {self.params_before:,} -> {self.params_after:,}"
+                 + (f"; captured by {self.front_end}" if self.front_end else "")]
         if self.rewrites:
             rows = [("root", "rule", "replaced", "params", "MACs", "max dev")]
             for r in self.rewrites:

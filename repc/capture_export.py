@@ -1,0 +1,497 @@
+"""Capture through ``torch.export`` (non-strict): the model's Python runs as Python.
+
+Wrappers forwarding ``*args, **kwargs``, decorators, asserts on ranks, shape reads and
+size-dependent branches, keyword inputs and ``ModelOutput`` dataclasses all run as the model
+wrote them; export records the tensor ops as an ATen graph with the parameters and buffers
+lifted.  This module turns that into the graph the rest of repc reads:
+
+* every axis of every tensor input is exported as ``Dim.AUTO`` (export keeps static what the
+  model needs static), from an example whose batch is at least 2 (export specializes axes of
+  size 1);
+* the parameters and buffers are attributes again (``get_attr``), the inputs and outputs flat
+  (one placeholder per tensor leaf of ``(args, kwargs)``, a tuple of output leaves), and the
+  model's calling convention (its pytree specs) is kept aside for the result;
+* export's guards (the conditions under which the graph is the model: static sizes, ranges,
+  equal sizes, the conditions of size-dependent branches) become ``torch._assert`` nodes, so
+  the fused result refuses inputs its graph does not hold for instead of computing something
+  else;
+* ATen calls are written as torch-level calls (:mod:`repc.aten`).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from .aten import lower_aten
+from .capture import CaptureError, _short
+
+
+@dataclass
+class ExportedGraph:
+    """A model captured by ``torch.export``, as a flat torch-level graph."""
+    gm: fx.GraphModule  # placeholders: the tensor leaves of (args, kwargs); output: a tuple of leaves
+    flat_inputs: Tuple[Any, ...]  # the example's leaves, in placeholder order
+    in_spec: Any  # pytree spec of (args, kwargs)
+    out_spec: Any  # pytree spec of the model's output
+    guards: List[Tuple[str, str]]  # export's conditions on the inputs: (code over ``P[i]``, words)
+    argument_names: List[str]  # one per positional input, then the keyword inputs' names
+
+    def give_signature(self, gm: fx.GraphModule, defaults: Dict[str, Any]) -> None:
+        """Give ``gm`` (this capture's flat graph, fused) the model's calling convention.
+
+        Where every input is a single value (a tensor, a number, None) and the output is made
+        of tuples, lists and dicts, the placeholders take the arguments' names and the output
+        node the output's structure: a plain graph.  An argument given as None, and the
+        forward's optional arguments the example left out (``defaults``, at their default),
+        are arguments too, and refuse other values (the graph computed that value's path).  Otherwise (nested inputs, a ``ModelOutput``) the
+        graph flattens and rebuilds them with the model's pytree specs."""
+        graph = gm.graph
+        placeholders = graph.find_nodes(op="placeholder")
+        output = graph.find_nodes(op="output")[0]
+        args_spec, kwargs_spec = self.in_spec.children()
+        plain_inputs = len(placeholders) == len(self.argument_names) and \
+            all(spec.is_leaf() for spec in args_spec.children() + kwargs_spec.children())
+        if not (plain_inputs and _builtin_containers(self.out_spec)):
+            graph.set_codegen(fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(self.argument_names, self.in_spec,
+                                                                            self.out_spec)))
+            gm.recompile()
+            return
+        output.args = (pytree.tree_unflatten(list(output.args[0]), self.out_spec),)
+        fixed = {}  # arguments the graph computed one value's path for: None, or a default left out
+        for node, name, value in zip(placeholders, self.argument_names, self.flat_inputs):
+            node.target = name
+            if value is None:  # (export guards the other non-tensor values it was given)
+                fixed[name] = None
+        last = placeholders[-1] if placeholders else None
+        for name, value in defaults.items():
+            with graph.inserting_after(last) if last is not None else graph.inserting_before(None):
+                last = graph.placeholder(name, default_value=value)
+            fixed[name] = value
+        for name, value in fixed.items():
+            node = next(n for n in graph.find_nodes(op="placeholder") if n.target == name)
+            with graph.inserting_after(last):
+                same = graph.call_function(operator.is_ if value is None else operator.eq, (node, value))
+            with graph.inserting_after(same):
+                last = graph.call_function(torch._assert, (same, f"{name} has been specialized to {value!r}"))
+        gm.recompile()
+
+
+class _Called(nn.Module):
+    """``model(*args, **kwargs)`` with ``args`` and ``kwargs`` as two plain inputs: how a forward
+    that takes ``*args, **kwargs`` (a PEFT wrapper) is exported with dynamic shapes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, args, kwargs):
+        return self.model(*args, **kwargs)
+
+
+GUARD_WORDS = "repc: the fused graph holds only where"  # how a failed guard of an exported graph begins
+_EXPORT_META = ("example_value", "unbacked_bindings", "tensor_meta")  # fake tensors, export's shapes ("val" goes last)
+
+
+def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> ExportedGraph:
+    """Capture ``model`` on ``(args, kwargs)`` through ``torch.export``; :class:`CaptureError` says why not."""
+    leaves, in_spec = pytree.tree_flatten((args, kwargs))  # non-tensor leaves: export guards their value
+    names = _argument_names(model, args, kwargs)
+    wrapped = names is None
+    exported = _Called(model) if wrapped else model
+    ep, first_error = None, None
+    for example_args, example_kwargs in _examples(args, kwargs):
+        if wrapped:
+            example_args, example_kwargs = (example_args, example_kwargs), {}
+        try:
+            ep = torch.export.export(exported, example_args, example_kwargs, strict=False,
+                                     dynamic_shapes=_auto_shapes(exported, example_args, example_kwargs))
+            break
+        except Exception as why:  # a model export cannot run as Python under fake tensors
+            first_error = first_error or why
+    if ep is None:
+        raise CaptureError(f"torch.export failed: {_short(first_error)}")
+    unlifted = ep.module(check_guards=False)
+    guards = _guard_code(ep, unlifted)
+    prefix = "model." if wrapped else ""
+    gm = _flat_graph(unlifted, guards, prefix)
+    lower_aten(gm)
+    calls_of_standard_modules(gm, model, prefix)
+    modules_for_layer_calls(gm)
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+    if names is None:
+        names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+    return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names)
+
+
+def register_output_dataclasses(output: Any) -> List[type]:
+    """Register the dataclass types found in ``output`` (a model's ``Output(logits=..., ...)``)
+    with pytree, as export needs to flatten them; types pytree knows already are left alone.
+    Returns the types registered (the registration is process-wide, as libraries do it)."""
+    import dataclasses
+    registered, seen = [], set()
+
+    def visit(value):
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        cls = type(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type) and cls not in pytree.SUPPORTED_NODES:
+            torch.export.register_dataclass(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+            registered.append(cls)
+        if cls in pytree.SUPPORTED_NODES:
+            for child in pytree.tree_flatten(value, is_leaf=lambda v: v is not value)[0]:
+                visit(child)
+    visit(output)
+    return registered
+
+
+def _builtin_containers(spec) -> bool:
+    """Whether a pytree spec is made of leaves, tuples, lists and dicts only (what fx's output holds)."""
+    return spec.is_leaf() or spec.type in (tuple, list, dict) and all(_builtin_containers(c) for c in spec.children())
+
+
+def _argument_names(model: nn.Module, args, kwargs) -> Optional[List[str]]:
+    """The forward's names for the positional inputs, then the keywords; None where it takes
+    ``*args`` or ``**kwargs`` for them (export is then given the inputs as two plain values)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    parameters = bound.signature.parameters
+    if any(parameters[n].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+           for n in bound.arguments):
+        return None
+    return list(bound.arguments)
+
+
+def _examples(args, kwargs):
+    """The example with batch axes of size 1 made 2 (export would fix them to 1), then as given."""
+    def widen(t):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1:
+            return torch.cat([t, t])
+        return t
+    widened = pytree.tree_map(widen, (args, kwargs))
+    if any(a is not b for a, b in zip(pytree.tree_leaves(widened), pytree.tree_leaves((args, kwargs)))):
+        yield widened
+    yield args, kwargs
+
+
+def _auto_shapes(model: nn.Module, args, kwargs) -> Dict[str, Any]:
+    """``Dim.AUTO`` on every axis of every tensor input, by the forward's argument names."""
+    auto = torch.export.Dim.AUTO
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: pytree.tree_map(lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor)
+                                  else None, value)
+            for name, value in bound.arguments.items()}
+
+
+def _guard_code(ep, unlifted: fx.GraphModule) -> List[Tuple[str, str]]:
+    """Export's conditions on the inputs (what ``ep.module()`` checks): (code over the flat
+    inputs ``P[i]``, the same over the inputs' names)."""
+    from torch.export import _unlift
+    placeholders = unlifted.graph.find_nodes(op="placeholder")
+    signature = inspect.signature(unlifted.forward)
+    paths = _unlift._get_input_paths(ep.example_inputs, signature)
+    code = _unlift._get_input_guards_for_graph(placeholders, ep.range_constraints, paths)
+    code.extend(_unlift._force_gm_signature_match(_unlift._force_ep_signature_match(ep._guards_code, paths),
+                                                  signature))
+    return [(_replace_paths(c, paths, lambda i, path: f"P[{i}]"),
+             _replace_paths(c, paths, lambda i, path: path[0].key + pytree.keystr(path[1:]))) for c in code]
+
+
+def _replace_paths(code: str, paths, name) -> str:
+    """``L['x']['k']`` -> ``name(i, path)`` for the i-th flat input: ``P[i]`` in the code the
+    graph runs, ``x['k']`` in its message."""
+    for i, path in sorted(enumerate(paths), key=lambda p: -len(pytree.keystr(p[1]))):
+        code = code.replace("L" + pytree.keystr(path), name(i, path))
+    return code
+
+
+def _flat_graph(unlifted: fx.GraphModule, guards: List[Tuple[str, str]], prefix: str) -> fx.GraphModule:
+    """``unlifted``'s graph with a flat signature and output, its guards as assert nodes; the
+    attributes under ``prefix`` (the wrapped model's) named as the model names them."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    source = list(unlifted.graph.nodes)
+    placeholders = [n for n in source if n.op == "placeholder"]
+    for node in placeholders:
+        env[node] = graph.placeholder(node.target)
+        env[node].meta.update(_kept_meta(node))
+    inputs = [env[n] for n in placeholders]
+    for code, words in guards:
+        condition = _GuardTranslator(graph, inputs).visit(ast.parse(code, mode="eval").body)
+        graph.call_function(torch._assert, (condition, f"{GUARD_WORDS} {words}"))
+    for node in source:
+        if node.op == "placeholder":
+            continue
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue
+        if node.op == "output":
+            leaves = node.args[0]
+            graph.output(tuple(fx.node.map_arg(leaves, env.__getitem__)))
+            continue
+        env[node] = graph.node_copy(node, env.__getitem__)
+        env[node].meta = _kept_meta(node)
+        if node.op == "get_attr" and prefix:
+            env[node].target = node.target[len(prefix):]
+    root = unlifted.get_submodule(prefix[:-1]) if prefix else unlifted
+    return fx.GraphModule(root, graph, class_name=type(unlifted).__name__)
+
+
+def _kept_meta(node: fx.Node) -> Dict[str, Any]:
+    return {k: v for k, v in node.meta.items() if k not in _EXPORT_META}
+
+
+_COMPARISONS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+                ast.Gt: operator.gt, ast.GtE: operator.ge}
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+           ast.Mod: operator.mod, ast.Pow: operator.pow, ast.Div: operator.truediv}
+
+
+class _GuardTranslator(ast.NodeVisitor):
+    """A guard's Python (``P[0].size()[3] % 2 == 0``) as fx nodes over the graph's placeholders."""
+
+    def __init__(self, graph: fx.Graph, inputs: List[fx.Node]):
+        self.graph, self.inputs = graph, inputs
+
+    def generic_visit(self, node):
+        raise CaptureError(f"an export guard repc cannot write as graph code: {ast.unparse(node)}")
+
+    def visit_Constant(self, node):
+        return node.value
+
+    def visit_Compare(self, node):
+        left, out = self.visit(node.left), None
+        for op, right in zip(node.ops, node.comparators):
+            right = self.visit(right)
+            if type(op) not in _COMPARISONS:
+                self.generic_visit(node)
+            term = self.graph.call_function(_COMPARISONS[type(op)], (left, right))
+            out = term if out is None else self.graph.call_function(operator.and_, (out, term))
+            left = right
+        return out
+
+    def visit_BinOp(self, node):
+        if type(node.op) not in _BINARY:
+            self.generic_visit(node)
+        return self.graph.call_function(_BINARY[type(node.op)], (self.visit(node.left), self.visit(node.right)))
+
+    def visit_UnaryOp(self, node):
+        if isinstance(node.op, ast.USub):
+            return self.graph.call_function(operator.neg, (self.visit(node.operand),))
+        if isinstance(node.op, ast.Not):
+            return self.graph.call_function(operator.not_, (self.visit(node.operand),))
+        self.generic_visit(node)
+
+    def visit_BoolOp(self, node):
+        combine = operator.and_ if isinstance(node.op, ast.And) else operator.or_
+        values = [self.visit(v) for v in node.values]
+        out = values[0]
+        for v in values[1:]:
+            out = self.graph.call_function(combine, (out, v))
+        return out
+
+    def visit_Subscript(self, node):
+        if isinstance(node.value, ast.Name) and node.value.id == "P":
+            return self.inputs[node.slice.value]
+        return self.graph.call_function(operator.getitem, (self.visit(node.value), self.visit(node.slice)))
+
+    def visit_Call(self, node):
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "size" and not node.args and not node.keywords:
+            return self.graph.call_method("size", (self.visit(func.value),))
+        self.generic_visit(node)
+
+
+# ----------------------------------------------------------------------------- layers as modules
+
+def _innermost_module(node: fx.Node) -> Optional[Tuple[str, str]]:
+    """(path, class name) of the innermost module that computed ``node`` (export's tag)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return path, cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def calls_of_standard_modules(gm: fx.GraphModule, model: nn.Module, prefix: str) -> int:
+    """Where one node is a whole call of one of the model's standard ``torch.nn`` layers (an
+    ``nn.Conv2d``, ``nn.Linear``, ``nn.ReLU``... without children) on one input, write it as a
+    call of that module, at its path: the graph reads as the fx front end's, which keeps these
+    layers as leaves.  Returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        tag = _innermost_module(node)
+        if tag is None or not tag[0] or not tag[1].startswith("torch.nn.modules.") or not tag[0].startswith(prefix):
+            continue
+        path = tag[0][len(prefix):]
+        data = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if len(data) != 1 or node.args[:1] != (data[0],) or _innermost_module(data[0]) == tag or \
+                any(_innermost_module(u) == tag for u in node.users):
+            continue  # part of a call that takes several ops, or other inputs
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if any(True for _ in module.children()) or f"{type(module).__module__}.{type(module).__qualname__}" != tag[1]:
+            continue
+        gm.add_submodule(path, module)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (data[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        _erase_unread_attributes(gm)
+        gm.recompile()
+    return count
+
+
+def _erase_unread_attributes(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+
+
+def _conv_module(x_val, weight, bias, stride=1, padding=0, dilation=1, groups=1):
+    ndim = weight.dim() - 2
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+    return cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding, dilation, groups,
+               bias=bias is not None, device="meta")
+
+
+def _linear_module(x_val, weight, bias=None):
+    return nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+
+
+def _batch_norm_module(x_val, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
+    if training or running_mean is None or x_val is None or not 2 <= x_val.dim() <= 5:
+        return None
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x_val.dim()]
+    return cls(running_mean.shape[0], eps=eps, momentum=momentum, affine=weight is not None, device="meta")
+
+
+def _layer_norm_module(x_val, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return nn.LayerNorm(normalized_shape, eps=eps, elementwise_affine=weight is not None, bias=bias is not None,
+                        device="meta")
+
+
+def _group_norm_module(x_val, num_groups, weight=None, bias=None, eps=1e-5):
+    if weight is None or bias is None:
+        return None
+    return nn.GroupNorm(num_groups, weight.shape[0], eps=eps, device="meta")
+
+
+# torch-level layer call -> (how to build its module, the argument names the module's tensors come from)
+_LAYERS = {
+    torch.conv1d: (_conv_module, {"weight": 1, "bias": 2}),
+    torch.conv2d: (_conv_module, {"weight": 1, "bias": 2}),
+    torch.conv3d: (_conv_module, {"weight": 1, "bias": 2}),
+    torch.nn.functional.linear: (_linear_module, {"weight": 1, "bias": 2}),
+    torch.batch_norm: (_batch_norm_module, {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}),
+    torch.nn.functional.layer_norm: (_layer_norm_module, {"weight": 2, "bias": 3}),
+    torch.nn.functional.group_norm: (_group_norm_module, {"weight": 2, "bias": 3}),
+}
+
+
+def modules_for_layer_calls(gm: fx.GraphModule) -> int:
+    """Write each layer call on the model's own tensors (``torch.conv2d(x, W, b, ...)`` with
+    ``W``, ``b`` attributes) as a call of a standard module holding those tensors, at the path
+    they came from (``stages.0.conv``): the graph then reads as the fx front end's does, and
+    the result keeps the model's names.  Returns how many calls became modules."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        layer = _LAYERS.get(node.target) if node.op == "call_function" else None
+        if layer is None or node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        build, tensor_args = layer
+        args = list(node.args) + [None] * (max(tensor_args.values()) + 1 - len(node.args))
+        if any(not (a is None or isinstance(a, fx.Node) and a.op == "get_attr") for i, a in enumerate(args)
+               if i in tensor_args.values() and i < len(args)) or tensor_args["weight"] >= len(args) \
+                or args[tensor_args["weight"]] is None:
+            continue
+        tensors = {name: _fetch(gm, args[i].target) if i < len(args) and args[i] is not None else None
+                   for name, i in tensor_args.items()}
+        values = [tensors.get(_name_of(tensor_args, i), a) if i > 0 else node.args[0].meta.get("val")
+                  for i, a in enumerate(args)]
+        try:
+            module = build(*values)
+        except Exception:
+            module = None
+        if module is None:
+            continue
+        module.eval()  # the model is in eval mode (BatchNorm with its running statistics)
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                _set_tensor(module, name, tensor)
+        owner = args[tensor_args["weight"]].target.rpartition(".")[0]
+        target = _module_path(gm, owner, tensors)
+        gm.add_submodule(target, module)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(target, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        _erase_unread_attributes(gm)
+        gm.recompile()
+    return count
+
+
+def _name_of(tensor_args: Dict[str, int], index: int) -> Optional[str]:
+    return next((name for name, i in tensor_args.items() if i == index), None)
+
+
+def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    if name in module._parameters:
+        module._parameters[name] = tensor if isinstance(tensor, nn.Parameter) else \
+            nn.Parameter(tensor, requires_grad=tensor.requires_grad)
+    else:
+        module._buffers[name] = tensor
+
+
+def _module_path(gm: fx.GraphModule, owner: str, tensors: Dict[str, Optional[torch.Tensor]]) -> str:
+    """Where the layer's module goes: the path its tensors came from when nothing else lives
+    there (the model's own conv at ``stages.0.conv``), else a fresh name beside it."""
+    used = {id(t) for t in tensors.values() if t is not None}
+    try:
+        existing = gm.get_submodule(owner) if owner else None
+    except AttributeError:
+        existing = None
+    if existing is not None and not any(True for _ in existing.children()) and \
+            all(id(t) in used or name == "num_batches_tracked"
+                for name, t in list(existing.named_parameters(recurse=False)) + list(existing.named_buffers(recurse=False))):
+        return owner
+    base = (owner + "." if owner else "") + "layer"
+    name, i = base, 1
+    while _exists(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _exists(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,205 @@
+"""repc.capture_export: models written the way libraries write them are captured by torch.export
+and fuse as far as their own conversion code goes."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import repc
+from repc.capture_export import GUARD_WORDS, export_graph
+from repc.examples import randomize_bn
+
+
+class RankCheckedBatchNorm(nn.BatchNorm2d):
+    """A library's norm layer: asserts its input's rank, then calls the functional form."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected a 4-d input, got {x.ndim}")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def drop_path(x, drop_prob: float = 0.0, training: bool = False):
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - drop_prob)
+    return x * keep / (1 - drop_prob)
+
+
+class ConvNorm(nn.Sequential):
+    def __init__(self, cin, cout, k, stride=1, groups=1):
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), RankCheckedBatchNorm(cout))
+
+
+class LibraryRepVGGBlock(nn.Module):
+    """timm-style: 3x3 and 1x1 conv-norm branches and a norm identity, drop path, in-place act."""
+
+    def __init__(self, c, drop=0.1):
+        super().__init__()
+        self.conv_kxk = ConvNorm(c, c, 3)
+        self.conv_1x1 = ConvNorm(c, c, 1)
+        self.identity = RankCheckedBatchNorm(c)
+        self.drop = drop
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        B, C, H, W = x.shape  # a shape read the block does not otherwise need
+        y = self.conv_kxk(x) + self.conv_1x1(x)
+        if self.training:
+            y = F.dropout(y, 0.1)
+        y = drop_path(y, self.drop, self.training) + self.identity(x)
+        return self.act(y)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    features: Optional[torch.Tensor] = None
+
+
+class LibraryNet(nn.Module):
+    def __init__(self, c=8, blocks=3):
+        super().__init__()
+        self.stem = ConvNorm(3, c, 3, stride=2)
+        self.stages = nn.Sequential(*[LibraryRepVGGBlock(c) for _ in range(blocks)])
+        self.head = nn.Linear(c, 5)
+
+    def forward_features(self, x):
+        return self.stages(self.stem(x))
+
+    def forward(self, x, return_features: bool = False):
+        f = self.forward_features(x)
+        return Output(self.head(f.mean((2, 3))), f if return_features else None)
+
+
+class Wrapper(nn.Module):
+    """A PEFT-style wrapper: forwards whatever it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def convs_and_norms(module):
+    convs = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+    return convs, norms
+
+
+def random_model(model):
+    torch.manual_seed(0)
+    randomize_bn(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block():
+    model = random_model(LibraryNet())
+    x = torch.randn(2, 3, 16, 16)
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert report.front_end == "torch.export" and report.verification.ok, report
+    assert convs_and_norms(fused) == (4, 0)  # stem + one per block, no norm left (deploy form)
+    for shape in ((1, 3, 16, 16), (3, 3, 20, 12)):
+        y = torch.randn(shape)
+        assert torch.allclose(fused(y).logits, model(y).logits, atol=1e-5, rtol=1e-4)
+    assert isinstance(fused(x), Output)
+
+
+def test_a_wrapper_forwarding_args_and_kwargs_is_captured_with_keyword_inputs():
+    model = random_model(Wrapper(LibraryNet()))
+    x = torch.randn(2, 3, 16, 16)
+    fused = repc.compile(model, (), {"x": x, "return_features": True})
+    assert fused.repc_report.front_end == "torch.export" and convs_and_norms(fused) == (4, 0)
+    out, want = fused(x=x, return_features=True), model(x=x, return_features=True)
+    assert isinstance(out, Output)
+    assert torch.allclose(out.features, want.features, atol=1e-5, rtol=1e-4)
+    y = torch.randn(3, 3, 12, 12)  # another batch and spatial size, through the pytree specs
+    assert torch.allclose(fused(x=y, return_features=True).logits, model(x=y, return_features=True).logits,
+                          atol=1e-5, rtol=1e-4)
+    with pytest.raises(AssertionError):
+        fused(x=x, return_features=False)  # the graph computed the path with features
+
+
+def test_guards_refuse_inputs_the_graph_does_not_hold_for():
+    model = random_model(LibraryNet())
+    fused = repc.compile(model, (torch.randn(2, 3, 16, 16),))
+    with pytest.raises(AssertionError, match="x.size\\(\\)\\[1\\] == 3"):
+        fused(torch.randn(2, 4, 16, 16))  # the stem takes 3 channels: refused with the guard's words
+
+
+class SizeBranch(nn.Module):
+    """A branch on the input's size: export's graph holds for even widths only."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a, self.b = ConvNorm(c, c, 3), ConvNorm(c, c, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 0:
+            return self.a(x) + self.b(x)
+        return self.a(x)
+
+
+def test_a_size_dependent_branch_falls_back_to_fx_and_says_why():
+    model = random_model(SizeBranch())
+    x = torch.randn(2, 4, 8, 8)
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert report.front_end.startswith("fx") and report.verification.ok, report
+    assert any(GUARD_WORDS in s.reason for s in report.skipped), report
+    y = torch.randn(2, 4, 9, 9)  # odd: the other branch, which the fused model still computes
+    assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
+
+
+def test_shapes_read_and_unpacked_at_run_time_stay_general():
+    class Tokens(nn.Module):
+        """``reshape(*y.size())`` and a BatchNorm1d over tokens (a paper's own code)."""
+
+        def __init__(self, d=8):
+            super().__init__()
+            self.fc, self.bn, self.out = nn.Linear(d, d), nn.BatchNorm1d(d), nn.Linear(d, d)
+
+        def forward(self, x):
+            y = self.fc(x)
+            h = self.bn(y.flatten(0, 1)).reshape(*y.size())
+            return self.out(h)
+
+    model = random_model(Tokens())
+    fused = repc.compile(model, (torch.randn(2, 5, 8),))
+    report = fused.repc_report
+    assert report.front_end == "torch.export" and report.verification.ok, report
+    assert sum(isinstance(m, (nn.Linear, nn.BatchNorm1d)) for m in fused.modules()) == 1, fused
+    y = torch.randn(3, 7, 8)
+    assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
+
+
+def test_export_front_end_names_why_it_cannot_capture():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on values: neither front end captures it whole
+                return x * 2
+            return x
+
+    with pytest.raises(repc.api.ReparamError, match="torch.export failed"):
+        repc.compile(DataDependent().eval(), (torch.randn(2, 3),), front_end="export")
+
+
+def test_the_flat_graph_has_the_model_tensors_as_attributes_and_no_export_metadata():
+    model = random_model(LibraryNet())
+    captured = export_graph(model, (torch.randn(2, 3, 16, 16),), {})
+    for node in captured.gm.graph.nodes:
+        assert "val" not in node.meta
+    # the model's own layers are called as modules, at their paths
+    assert "stages.0.conv_kxk.0" in dict(captured.gm.named_modules())
+    assert not any(str(n.target).startswith("aten.") for n in captured.gm.graph.nodes if n.op == "call_function"
+                   and "conv" in str(n.target))
