@@ -771,20 +771,38 @@ def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int
             continue
         facts = facts or constant_facts(gm, values)
         start = source
-        while True:
+        while _foldable_into_readers(source, facts):
             earlier = _same_shape_input(source, facts)
             if earlier is None:
                 break
             source = earlier
         if source is not start and not _has_affine_meaning(source, facts):
             # moved onto a value no region absorbs (a norm's core, an activation, an input);
-            # a conv or linear output would be pinned by the read instead
+            # a conv or linear output would be pinned by the read instead.  Never past a value
+            # several ops read (it stays a source): a region would read the shape of a value
+            # beyond its sources, and its check at another size would see the example's shape
             node.replace_input_with(start, source)
             count += 1
     if count:
         graph.lint()
         gm.recompile()
     return count
+
+
+def _foldable_into_readers(node: fx.Node, facts: GraphFacts) -> bool:
+    """The ops that read ``node``'s values (not only its shape, dtype or device) can take it
+    into their regions: there is one, or all are conv or linear maps of it."""
+    readers = [u for u in node.users if metadata_read(u) is None]
+    if len(readers) <= 1:
+        return True
+    for reader in readers:
+        try:
+            meaning = describe(reader, facts)
+        except Exception:
+            return False
+        if not (isinstance(meaning, AffineCall) and meaning.input is node and isinstance(meaning.op, (Conv, Linear))):
+            return False
+    return True
 
 
 def _has_affine_meaning(node: fx.Node, facts: GraphFacts) -> bool:

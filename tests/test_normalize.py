@@ -596,12 +596,50 @@ def test_metadata_reads_become_constants_or_move_to_a_same_shaped_value_no_regio
     x = torch.randn(3, 4)
     gm = fx.symbolic_trace(module)
     count = detach_metadata_reads(gm, _record(gm, (x,)))
-    assert count == 2  # h.dtype became float32; g.size(0) reads the norm's core
+    assert count == 1  # h.dtype became float32
     reads = [(n.args[1] if n.target is getattr else n.target, n.args[0].name) for n in gm.graph.nodes
              if n.target is getattr or n.target == "size"]
     assert sorted(reads) == [("dtype", "x"),  # an input's dtype stays a read: it may change
+                             ("size", "add"),  # g is read by fc and by the output: a source, the read stays
                              ("size", "fc_1"),  # a linear's output is not moved past
-                             ("size", "layer_norm"),
                              ("size", "mul_1")]  # (h * 3) would reach fc, which a region absorbs
     assert torch.equal(gm(x), module(x))
     assert torch.equal(gm(x[:2]), module(x[:2]))
+
+
+class ShapeOfAResidualStream(nn.Module):
+    """``h = x + fc(x)`` read by the next residual and by a BN over ``h.flatten(0, 1)`` that is
+    viewed back with ``B, T, _ = h.shape``; q, k, v read a LayerNorm's output and its shape."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.fc, self.bn, self.ln = nn.Linear(d, d), nn.BatchNorm1d(d), nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = x + self.fc(x)
+        B, T, _ = h.shape
+        y = h + self.bn(h.flatten(0, 1)).view(B, T, -1)
+        n = self.ln(y)
+        B, T, C = n.shape
+        return (self.q(n) + self.k(n) * self.v(n)).reshape(B, T, C)
+
+
+def test_a_shape_read_stays_on_a_value_several_ops_read():
+    """Found by the transformer fuzzer: ``h.shape`` of a residual sum was moved up to the model
+    input.  The BN region (flatten, BN, view) reads ``h`` as its source, but its view then took
+    B and T from a value outside the region; checked at another batch, the view used the
+    example's B and gave another shape, so the merge was taken back.  The read now stays on
+    ``h`` (which two ops read: it is a source anyway), and still moves past the LayerNorm's
+    affine, which the q, k and v linears fold in."""
+    module = ShapeOfAResidualStream()
+    x = torch.randn(2, 3, 4)
+    gm = fx.symbolic_trace(module)
+    propagate_shapes(gm, (x,))
+    assert split_norm_affine(gm) == 1
+    assert detach_metadata_reads(gm, _record(gm, (x,))) == 1
+    reads = sorted(n.args[0].name for n in gm.graph.nodes if n.target is getattr and n.args[1] == "shape")
+    assert reads[0] == "add"  # h
+    assert reads[1] != "add_1" and reads[1].startswith("layer_norm"), reads  # the norm's core, not its affine tail
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+    assert torch.allclose(gm(x[:1]), module(x[:1]), atol=1e-6)
