@@ -1,0 +1,139 @@
+"""Real third-party models (transformers, PEFT) built from small configs with random weights:
+repc fuses them through torch.export to no more heavy ops and norms than their own conversion
+(PEFT's ``merge_and_unload``), with the same outputs on other batch and sequence sizes."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import repc
+from repc.capture_export import export_graph
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+HEAVY = {"linear", "conv1d", "conv2d", "conv3d", "addmm", "mm", "bmm", "matmul", "baddbmm"}
+NORMS = {"layer_norm", "batch_norm", "group_norm"}
+HEAVY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_MODULES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
+
+
+def op_counts(module: nn.Module):
+    """(heavy ops, norms) the graphs in ``module`` run: module calls and functional calls."""
+    heavy = norms = 0
+    for gm in (m for m in module.modules() if isinstance(m, fx.GraphModule)):
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                heavy += isinstance(mod, HEAVY_MODULES)
+                norms += isinstance(mod, NORM_MODULES)
+            elif node.op in ("call_function", "call_method"):
+                name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+                name = name.split(".")[0]
+                heavy += name in HEAVY
+                norms += name in NORMS
+    return heavy, norms
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """All parameters moved off their init (zero biases, unit norms, zero LoRA B hide errors)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def reference_counts(model, kwargs):
+    """The conversion's op counts: its graph as torch.export captures it, unfused."""
+    return op_counts(export_graph(model, (), kwargs).gm)
+
+
+def assert_same_outputs(fused, reference, make_inputs, field):
+    for batch, length in ((1, 5), (3, 11)):
+        kwargs = make_inputs(batch, length)
+        with torch.no_grad():
+            got, want = getattr(fused(**kwargs), field), getattr(reference(**kwargs), field)
+        assert got.shape == want.shape
+        deviation = (got - want).abs().max() / want.abs().max()
+        assert deviation < 1e-4, deviation
+
+
+def token_inputs(vocab):
+    def make(batch, length):
+        g = torch.Generator().manual_seed(batch * 100 + length)
+        return {"input_ids": torch.randint(0, vocab, (batch, length), generator=g),
+                "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+    return make
+
+
+def image_inputs(size):
+    def make(batch, length):
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))}
+    return make
+
+
+def bert():
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=50, max_position_embeddings=64)
+    return transformers.BertModel(config), ["query", "value"], token_inputs(50), "last_hidden_state"
+
+
+def vit():
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    image_size=16, patch_size=4)
+    model = transformers.ViTModel(config)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = [t for t in ("q_proj", "v_proj", "query", "value") if t in names]
+    return model, targets, image_inputs(16), "last_hidden_state"
+
+
+def gpt2():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=64,
+                                         use_cache=False, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config), ["c_attn", "c_proj"], token_inputs(50), "last_hidden_state"
+
+
+MODELS = {"bert": bert, "vit": vit, "gpt2": gpt2}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_library_model_is_captured_whole_and_keeps_its_function(name):
+    model, _, make_inputs, field = MODELS[name]()
+    model = randomized(model)
+    example = make_inputs(2, 7)
+    fused = repc.compile(model, (), example)
+    report = fused.repc_report
+    assert report.front_end == "torch.export" and report.verification.ok and not report.rolled_back, report
+    assert type(fused(**example)) is type(model(**example))  # the ModelOutput stays one
+    heavy, norms = op_counts(fused)
+    ref_heavy, ref_norms = reference_counts(model, example)
+    assert heavy <= ref_heavy and norms <= ref_norms
+    assert_same_outputs(fused, model, make_inputs, field)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_peft_lora_merges_as_far_as_merge_and_unload(name):
+    base, targets, make_inputs, field = MODELS[name]()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1,
+                             fan_in_fan_out=name == "gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomized(peft.get_peft_model(base, config))
+    example = make_inputs(2, 7)
+    fused = repc.compile(model, (), example)
+    report = fused.repc_report
+    assert report.front_end == "torch.export" and report.verification.ok and not report.rolled_back, report
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    heavy, norms = op_counts(fused)
+    ref_heavy, ref_norms = reference_counts(merged, example)
+    assert heavy <= ref_heavy and norms <= ref_norms, (heavy, norms, ref_heavy, ref_norms, report)
+    assert not any("lora" in n for n, _ in fused.named_parameters())
+    assert_same_outputs(fused, merged, make_inputs, field)
+    assert_same_outputs(fused, model, make_inputs, field)
