@@ -50,7 +50,8 @@ def test_single_tensor_example_and_report():
     assert rw.params_after < rw.params_before and rw.flops_after < rw.flops_before
     assert rw.max_deviation < 1e-5 and rw.exact
     assert report.verification.ok
-    assert {"example", "batch+1", "spatial+3"} <= set(report.verification.inputs_checked)
+    # the example, random values of its shape, another batch and other map sizes (small)
+    assert report.verification.inputs_checked == ["example", "random 1x4x8x8", "random 2x4x9x9"]
     text = str(report)
     assert "rewrite" in text and "verification passed" in text
     d = report.to_dict()
@@ -166,6 +167,23 @@ def test_a_model_returning_a_dict_is_fused_as_a_whole():
     assert not fused.repc_report.skipped and len(fused.repc_report.rewrites) == 1
     out = fused(x)
     assert torch.allclose(out["logits"], model(x)["logits"], atol=1e-6)
+
+
+def test_a_model_giving_nan_on_the_example_is_rolled_back_and_the_report_says_why():
+    """A NaN in one BatchNorm's running_var used to pass verification (the checks compared
+    around it); now nothing is compared around the original's NaN: every rewrite is rolled back."""
+    model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 4))).eval()
+    with torch.no_grad():
+        model[1].dense[1].running_var[2] = float("nan")
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
+    report = fused.repc_report
+    assert report.rolled_back and not report.rewrites and not report.verification.ok
+    assert report.verification.failing_input == "example"
+    assert "the original model produces NaN on the example input" in report.verification.error
+    assert "the original model produces NaN on the example input" in str(report)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), equal_nan=True)  # the original's function, NaN and all
 
 
 # --------------------------------------------------------------------------- issue 13

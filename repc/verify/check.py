@@ -13,10 +13,10 @@ import contextlib
 import copy
 import io
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 TOLERANCE = {
     torch.float64: 1e-9,
@@ -31,7 +31,13 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def deviation(fused: Any, original: Any) -> float:
-    """Largest relative deviation between two (nested) outputs; inf if their structure differs."""
+    """Largest relative deviation between two (nested) outputs; inf if their structure differs.
+
+    Non-finite entries: a NaN or Inf in ``fused`` where ``original`` is finite is infinitely far
+    from it; where ``original`` is NaN or Inf, ``fused`` must hold the same value there (NaN for
+    NaN, the same signed Inf) and the finite entries are compared.  (:func:`compare` does not
+    compare around the original's non-finite values on the example: it fails, saying so.)
+    """
     a, spec_a = tree_flatten(_plain_containers(fused))
     b, spec_b = tree_flatten(_plain_containers(original))
     if spec_a != spec_b or len(a) != len(b):
@@ -46,14 +52,16 @@ def deviation(fused: Any, original: Any) -> float:
                     return float("inf")
                 continue
             x64, y64 = x.detach().double(), y.detach().double()
-            if not torch.isfinite(y64).all():
+            finite = torch.isfinite(y64)
+            if not finite.all():
                 same = (x64 == y64) | (torch.isnan(x64) & torch.isnan(y64))
-                if not same[~torch.isfinite(y64)].all():
+                if not same[~finite].all():
                     return float("inf")
-                keep = torch.isfinite(y64)
-                x64, y64 = x64[keep], y64[keep]
+                x64, y64 = x64[finite], y64[finite]
             if y64.numel() == 0:
                 continue
+            if not torch.isfinite(x64).all():
+                return float("inf")  # NaN or Inf where the original is finite
             scale = max(float(y64.abs().max()), torch.finfo(y.dtype).eps)
             worst = max(worst, float((x64 - y64).abs().max()) / scale)
         elif x != y:
@@ -61,37 +69,236 @@ def deviation(fused: Any, original: Any) -> float:
     return worst
 
 
+def non_finite(out: Any) -> Optional[str]:
+    """What is not finite in a (nested) output, ``"NaN in 3 of 512 values"``; None if all is finite."""
+    kinds, bad, total = _non_finite_counts(out)
+    if not bad:
+        return None
+    return f"{kinds} in {bad:,} of {total:,} values"
+
+
+def _non_finite_counts(out: Any) -> Tuple[str, int, int]:
+    """(``"NaN"``, ``"Inf"`` or ``"NaN and Inf"``; non-finite entries; all entries) of the floating leaves."""
+    nan = inf = total = 0
+    for t in tree_flatten(_plain_containers(out))[0]:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            total += t.numel()
+            nan += int(torch.isnan(t).sum())
+            inf += int(torch.isinf(t).sum())
+    return " and ".join(k for k, n in (("NaN", nan), ("Inf", inf)) if n), nan + inf, total
+
+
 def output_dtype(out: Any) -> torch.dtype:
     leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return leaves[0].dtype if leaves else torch.float32
 
 
-def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=()) -> List[Tuple[str, Tuple[Any, ...]]]:
-    """The example itself, random values of its shape, another batch size, other spatial sizes.
+# ----------------------------------------------------------------------------- input sizes
 
-    Inputs at the ``fixed`` positions (arguments the model was specialized to) stay as given.
+FLOOR = 7  # the smallest size tried on an axis other than the batch: every 3x3 border is still there
+
+
+class SizeProbe:
+    """Inputs of the example's structure with random values and other sizes, run on a model.
+
+    The floating-point tensors among the example inputs (nested ones too; those at the ``fixed``
+    positions stay as given) are grouped in *ties*: an axis of every such tensor with the same
+    size there, keyed ``(axis, size)`` -- the batch of an image and of its mask, the tokens of a
+    sequence and of its attention bias -- which change together.  :meth:`run` gives the model
+    inputs with some ties at other sizes (everything else at the example's) and returns them
+    with the model's output, or None when the model rejects them: one forward pass per trial.
+    ``channels=False`` leaves out axis 1 of inputs of four or more axes (a map's channels).
+    :func:`probe_sizes` and :func:`input_variants` are built on it (and it is the mechanism of
+    :func:`repc.verify.equivalence.probe_free_sizes`: ``probe_sizes`` with that function's
+    candidates returns what it returns).
     """
-    gen = torch.Generator().manual_seed(seed)
 
-    def randomize(t, batch=0, spatial=0):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            return t
-        shape = list(t.shape)
-        if batch and shape:
-            shape[0] += batch
-        if spatial and len(shape) >= 3:
-            shape[2:] = [s + spatial if s > 1 else s for s in shape[2:]]
-        return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=t.dtype, device=t.device)
+    def __init__(self, model: Callable, example_inputs: Sequence[Any], fixed=(), seed: int = 0,
+                 channels: bool = True):
+        self.model, self.example_inputs, self.fixed = model, tuple(example_inputs), set(fixed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.flat: List[Optional[Tuple[List[Any], Any]]] = []
+        self.ties: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+        for i, x in enumerate(self.example_inputs):
+            if i in self.fixed:
+                self.flat.append(None)
+                continue
+            leaves, spec = tree_flatten(x)
+            self.flat.append((leaves, spec))
+            for j, t in enumerate(leaves):
+                if _varied(t):
+                    for axis, size in enumerate(t.shape):
+                        if channels or not (axis == 1 and t.dim() >= 4):
+                            self.ties.setdefault((axis, size), []).append((i, j))
 
-    def vary(**change):
-        return tuple(x if i in fixed else tree_map(lambda t: randomize(t, **change), x)
-                     for i, x in enumerate(example_inputs))
+    @property
+    def varies(self) -> bool:
+        """Whether any input gets new values (a floating-point tensor not held fixed)."""
+        return any(flat is not None and any(_varied(t) for t in flat[0]) for flat in self.flat)
 
-    variants = [("example", example_inputs), ("random", vary()), ("batch+1", vary(batch=1))]
-    if any(isinstance(t, torch.Tensor) and t.dim() >= 3
-           for i, x in enumerate(example_inputs) if i not in fixed for t in tree_flatten(x)[0]):
-        variants.append(("spatial+3", vary(spatial=3)))
+    def inputs(self, sizes: Mapping[Tuple[int, int], int] = {}) -> Tuple[Any, ...]:
+        """Random values (standard normal, drawn in float32 then cast) for every varied tensor,
+        with the ties in ``sizes`` at the sizes given."""
+        shapes: Dict[Tuple[int, int], List[int]] = {}
+        for (axis, _), size in sizes.items():
+            for member in self.ties[(axis, _)]:
+                shapes.setdefault(member, list(self._leaf(member).shape))[axis] = size
+        out = []
+        for i, flat in enumerate(self.flat):
+            if flat is None:
+                out.append(self.example_inputs[i])
+                continue
+            leaves, spec = flat
+            new = [torch.randn(shapes.get((i, j), t.shape), generator=self.gen, dtype=torch.float32)
+                   .to(dtype=t.dtype, device=t.device) if _varied(t) else t for j, t in enumerate(leaves)]
+            out.append(tree_unflatten(new, spec))
+        return tuple(out)
+
+    def run(self, sizes: Mapping[Tuple[int, int], int] = {}):
+        """``(inputs, output)`` of the model on random inputs at ``sizes``; None if it rejects them."""
+        inputs = self.inputs(sizes)
+        try:
+            with torch.no_grad():
+                return inputs, quiet_call(self.model, inputs)
+        except Exception:
+            return None
+
+    def shapes(self, inputs: Tuple[Any, ...]) -> str:
+        """The varied tensors' shapes, ``2x3x7x7`` (the first three, comma-separated)."""
+        shapes = ["x".join(map(str, t.shape)) for i, flat in enumerate(self.flat) if flat is not None
+                  for t, ex in zip(tree_flatten(inputs[i])[0], flat[0]) if _varied(ex)]
+        return ", ".join(shapes[:3]) + (", ..." if len(shapes) > 3 else "")
+
+    def _leaf(self, member: Tuple[int, int]) -> torch.Tensor:
+        i, j = member
+        return self.flat[i][0][j]
+
+
+def _varied(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def probe_sizes(model: Callable, example_inputs: Sequence[Any],
+                candidates: Callable[[int, int], Sequence[int]], fixed=()) -> Dict[Tuple[int, int], Tuple[int, ...]]:
+    """Sizes each axis of each top-level floating-point input may take, as far as ``model``
+    accepts them: each tie (see :class:`SizeProbe`) tried at ``candidates(axis, size)`` with
+    everything else at the example's sizes.  Returns ``{(input, axis): sizes}`` for the axes
+    with more than one accepted size, the example's size first."""
+    probe = SizeProbe(model, example_inputs, fixed)
+    free: Dict[Tuple[int, int], Tuple[int, ...]] = {}
+    for (axis, size), members in probe.ties.items():
+        accepted = [size]
+        for c in candidates(axis, size):
+            if c >= 1 and c not in accepted and probe.run({(axis, size): c}) is not None:
+                accepted.append(c)
+        if len(accepted) > 1:
+            for i, j in members:
+                if not isinstance(example_inputs[i], (tuple, list, dict)):  # a tensor at the top level
+                    free[(i, axis)] = tuple(accepted)
+    return free
+
+
+def small_sizes(axis: int, size: int) -> List[int]:
+    """Sizes to try for a tie in :func:`input_variants`, cheapest first.
+
+    Batch (axis 0): 2 (1 when the example's is 2), then 1, then one more than the example's.
+    Other axes: :data:`FLOOR` and ``FLOOR + 1`` (both parities), then the example's size halved
+    as long as it divides (models that need multiples of their total stride), then one more
+    than the example's when it has no halves above the floor; for an example size at or below
+    ``FLOOR + 1``: one more, one less (at least 2), two more."""
+    if axis == 0:
+        first = 1 if size == 2 else 2
+        sizes = [first, 1, size + 1]
+    elif size <= FLOOR + 1:
+        sizes = [size + 1, size - 1 if size > 2 else 0, size + 2]
+    else:
+        halves, n = [], size
+        while n % 2 == 0 and n // 2 > FLOOR + 1:
+            n //= 2
+            halves.append(n)
+        sizes = [FLOOR, FLOOR + 1] + halves[::-1] + ([] if halves else [size + 1])
+    return [s for i, s in enumerate(sizes) if s >= 1 and s != size and s not in sizes[:i]]
+
+
+@dataclass
+class Variant:
+    name: str
+    inputs: Tuple[Any, ...]
+    reference: Any = None  # the original's output on them, when already computed
+
+
+def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), original: Optional[Callable] = None,
+                   skipped: Optional[List[str]] = None) -> List[Variant]:
+    """The inputs the whole-model check runs: the example itself, random values of its shape,
+    and random values at other sizes on every axis ``original`` accepts them on, small.
+
+    * ``example``: the example inputs (their reference is left to the caller).
+    * ``random <shapes>``: random values at the example's per-sample shapes; at a smaller batch
+      (2 or 1) when the example's batch is larger and the model accepts it.
+    * ``random <shapes>`` again: another batch size and other sizes on every other axis the
+      model accepts, all at once, each the cheapest :func:`small_sizes` the model takes.  The
+      axes are probed greedily on ``original`` (a smaller batch first, then the largest axes,
+      so that the later trials run small), each trial one forward pass; the accepted trial's output is kept as the
+      reference.  Axes of equal size that are only accepted together (a model that needs
+      square maps) are tried together.
+
+    The channels of a map (axis 1 of an input with four or more axes) are not varied: every
+    merged conv fixes them, as the model's own convs do, and a model of pools and sums only
+    (that takes any number of channels) is fused for the example's.  Inputs at the ``fixed``
+    positions (arguments the model was specialized to) stay as given.  Without ``original``
+    only the example and random values of its shape are returned.  The ties the model accepts
+    no other size on are appended to ``skipped`` (``axis 2 (size 16)``).
+    """
+    probe = SizeProbe(original, example_inputs, fixed, seed, channels=False)
+    variants = [Variant("example", tuple(example_inputs))]
+    if not probe.varies:
+        return variants
+    if original is None:
+        inputs = probe.inputs()
+        return variants + [Variant("random", inputs)]
+    batch = [t for t in probe.ties if t[0] == 0]
+    others = sorted((t for t in probe.ties if t[0] != 0), key=lambda t: (-t[1], t[0]))
+    chosen: Dict[Tuple[int, int], int] = {}
+    last = None
+    rejected = []
+    shrinking = [t for t in batch if small_sizes(*t)[0] < t[1]]  # a smaller batch first: later trials run on it
+    for tie in shrinking + others + [t for t in batch if t not in shrinking]:
+        for size in small_sizes(*tie):
+            got = probe.run({**chosen, tie: size})
+            if got is not None:
+                chosen[tie], last = size, got
+                break
+        else:
+            rejected.append(tie)
+    for size, group in _by_size(t for t in rejected if t[0] != 0).items():
+        if len(group) > 1:  # equal axes the model accepts only together (square maps)
+            for s in small_sizes(1, size):
+                got = probe.run({**chosen, **{t: s for t in group}})
+                if got is not None:
+                    chosen.update({t: s for t in group})
+                    rejected = [t for t in rejected if t not in group]
+                    last = got
+                    break
+    if skipped is not None:
+        skipped.extend(f"axis {axis} (size {size})" for axis, size in sorted(rejected))
+    # random values at the example's per-sample shapes, at a smaller batch where one was accepted
+    smaller = {t: chosen[t] for t in batch if t in chosen and chosen[t] < t[1]}
+    full = probe.run(smaller) if smaller else None
+    if full is None:
+        inputs = probe.inputs()
+        variants.append(Variant(f"random {probe.shapes(inputs)}", inputs))
+    else:
+        variants.append(Variant(f"random {probe.shapes(full[0])}", *full))
+    if last is not None:
+        variants.append(Variant(f"random {probe.shapes(last[0])}", *last))
     return variants
+
+
+def _by_size(ties) -> Dict[int, List[Tuple[int, int]]]:
+    groups: Dict[int, List[Tuple[int, int]]] = {}
+    for axis, size in ties:
+        groups.setdefault(size, []).append((axis, size))
+    return groups
 
 
 @dataclass
@@ -148,8 +355,16 @@ def quiet_call(fn: Callable, inputs: Tuple[Any, ...]):
 
 
 def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...],
-            tol: Optional[float] = None, fixed=(), noise_floor: bool = True) -> CheckResult:
-    """Run both on every input variant the original accepts; the worst deviation decides.
+            tol: Optional[float] = None, fixed=(), noise_floor: bool = True, expected: Any = None) -> CheckResult:
+    """Run both on every input variant (:func:`input_variants`); the worst deviation decides.
+
+    ``expected``: the original's output on the example, when the caller already has it (it is
+    not computed again).  The original giving NaN or Inf on the example fails the check with
+    ``error`` saying so: nothing is compared around them.  On the other inputs the fused model
+    must give the same NaN or Inf where the original does (:func:`deviation`).  Cost: one pass
+    of the fused model on the example, one of each model on random values of the example's
+    per-sample shape, and small passes (the probes of :func:`input_variants` and the small
+    variant).
 
     Beyond the tolerance, when ``original`` is a module and ``noise_floor`` is on, the input is
     run again on copies of the original with its weights moved by an ulp: an ill-conditioned
@@ -158,36 +373,62 @@ def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...]
     another function stays far above it.  An explicit ``tol`` is applied as it is."""
     copies: List[torch.nn.Module] = []
     within_noise: List[str] = []
-    worst, tol_used = 0.0, tol
-    checked, skipped = [], []
+    checked: List[str] = []
+    skipped: List[str] = []
+    state = {"worst": 0.0, "tol": tol}
+
+    def check(name: str, inputs: Tuple[Any, ...], ref: Any) -> Optional[CheckResult]:
+        """None when ``fused`` agrees with ``ref`` on ``inputs``; the failed result otherwise."""
+        nonlocal copies
+        this_tol = tol if tol is not None else tolerance(output_dtype(ref))
+        state["tol"] = this_tol if state["tol"] is None else min(state["tol"], this_tol)
+        try:
+            got = quiet_call(fused, inputs)
+        except Exception as why:
+            return CheckResult(False, float("inf"), this_tol, checked, skipped, name, f"{type(why).__name__}: {why}")
+        dev = deviation(got, ref)
+        accepted = dev <= this_tol
+        if not accepted and noise_floor and tol is None and isinstance(original, torch.nn.Module) \
+                and dev != float("inf"):  # (a tolerance the caller chose is taken as it is)
+            copies = copies or perturbed_copies(original)
+            noise = max(deviation(c(*inputs), ref) for c in copies)
+            accepted = dev <= NOISE_FACTOR * noise
+            if accepted:
+                within_noise.append(name)
+        state["worst"] = max(state["worst"], dev)
+        checked.append(name)
+        if accepted:
+            return None
+        error = None
+        if dev == float("inf") and non_finite(ref) is not None:
+            error = f"the original produces {non_finite(ref)} there, and the result does not match them"
+        elif dev == float("inf") and non_finite(got) is not None:
+            error = f"the result produces {non_finite(got)} where the original is finite"
+        return CheckResult(False, state["worst"], this_tol, checked, skipped, name, error, within_noise=within_noise)
+
     with torch.no_grad():
-        for name, inputs in input_variants(example_inputs, fixed=fixed):
-            try:
-                ref = quiet_call(original, inputs)
-            except Exception:
-                if name == "example":
-                    raise
-                skipped.append(name)  # the model itself does not accept this shape
-                continue
-            this_tol = tol if tol is not None else tolerance(output_dtype(ref))
-            tol_used = this_tol if tol_used is None else min(tol_used, this_tol)
-            try:
-                got = quiet_call(fused, inputs)
-            except Exception as why:
-                return CheckResult(False, float("inf"), this_tol, checked, skipped, name,
-                                   f"{type(why).__name__}: {why}")
-            dev = deviation(got, ref)
-            accepted = dev <= this_tol
-            if not accepted and noise_floor and tol is None and isinstance(original, torch.nn.Module) \
-                    and dev != float("inf"):  # (a tolerance the caller chose is taken as it is)
-                copies = copies or perturbed_copies(original)
-                noise = max(deviation(c(*inputs), ref) for c in copies)
-                accepted = dev <= NOISE_FACTOR * noise
-                if accepted:
-                    within_noise.append(name)
-            worst = max(worst, dev)
-            checked.append(name)
-            if not accepted:
-                return CheckResult(False, worst, this_tol, checked, skipped, name, within_noise=within_noise)
-    return CheckResult(True, worst, tol_used if tol_used is not None else 1e-4, checked, skipped,
+        if expected is None:
+            expected = quiet_call(original, example_inputs)  # an original failing on the example raises
+        kinds, bad, total = _non_finite_counts(expected)
+        if bad:
+            return CheckResult(False, float("inf"), tol if tol is not None else tolerance(output_dtype(expected)),
+                               checked, skipped, "example",
+                               f"the original model produces {kinds} on the example input ({bad:,} of {total:,} "
+                               "output values), so there is nothing to compare the result with; check its weights, "
+                               "statistics and the example")
+        failed = check("example", tuple(example_inputs), expected)
+        if failed is not None:
+            return failed
+        for variant in input_variants(example_inputs, fixed=fixed, original=original, skipped=skipped)[1:]:
+            ref = variant.reference
+            if ref is None:
+                try:
+                    ref = quiet_call(original, variant.inputs)
+                except Exception:
+                    skipped.append(variant.name)  # the model itself does not accept these inputs
+                    continue
+            failed = check(variant.name, variant.inputs, ref)
+            if failed is not None:
+                return failed
+    return CheckResult(True, state["worst"], state["tol"] if state["tol"] is not None else 1e-4, checked, skipped,
                        within_noise=within_noise)
