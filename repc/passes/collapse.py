@@ -27,7 +27,7 @@ import torch.fx as fx
 from .. import algebra
 from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, detach_metadata_reads, expand_weighted_stacks, fold_border_fill, inplace_kind, functionalize_inplace, metadata_read, push_linears_before_flattens, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
 from ..ops import Conv, Dense, Elementwise, NotMergeable, params
-from ..patterns.regions import Expr, RegionMatcher, is_container
+from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, non_finite, output_dtype, quiet_call, tolerance
 from .emit import AttributeNamer, emit_form, form_function
@@ -146,6 +146,7 @@ class _Writer:
         self.env: Dict[fx.Node, fx.Node] = {}
         self.memo: Dict[int, fx.Node] = {}
         self.counted: set = set()  # nodes whose ops a rewrite's flops_before has counted
+        self._merged_inside: Optional[set] = None
         self.result = CollapseResult(gm)
 
     # -- driver ----------------------------------------------------------------------------
@@ -196,6 +197,8 @@ class _Writer:
             return self.memo[id(expr)]
         if expr.is_leaf:
             out = self.value_of(expr.node)
+        elif self._slices_one_shared_map(expr):
+            out = self._as_written(expr)  # the shared map once, then its slice
         elif self._use_form(expr):
             out = self._emit(expr)
         else:
@@ -257,6 +260,28 @@ class _Writer:
         if shallow is None or shallow.form is None or not self._use_form(shallow):
             return None
         return shallow
+
+    def _slices_one_shared_map(self, expr: Expr) -> bool:
+        """A slice of a merged map that several slices read, none of them merged further (a
+        fused qkv projection read through ``split`` or ``chunk``): one map then its slices costs
+        the same multiply-adds as a map per slice, in fewer ops."""
+        if expr.kind != "slice" or not expr.children:
+            return False
+        child = expr.children[0]
+        if child.is_leaf or child.form is None:
+            return False
+        readers = effective_users(child.node)
+        return len(readers) > 1 and all(_is_slice_of(r, child.node) and r not in self._inside_merges()
+                                        for r in readers)
+
+    def _inside_merges(self) -> set:
+        """Nodes that a larger region with a closed form contains (they may be merged further)."""
+        if self._merged_inside is None:
+            self._merged_inside = set()
+            for e in self.exprs.values():
+                if not e.is_leaf and e.form is not None:
+                    self._merged_inside |= e.region - {e.node}
+        return self._merged_inside
 
     def _use_form(self, expr: Expr) -> bool:
         computed = self._computed_weights(expr)
