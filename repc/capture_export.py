@@ -101,6 +101,19 @@ GUARD_WORDS = "repc: the fused graph holds only where"  # how a failed guard of 
 _EXPORT_META = ("example_value", "unbacked_bindings", "tensor_meta")  # fake tensors, export's shapes ("val" goes last)
 
 
+def export_program(model: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]] = None):
+    """``torch.export`` of ``model`` with every axis it allows dynamic (``Dim.AUTO``, from an example
+    whose batch is at least 2), or fixed to the example's shapes where that fails."""
+    kwargs = kwargs or {}
+    for example_args, example_kwargs in _examples(args, kwargs):
+        try:
+            return torch.export.export(model, example_args, example_kwargs, strict=False,
+                                       dynamic_shapes=_auto_shapes(model, example_args, example_kwargs))
+        except Exception:
+            continue
+    return torch.export.export(model, tuple(args), kwargs, strict=False)
+
+
 def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> ExportedGraph:
     """Capture ``model`` on ``(args, kwargs)`` through ``torch.export``; :class:`CaptureError` says why not."""
     leaves, in_spec = pytree.tree_flatten((args, kwargs))  # non-tensor leaves: export guards their value

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Compile IN with repc.compile (trace, merge affine regions, verify) and write the fused model to OUT: "
             "a GraphModule that torch.load(OUT, weights_only=False) loads without repc, or with --format export a "
-            "torch.export program (torch.export.load; fixed to the example shapes). OUT is written atomically and "
+            "torch.export program (torch.export.load; batch and sizes dynamic where the model allows). OUT is written atomically and "
             "only if verification passes.", 88),
         epilog="examples:\n  repc fuse --example -o fused.pt\n"
                "  repc fuse model.pt --trust-pickle --example-input 1x3x224x224 -o fused.pt --report report.json\n"
@@ -635,7 +635,8 @@ def serialize(saved, fmt: str, inputs) -> bytes:
     buf = io.BytesIO()
     if fmt == "export":
         try:
-            program = torch.export.export(saved, tuple(inputs))
+            from .capture_export import export_program
+            program = export_program(saved, tuple(inputs))  # batch and sizes dynamic where the model allows
         except Exception as why:
             raise CliError(f"torch.export cannot export the fused model ({_short(why, 200)}); "
                            "use --format graphmodule", EXIT_INTERNAL) from why

@@ -158,7 +158,8 @@ def test_fused_files_load_and_run_where_repc_cannot_be_imported(work, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # -q: no progress
 
-    x_big, x_tiny = torch.randn(3, 3, 40, 40), torch.randn(1, 4, 8, 8)  # another batch and size for the GraphModule
+    # another batch and size for both: the export program keeps the dynamic axes
+    x_big, x_tiny = torch.randn(3, 3, 40, 40), torch.randn(3, 4, 11, 9)
     torch.save((x_big, x_tiny), tmp_path / "inputs.pt")
     code = CHILD.format(site=str(repc_free_site(tmp_path)), fused=str(fused), exported=str(exported),
                         inputs=str(tmp_path / "inputs.pt"), outputs=str(tmp_path / "outputs.pt"))
