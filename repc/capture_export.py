@@ -271,6 +271,9 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Mod: operator.mod, ast.Pow: operator.pow, ast.Div: operator.truediv}
 
 
+_FUNCTIONS = {"max": max, "min": min, "Max": max, "Min": min, "abs": abs}  # as sympy's printer writes them
+
+
 class _GuardTranslator(ast.NodeVisitor):
     """A guard's Python (``P[0].size()[3] % 2 == 0``) as fx nodes over the graph's placeholders."""
 
@@ -323,6 +326,8 @@ class _GuardTranslator(ast.NodeVisitor):
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr == "size" and not node.args and not node.keywords:
             return self.graph.call_method("size", (self.visit(func.value),))
+        if isinstance(func, ast.Name) and func.id in _FUNCTIONS and not node.keywords:
+            return self.graph.call_function(_FUNCTIONS[func.id], tuple(self.visit(a) for a in node.args))
         self.generic_visit(node)
 
 

@@ -203,3 +203,20 @@ def test_the_flat_graph_has_the_model_tensors_as_attributes_and_no_export_metada
     assert "stages.0.conv_kxk.0" in dict(captured.gm.named_modules())
     assert not any(str(n.target).startswith("aten.") for n in captured.gm.graph.nodes if n.op == "call_function"
                    and "conv" in str(n.target))
+
+
+def test_guards_translate_to_graph_code_over_the_inputs():
+    import torch.fx as fx
+    from repc.capture_export import _GuardTranslator
+    import ast
+    graph = fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    code = "(P[0].size()[3] % 2 == 0) and max(P[0].size()[0], 2) <= P[1].size()[0] * 4"
+    out = _GuardTranslator(graph, [x, y]).visit(ast.parse(code, mode="eval").body)
+    graph.output(out)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert gm(torch.zeros(3, 1, 1, 4), torch.zeros(1)) is True
+    assert gm(torch.zeros(3, 1, 1, 5), torch.zeros(1)) is False
+    assert gm(torch.zeros(9, 1, 1, 4), torch.zeros(2)) is False
+    with pytest.raises(Exception, match="cannot write as graph code"):
+        _GuardTranslator(graph, [x, y]).visit(ast.parse("P[0].stride()[0] == 1", mode="eval").body)
