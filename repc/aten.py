@@ -31,7 +31,8 @@ aten = torch.ops.aten
 
 
 class Call(NamedTuple):
-    """A torch-level call: fx op (``call_function`` / ``call_method``), target, args, kwargs."""
+    """A torch-level call: fx op (``call_function`` / ``call_method``), target, args, kwargs;
+    op ``identity``: the node is its first argument (it is removed)."""
     op: str
     target: Any
     args: Tuple[Any, ...]
@@ -53,7 +54,12 @@ def _index_on(dim: int, item) -> tuple:
     return (Ellipsis, item) + (slice(None),) * (-dim - 1)
 
 
+_END = 2 ** 62  # export writes an open end as the largest int64
+
+
 def _slice(x, dim=0, start=None, end=None, step=1):
+    if start in (None, 0) and (end is None or isinstance(end, int) and end >= _END) and step == 1:
+        return Call("identity", None, (x,), {})  # the whole axis (export's ``x[:]``)
     return Call("call_function", operator.getitem, (x, _index_on(dim, slice(start, end, None if step == 1 else step))), {})
 
 
@@ -171,13 +177,17 @@ def lowering(node: fx.Node) -> Optional[Call]:
 def lower_aten(gm: fx.GraphModule) -> int:
     """Rewrite ``gm``'s ATen calls as torch-level calls (see the module docstring); returns how many."""
     count = 0
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         call = lowering(node)
         if call is None:
             continue
+        count += 1
+        if call.op == "identity":
+            node.replace_all_uses_with(call.args[0])
+            gm.graph.erase_node(node)
+            continue
         node.op, node.target = call.op, call.target
         node.args, node.kwargs = tuple(call.args), dict(call.kwargs)
-        count += 1
     if count:
         gm.recompile()
     return count

@@ -76,6 +76,13 @@ def test_each_lowering_computes_what_the_aten_op_computes(op, args, target):
         assert torch.equal(a, b)
 
 
+def test_a_slice_over_the_whole_axis_is_removed():
+    gm, inputs = one_op_graph(aten.slice.Tensor, (x4, 0, 0, 9223372036854775807))
+    assert lower_aten(gm) == 1
+    assert not [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert torch.equal(gm(*inputs), x4)
+
+
 def test_an_in_place_op_becomes_the_tensor_method_of_its_name():
     gm, inputs = one_op_graph(aten.relu_.default, (torch.randn(3, 4),))
     lower_aten(gm)
