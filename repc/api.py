@@ -127,10 +127,9 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                 and front_end == "auto":
             # export's graph holds for fewer inputs than the model accepts (a branch on a size, a
             # size-1 axis): the fx front end captures what holds for all of them
-            refused = SkippedPart("<model>", f"torch.export: on the {result.failing_input} input, which the "
-                                             f"model accepts, {result.error}")
+            refused = f"on the {result.failing_input} input, which the model accepts, {result.error}"
             fused, report, reference, result = verified_build(dict(build, front_end="fx"))
-            report.skipped.insert(0, refused)
+            report.front_ends_declined["torch.export"] = refused
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
                                            result.skipped, result.failing_input, result.error, result.within_noise)
         if not result.ok:
@@ -182,7 +181,7 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
                 report.nodes_after = _graph_nodes(fused)
                 return fused, report, model
             if front_end == "export":
-                raise ReparamError(f"front_end='export': {report.skipped[-1].reason}")
+                raise ReparamError(f"front_end='export': {report.front_ends_declined['torch.export']}")
         if positional is None:
             report.skipped.append(SkippedPart("<model>", "fx: keyword inputs that forward does not take by position"))
             return copy.deepcopy(model), report, model
@@ -204,14 +203,14 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     try:
         captured = export_graph(model, args, kwargs)
     except CaptureError as why:
-        report.skipped.append(SkippedPart("<model>", str(why)))
+        report.front_ends_declined["torch.export"] = str(why)
         return None
     report.front_end = "torch.export"
     report.nodes_before = len(captured.gm.graph.nodes)
     try:
         fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(expected)), synthesize)
     except CaptureMismatch as why:
-        report.skipped.append(SkippedPart("<model>", f"torch.export: {why}"))
+        report.front_ends_declined["torch.export"] = str(why)
         report.front_end, report.nodes_before = "", 0
         return None
     captured.give_signature(fused, defaults)

@@ -60,6 +60,7 @@ class Report:
     rolled_back: bool = False
     specialized: Dict[str, str] = field(default_factory=dict)  # forward arguments fixed to a value
     front_end: str = ""  # what captured the model: "torch.export", "fx", "fx (in parts)"
+    front_ends_declined: Dict[str, str] = field(default_factory=dict)  # front end -> why it was not used
 
     @property
     def flops_saved(self) -> int:
@@ -87,6 +88,8 @@ class Report:
                 lines.append(f"  APPROXIMATE {r.root} ({r.rule}): deviation {r.max_deviation:.3g} from the original")
         for r in self.rejected:
             lines.append(f"  kept {r.root}: {r.reason}")
+        for name, why in self.front_ends_declined.items():
+            lines.append(f"  {name} not used: {why}")
         for s in self.skipped:
             lines.append(f"  not captured {s.path}: {s.reason}")
         v = self.verification
