@@ -31,6 +31,7 @@ def _load(name: str):
 bench_latency = _load("bench_latency")
 bench_compile_time = _load("bench_compile_time")
 bench_vit = _load("bench_vit")
+bench_models = _load("bench_models")
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import bench_common from beside them, as this does
 import bench_common as common  # noqa: E402
 
@@ -89,6 +90,38 @@ def test_compile_time_quick_prints_growth_and_phase_tables(tmp_path, capsys, one
         assert len(r["missing_phases"]) <= len(bench_compile_time.PHASES) // 2
         for hook in r["missing_phases"]:
             assert hook in printed
+
+
+def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, one_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "models.json"
+    names = ["bert-lora", "repvgg-lib"]  # one PEFT model against merge_and_unload, one library net against deploy
+    assert bench_models.main(["--quick", "--models", *names, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | front end |" in printed and "merge_and_unload" in printed and "hand-written deploy" in printed
+    rows = [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ")][1:]
+    assert rows == names
+    data = json.loads(out.read_text())
+    for r in data["results"]:
+        assert r["front_end"] == "torch.export" and r["capture"] == "whole"
+        assert r["verified"] and r["exact"] and r["max_rel_error"] < 1e-4
+        assert r["heavy"]["after"] <= r["heavy"]["reference"] < r["heavy"]["before"]
+        assert r["norms"]["after"] <= r["norms"]["reference"]
+        assert r["compile_s"] > 0 and r["export_s"] > 0 and r["repc_over_reference"] > 0
+
+
+@pytest.mark.parametrize("kind", ["repvgg", "mobileone"])
+def test_models_hand_written_deploy_form_is_one_conv_per_block_and_exact(kind):
+    case = bench_models.library_case(kind, quick=True)
+    net, deployed = case.model, case.reference
+    blocks = sum(isinstance(m, (bench_models.LibraryRepVGGBlock, bench_models.LibraryMobileOneBlock))
+                 for m in net.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == blocks + 1  # + the stem
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    x = torch.randn(3, 3, 20, 12)
+    with torch.no_grad():
+        assert bench_models.rel_error(deployed(x).logits, net(x).logits) < 1e-5
 
 
 def test_bad_arguments_get_a_one_line_message(capsys):
