@@ -482,6 +482,7 @@ def bench_model(name: str, args) -> Dict[str, Any]:
         "model": name, "front_end": report.front_end,
         "capture": "in parts" if "parts" in report.front_end else "whole",
         "not_captured": [f"{s.path}: {s.reason}" for s in report.skipped],
+        "front_ends_declined": dict(getattr(report, "front_ends_declined", {})),  # e.g. why not torch.export
         "verified": bool(report.verification and report.verification.ok), "rolled_back": report.rolled_back,
         "rewrites": len(report.rewrites),
         "heavy": {"before": before[0], "after": after[0], "reference": ref[0]},
