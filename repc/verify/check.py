@@ -205,10 +205,13 @@ def small_sizes(axis: int, size: int) -> List[int]:
     Other axes: :data:`FLOOR` and ``FLOOR + 1`` (both parities), then the example's size halved
     as long as it divides (models that need multiples of their total stride), then one more
     than the example's when it has no halves above the floor; for an example size at or below
-    ``FLOOR + 1``: one more, one less (at least 2), two more."""
+    ``FLOOR + 1``: one more, one less (at least 2), two more; none for a size of 1 (as before,
+    such axes keep it)."""
     if axis == 0:
         first = 1 if size == 2 else 2
         sizes = [first, 1, size + 1]
+    elif size == 1:
+        sizes = []  # a broadcast axis, or a 1x1 example map that capture may have specialized to 1
     elif size <= FLOOR + 1:
         sizes = [size + 1, size - 1 if size > 2 else 0, size + 2]
     else:
