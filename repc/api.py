@@ -44,9 +44,9 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
 
     ``front_end`` chooses how the model is captured: ``"export"`` (``torch.export``, the model's
     Python run as Python), ``"fx"`` (fx symbolic tracing, in parts where the whole does not
-    trace), or ``"auto"`` (export first, fx where export fails or its graph holds for fewer
-    inputs than the model accepts).  The report says which captured what and why another
-    failed.  ``verify`` checks the result against
+    trace), or ``"auto"``: fx where it captures the whole model, else export, else fx in
+    parts (also where export's graph holds for fewer inputs than the model accepts).  The
+    report says which captured what and why another was not used.  ``verify`` checks the result against
     the original on the example and on random inputs of other batch and spatial sizes; a
     result that fails is rolled back.  The report is in ``result.repc_report``.
 
@@ -172,21 +172,38 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
     be passed by position), what the fx front end needs."""
     report = Report()
     report.params_before = sum(p.numel() for p in model.parameters())
+    traced = dict(model=model, example_inputs=positional, constants=constants, fixed=fixed, expected=expected,
+                  allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance,
+                  synthesize=synthesize, report=report)
     with torch.no_grad():
+        if front_end != "export" and positional is not None:
+            # fx first where it captures the whole model: its graph keeps the model's modules
+            built = _build_traced(**traced, parts=front_end == "fx")
+            if built is not None:
+                return built
+        elif front_end != "export":
+            report.front_ends_declined["fx"] = _NOT_POSITIONAL
         if _export_applies(front_end, allow_approximate, specialize, example_inputs, kwargs):
+            fx_failed = report.skipped.pop() if report.skipped and report.skipped[-1].path == "<model>" else None
             defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
                         _positional_names(model)[len(example_inputs):]}
             fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize)
             if fused is not None:
+                if fx_failed is not None:
+                    report.front_ends_declined["fx"] = fx_failed.reason
                 report.nodes_after = _graph_nodes(fused)
                 return fused, report, model
             if front_end == "export":
                 raise ReparamError(f"front_end='export': {report.front_ends_declined['torch.export']}")
+            if fx_failed is not None:
+                report.skipped.append(fx_failed)
         if positional is None:
-            report.skipped.append(SkippedPart("<model>", "fx: keyword inputs that forward does not take by position"))
+            report.skipped.append(SkippedPart("<model>", f"fx: {_NOT_POSITIONAL}"))
             return copy.deepcopy(model), report, model
-        return _build_traced(model, positional, constants, fixed, expected, allow_approximate,
-                             approximate_tolerance, synthesize, report)
+        return _build_traced(**traced, parts=True, whole=False)  # (the whole was tried above)
+
+
+_NOT_POSITIONAL = "keyword inputs that forward does not take by position"
 
 
 def _export_applies(front_end: str, allow_approximate: bool, specialize, args, kwargs) -> bool:
@@ -220,13 +237,15 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
 
 
 def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
-                  synthesize: bool, report: Report):
-    """The fx front end: ``model`` traced as a whole, or in parts where it does not trace."""
+                  synthesize: bool, report: Report, parts: bool = True, whole: bool = True):
+    """The fx front end: ``model`` traced as a whole (``whole``; its failure is the last
+    ``<model>`` entry of ``report.skipped``), or in parts where it does not trace (``parts``;
+    None without)."""
     report.specialized = {name: _brief(value) for name, value in constants.items()}
     reference = model
     # the traced graph's leaves are the model's own modules: repc only reads them, and the
     # result is copied where it still shares something with the model at the end
-    gm = _trace_whole(model, constants, report, example_inputs)
+    gm = _trace_whole(model, constants, report, example_inputs) if whole else None
     if gm is not None:
         report.nodes_before = len(gm.graph.nodes)
     if gm is not None and allow_approximate:
@@ -242,6 +261,9 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
             report.nodes_before = 0
             gm = None
     if gm is None:
+        if not parts:
+            report.specialized = {}
+            return None
         report.front_end = "fx (in parts)"
         fused = _fuse_parts(copy.deepcopy(model), example_inputs, report, synthesize)
     else:

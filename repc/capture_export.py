@@ -241,8 +241,9 @@ def _flat_graph(unlifted: fx.GraphModule, guards: List[Tuple[str, str]], prefix:
         env[node] = graph.placeholder(node.target)
         env[node].meta.update(_kept_meta(node))
     inputs = [env[n] for n in placeholders]
-    for code, words in guards:
-        condition = _GuardTranslator(graph, inputs).visit(ast.parse(code, mode="eval").body)
+    translator = _GuardTranslator(graph, inputs)  # one for all: each size is read once
+    for code, words in dict.fromkeys(guards):
+        condition = translator.visit(ast.parse(code, mode="eval").body)
         graph.call_function(torch._assert, (condition, f"{GUARD_WORDS} {words}"))
     for node in source:
         if node.op == "placeholder":
@@ -279,6 +280,13 @@ class _GuardTranslator(ast.NodeVisitor):
 
     def __init__(self, graph: fx.Graph, inputs: List[fx.Node]):
         self.graph, self.inputs = graph, inputs
+        self.reads: Dict[str, fx.Node] = {}  # ``P[0].size()[3]`` -> its node, shared by the guards
+
+    def _read(self, node, build):
+        key = ast.dump(node)
+        if key not in self.reads:
+            self.reads[key] = build()
+        return self.reads[key]
 
     def generic_visit(self, node):
         raise CaptureError(f"an export guard repc cannot write as graph code: {ast.unparse(node)}")
@@ -320,12 +328,13 @@ class _GuardTranslator(ast.NodeVisitor):
     def visit_Subscript(self, node):
         if isinstance(node.value, ast.Name) and node.value.id == "P":
             return self.inputs[node.slice.value]
-        return self.graph.call_function(operator.getitem, (self.visit(node.value), self.visit(node.slice)))
+        return self._read(node, lambda: self.graph.call_function(operator.getitem, (self.visit(node.value),
+                                                                                    self.visit(node.slice))))
 
     def visit_Call(self, node):
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr == "size" and not node.args and not node.keywords:
-            return self.graph.call_method("size", (self.visit(func.value),))
+            return self._read(node, lambda: self.graph.call_method("size", (self.visit(func.value),)))
         if isinstance(func, ast.Name) and func.id in _FUNCTIONS and not node.keywords:
             return self.graph.call_function(_FUNCTIONS[func.id], tuple(self.visit(a) for a in node.args))
         self.generic_visit(node)

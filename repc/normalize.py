@@ -738,12 +738,14 @@ def push_scales_into_concat(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> i
 
 _METADATA_ATTRIBUTES = {"dtype", "device"}  # the same on every input (the model's dtype and device)
 _SHAPE_READS = {"size", "dim", "ndimension"}  # methods; and the attributes "shape" and "ndim"
+_RANK_READS = {"ndim", "dim", "ndimension"}
 
 
 def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
     """Keep reads of a value's dtype, device or shape from pinning that value.
 
-    ``result.dtype`` (peft's LoRA) becomes the dtype itself, except for an input's.
+    ``result.dtype`` (peft's LoRA) becomes the dtype itself, and ``y.ndim`` / ``y.dim()`` (a
+    library norm's rank assert on a conv's output) the rank, except for an input's.
     ``x.shape`` / ``x.size()`` (timm's ``B, N, C = x.shape`` after a LayerNorm) is moved up the
     elementwise maps and sums that computed ``x`` with its shape, when it arrives at a value no
     region absorbs (the norm's core): ``x`` is then read only by what consumes its values and
@@ -759,10 +761,12 @@ def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int
         source = node.args[0]
         if not isinstance(source, fx.Node):
             continue
-        if target in _METADATA_ATTRIBUTES:
+        if target in _METADATA_ATTRIBUTES | _RANK_READS:
             value = values.get(node)
-            # an input's dtype may differ from call to call; everything else follows the weights
-            if isinstance(value, (torch.dtype, torch.device)) and source.op != "placeholder":
+            # an input's dtype or rank may differ from call to call; everything else follows the
+            # weights (a dtype) or does not depend on the sizes (a rank: a norm's ``x.ndim == 4``)
+            if isinstance(value, (torch.dtype, torch.device, int)) and not isinstance(value, bool) \
+                    and source.op != "placeholder":
                 for user in list(node.users):
                     user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
                     user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)

@@ -102,12 +102,13 @@ def random_model(model):
     return model.eval()
 
 
-def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block():
+@pytest.mark.parametrize("front_end", ["export", "fx", "auto"])
+def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block(front_end):
     model = random_model(LibraryNet())
     x = torch.randn(2, 3, 16, 16)
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (x,), front_end=front_end)
     report = fused.repc_report
-    assert report.front_end == "torch.export" and report.verification.ok, report
+    assert report.front_end == {"export": "torch.export"}.get(front_end, "fx") and report.verification.ok, report
     assert convs_and_norms(fused) == (4, 0)  # stem + one per block, no norm left (deploy form)
     for shape in ((1, 3, 16, 16), (3, 3, 20, 12)):
         y = torch.randn(shape)
@@ -118,8 +119,9 @@ def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block():
 def test_a_wrapper_forwarding_args_and_kwargs_is_captured_with_keyword_inputs():
     model = random_model(Wrapper(LibraryNet()))
     x = torch.randn(2, 3, 16, 16)
-    fused = repc.compile(model, (), {"x": x, "return_features": True})
+    fused = repc.compile(model, (), {"x": x, "return_features": True})  # fx cannot take **kwargs: export
     assert fused.repc_report.front_end == "torch.export" and convs_and_norms(fused) == (4, 0)
+    assert "fx" in fused.repc_report.front_ends_declined
     out, want = fused(x=x, return_features=True), model(x=x, return_features=True)
     assert isinstance(out, Output)
     assert torch.allclose(out.features, want.features, atol=1e-5, rtol=1e-4)
@@ -132,7 +134,7 @@ def test_a_wrapper_forwarding_args_and_kwargs_is_captured_with_keyword_inputs():
 
 def test_guards_refuse_inputs_the_graph_does_not_hold_for():
     model = random_model(LibraryNet())
-    fused = repc.compile(model, (torch.randn(2, 3, 16, 16),))
+    fused = repc.compile(model, (torch.randn(2, 3, 16, 16),), front_end="export")
     with pytest.raises(AssertionError, match="x.size\\(\\)\\[1\\] == 3"):
         fused(torch.randn(2, 4, 16, 16))  # the stem takes 3 channels: refused with the guard's words
 
@@ -156,7 +158,7 @@ def test_a_size_dependent_branch_falls_back_to_fx_and_says_why():
     fused = repc.compile(model, (x,))
     report = fused.repc_report
     assert report.front_end.startswith("fx") and report.verification.ok, report
-    assert GUARD_WORDS in report.front_ends_declined["torch.export"], report
+    assert GUARD_WORDS in report.front_ends_declined["torch.export"], report  # (and fx not whole either)
     y = torch.randn(2, 4, 9, 9)  # odd: the other branch, which the fused model still computes
     assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
 
@@ -175,7 +177,7 @@ def test_shapes_read_and_unpacked_at_run_time_stay_general():
             return self.out(h)
 
     model = random_model(Tokens())
-    fused = repc.compile(model, (torch.randn(2, 5, 8),))
+    fused = repc.compile(model, (torch.randn(2, 5, 8),), front_end="export")
     report = fused.repc_report
     assert report.front_end == "torch.export" and report.verification.ok, report
     assert sum(isinstance(m, (nn.Linear, nn.BatchNorm1d)) for m in fused.modules()) == 1, fused
