@@ -104,7 +104,7 @@ def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, 
     assert rows == names
     data = json.loads(out.read_text())
     for r in data["results"]:
-        assert r["front_end"] == "torch.export" and r["capture"] == "whole"
+        assert r["front_end"] in ("torch.export", "fx") and r["capture"] == "whole"
         assert r["verified"] and r["exact"] and r["max_rel_error"] < 1e-4
         assert r["heavy"]["after"] <= r["heavy"]["reference"] < r["heavy"]["before"]
         assert r["norms"]["after"] <= r["norms"]["reference"]
