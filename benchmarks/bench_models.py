@@ -53,42 +53,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 import repc
 from repc.capture_export import export_graph
+from repc.report import op_counts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
 import bench_common as common  # noqa: E402
 
 F64 = torch.float64
 EXACT = 1e-4  # max relative error for "exact"
-
-HEAVY = {"linear", "conv1d", "conv2d", "conv3d", "addmm", "mm", "bmm", "matmul", "baddbmm"}
-NORMS = {"layer_norm", "batch_norm", "group_norm"}
-HEAVY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_MODULES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
-
-
-# ----------------------------------------------------------------------------- counting
-
-def op_counts(module: nn.Module) -> Tuple[int, int]:
-    """(heavy ops, norms) the fx graphs inside ``module`` run: module calls and functional calls."""
-    heavy = norms = 0
-    for gm in (m for m in module.modules() if isinstance(m, fx.GraphModule)):
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                mod = gm.get_submodule(node.target)
-                heavy += isinstance(mod, HEAVY_MODULES)
-                norms += isinstance(mod, NORM_MODULES)
-            elif node.op in ("call_function", "call_method"):
-                name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-                name = name.split(".")[0]
-                heavy += name in HEAVY
-                norms += name in NORMS
-    return heavy, norms
 
 
 def exported_counts(model: nn.Module, args, kwargs) -> Tuple[int, int]:

@@ -374,17 +374,22 @@ def calls_of_standard_modules(gm: fx.GraphModule, model: nn.Module, prefix: str)
             continue
         if any(True for _ in module.children()) or f"{type(module).__module__}.{type(module).__qualname__}" != tag[1]:
             continue
-        gm.add_submodule(path, module)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, (data[0],))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        _call_module_instead(gm, node, path, module, data[0])
         count += 1
     if count:
         _erase_unread_attributes(gm)
         gm.recompile()
     return count
+
+
+def _call_module_instead(gm: fx.GraphModule, node: fx.Node, path: str, module: nn.Module, x: fx.Node) -> None:
+    """``node`` replaced by ``module(x)``, the module registered at ``path``."""
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(path, (x,))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
 
 
 def _erase_unread_attributes(gm: fx.GraphModule) -> None:
@@ -465,13 +470,7 @@ def modules_for_layer_calls(gm: fx.GraphModule) -> int:
             if tensor is not None:
                 _set_tensor(module, name, tensor)
         owner = args[tensor_args["weight"]].target.rpartition(".")[0]
-        target = _module_path(gm, owner, tensors)
-        gm.add_submodule(target, module)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(target, (node.args[0],))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        _call_module_instead(gm, node, _module_path(gm, owner, tensors), module, node.args[0])
         count += 1
     if count:
         _erase_unread_attributes(gm)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch.fx as fx
+import torch.nn as nn
 
 
 @dataclass
@@ -127,3 +130,27 @@ def format_table(rows) -> List[str]:
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     return lines
+
+
+HEAVY_OPS = {"linear", "conv1d", "conv2d", "conv3d", "addmm", "mm", "bmm", "matmul", "baddbmm"}
+NORM_OPS = {"layer_norm", "batch_norm", "group_norm"}
+HEAVY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_MODULES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+
+
+def op_counts(module: nn.Module) -> Tuple[int, int]:
+    """(heavy ops, norm layers) the fx graphs inside ``module`` run, as module calls or as
+    functional calls: how a fused model compares with the model's own conversion."""
+    heavy = norms = 0
+    for gm in (m for m in module.modules() if isinstance(m, fx.GraphModule)):
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                heavy += isinstance(mod, HEAVY_MODULES)
+                norms += isinstance(mod, NORM_MODULES)
+            elif node.op in ("call_function", "call_method"):
+                name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+                name = name.split(".")[0]
+                heavy += name in HEAVY_OPS
+                norms += name in NORM_OPS
+    return heavy, norms

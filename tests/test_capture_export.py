@@ -1,7 +1,6 @@
 """repc.capture_export: models written the way libraries write them are captured by torch.export
 and fuse as far as their own conversion code goes."""
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

@@ -7,36 +7,15 @@ import warnings
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 import repc
 from repc.capture_export import export_graph
+from repc.report import op_counts
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-HEAVY = {"linear", "conv1d", "conv2d", "conv3d", "addmm", "mm", "bmm", "matmul", "baddbmm"}
-NORMS = {"layer_norm", "batch_norm", "group_norm"}
-HEAVY_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_MODULES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
-
-
-def op_counts(module: nn.Module):
-    """(heavy ops, norms) the graphs in ``module`` run: module calls and functional calls."""
-    heavy = norms = 0
-    for gm in (m for m in module.modules() if isinstance(m, fx.GraphModule)):
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                mod = gm.get_submodule(node.target)
-                heavy += isinstance(mod, HEAVY_MODULES)
-                norms += isinstance(mod, NORM_MODULES)
-            elif node.op in ("call_function", "call_method"):
-                name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-                name = name.split(".")[0]
-                heavy += name in HEAVY
-                norms += name in NORMS
-    return heavy, norms
 
 
 def randomized(model: nn.Module) -> nn.Module:
