@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from repc.capture import propagate_shapes
 from repc.normalize import (AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, describe,
-                            detach_metadata_reads, functionalize_inplace, push_scales_into_matmul,
+                            detach_metadata_reads, functionalize_inplace, metadata_read, push_scales_into_matmul,
                             split_norm_affine)
 from repc.ops import Conv, Elementwise, Linear
 from repc.passes.collapse import _record
@@ -643,3 +643,29 @@ def test_a_shape_read_stays_on_a_value_several_ops_read():
     assert reads[1] != "add_1" and reads[1].startswith("layer_norm"), reads  # the norm's core, not its affine tail
     assert torch.allclose(gm(x), module(x), atol=1e-6)
     assert torch.allclose(gm(x[:1]), module(x[:1]), atol=1e-6)
+
+
+class RankAssertedNorm(nn.Module):
+    """A library norm after a conv: ``torch._assert(y.ndim == 4)`` and ``y.dim()`` on the conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "expected a 4-d input")
+        torch._assert(y.dim() == x.dim(), "same rank")
+        return self.bn(y)
+
+
+def test_a_rank_read_of_a_computed_value_becomes_its_constant_and_an_inputs_stays():
+    module = RankAssertedNorm().eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = fx.symbolic_trace(module)
+    assert detach_metadata_reads(gm, _record(gm, (x,))) == 2  # y.ndim, y.dim()
+    reads = [n for n in gm.graph.nodes if metadata_read(n) is not None]
+    assert [(metadata_read(n), n.args[0].name) for n in reads] == [("dim", "x")]  # an input's rank may change
+    assert list(gm.graph.find_nodes(op="call_module", target="conv"))[0].users.keys() == \
+        set(gm.graph.find_nodes(op="call_module", target="bn"))  # the conv is read by the norm alone
+    assert torch.equal(gm(x), module(x))
