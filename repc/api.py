@@ -219,8 +219,8 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     None (and the reason in the report) where export does not capture it."""
     try:
         captured = export_graph(model, args, kwargs)
-    except CaptureError as why:
-        report.front_ends_declined["torch.export"] = str(why)
+    except Exception as why:  # CaptureError says why; anything else is reported the same way, not raised
+        report.front_ends_declined["torch.export"] = str(why) if isinstance(why, CaptureError) else _short(why)
         return None
     report.front_end = "torch.export"
     report.nodes_before = len(captured.gm.graph.nodes)

@@ -52,8 +52,9 @@ class ExportedGraph:
         of tuples, lists and dicts, the placeholders take the arguments' names and the output
         node the output's structure: a plain graph.  An argument given as None, and the
         forward's optional arguments the example left out (``defaults``, at their default),
-        are arguments too, and refuse other values (the graph computed that value's path).  Otherwise (nested inputs, a ``ModelOutput``) the
-        graph flattens and rebuilds them with the model's pytree specs."""
+        are arguments too, and refuse other values (the graph computed that value's path).
+        Otherwise (nested inputs, a ``ModelOutput``) the graph flattens and rebuilds them with
+        the model's pytree specs."""
         graph = gm.graph
         placeholders = graph.find_nodes(op="placeholder")
         output = graph.find_nodes(op="output")[0]
@@ -133,7 +134,10 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     if ep is None:
         raise CaptureError(f"torch.export failed: {_short(first_error)}")
     unlifted = ep.module(check_guards=False)
-    guards = _guard_code(ep, unlifted)
+    try:
+        guards = _guard_code(ep, unlifted)
+    except Exception as why:  # (torch's own helpers for them, which may change between versions)
+        raise CaptureError(f"torch.export's guards could not be read: {_short(why)}") from why
     prefix = "model." if wrapped else ""
     gm = _flat_graph(unlifted, guards, prefix)
     lower_aten(gm)
@@ -159,8 +163,11 @@ def register_output_dataclasses(output: Any) -> List[type]:
         seen.add(id(value))
         cls = type(value)
         if dataclasses.is_dataclass(value) and not isinstance(value, type) and cls not in pytree.SUPPORTED_NODES:
-            torch.export.register_dataclass(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
-            registered.append(cls)
+            try:
+                torch.export.register_dataclass(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+                registered.append(cls)
+            except Exception:
+                return  # (a type pytree cannot take: compared as a whole, export refuses it)
         if cls in pytree.SUPPORTED_NODES:
             for child in pytree.tree_flatten(value, is_leaf=lambda v: v is not value)[0]:
                 visit(child)
