@@ -248,6 +248,7 @@ def _flat_graph(unlifted: fx.GraphModule, guards: List[Tuple[str, str]], prefix:
         env[node] = graph.placeholder(node.target)
         env[node].meta.update(_kept_meta(node))
     inputs = [env[n] for n in placeholders]
+    attributes: Dict[str, Any] = {}  # the new graph's attribute and module targets -> their values
     translator = _GuardTranslator(graph, inputs)  # one for all: each size is read once
     for code, words in dict.fromkeys(guards):
         condition = translator.visit(ast.parse(code, mode="eval").body)
@@ -263,10 +264,13 @@ def _flat_graph(unlifted: fx.GraphModule, guards: List[Tuple[str, str]], prefix:
             continue
         env[node] = graph.node_copy(node, env.__getitem__)
         env[node].meta = _kept_meta(node)
-        if node.op == "get_attr" and prefix:
-            env[node].target = node.target[len(prefix):]
-    root = unlifted.get_submodule(prefix[:-1]) if prefix else unlifted
-    return fx.GraphModule(root, graph, class_name=type(unlifted).__name__)
+        if node.op == "get_attr":
+            if prefix and node.target.startswith(prefix):
+                env[node].target = node.target[len(prefix):]
+            attributes[env[node].target] = _fetch(unlifted, node.target)
+        elif node.op == "call_module":
+            attributes[node.target] = unlifted.get_submodule(node.target)
+    return fx.GraphModule(attributes, graph, class_name=type(unlifted).__name__)
 
 
 def _kept_meta(node: fx.Node) -> Dict[str, Any]:
