@@ -46,9 +46,11 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     Python run as Python), ``"fx"`` (fx symbolic tracing, in parts where the whole does not
     trace), or ``"auto"``: fx where it captures the whole model, else export, else fx in
     parts (also where export's graph holds for fewer inputs than the model accepts).  The
-    report says which captured what and why another was not used.  ``verify`` checks the result against
-    the original on the example and on random inputs of other batch and spatial sizes; a
-    result that fails is rolled back.  The report is in ``result.repc_report``.
+    report says which captured what and why another was not used.
+
+    ``verify`` checks the result against the original on the example and on random inputs of
+    other batch and spatial sizes; a result that fails is rolled back.  The report is in
+    ``result.repc_report``.
 
     Non-tensor example inputs (a task id, a flag) are constants the result is specialized to,
     and so are the forward arguments named in ``specialize`` (tensors too): gates computed from
