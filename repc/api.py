@@ -105,10 +105,12 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         fused, report, reference = _build(**build, synthesize=True)
     else:
         check_inputs, as_flat = _flat_calling(example_inputs, kwargs)
+        # the inputs held as given: the specialized positions, or among flat leaves the non-tensors
+        held = fixed if not kwargs else {i for i, v in enumerate(check_inputs) if not isinstance(v, torch.Tensor)}
 
         def check(fused, reference):
             # the original's output on the example is `expected`, computed above: not run again
-            return compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, fixed,
+            return compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, held,
                            expected=expected if reference is model else None)
 
         def verified_build(build):

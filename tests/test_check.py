@@ -295,3 +295,27 @@ def test_region_checks_run_on_small_random_maps(monkeypatch):
     fused = repc.compile(model, torch.randn(1, 4, 32, 32))
     assert len(fused.repc_report.rewrites) == 2
     assert shapes and set(shapes) == {(2, 4, 7, 7)}
+
+
+class TokenModel(torch.nn.Module):
+    """Token ids and an attention mask of the same (B, T): an embedding, masked."""
+
+    def __init__(self, vocab=11, d=4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+
+    def forward(self, ids, mask):
+        assert ids.shape == mask.shape
+        return self.embed(ids) * mask[..., None]
+
+
+def test_integer_inputs_vary_together_with_values_drawn_from_the_example():
+    ids = torch.tensor([[1, 5, 7, 2, 9, 3, 4, 8], [0, 2, 2, 6, 10, 1, 3, 5]])
+    mask = torch.ones(2, 8, dtype=torch.long)
+    variants = input_variants((ids, mask), original=TokenModel().eval())
+    shapes = {tuple(tuple(t.shape) for t in v.inputs) for v in variants}
+    assert any(a[1] != 8 and a == b for a, b in shapes), shapes  # another T, the same for ids and mask
+    for v in variants[1:]:
+        got_ids, got_mask = v.inputs
+        assert got_ids.dtype == torch.long and set(got_ids.unique().tolist()) <= set(ids.unique().tolist())
+        assert bool((got_mask == 1).all())

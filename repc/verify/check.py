@@ -101,7 +101,7 @@ FLOOR = 7  # the smallest size tried on an axis other than the batch: every 3x3 
 class SizeProbe:
     """Inputs of the example's structure with random values and other sizes, run on a model.
 
-    The floating-point tensors among the example inputs (nested ones too; those at the ``fixed``
+    The floating-point, integer and bool tensors among the example inputs (nested ones too; those at the ``fixed``
     positions stay as given) are grouped in *ties*: an axis of every such tensor with the same
     size there, keyed ``(axis, size)`` -- the batch of an image and of its mask, the tokens of a
     sequence and of its attention bias -- which change together.  :meth:`run` gives the model
@@ -133,12 +133,12 @@ class SizeProbe:
 
     @property
     def varies(self) -> bool:
-        """Whether any input gets new values (a floating-point tensor not held fixed)."""
+        """Whether any input gets new values (a tensor not held fixed)."""
         return any(flat is not None and any(_varied(t) for t in flat[0]) for flat in self.flat)
 
     def inputs(self, sizes: Mapping[Tuple[int, int], int] = {}) -> Tuple[Any, ...]:
-        """Random values (standard normal, drawn in float32 then cast) for every varied tensor,
-        with the ties in ``sizes`` at the sizes given."""
+        """Random values (:func:`_draw`) for every varied tensor, with the ties in ``sizes`` at
+        the sizes given."""
         shapes: Dict[Tuple[int, int], List[int]] = {}
         for (axis, _), size in sizes.items():
             for member in self.ties[(axis, _)]:
@@ -149,8 +149,8 @@ class SizeProbe:
                 out.append(self.example_inputs[i])
                 continue
             leaves, spec = flat
-            new = [torch.randn(shapes.get((i, j), t.shape), generator=self.gen, dtype=torch.float32)
-                   .to(dtype=t.dtype, device=t.device) if _varied(t) else t for j, t in enumerate(leaves)]
+            new = [_draw(t, shapes.get((i, j), t.shape), self.gen) if _varied(t) else t
+                   for j, t in enumerate(leaves)]
             out.append(tree_unflatten(new, spec))
         return tuple(out)
 
@@ -175,12 +175,23 @@ class SizeProbe:
 
 
 def _varied(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()
+    """A tensor the checks give new values: floating point, or integer / bool with values to
+    draw from (token ids, masks)."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or not t.is_complex() and t.numel() > 0)
+
+
+def _draw(t: torch.Tensor, shape, gen: torch.Generator) -> torch.Tensor:
+    """Random values of ``t``'s kind at ``shape``: standard normal (drawn in float32, then cast)
+    for floating point, else entries of ``t`` itself (ids stay in the vocabulary, masks 0/1)."""
+    if t.is_floating_point():
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype=t.dtype, device=t.device)
+    pick = torch.randint(0, t.numel(), tuple(shape), generator=gen)
+    return t.reshape(-1)[pick.to(t.device)]
 
 
 def probe_sizes(model: Callable, example_inputs: Sequence[Any],
                 candidates: Callable[[int, int], Sequence[int]], fixed=()) -> Dict[Tuple[int, int], Tuple[int, ...]]:
-    """Sizes each axis of each top-level floating-point input may take, as far as ``model``
+    """Sizes each axis of each top-level varied input (see :class:`SizeProbe`) may take, as far as ``model``
     accepts them: each tie (see :class:`SizeProbe`) tried at ``candidates(axis, size)`` with
     everything else at the example's sizes.  Returns ``{(input, axis): sizes}`` for the axes
     with more than one accepted size, the example's size first."""
