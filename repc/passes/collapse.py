@@ -373,23 +373,28 @@ class _Writer:
         return self._emit(probe)
 
     def _accepts_other_sizes(self, probe: Expr, sources: List[fx.Node]) -> bool:
-        """Whether the region as written also runs on other per-sample sizes (maps one larger,
-        or one more token)."""
-        inputs = {}
-        for s in sources:
-            v = self.values[s]
-            shape = list(v.shape)
+        """Whether the region as written also runs on other per-sample sizes: any one map axis
+        (or the token axis) one larger or one smaller, the others as recorded (a stride can
+        take two sizes to the same output, so every axis and both ways are tried)."""
+        shapes = {s: list(self.values[s].shape) for s in sources}
+        trials = []
+        for s, shape in shapes.items():
             axes = range(2, len(shape)) if len(shape) >= 4 else (range(1, 2) if len(shape) == 3 else ())
-            if not axes:
-                return False
-            for a in axes:
-                shape[a] += 1
-            inputs[s] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        try:
-            self._run_region(probe, inputs)
-        except Exception:
-            return False
-        return True
+            trials.extend((s, a, d) for a in axes for d in (1, -1) if shape[a] + d >= 1)
+        for s, a, d in trials:
+            inputs = {}
+            for t, shape in shapes.items():
+                shape = list(shape)
+                if t is s:
+                    shape[a] += d
+                v = self.values[t]
+                inputs[t] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            try:
+                self._run_region(probe, inputs)
+            except Exception:
+                continue
+            return True
+        return False
 
     def _probe(self, probe: Expr, sources: List[fx.Node]) -> Dict[fx.Node, Dense]:
         ref = self.values[probe.node]

@@ -100,3 +100,18 @@ def test_ill_conditioned_output_is_judged_by_the_originals_rounding_noise():
     report = fused.repc_report
     assert report.verification.ok and not report.rolled_back, str(report)
     assert report.rewrites
+
+
+def test_no_dense_map_for_a_region_that_takes_another_size_on_one_axis():
+    """Found by the slow fuzz profile (2026-12-02): strided convs, then flatten -> linear.  The
+    head region's source accepted another height (one smaller) but not a larger height and
+    width together, so it was read off as a dense map; the model also runs at 4x1, where the
+    dense map refused its input.  Each axis is now tried alone, one larger and one smaller."""
+    from fuzz_networks import (ActLayer, Block, Branch, ConvLayer, LinearLayer, NetworkSpec, Tail,
+                               build_network, example_input)
+    spec = NetworkSpec(in_channels=2, size=(5, 1), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (1, 1)), dilation=(1, 2), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (1, 1)), dilation=(1, 2), groups=1, bias=False, pad_with='module', padding_mode='zeros'), ActLayer(kind='relu')), shares=None), Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((1, 1), (1, 1)), dilation=(2, 2), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None)), combine='sum', weights=(1.0, 1.0, 1.0, 1.0), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=Tail(reduce='tokens', blocks=(Block(branches=(Branch(layers=(LinearLayer(out_features=4, bias=False),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False),)), batch=1, seed=0, functional=False)
+    model = build_network(spec)
+    fused = repc.compile(model, example_input(spec))
+    assert fused.repc_report.verification.ok and not fused.repc_report.rolled_back
+    y = torch.randn(1, 2, 4, 1)
+    assert torch.allclose(fused(y), model(y), atol=1e-5)
