@@ -59,6 +59,7 @@ import torch.nn.functional as F
 import repc
 from repc.capture_export import export_graph
 from repc.report import op_counts
+from repc.examples.library_style import ConvNorm, RankCheckedBatchNorm, drop_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
 import bench_common as common  # noqa: E402
@@ -118,25 +119,6 @@ def randomized(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module
 # ----------------------------------------------------------------------------- library-style conv nets
 # Written the way timm-like libraries write them: a BatchNorm subclass asserting its input's rank
 # and calling the functional form, drop_path, in-place activations, a dataclass output.
-
-class RankCheckedBatchNorm(nn.BatchNorm2d):
-    def forward(self, x):
-        torch._assert(x.ndim == 4, f"expected a 4-d input, got {x.ndim}")
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
-def drop_path(x, drop_prob: float = 0.0, training: bool = False):
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - drop_prob)
-    return x * keep / (1 - drop_prob)
-
-
-class ConvNorm(nn.Sequential):
-    def __init__(self, cin, cout, k, stride=1, groups=1):
-        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-                         RankCheckedBatchNorm(cout))
-
 
 @dataclass
 class NetOutput:
