@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.fx as fx
 import torch.nn as nn
 
+from .reasons import RejectionKind
+
 
 @dataclass
 class Rewrite:
@@ -30,6 +32,7 @@ class Rewrite:
 class Rejection:
     root: str
     reason: str
+    kind: Optional[RejectionKind] = None  # what kind of no (repc.reasons); the reason says it in words
 
 
 @dataclass
