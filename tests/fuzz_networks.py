@@ -224,6 +224,116 @@ def accepted_sizes(spec: NetworkSpec, axis: int, upto: int) -> List[int]:
     return [n for n in range(1, upto + 1) if output_size(spec, n, axis) is not None]
 
 
+# ------------------------------------------------------------------------------- channels
+
+def _broadcast(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    """The channel count of ``a``- and ``b``-channel tensors broadcast together (None: they do not)."""
+    if a is None or b is None or (a != b and 1 not in (a, b)):
+        return None
+    return b if a == 1 else a
+
+
+def layer_channels(layer: Layer, built: int, n: Optional[int]) -> Optional[int]:
+    """Channels after ``layer`` (its modules built for ``built`` channels) on an input of ``n``
+    channels; None if the modules reject it.  Convs, norms and linears need their own count;
+    a per-channel scale or shift broadcasts (so one built for 1 channel takes any count); pools
+    (of at least one channel) and activations (``PReLU`` has one weight) take any."""
+    if n is None:
+        return None
+    if isinstance(layer, ConvLayer):
+        return layer.out_channels if n == built else None
+    if isinstance(layer, LinearLayer):
+        return layer.out_features if n == built else None
+    if isinstance(layer, NormLayer):
+        return n if n == built else None
+    if isinstance(layer, ScaleLayer):
+        return _broadcast(n, built) if layer.per_channel or layer.shift else n
+    if isinstance(layer, PoolLayer):
+        return n if n > 0 else None  # no pool of an empty slice
+    return n
+
+
+def _layer_out(layer: Layer, c: int) -> int:
+    return layer_channels(layer, c, c)
+
+
+def _built_channels(block: Block, index: int, cin: int) -> int:
+    """The channels branch ``index``'s modules are built for (the first of its own layers)."""
+    branch = block.branches[index]
+    if branch.shares is not None:
+        c = _built_channels(block, branch.shares, cin)
+        for layer in block.branches[branch.shares].layers:
+            c = _layer_out(layer, c)
+        return c
+    return block.splits[index] if block.combine == "split" else cin
+
+
+def _slice_channels(block: Block, n: int) -> Optional[List[int]]:
+    """The channels of each slice of a split block on ``n`` input channels (None: it fails).
+    Indexing ignores channels past the last slice (or cuts the slices short); ``narrow`` needs
+    every slice inside the input; ``split`` needs the slices to cover it exactly; ``chunk``
+    cuts the input into pieces of ``ceil(n / k)`` channels, which may be fewer than ``k``."""
+    if block.slice_with == "split":
+        return list(block.splits) if sum(block.splits) == n else None
+    if block.slice_with == "chunk":
+        k = len(block.splits)
+        size = -(-n // k)
+        pieces = [min(size, n - start) for start in range(0, n, size)] if size else []
+        return pieces[:k] if len(pieces) >= k else None
+    out, start = [], 0
+    for part in block.splits:
+        if block.slice_with == "narrow" and start + part > n:
+            return None
+        out.append(max(0, min(start + part, n) - start))
+        start += part
+    return out
+
+
+def block_channels(block: Block, cin: int, n: Optional[int]) -> Optional[int]:
+    """Channels after ``block`` (built for ``cin`` input channels) on an input of ``n``
+    channels, or None if some module rejects it."""
+    for _ in range(block.repeat):
+        if n is None:
+            return None
+        inputs = _slice_channels(block, n) if block.combine == "split" else [n] * len(block.branches)
+        if inputs is None:
+            return None
+        outs: List[Optional[int]] = []
+        for i, branch in enumerate(block.branches):
+            c = outs[branch.shares] if branch.shares is not None else inputs[i]
+            built = _built_channels(block, i, cin)
+            for layer in branch.layers:
+                c = layer_channels(layer, built, c)
+                built = _layer_out(layer, built)
+            outs.append(c)
+        if None in outs:
+            return None
+        if block.combine == "sum":
+            n = outs[0]
+            for c in outs[1:]:  # ``+=`` writes into the first branch's tensor: it cannot grow
+                n = (n if c in (n, 1) else None) if block.inplace else _broadcast(n, c)
+        else:
+            n = sum(outs)
+    return n
+
+
+def accepted_channels(spec: NetworkSpec, n: int) -> Optional[int]:
+    """Output channels (features, with a tail) of the network on an input of ``n`` channels
+    at the example's size, or None if some module rejects it."""
+    c, built = n, spec.in_channels
+    for block in spec.blocks:
+        c = block_channels(block, built, c)
+        built = block_channels(block, built, built)
+    if spec.tail is not None and c is not None:
+        if spec.tail.reduce == "flatten":
+            area = math.prod(output_size(spec, size, axis) for axis, size in enumerate(spec.size))
+            c, built = c * area, built * area
+        for block in spec.tail.blocks:
+            c = block_channels(block, built, c)
+            built = block_channels(block, built, built)
+    return c
+
+
 # ------------------------------------------------------------------------------- modules
 
 class Scale(nn.Module):

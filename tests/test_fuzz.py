@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import repc
 import repc.algebra
-from fuzz_networks import NetworkSpec, accepted_sizes, build_network, example_input, networks, output_size
+from fuzz_networks import NetworkSpec, accepted_channels, accepted_sizes, build_network, example_input, networks, output_size
 from fuzz_profiles import fuzz_settings
 from repc.examples import randomize_bn
 from repc.verify.equivalence import ModelPair, check_case, verify
@@ -60,7 +60,8 @@ def test_compiled_network_matches_the_original_on_other_shapes(spec, data):
 @fuzz_settings(scale=0.5)
 @given(spec=networks())
 def test_generated_networks_accept_every_size_they_claim(spec):
-    """The generator's size bookkeeping: the branches of every block agree on every size."""
+    """The generator's size bookkeeping: the branches of every block agree on every size, and
+    the generator knows whether the network takes one more input channel."""
     model = build_network(spec)
     with torch.no_grad():
         for h in accepted_sizes(spec, 0, spec.size[0] + 3)[-3:]:
@@ -68,9 +69,18 @@ def test_generated_networks_accept_every_size_they_claim(spec):
                 out = model(torch.randn(1, spec.in_channels, h, w))
                 if spec.tail is None:
                     assert tuple(out.shape[2:]) == (output_size(spec, h, 0), output_size(spec, w, 1))
-        if spec.blocks[0].combine != "split":  # slices of a split ignore extra channels
-            with pytest.raises(Exception):
-                model(torch.randn(1, spec.in_channels + 1, *spec.size))
+        # one channel more or less: rejected, or accepted with the output channels the generator
+        # says (slices of a split, pools and broadcast scales take other channel counts)
+        feature_axis = 1 if spec.tail is None else -1
+        assert accepted_channels(spec, spec.in_channels) == model(example_input(spec)).shape[feature_axis]
+        for n in {spec.in_channels + 1, max(1, spec.in_channels - 1)} - {spec.in_channels}:
+            other = torch.randn(1, n, *spec.size)
+            channels = accepted_channels(spec, n)
+            if channels is None:
+                with pytest.raises(Exception):
+                    model(other)
+            else:
+                assert model(other).shape[feature_axis] == channels, f"{n} channels: {spec!r}"
 
 
 # --------------------------------------------------------------------------- planted bugs

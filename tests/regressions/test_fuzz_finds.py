@@ -115,3 +115,24 @@ def test_no_dense_map_for_a_region_that_takes_another_size_on_one_axis():
     assert fused.repc_report.verification.ok and not fused.repc_report.rolled_back
     y = torch.randn(1, 2, 4, 1)
     assert torch.allclose(fused(y), model(y), atol=1e-5)
+
+
+def test_generator_knows_a_pool_only_network_takes_extra_channels():
+    """Found by the slow fuzz profile (2026-12-02), in the generator, not in repc: a network of
+    one average pool on 1x1 maps runs on one channel more, while the generator's claim (every
+    network but one starting with a split rejects it) said it fails.  The generator now follows
+    the channels through every layer (:func:`fuzz_networks.accepted_channels`); a pool or a
+    per-channel scale built for one channel takes any count, a conv or a norm does not."""
+    from fuzz_networks import Block, Branch, NetworkSpec, NormLayer, PoolLayer, ScaleLayer, accepted_channels, build_network
+    pool = PoolLayer(kernel=(1, 2), padding=((0, 0), (0, 1)), pad_with='module')
+    spec = NetworkSpec(in_channels=1, size=(1, 1), blocks=(Block(branches=(Branch(layers=(pool,)),)),), batch=1)
+    with torch.no_grad():
+        assert accepted_channels(spec, 2) == 2
+        assert build_network(spec)(torch.randn(1, 2, 1, 1)).shape == (1, 2, 1, 1)
+        scaled = NetworkSpec(1, (1, 1), (Block((Branch((pool, ScaleLayer(True, 0.5, True))),)),), batch=1)
+        assert accepted_channels(scaled, 3) == 3
+        assert build_network(scaled)(torch.randn(1, 3, 1, 1)).shape == (1, 3, 1, 1)
+        normed = NetworkSpec(1, (1, 1), (Block((Branch((pool, NormLayer())),)),), batch=1)
+        assert accepted_channels(normed, 2) is None
+        with pytest.raises(RuntimeError):
+            build_network(normed)(torch.randn(1, 2, 1, 1))
