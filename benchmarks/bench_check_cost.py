@@ -6,9 +6,9 @@ the model, and that is where the time goes: this script compiles a stack of RepV
 at a real width (default 8 blocks at width 64 on 1x3x128x128) and splits ``repc.compile``'s
 time into
 
-* capture + normalize + match (tracing, shape propagation with recording, the rewrites
+* capture + prepare + match (tracing, shape propagation with recording, the rewrites
   before matching, the region matcher, writing the fused graph without its checks),
-* the per-region checks (``_Writer._check``: each merged op against the region as written),
+* the per-region checks (``RegionChecker.check``: each merged op against the region as written),
 * the whole-model check (``repc.verify.check.compare`` called by ``repc.compile``),
 * the rest (the original's own run on the example, copies, the report),
 
@@ -41,14 +41,14 @@ import bench_common as common  # noqa: E402
 
 # (module, attribute, phase): exclusive times, so a check inside writing counts as a check
 PHASES = [
-    ("repc.api", "_trace_whole", "capture + normalize + match"),
-    ("repc.passes.collapse", "_record", "capture + normalize + match"),
-    ("repc.passes.collapse", "RegionMatcher.run", "capture + normalize + match"),
-    ("repc.passes.collapse", "_Writer.run", "capture + normalize + match"),
-    ("repc.passes.collapse", "_Writer._check", "per-region checks"),
+    ("repc.api", "_trace_whole", "capture + prepare + match"),
+    ("repc.passes.manager", "record_values", "capture + prepare + match"),
+    ("repc.passes.collapse", "RegionMatcher.run", "capture + prepare + match"),
+    ("repc.passes.collapse", "GraphWriter.run", "capture + prepare + match"),
+    ("repc.passes.collapse", "RegionChecker.check", "per-region checks"),
     ("repc.api", "compare", "whole-model check"),
 ]
-PHASE_ORDER = ["capture + normalize + match", "per-region checks", "whole-model check", "other"]
+PHASE_ORDER = ["capture + prepare + match", "per-region checks", "whole-model check", "other"]
 
 
 def build(blocks: int, width: int, seed: int = 0) -> nn.Module:

@@ -67,13 +67,13 @@ BLOCKS: Dict[str, List[Callable[[], nn.Module]]] = {
 PHASES = [
     ("repc.api", "copy.deepcopy", "copy model"),
     ("repc.api", "_trace_whole", "trace"),
-    ("repc.passes.collapse", "functionalize_inplace", "functionalize"),
-    ("repc.passes.collapse", "_record", "shape prop + record"),
-    ("repc.passes.collapse", "split_norm_affine", "split norms"),
+    ("repc.passes.prepare", "functionalize_inplace", "functionalize"),
+    ("repc.passes.manager", "record_values", "shape prop + record"),
+    ("repc.passes.prepare", "split_norm_affine", "split norms"),
     ("repc.passes.collapse", "RegionMatcher.run", "matching"),
-    ("repc.passes.collapse", "_Writer.run", "writing"),
-    ("repc.passes.collapse", "_Writer._check", "per-region checks"),
-    ("repc.passes.collapse", "_Writer._synthesize", "synthesis"),
+    ("repc.passes.collapse", "GraphWriter.run", "writing"),
+    ("repc.passes.collapse", "RegionChecker.check", "per-region checks"),
+    ("repc.passes.collapse", "DenseProbe.candidate", "synthesis"),
     ("repc.api", "compare", "whole-model verify"),
 ]
 PHASE_ORDER = [p for _, _, p in PHASES] + ["other", "gc (wall, inside the above)"]

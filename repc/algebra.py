@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .ops import AffineOp, Conv, Dense, Elementwise, Linear, NotMergeable, Padding
+from .reasons import MergeKind
 
 F64 = torch.float64
 
@@ -49,7 +50,7 @@ def regroup(weight: Tensor, groups: int, new_groups: int) -> Tensor:
     if new_groups == groups:
         return weight
     if groups % new_groups:
-        raise NotMergeable(f"cannot regroup {groups} groups into {new_groups}")
+        raise NotMergeable(MergeKind.GROUPS, f"cannot regroup {groups} groups into {new_groups}")
     r = groups // new_groups
     cout, cin_g = weight.shape[:2]
     kernel = weight.shape[2:]
@@ -84,7 +85,7 @@ def compact_groups(conv: Conv) -> Conv:
 def elementwise_as_conv(ew: Elementwise, nd: int) -> Conv:
     """A per-channel ``x * s + t`` on channel axis 1 as a depthwise pointwise conv."""
     if ew.ndim != nd + 2:
-        raise NotMergeable(f"elementwise map on a {ew.ndim}-d tensor next to a {nd}-d conv")
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, f"elementwise map on a {ew.ndim}-d tensor next to a {nd}-d conv")
     s, t = ew.channel_vectors(1)
     c = s.numel()
     return Conv(s.reshape((c, 1) + (1,) * nd), None if ew.shift is None else t,
@@ -144,7 +145,7 @@ def compose(first: AffineOp, second: AffineOp) -> AffineOp:
         return compose_linear(first, second)
     if isinstance(first, Elementwise) and isinstance(second, Linear):
         return compose_linear(elementwise_as_linear(first), second)
-    raise NotMergeable(f"no closed form for {type(second).__name__} after {type(first).__name__}")
+    raise NotMergeable(MergeKind.NO_CLOSED_FORM, f"no closed form for {type(second).__name__} after {type(first).__name__}")
 
 
 def constant_like(first: AffineOp, constant: Elementwise) -> AffineOp:
@@ -155,7 +156,7 @@ def constant_like(first: AffineOp, constant: Elementwise) -> AffineOp:
     if isinstance(first, Linear):
         _, t = constant.channel_vectors(-1)
         return Linear(torch.zeros_like(first.weight), t)
-    raise NotMergeable("a constant after this op")
+    raise NotMergeable(MergeKind.NO_CLOSED_FORM, "a constant after this op")
 
 
 def compose_elementwise(first: Elementwise, second: Elementwise) -> Elementwise:
@@ -170,7 +171,7 @@ def compose_elementwise(first: Elementwise, second: Elementwise) -> Elementwise:
 def scale_conv_outputs(conv: Conv, scale: Tensor, shift: Tensor) -> Conv:
     """Per-output-channel ``conv(x) * s + t``: ``W'[o] = s[o] W[o]``, ``b' = s b + t``."""
     if scale.numel() != conv.out_channels:
-        raise NotMergeable("per-channel scale does not match the conv's output channels")
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "per-channel scale does not match the conv's output channels")
     w = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
     b = shift if conv.bias is None else conv.bias * scale + shift
     return conv.replace(weight=w, bias=b)
@@ -179,7 +180,7 @@ def scale_conv_outputs(conv: Conv, scale: Tensor, shift: Tensor) -> Conv:
 def compose_linear(first: Linear, second: Linear) -> Linear:
     """``W2 (W1 x + b1) + b2 = (W2 W1) x + (W2 b1 + b2)``."""
     if first.out_features != second.in_features:
-        raise NotMergeable("feature counts differ")
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "feature counts differ")
     w = second.weight @ first.weight
     b = None
     if first.bias is not None:
@@ -207,9 +208,9 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
     zero wherever the second one pads, and the paddings add up.
     """
     if first.nd != second.nd:
-        raise NotMergeable("convs of different dimensionality")
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "convs of different dimensionality")
     if first.out_channels != second.in_channels:
-        raise NotMergeable("channel counts differ")
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "channel counts differ")
     nd = first.nd
     g = math.gcd(first.groups, second.groups)
     w1 = _grouped(first.weight, first.groups, g)  # [g, M/g, I/g, *k1]
@@ -218,11 +219,11 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
     pads_second = any(p != (0, 0) for p in second.padding)
     if pads_second:
         if not first.is_pointwise:
-            raise NotMergeable("the second conv pads the output of a first conv that is not a stride-1 pointwise map")
+            raise NotMergeable(MergeKind.BORDER, "the second conv pads the output of a first conv that is not a stride-1 pointwise map")
         if first.bias is not None and not negligible(first.bias, first.weight):
-            raise NotMergeable("the second conv zero-pads a biased output (e.g. BN before a padded conv): the border would differ")
+            raise NotMergeable(MergeKind.BORDER, "the second conv zero-pads a biased output (e.g. BN before a padded conv): the border would differ")
         if second.padding_mode != "zeros" or (first.padding_mode != "zeros" and any(p != (0, 0) for p in first.padding)):
-            raise NotMergeable("non-zero padding modes do not compose")
+            raise NotMergeable(MergeKind.BORDER, "non-zero padding modes do not compose")
         w = torch.einsum("gom...,gmi->goi...", w2, w1.reshape(w1.shape[:3]))
         padding = tuple((p1[0] + p2[0], p1[1] + p2[1]) for p1, p2 in zip(first.padding, second.padding))
         return Conv(w.reshape((second.out_channels, first.in_channels // g) + second.kernel_size), bias,
@@ -282,11 +283,11 @@ def add(a: AffineOp, b: AffineOp) -> AffineOp:
             b = elementwise_as_linear(b)
     if isinstance(a, Linear) and isinstance(b, Linear):
         if a.weight.shape != b.weight.shape:
-            raise NotMergeable("linear maps of different shapes")
+            raise NotMergeable(MergeKind.SHAPES_DIFFER, "linear maps of different shapes")
         return Linear(a.weight + b.weight, _add_optional(a.bias, b.bias))
     if isinstance(a, Conv) and isinstance(b, Conv):
         return add_convs(a, b)
-    raise NotMergeable(f"no closed form for {type(a).__name__} + {type(b).__name__}")
+    raise NotMergeable(MergeKind.NO_CLOSED_FORM, f"no closed form for {type(a).__name__} + {type(b).__name__}")
 
 
 def add_elementwise(a: Elementwise, b: Elementwise) -> Elementwise:
@@ -324,32 +325,32 @@ def align_convs(convs: Sequence[Conv], groups: int) -> Tuple[List[Conv], None]:
     first = convs[0]
     nd = first.nd
     if any(c.nd != nd for c in convs):
-        raise NotMergeable("convs of different dimensionality")
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "convs of different dimensionality")
     if any(c.in_channels != first.in_channels for c in convs):
-        raise NotMergeable("input channel counts differ")
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "input channel counts differ")
     if any(c.stride != first.stride for c in convs):
         strides = sorted({c.stride for c in convs})
-        raise NotMergeable(f"strides differ: {strides}")
+        raise NotMergeable(MergeKind.GRIDS_DIFFER, f"strides differ: {strides}")
     modes = {c.padding_mode for c in convs if any(p != (0, 0) for p in c.padding)}
     if len(modes) > 1:
-        raise NotMergeable(f"padding modes differ: {sorted(modes)}")
+        raise NotMergeable(MergeKind.GRIDS_DIFFER, f"padding modes differ: {sorted(modes)}")
     mode = modes.pop() if modes else "zeros"
     dilation, padding, size, shifts = [], [], [], [[] for _ in convs]
     for ax in range(nd):
         ds = {c.dilation[ax] for c in convs if c.kernel_size[ax] > 1}
         if len(ds) > 1:
-            raise NotMergeable(f"dilations differ on spatial axis {ax}: {sorted(ds)}")
+            raise NotMergeable(MergeKind.GRIDS_DIFFER, f"dilations differ on spatial axis {ax}: {sorted(ds)}")
         d = ds.pop() if ds else 1
         lo = max(c.padding[ax][0] for c in convs)
         for i, c in enumerate(convs):
             offset = lo - c.padding[ax][0]
             if offset % d:
-                raise NotMergeable(f"branches are offset by {offset} on axis {ax}, not a multiple of the dilation {d}")
+                raise NotMergeable(MergeKind.GRIDS_DIFFER, f"branches are offset by {offset} on axis {ax}, not a multiple of the dilation {d}")
             shifts[i].append(offset // d)
         k = max(s[ax] + c.kernel_size[ax] for s, c in zip(shifts, convs))
         his = {c.padding[ax][1] + d * (k - s[ax] - c.kernel_size[ax]) for s, c in zip(shifts, convs)}
         if len(his) > 1:
-            raise NotMergeable(f"padding offsets differ on axis {ax}: the branches' output grids do not align")
+            raise NotMergeable(MergeKind.GRIDS_DIFFER, f"padding offsets differ on axis {ax}: the branches' output grids do not align")
         dilation.append(d)
         padding.append((lo, his.pop()))
         size.append(k)
@@ -371,21 +372,21 @@ def concat(ops: Sequence[AffineOp], axis: int, ndim: int) -> AffineOp:
     axis %= ndim
     if any(isinstance(op, Conv) for op in ops):
         if axis != 1:
-            raise NotMergeable(f"concatenation on axis {axis}, not the conv channel axis")
+            raise NotMergeable(MergeKind.AXIS, f"concatenation on axis {axis}, not the conv channel axis")
         nd = next(op.nd for op in ops if isinstance(op, Conv))
         convs = [elementwise_as_conv(op, nd) if isinstance(op, Elementwise) else op for op in ops]
         if not all(isinstance(c, Conv) for c in convs):
-            raise NotMergeable("concatenation mixes convs with other maps")
+            raise NotMergeable(MergeKind.NO_CLOSED_FORM, "concatenation mixes convs with other maps")
         aligned, _ = align_convs(convs, 1)
         return _stack(aligned, lambda w, b: aligned[0].replace(weight=w, bias=b))
     if any(isinstance(op, Linear) for op in ops) or axis == ndim - 1:
         if axis != ndim - 1:
-            raise NotMergeable(f"concatenation on axis {axis}, not the feature axis")
+            raise NotMergeable(MergeKind.AXIS, f"concatenation on axis {axis}, not the feature axis")
         linears = [elementwise_as_linear(op) if isinstance(op, Elementwise) else op for op in ops]
         if not all(isinstance(l, Linear) for l in linears):
-            raise NotMergeable("concatenation mixes linear maps with other maps")
+            raise NotMergeable(MergeKind.NO_CLOSED_FORM, "concatenation mixes linear maps with other maps")
         return _stack(linears, Linear)
-    raise NotMergeable(f"concatenation of elementwise maps on axis {axis}")
+    raise NotMergeable(MergeKind.AXIS, f"concatenation of elementwise maps on axis {axis}")
 
 
 def _stack(ops, build):
@@ -403,7 +404,7 @@ def select_outputs(op: AffineOp, start: int, stop: int) -> AffineOp:
     if isinstance(op, Conv):
         w = regroup(op.weight, op.groups, 1)[start:stop]
         return op.replace(weight=w, bias=None if op.bias is None else op.bias[start:stop], groups=1)
-    raise NotMergeable("only conv and linear outputs can be sliced")
+    raise NotMergeable(MergeKind.NO_CLOSED_FORM, "only conv and linear outputs can be sliced")
 
 
 def select_inputs(op: AffineOp, start: int, stop: int) -> AffineOp:
@@ -416,7 +417,7 @@ def select_inputs(op: AffineOp, start: int, stop: int) -> AffineOp:
     if isinstance(op, Conv):
         w = regroup(op.weight, op.groups, 1)[:, start:stop].contiguous()
         return op.replace(weight=w, groups=1)
-    raise NotMergeable("only conv and linear inputs can be split")
+    raise NotMergeable(MergeKind.NO_CLOSED_FORM, "only conv and linear inputs can be split")
 
 
 def apply(op: AffineOp, x: Tensor) -> Tensor:

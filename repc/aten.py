@@ -1,9 +1,9 @@
 """The ATen dialect of ``torch.export`` graphs, written in the torch-level dialect repc reads.
 
 ``torch.export`` records ``torch.ops.aten.<op>.<overload>`` calls; repc's vocabulary
-(:mod:`repc.normalize`) defines the meaning of torch functions, tensor methods, operators and
+(:mod:`repc.vocabulary`) defines the meaning of torch functions, tensor methods, operators and
 modules.  Rather than a second copy of every meaning, each ATen overload is translated here to
-the torch-level call that computes the same thing, and the one table in ``normalize`` then
+the torch-level call that computes the same thing, and the one table in ``vocabulary`` then
 gives it its meaning.  The translation is a table, :data:`LOWERINGS`, keyed by the ATen op
 (the overload packet: ``aten.conv2d`` covers ``aten.conv2d.default`` and ``.padding``), each
 entry a small function from the node's arguments to the torch-level call.  Three generic rules
@@ -12,7 +12,7 @@ cover the rest:
 * an op whose torch function takes the ATen schema's arguments as they are
   (:data:`SAME_SIGNATURE`: ``aten.add.Tensor`` -> ``torch.add``, ``aten.cat`` -> ``torch.cat``);
 * an in-place op (``aten.relu_``, ``aten.add_``) becomes the tensor method of its name, which
-  the in-place pass (:func:`repc.normalize.functionalize_inplace`) already knows;
+  the in-place pass (:func:`repc.passes.inplace.functionalize_inplace`) already knows;
 * anything else stays the ATen call it was: it runs as it is and is opaque to the matcher.
 
 Only the target and arguments of a node change; its inputs, users and metadata stay.

@@ -12,8 +12,8 @@ piece between graph breaks), :func:`repc_backend`
 2. *freezes* it: every placeholder that dynamo lifted from the model (parameters, buffers,
    tensor and number attributes of ``nn.Module`` s) becomes a ``get_attr`` of a constant
    holding a copy of its value at compile time; the user's inputs stay placeholders;
-3. runs repc's collapse pass on the frozen graph (normalize, region matching, closed forms,
-   per-region verification), then checks the fused graph against the frozen one as a whole;
+3. runs repc's collapse pass on the frozen graph (preparation passes, region matching, closed
+   forms, per-region verification), then checks the fused graph against the frozen one as a whole;
 4. compiles the fused graph with the inner backend (``options={"inner": "inductor"}`` by
    default; ``"eager"``, any registered backend name, or a backend callable) and returns a
    callable taking the full argument list dynamo passes (the frozen arguments are dropped).
@@ -45,7 +45,6 @@ import collections
 import contextlib
 import copy
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -54,7 +53,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import _short
+from .graph_predicates import fetch_attr, may_alias, short_error, target_name, writes_in_place
 from .passes.collapse import collapse
 from .verify.check import compare
 
@@ -69,9 +68,6 @@ _DROPOUTS = {F.dropout: (2, True), F.dropout1d: (2, True), F.dropout2d: (2, True
              torch.feature_alpha_dropout: (2, None)}  # target -> (position of ``training``, default)
 _TRAINING_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                      nn.AlphaDropout, nn.FeatureAlphaDropout)
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
 
 
 class BackendOptionError(ValueError):
@@ -199,7 +195,7 @@ def _inductor_frozen(inductor: Callable, fused: fx.GraphModule, example_inputs: 
         raise
     except Exception as why:  # a freezing pass that cannot handle this graph: the plain compile still can
         log.warning("repc backend: Inductor's freezing failed on a fused graph (%s); compiling it without",
-                    _short(why))
+                    short_error(why))
         return inductor(fused, example_inputs)
 
 
@@ -219,7 +215,7 @@ def _parse_options(options, mode) -> Tuple[Callable, bool]:
         try:
             inner = torch._dynamo.lookup_backend(inner)
         except Exception as why:
-            raise BackendOptionError(f"unknown inner backend {options['inner']!r}: {_short(why)}") from None
+            raise BackendOptionError(f"unknown inner backend {options['inner']!r}: {short_error(why)}") from None
     elif not callable(inner):
         raise BackendOptionError(f"the inner backend must be a backend name or callable, got {type(inner).__name__}")
     verify = options.get("verify", True)
@@ -265,7 +261,7 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: List[Any], *, verify: bool = 
         with _real_tensors(), torch.no_grad():
             result = collapse(_frozen_module(gm, constants), user_inputs)
     except Exception as why:
-        return _unchanged(gm, f"repc could not fuse it ({_short(why)})", level=logging.WARNING)
+        return _unchanged(gm, f"repc could not fuse it ({short_error(why)})", level=logging.WARNING)
     fused = result.module
     outcome = GraphOutcome(True, rewrites=result.rewrites, rejections=result.rejections,
                            frozen=len(frozen_positions), nodes_before=len(gm.graph.nodes),
@@ -281,7 +277,7 @@ def fuse_graph(gm: fx.GraphModule, example_inputs: List[Any], *, verify: bool = 
             with _real_tensors():
                 check = compare(fused, _frozen_module(gm, constants), user_inputs)
         except Exception as why:
-            return _unchanged(gm, f"the frozen graph does not run on its example ({_short(why)})",
+            return _unchanged(gm, f"the frozen graph does not run on its example ({short_error(why)})",
                               level=logging.WARNING)
         if not check.ok:
             where = check.error or f"deviation {check.max_deviation:.3g} > {check.tolerance:g}"
@@ -331,7 +327,7 @@ def training_reason(gm: fx.GraphModule) -> Optional[str]:
             name = "training" if default is not None else "train"
             training = _argument(node, position, name, default)
             if training is not False and _argument(node, 1, "p", 0.5) != 0:
-                return f"{node.name}: {_name(node)} with {name}={training} (model in training mode)"
+                return f"{node.name}: {target_name(node)} with {name}={training} (model in training mode)"
     return None
 
 
@@ -348,51 +344,21 @@ def mutated_input(gm: fx.GraphModule, frozen: set) -> Optional[str]:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         inputs = node.all_input_nodes
-        if _is_inplace(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in visible:
-            return f"{node.name}: {_name(node)} on {node.args[0].name}"
+        if writes_in_place(node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0] in visible:
+            return f"{node.name}: {target_name(node)} on {node.args[0].name}"
         if inputs and all(a in state for a in inputs):
             state.add(node)
             visible.add(node)
-        elif node.op in ("call_method", "call_function") and _name(node) in _VIEWS and node.args \
+        elif node.op in ("call_method", "call_function") and may_alias(node) and node.args \
                 and node.args[0] in visible:
             visible.add(node)
     return None
-
-
-_VIEWS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
-          "permute", "t", "T", "mT", "expand", "expand_as", "narrow", "select", "split", "chunk", "unbind",
-          "tensor_split", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "as_strided", "detach",
-          "unfold", "view_as_real", "view_as_complex", "getitem", "contiguous", "alias", "real", "imag"}
-
-
-def _is_inplace(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op != "call_function":
-        return False
-    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
-        return True
-    if node.target in (F.relu, F.relu6, F.elu, F.selu, F.celu, F.leaky_relu, F.rrelu, F.hardtanh,
-                       F.hardsigmoid, F.hardswish, F.silu, F.mish, F.threshold) and len(node.args) > 1 \
-            and node.args[-1] is True:
-        return True
-    name = _name(node)
-    overload = getattr(node.target, "_schema", None)
-    if overload is not None:  # torch.ops.aten.*: the schema says whether the first argument is written
-        args = overload.arguments
-        return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
-    return name.endswith("_") and not name.startswith("_")
 
 
 def _argument(node: fx.Node, position: int, name: str, default):
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[position] if len(node.args) > position else default
-
-
-def _name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -419,7 +385,7 @@ def _constants_root(gm: fx.GraphModule, frozen: Dict[fx.Node, Any]) -> Dict[fx.N
         for i, (node, value) in enumerate(frozen.items()):
             values[node] = (f"frozen_{i}_{node.name}"[:120], value.detach().clone())
         for i, node in enumerate(n for n in gm.graph.nodes if n.op in ("get_attr", "call_module")):
-            value = gm.get_submodule(node.target) if node.op == "call_module" else _fetch(gm, node.target)
+            value = gm.get_submodule(node.target) if node.op == "call_module" else fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 value = value.detach().clone()
             values[node] = (f"attr_{i}_{node.target}".replace(".", "_")[:120], value)
@@ -464,12 +430,6 @@ def _frozen_module(gm: fx.GraphModule, constants: Dict[fx.Node, Tuple[str, Any]]
         else:
             env[node] = graph.node_copy(node, arg)
     return fx.GraphModule(root, graph, class_name="FrozenGraph")
-
-
-def _fetch(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 @dataclass

@@ -19,6 +19,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .graph_predicates import short_error, writes_in_place
+
 
 class CaptureError(Exception):
     pass
@@ -117,7 +119,7 @@ class Tracer(fx.Tracer):
         with torch.no_grad(), _real_calls():
             for node in self.graph.nodes:
                 if node not in self._example_values:
-                    if _writes_in_place(node):  # running it would write into the model's tensors
+                    if writes_in_place(node):  # running it would write into the model's tensors
                         raise LookupError("an in-place write comes first")
                     if node.op == "placeholder":
                         name = node.target.lstrip("*")
@@ -141,22 +143,6 @@ def _real_calls():
     except ImportError:
         return contextlib.nullcontext()
     return _maybe_revert_all_patches()
-
-
-_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                       operator.ilshift, operator.irshift, operator.imatmul}
-
-
-def _writes_in_place(node: fx.Node) -> bool:
-    """An item assignment, an in-place operator, method or function (its target may be a buffer)."""
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True or \
-            (name.endswith("_") and not name.startswith("_"))
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    return False
 
 
 def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None,
@@ -244,7 +230,7 @@ def split_untraceable(model: nn.Module, example_inputs, reason: str) -> Tuple[Li
             try:
                 trace(child, example_inputs=inputs[path])
             except Exception as why:
-                skipped.append(Skipped(path, _short(why)))
+                skipped.append(Skipped(path, short_error(why)))
                 visit(path, child)
                 continue
             traceable.append((path, inputs[path]))
@@ -253,6 +239,6 @@ def split_untraceable(model: nn.Module, example_inputs, reason: str) -> Tuple[Li
     return traceable, skipped
 
 
-def _short(why: BaseException) -> str:
-    text = str(why).strip().splitlines()
-    return f"{type(why).__name__}: {text[0] if text else ''}"[:200]
+
+
+_short = short_error  # transitional alias while repc/api.py moves to graph_predicates.short_error

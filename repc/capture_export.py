@@ -32,7 +32,8 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .aten import lower_aten
-from .capture import CaptureError, _short
+from .capture import CaptureError
+from .graph_predicates import fetch_attr, short_error
 
 
 @dataclass
@@ -132,12 +133,12 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
         except Exception as why:  # a model export cannot run as Python under fake tensors
             first_error = first_error or why
     if ep is None:
-        raise CaptureError(f"torch.export failed: {_short(first_error)}")
+        raise CaptureError(f"torch.export failed: {short_error(first_error)}")
     unlifted = ep.module(check_guards=False)
     try:
         guards = _guard_code(ep, unlifted)
     except Exception as why:  # (torch's own helpers for them, which may change between versions)
-        raise CaptureError(f"torch.export's guards could not be read: {_short(why)}") from why
+        raise CaptureError(f"torch.export's guards could not be read: {short_error(why)}") from why
     prefix = "model." if wrapped else ""
     gm = _flat_graph(unlifted, guards, prefix)
     lower_aten(gm)
@@ -267,7 +268,7 @@ def _flat_graph(unlifted: fx.GraphModule, guards: List[Tuple[str, str]], prefix:
         if node.op == "get_attr":
             if prefix and node.target.startswith(prefix):
                 env[node].target = node.target[len(prefix):]
-            attributes[env[node].target] = _fetch(unlifted, node.target)
+            attributes[env[node].target] = fetch_attr(unlifted, node.target)
         elif node.op == "call_module":
             attributes[node.target] = unlifted.get_submodule(node.target)
     return fx.GraphModule(attributes, graph, class_name=type(unlifted).__name__)
@@ -466,7 +467,7 @@ def modules_for_layer_calls(gm: fx.GraphModule) -> int:
                if i in tensor_args.values() and i < len(args)) or tensor_args["weight"] >= len(args) \
                 or args[tensor_args["weight"]] is None:
             continue
-        tensors = {name: _fetch(gm, args[i].target) if i < len(args) and args[i] is not None else None
+        tensors = {name: fetch_attr(gm, args[i].target) if i < len(args) and args[i] is not None else None
                    for name, i in tensor_args.items()}
         values = [tensors.get(_name_of(tensor_args, i), a) if i > 0 else node.args[0].meta.get("val")
                   for i, a in enumerate(args)]
@@ -491,11 +492,6 @@ def modules_for_layer_calls(gm: fx.GraphModule) -> int:
 
 def _name_of(tensor_args: Dict[str, int], index: int) -> Optional[str]:
     return next((name for name, i in tensor_args.items() if i == index), None)
-
-
-def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

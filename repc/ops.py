@@ -21,11 +21,19 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .reasons import MergeKind
+
 Padding = Tuple[Tuple[int, int], ...]
 
 
 class NotMergeable(Exception):
-    """A closed form does not apply; the message says which guard failed."""
+    """A closed form does not apply: :attr:`kind` (a :class:`repc.reasons.MergeKind`) says what
+    kind of guard failed, the message which one in words."""
+
+    def __init__(self, kind: MergeKind, words: str):
+        super().__init__(words)
+        self.kind = kind
+        self.words = words
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,7 +124,7 @@ class Elementwise:
         axis = axis % self.ndim
         extra = self.varying_axes() - {axis}
         if extra:
-            raise NotMergeable(f"elementwise constant varies along axes {sorted(extra)}, not only the channel axis {axis}")
+            raise NotMergeable(MergeKind.AXIS, f"elementwise constant varies along axes {sorted(extra)}, not only the channel axis {axis}")
         n = self.shape[axis]
 
         def vec(t: Optional[Tensor], default: float) -> Tensor:

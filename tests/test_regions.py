@@ -14,9 +14,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from repc.normalize import GraphFacts, detach_metadata_reads, functionalize_inplace
+from repc.meanings import GraphFacts
+from repc.passes.inplace import functionalize_inplace
+from repc.passes.metadata_reads import detach_metadata_reads
 from repc.ops import Conv
-from repc.passes.collapse import _record
+from repc.passes.record import record_values
+from repc.reasons import OpaqueKind
 from repc.patterns.regions import RegionMatcher
 
 from blocks import ACNet, DBBConcat, RepMixer, RepVGG, conv_bn, randomize, run_op
@@ -33,9 +36,9 @@ class Matched:
         functionalize_inplace(self.gm)
         g = torch.Generator().manual_seed(0)
         inputs = tuple(torch.randn(s, generator=g, dtype=F64) for s in shapes)
-        self.values = _record(self.gm, inputs)
+        self.values = record_values(self.gm, inputs)
         if detach_reads and detach_metadata_reads(self.gm, self.values):  # as collapse does before matching
-            self.values = _record(self.gm, inputs)
+            self.values = record_values(self.gm, inputs)
         self.matcher = RegionMatcher(self.gm, GraphFacts(self.gm, self.values))
         self.exprs = self.matcher.run()
 
@@ -101,7 +104,8 @@ def test_sum_of_branches_on_one_source():
     assert {"sum", "compose"} <= expr.rules
     # the ReLU is opaque: the output is a leaf, and says why
     assert m.root().is_leaf
-    assert "ReLU" in m.matcher.opaque[m.output]
+    why = m.matcher.opaque[m.output]
+    assert why.kind is OpaqueKind.UNKNOWN_OP and "ReLU" in why.words
 
 
 def test_sum_over_several_sources_keeps_one_term_each():
@@ -280,14 +284,16 @@ def test_nonlinearity_between_branches_is_a_source():
 
     m = matched(randomize(Block()), (2, 3, 5, 5))
     assert sorted(m.sources(m.root())) == ["relu", "x"]
-    assert "relu" in m.matcher.opaque[m.node("relu")]
+    why = m.matcher.opaque[m.node("relu")]
+    assert why.kind is OpaqueKind.UNKNOWN_OP and "relu" in why.words
     assert m.exprs[m.node("relu")].is_leaf
 
 
 def test_avg_pool_excluding_padding_is_opaque():
     m = matched(randomize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
                                         nn.BatchNorm2d(3))), (2, 3, 5, 5))
-    assert "count_include_pad" in m.matcher.opaque[m.node("_1")]
+    why = m.matcher.opaque[m.node("_1")]
+    assert why.kind is OpaqueKind.UNSUPPORTED_FORM and "count_include_pad" in why.words
     assert m.sources(m.root()) == ["_1"]
 
 
@@ -302,7 +308,8 @@ def test_spatial_slice_has_no_form_and_says_why():
 
     m = matched(randomize(Crop()), (2, 3, 5, 5))
     assert m.root().is_leaf
-    assert "axis 2" in m.matcher.opaque[m.output]
+    why = m.matcher.opaque[m.output]
+    assert why.kind is OpaqueKind.UNSUPPORTED_FORM and "axis 2" in why.words
     assert m.sources(m.expr("a_1")) == ["x"]
 
 

@@ -17,10 +17,11 @@ from typing import List
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..normalize import AffineCall, GraphFacts, constant_facts, describe
+from ..graph_predicates import fetch_attr
+from ..meanings import AffineCall, GraphFacts
+from ..vocabulary import constant_facts, describe
 from ..ops import flops
 from ..patterns.experts import Mixture, find_mixtures
 from .emit import AttributeNamer
@@ -52,13 +53,6 @@ def _macs(node: fx.Node, facts: GraphFacts) -> int:
     if isinstance(meaning, AffineCall):
         return flops(meaning.op, facts.shape(meaning.input), facts.shape(node))
     return 0
-
-
-def _fetch(gm: nn.Module, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _mean(tensors: List[torch.Tensor], weights: List[float]) -> torch.Tensor:
@@ -106,14 +100,14 @@ def _average(gm: fx.GraphModule, mix: Mixture, modules, namer: AttributeNamer) -
                 merged = copy.deepcopy(mods[0])
                 with torch.no_grad():
                     for name, t in list(merged.named_parameters()) + list(merged.named_buffers()):
-                        t.copy_(_mean([_fetch(m, name) for m in mods], share))
+                        t.copy_(_mean([fetch_attr(m, name) for m in mods], share))
                 before += sum(p.numel() for m in mods for p in m.parameters())
                 after += sum(p.numel() for p in merged.parameters())
                 new = graph.call_module(namer.module(f"{node.target}_averaged", merged),
                                         fx.node.map_arg(node.args, lambda a: env.get(a, a)),
                                         fx.node.map_arg(node.kwargs, lambda a: env.get(a, a)))
             elif node.op == "get_attr":
-                values = [_fetch(gm, p.target) for p in peers]
+                values = [fetch_attr(gm, p.target) for p in peers]
                 merged_value = _mean(values, share)
                 before += sum(v.numel() for v in values)
                 after += merged_value.numel()

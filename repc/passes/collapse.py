@@ -1,85 +1,44 @@
 """The collapse pass: replace every affine region that pays by its merged ops, verified.
 
-Input: a traced graph and its example inputs.  The region matcher
+Input: a captured graph and its example inputs.  :func:`collapse` runs the preparation passes
+(:data:`repc.passes.prepare.PREPARATION`), then the region matcher
 (:mod:`repc.patterns.regions`) gives every value an expr and, where the closed forms apply,
-a form ``sum_s op_s(s)``.  This pass writes a new graph in the original order; each value
-that something outside its region reads is *materialized*:
+a form ``sum_s op_s(s)``.  The :class:`GraphWriter` writes a new graph in the original order;
+each value that something outside its region reads is *materialized*:
 
-* with its form, when the form costs no more multiply-accumulates than the region as written
-  (the cost model: a d->r->d bottleneck stays two thin maps unless a sum absorbs it) and a
-  check on the recorded example values and on random inputs agrees with the original
-  region; otherwise
+* with its form, when the cost decision (:func:`repc.passes.cost.decide`) takes it and the
+  per-region check (:class:`repc.verify.region_check.RegionChecker`) agrees with the region
+  as written; or as a dense map read off by probing (:mod:`repc.passes.dense_probe`) where
+  the closed forms leave parts apart; otherwise
 * as written, each operand materialized the same way (so sub-regions still collapse).
 
-Every region that was merged, or kept with a reason, is recorded for the report.
+Emission of the ops is :mod:`repc.passes.emit`.  Every region that was merged, or kept with a
+reason, is recorded for the report.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
-from .. import algebra
-from ..normalize import NORM_AFFINE, NORM_CORE, VIEW_MUTATED, AffineCall, Combine, Layout, GraphFacts, detach_metadata_reads, expand_weighted_stacks, fold_border_fill, inplace_kind, functionalize_inplace, metadata_read, push_linears_before_flattens, push_scales_into_concat, push_scales_into_matmul, split_norm_affine
-from ..ops import Conv, Dense, Elementwise, NotMergeable, params
+from ..meanings import AffineCall, Combine, GraphFacts
+from ..ops import Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
+from ..reasons import OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
-from ..verify.check import deviation, non_finite, output_dtype, quiet_call, tolerance
-from .emit import AttributeNamer, emit_form, form_function
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
-
-
-class _Recorder(ShapeProp):
-    """Shape propagation that also keeps every node's value on the example inputs.
-
-    In a graph that still writes in place (``x.mul_(g)`` through an alias), a later op can
-    change a tensor already recorded: just before such a write, the recorded values that share
-    the written tensor's storage are replaced by copies.
-    """
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.values: Dict[fx.Node, Any] = {}
-        modules = dict(gm.named_modules())
-        self._writes = {n for n in gm.graph.nodes if inplace_kind(n, modules)
-                        and n.args and isinstance(n.args[0], fx.Node)}
-        self._by_storage: Dict[int, List[fx.Node]] = {}  # recorded tensors by storage, where writes exist
-
-    def run_node(self, n):
-        if n in self._writes:
-            written = self.env.get(n.args[0])
-            if isinstance(written, torch.Tensor):
-                for node in self._by_storage.pop(_storage(written), []):
-                    self.values[node] = tree_map(_copy_tensor, self.values[node])
-        out = super().run_node(n)
-        self.values[n] = out
-        if self._writes:
-            for leaf in torch.utils._pytree.tree_leaves(out):
-                if isinstance(leaf, torch.Tensor):
-                    self._by_storage.setdefault(_storage(leaf), []).append(n)
-        return out
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _copy_tensor(value):
-    return value.clone() if isinstance(value, torch.Tensor) else value
-
-
-def _record(gm, example_inputs) -> Dict[fx.Node, Any]:
-    # real tensors, even when called from inside a dynamo backend (no ambient fake mode)
-    with torch._guards.tracing(None), torch.no_grad():
-        recorder = _Recorder(gm)
-        recorder.propagate(*example_inputs)
-    return recorder.values
+from ..verify.check import deviation, output_dtype, tolerance
+from ..verify.region_check import RegionChecker, RegionRunner, non_finite_weights
+from .cost import decide
+from .dense_probe import DenseProbe
+from .emit import AttributeNamer, emit_form
+from .inplace import VIEW_MUTATED
+from .manager import PassContext
+from .norm_affine import NORM_CORE
+from .prepare import prepare
 
 
 @dataclass
@@ -102,26 +61,20 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     lost) raises :class:`CaptureMismatch` before anything is rewritten.  ``synthesize=False``
     turns off reading dense maps off regions by probing.
     """
-    values = _record(gm, example_inputs)
-    if fold_border_fill(gm, values) + functionalize_inplace(gm):
-        values = _record(gm, example_inputs)
+    context = PassContext(gm, example_inputs)
     if expected_output is not None:
-        traced = next(values[n] for n in gm.graph.nodes if n.op == "output")
+        traced = next(context.values[n] for n in gm.graph.nodes if n.op == "output")
         dev = deviation(traced, expected_output)
         if dev > tolerance(output_dtype(expected_output)):
             raise CaptureMismatch(f"the traced graph differs from the model on the example (deviation {dev:.3g}): "
                                   "fx cannot record this forward faithfully (an in-place update of an aliased "
                                   "tensor, or state the trace does not see)")
-    if split_norm_affine(gm) + push_scales_into_concat(gm, values) + push_scales_into_matmul(gm, values) \
-            + expand_weighted_stacks(gm, values):
-        values = _record(gm, example_inputs)
-    if detach_metadata_reads(gm, values) + push_linears_before_flattens(gm, values):
-        values = _record(gm, example_inputs)
-    facts = GraphFacts(gm, values)
+    prepare(context)
+    facts = GraphFacts(gm, context.values)
     matcher = RegionMatcher(gm, facts)
     matcher.run()
     device = _device(gm, example_inputs)
-    return _Writer(gm, facts, matcher, device, check, prefix, synthesize).run()
+    return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize).run()
 
 
 def _device(gm, example_inputs):
@@ -133,14 +86,18 @@ def _device(gm, example_inputs):
     return torch.device("cpu")
 
 
-class _Writer:
+class GraphWriter:
+    """Writes the collapsed graph: each region materialized as its merged form or as written."""
+
     def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, device, check: bool, prefix: str,
                  synthesize: bool = True):
         self.gm, self.facts, self.matcher = gm, facts, matcher
         self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
         self.values = facts.values
-        self.interp = fx.Interpreter(gm)  # evaluates region nodes on other inputs
         self.device, self.check, self.prefix, self.synthesize = device, check, prefix, synthesize
+        runner = RegionRunner(gm, facts, matcher)  # evaluates region nodes on other inputs
+        self.checker = RegionChecker(runner, device)
+        self.dense = DenseProbe(matcher, runner)
         self.graph = fx.Graph()
         self.namer = AttributeNamer(gm)
         self.env: Dict[fx.Node, fx.Node] = {}
@@ -153,13 +110,14 @@ class _Writer:
     def run(self) -> CollapseResult:
         for node, expr in self.exprs.items():
             if expr.cut_reason:
-                self._reject(expr, f"not merged with its operands: {expr.cut_reason}")
+                self._reject(expr, RejectionKind.CUT, f"not merged with its operands: {expr.cut_reason}")
         for node, why in self.matcher.opaque.items():
-            if why.startswith("product of two activations"):
-                self._reject(self.exprs[node], f"{why}: a gate computed from the data (a router) is not linear")
-            elif self._borders_region(node) and (not why.endswith("is not an affine map repc knows")
+            if why.kind is OpaqueKind.PRODUCT_OF_ACTIVATIONS:
+                self._reject(self.exprs[node], RejectionKind.DATA_GATE,
+                             f"{why}: a gate computed from the data (a router) is not linear")
+            elif self._borders_region(node) and (why.kind is not OpaqueKind.UNKNOWN_OP
                                                  or any(isinstance(self.exprs[u].meaning, Combine) for u in node.users)):
-                self._reject(self.exprs[node], f"stops a region: {why}")
+                self._reject(self.exprs[node], RejectionKind.STOPS_REGION, f"stops a region: {why}")
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.value_of))
@@ -169,7 +127,7 @@ class _Writer:
             if is_container(node):
                 continue  # emitted when a reader needs the tuple or the stack
             expr = self.exprs[node]
-            synthesized = self._synthesize(expr) if self.synthesize and node in self.matcher.meanings else None
+            synthesized = self._dense(expr) if self.synthesize and node in self.matcher.meanings else None
             if synthesized is not None:
                 self.env[node] = synthesized
             else:
@@ -199,7 +157,7 @@ class _Writer:
             out = self.value_of(expr.node)
         elif self._slices_one_shared_map(expr):
             out = self._as_written(expr)  # the shared map once, then its slice
-        elif self._use_form(expr):
+        elif self._take_form(expr):
             out = self._emit(expr)
         else:
             shallow = self._shallower(expr)
@@ -257,7 +215,7 @@ class _Writer:
         if expr.form is None:
             return None
         shallow = self.matcher.shallow(expr)
-        if shallow is None or shallow.form is None or not self._use_form(shallow):
+        if shallow is None or shallow.form is None or not self._take_form(shallow):
             return None
         return shallow
 
@@ -283,32 +241,40 @@ class _Writer:
                     self._merged_inside |= e.region - {e.node}
         return self._merged_inside
 
-    def _use_form(self, expr: Expr) -> bool:
+    def _take_form(self, expr: Expr) -> bool:
+        """Emit ``expr`` as its merged form?  Yes when it has one, its merged weights are finite,
+        the cost decision takes it and the per-region check agrees; the rewrite is then recorded
+        for the report, and a refusal worth telling as a rejection."""
         computed = self._computed_weights(expr)
         if len(expr.region) < 2 and not computed:
             return False  # a single op as written: nothing to merge
         if expr.form is None:
             if expr.pending is None:  # (a layout change nothing undoes is just a layout change)
-                self._reject(expr, f"no closed form: {expr.reason}")
+                self._reject(expr, RejectionKind.NO_CLOSED_FORM, f"no closed form: {expr.reason}")
             return False
-        bad = _non_finite(expr.form, self._dtype(expr.node))
+        bad = non_finite_weights(expr.form, self._dtype(expr.node))
         if bad:
-            self._reject(expr, f"not merged: {bad}")
+            self._reject(expr, RejectionKind.NON_FINITE, f"not merged: {bad}")
             return False
-        if all(NORM_AFFINE in n.meta for n in expr.region):
-            return True  # a norm's own affine tail, put back into the norm as it was: not a rewrite
         new_cost = self.matcher.form_cost(expr.form, expr.node)
-        if new_cost > expr.cost:
-            self._reject(expr, f"does not pay: {new_cost} multiply-adds merged vs {expr.cost} as written")
+        decision = decide(expr, new_cost, computed)
+        if not decision.merge:
+            if decision.kind is not None:
+                self._reject(expr, decision.kind, decision.words)
             return False
-        if new_cost == expr.cost and _op_count(expr.form) >= len(expr.region) and not computed:
-            return False  # same work in as many ops: nothing to gain
+        if not decision.rewrite:
+            return True
         dev = 0.0
         if self.check:
-            ok, dev, why = self._check(expr)
-            if not ok:
-                self._reject(expr, f"rolled back: {why}")
+            verdict = self.checker.check(expr, seed=len(self.result.rewrites))
+            if not verdict.ok:
+                self._reject(expr, RejectionKind.CHECK_FAILED, f"rolled back: {verdict.why}")
                 return False
+            dev = verdict.deviation
+        self._record_rewrite(expr, computed, new_cost, dev)
+        return True
+
+    def _record_rewrite(self, expr: Expr, computed: bool, new_cost: int, dev: float) -> None:
         before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
                             if isinstance(self.exprs[n].meaning, AffineCall))
         # a region read through several slices is merged once per slice: count its ops once
@@ -321,102 +287,18 @@ class _Writer:
             result=[repr(op) for op in expr.form.values()],
             params_before=before_params, params_after=sum(params(op) for op in expr.form.values()),
             flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev, shared_flops=shared))
-        return True
 
-    # -- synthesis by probing ------------------------------------------------------------------
-    DENSE_LIMIT = 1 << 22  # matrix entries per source a probe may read off
-
-    def _synthesize(self, expr: Expr) -> Optional[fx.Node]:
-        """The whole affine cone of ``expr.node`` as one dense map read off by probing.
-
-        Where the closed forms left part of an affine region apart (a fully-connected layer
-        over a flattened map next to convolutions: RepMLP), the region is still affine at the
-        example's per-sample shape: a zero input gives the bias, unit impulses give the matrix.
-        Kept only when it costs less than the region as written and than the closed forms'
-        partial merge, and when the region check confirms it.  The result is shape-specialized.
-        """
-        node = expr.node
-        cone, sources = self.matcher.affine_cone(node)
-        covered = expr.region if not expr.is_leaf else {node}
-        if len(cone) < 2 or set(cone) <= covered or not sources or len(sources) > 3:
+    def _dense(self, expr: Expr) -> Optional[fx.Node]:
+        """The whole affine cone of ``expr.node`` emitted as one dense map, where
+        :class:`DenseProbe` offers one and it is taken; None otherwise."""
+        probe = self.dense.candidate(expr)
+        if probe is None or not self._take_form(probe):
             return None
-        if not any(isinstance(self.matcher.meanings.get(n), Layout) for n in cone):
-            return None  # the region works for any input size: keep it so (only fixed-size regions are probed)
-        out_shape = self.facts.shape(node)
-        shapes = [self.facts.shape(s) for s in sources]
-        if out_shape is None or any(sh is None or not sh for sh in shapes):
-            return None
-        n_out = math.prod(out_shape[1:])
-        if any(math.prod(sh[1:]) * n_out > self.DENSE_LIMIT for sh in shapes):
-            return None
-        batch = out_shape[0]
-        dense_cost = sum(batch * n_out * math.prod(sh[1:]) for sh in shapes) + batch * n_out * (len(sources) - 1)
-        as_written = sum(self.matcher.own_cost.get(n, 0) for n in cone)
-        rest = sum(self.matcher.own_cost.get(n, 0) for n in cone if n not in covered)
-        partial = (self.matcher.form_cost(expr.form, node) if expr.form is not None else expr.cost) + rest
-        if dense_cost >= min(as_written, partial):
-            return None
-        probe = Expr(node, "dense", region=set(cone), rules={"synthesize"})
-        if self._accepts_other_sizes(probe, sources):
-            return None  # a dense map would tie a size-generic region to the example's size
-        try:
-            probe.form = self._probe(probe, sources)
-        except Exception:
-            return None
-        probe.cost = as_written
-        if not self._use_form(probe):
-            return None
-        inside = {self.prefix + n.name for n in cone if n is not node}
+        inside = {self.prefix + n.name for n in probe.region if n is not expr.node}
         self.result.rewrites = [r for r in self.result.rewrites if r.root not in inside]
         self.result.rejections = [r for r in self.result.rejections if r.root not in inside]
         self.result.rewrites[-1].shape_specialized = True
         return self._emit(probe)
-
-    def _accepts_other_sizes(self, probe: Expr, sources: List[fx.Node]) -> bool:
-        """Whether the region as written also runs on other per-sample sizes: any one map axis
-        (or the token axis) one larger or one smaller, the others as recorded (a stride can
-        take two sizes to the same output, so every axis and both ways are tried)."""
-        shapes = {s: list(self.values[s].shape) for s in sources}
-        trials = []
-        for s, shape in shapes.items():
-            axes = range(2, len(shape)) if len(shape) >= 4 else (range(1, 2) if len(shape) == 3 else ())
-            trials.extend((s, a, d) for a in axes for d in (1, -1) if shape[a] + d >= 1)
-        for s, a, d in trials:
-            inputs = {}
-            for t, shape in shapes.items():
-                shape = list(shape)
-                if t is s:
-                    shape[a] += d
-                v = self.values[t]
-                inputs[t] = torch.zeros(shape, dtype=v.dtype, device=v.device)
-            try:
-                self._run_region(probe, inputs)
-            except Exception:
-                continue
-            return True
-        return False
-
-    def _probe(self, probe: Expr, sources: List[fx.Node]) -> Dict[fx.Node, Dense]:
-        ref = self.values[probe.node]
-        if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
-            raise NotMergeable("not a floating-point tensor")
-
-        def zeros(s, batch):
-            v = self.values[s]
-            return torch.zeros((batch,) + tuple(v.shape[1:]), dtype=torch.float64, device=v.device)
-
-        base = {s: zeros(s, 1) for s in sources}
-        bias = self._run_region(probe, base, exact=True).reshape(-1)
-        out_shape = tuple(ref.shape[1:])
-        form = {}
-        for i, s in enumerate(sources):
-            v = self.values[s]
-            n_in = math.prod(v.shape[1:])
-            inputs = {t: zeros(t, n_in) for t in sources}
-            inputs[s] = torch.eye(n_in, dtype=torch.float64, device=v.device).reshape((n_in,) + tuple(v.shape[1:]))
-            out = self._run_region(probe, inputs, exact=True).reshape(n_in, -1) - bias
-            form[s] = Dense(out.T.contiguous().cpu(), bias.cpu() if i == 0 else None, tuple(v.shape[1:]), out_shape)
-        return form
 
     def _borders_region(self, node: fx.Node) -> bool:
         """``node`` reads an affine region (so it is where that region had to stop)."""
@@ -436,113 +318,8 @@ class _Writer:
                     return True
         return False
 
-    def _reject(self, expr: Expr, reason: str) -> None:
-        self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason))
-
-    # -- per-region verification ------------------------------------------------------------
-    def _check(self, expr: Expr) -> Tuple[bool, float, str]:
-        """The merged ops against the region as written, on small random inputs at another batch
-        size where the region runs on them (every border of a map is still there at 7x7), on the
-        recorded example values where it does not.  NaN or Inf never passes: the region as written
-        giving them means there is nothing to compare, the merged ops giving them where the region
-        is finite is a failure."""
-        sources = list(expr.form)
-        ref = self.values[expr.node]
-        if not isinstance(ref, torch.Tensor):
-            return False, float("inf"), "region output is not a tensor"
-        tol = tolerance(ref.dtype)
-        merged = form_function(expr.form, ref.dtype, self.device)
-        trial = self._small_trial(expr, sources)
-        name, inputs, want = trial if trial is not None else ("example", [self.values[s] for s in sources], ref)
-        bad = non_finite(want)
-        if bad is not None:
-            return False, float("inf"), f"the region as written gives {bad} on the {name} input"
-        with torch.no_grad():
-            try:
-                got = quiet_call(merged, inputs)
-            except Exception as why:
-                return False, float("inf"), f"merged op failed on {name} input: {why}"
-        dev = deviation(got, want)
-        if dev > tol:
-            bad = non_finite(got)
-            if bad is not None:
-                return False, dev, f"the merged op gives {bad} on the {name} input, where the region as written is finite"
-            return False, dev, f"deviation {dev:.3g} > {tol:g} on the {name} input"
-        return True, dev, ""
-
-    SMALL = 7  # per-axis size of the small trial maps
-
-    def _small_trial(self, expr: Expr, sources: List[fx.Node]):
-        """``(name, inputs, region output)`` on small random source values at another batch size
-        (2, or 1 when the example's is 2): maps shrunk to 7 per axis, tokens to 7; None if the
-        region as written runs on none of the shapes tried (it fits its example's sizes only)."""
-        gen = torch.Generator().manual_seed(len(self.result.rewrites))
-        shapes = [list(self.values[s].shape) for s in sources]
-        tried = set()
-        for shrink in ("maps", "channels-last", "tokens", "length"):
-            trial = []
-            for shape in shapes:
-                shape = list(shape)
-                if shape:
-                    shape[0] = 1 if shape[0] == 2 else 2
-                axes = {"maps": range(2, len(shape)) if len(shape) >= 4 else (),
-                        "channels-last": range(1, len(shape) - 1) if len(shape) >= 4 else (),
-                        "tokens": (1,) if len(shape) == 3 else (),
-                        "length": (2,) if len(shape) == 3 else ()}[shrink]
-                for a in axes:
-                    shape[a] = min(shape[a], self.SMALL)
-                trial.append(tuple(shape))
-            if tuple(trial) in tried:
-                continue
-            tried.add(tuple(trial))
-            inputs = [torch.randn(shape, generator=gen, dtype=torch.float32).to(self.values[s].dtype)
-                      .to(self.values[s].device) for s, shape in zip(sources, trial)]
-            try:
-                want = self._run_region(expr, dict(zip(sources, inputs)))
-            except Exception:
-                continue
-            if not isinstance(want, torch.Tensor) or want.dim() != self.values[expr.node].dim():
-                continue
-            return f"random {'x'.join(map(str, trial[0]))}", inputs, want
-        return None
-
-    def _run_region(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor], exact: bool = False):
-        """The region's original nodes evaluated on other source values.
-
-        ``exact``: in float64, each conv/linear/BN through its canonical op (``algebra.apply``)
-        rather than the model's own lower-precision module."""
-        env = dict(sources)
-        for node in self.matcher.in_order(expr.region):
-            self._provide_inputs(node, env)
-            meaning = self.matcher.meanings.get(node)
-            if exact and isinstance(meaning, AffineCall):
-                env[node] = algebra.apply(meaning.op, env[meaning.input])
-            else:
-                env[node] = self._eval(node, env)
-        return env[expr.node]
-
-    def _provide_inputs(self, node: fx.Node, env) -> None:
-        for arg in node.all_input_nodes:
-            if arg in env:
-                continue
-            if arg in self.facts.constants:
-                env[arg] = self.values[arg]
-            elif is_container(arg) or not isinstance(self.values.get(arg), torch.Tensor):
-                # a tuple/stack of region values, or shape arithmetic (x.shape[0]): recompute
-                self._provide_inputs(arg, env)
-                env[arg] = self._eval(arg, env)
-            elif metadata_read(node) is not None:
-                # the shape of a value outside the region (x.shape of the model's input): the
-                # example's, which fits the trials at the example's sizes (others fail and are skipped)
-                env[arg] = self.values[arg]
-            else:
-                raise RuntimeError(f"region input {arg.name} is not a source")
-
-    def _eval(self, node, env):
-        self.interp.env = env
-        with torch.no_grad():
-            return self.interp.run_node(node)
-
+    def _reject(self, expr: Expr, kind: RejectionKind, reason: str) -> None:
+        self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason, kind))
 
 def _drop_dead_nodes(graph: fx.Graph) -> None:
     """Remove values nothing reads; keeps placeholders, side effects and in-place updates left in place."""
@@ -560,39 +337,6 @@ def _drop_dead_nodes(graph: fx.Graph) -> None:
 def _is_check(target) -> bool:
     """An assertion fx inserts for a specialized argument (``_assert_is_none``): it returns nothing."""
     return getattr(target, "__name__", "").startswith("_assert")
-
-
-def _non_finite(form, dtype) -> Optional[str]:
-    """Why the form's merged tensors cannot be emitted: NaN or Inf in one of them, in float64 (from
-    non-finite weights or statistics) or once cast to ``dtype`` (a finite product too large for
-    float16); None if all are finite."""
-    for op in form.values():
-        for f in fields(op):
-            t = getattr(op, f.name)
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                continue
-            cast = t.to(dtype) if dtype.is_floating_point else t
-            bad = ~(torch.isfinite(t) & torch.isfinite(cast))
-            if not bad.any():
-                continue
-            nan = int(torch.isnan(cast).sum())
-            what = " and ".join(w for w, n in (("NaN", nan), ("Inf", int(bad.sum()) - nan)) if n)
-            why = ("it is computed from non-finite weights or statistics" if not torch.isfinite(t).all() else
-                   f"its values are too large for {str(dtype).replace('torch.', '')}")
-            return f"the merged {type(op).__name__.lower()} {f.name} would hold {what} " \
-                   f"({int(bad.sum())} of {t.numel()} entries): {why}"
-    return None
-
-
-def _op_count(form) -> int:
-    """How many graph ops emitting ``form`` takes."""
-    count = len(form) - 1
-    for op in form.values():
-        if isinstance(op, Elementwise):
-            count += (op.scale is not None) + (op.shift is not None)
-        else:
-            count += 1 + (isinstance(op, Conv) and any(lo != hi for lo, hi in op.padding))
-    return count
 
 
 def _is_identity(op) -> bool:

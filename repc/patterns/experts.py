@@ -20,7 +20,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..normalize import AffineCall, Combine, GraphFacts, Opaque, describe
+from ..meanings import AffineCall, Combine, GraphFacts
+from ..reasons import Opaque
+from ..vocabulary import describe
 from ..ops import Elementwise
 
 

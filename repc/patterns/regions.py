@@ -28,8 +28,11 @@ import torch
 import torch.fx as fx
 
 from .. import algebra
-from ..normalize import VIEW_MUTATED, AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, apply_layout, describe
+from ..meanings import AffineCall, Combine, Concat, Constant, GraphFacts, Layout, apply_layout
+from ..passes.inplace import VIEW_MUTATED
+from ..vocabulary import describe
 from ..ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, flops, identity
+from ..reasons import MergeKind, Opaque, OpaqueKind
 
 Form = Dict[fx.Node, AffineOp]
 
@@ -70,7 +73,7 @@ class RegionMatcher:
         self.gm = gm
         self.facts = facts
         self.exprs: Dict[fx.Node, Expr] = {}
-        self.opaque: Dict[fx.Node, str] = {}
+        self.opaque: Dict[fx.Node, Opaque] = {}  # nodes without a meaning, and why
         self.absorbed: Set[fx.Node] = set()
         self.meanings: Dict[fx.Node, object] = {}  # nodes with a canonical meaning
         self.own_cost: Dict[fx.Node, int] = {}  # multiply-adds of each such node as written
@@ -92,20 +95,20 @@ class RegionMatcher:
         try:
             meaning = describe(node, self.facts)
         except Opaque as why:
-            self.opaque[node] = str(why)
+            self.opaque[node] = why
             return self._leaf(node)
         except Exception as why:  # a front-end form the table misreads: leave it alone
-            self.opaque[node] = f"not understood ({type(why).__name__}: {why})"
+            self.opaque[node] = Opaque(OpaqueKind.UNSUPPORTED_FORM, f"not understood ({type(why).__name__}: {why})")
             return self._leaf(node)
         if isinstance(meaning, Constant):
             self.facts.constants[node] = meaning.value
             return self._leaf(node)
         if self.facts.shape(node) is None:
-            self.opaque[node] = "no tensor shape recorded"
+            self.opaque[node] = Opaque(OpaqueKind.UNSUPPORTED_FORM, "no tensor shape recorded")
             return self._leaf(node)
         dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
         if dtype is None or not dtype.is_floating_point:
-            self.opaque[node] = f"not a floating-point tensor ({dtype})"
+            self.opaque[node] = Opaque(OpaqueKind.UNSUPPORTED_FORM, f"not a floating-point tensor ({dtype})")
             return self._leaf(node)
         self.meanings[node] = meaning
         expr = self._build(node, meaning, cut=False)
@@ -122,9 +125,9 @@ class RegionMatcher:
         if expr.form is not None:
             expr = self._absorb_forks(expr)
         if expr.form is None and expr.kind == "slice":
-            self.opaque[node] = first_reason or expr.reason  # the guard that failed first
+            self.opaque[node] = Opaque(OpaqueKind.UNSUPPORTED_FORM, first_reason or expr.reason)  # the guard that failed first
             leaf = self._leaf(node)
-            leaf.reason = self.opaque[node]
+            leaf.reason = self.opaque[node].words
             return leaf
         return expr
 
@@ -444,7 +447,7 @@ def _is_slice_of(reader: fx.Node, arg: fx.Node) -> bool:
 def compose_form(form: Optional[Form], op: AffineOp) -> Form:
     """``op(sum_s M_s(s)) = op(M_first(first)) + sum_rest op_linear(M_s(s))``."""
     if form is None:
-        raise NotMergeable("operand has no affine form")
+        raise NotMergeable(MergeKind.NO_AFFINE_FORM, "operand has no affine form")
     out: Form = {}
     for i, (src, m) in enumerate(form.items()):
         out[src] = algebra.compose(m, op if i == 0 else _without_bias(op))
@@ -468,7 +471,7 @@ def pull_back(ew: Elementwise, index: torch.Tensor, base_shape) -> Elementwise:
     """
     flat_index = index.reshape(-1)
     if flat_index.numel() != math.prod(base_shape):
-        raise NotMergeable("a layout change that does not keep every element")
+        raise NotMergeable(MergeKind.LAYOUT, "a layout change that does not keep every element")
 
     def back(t):
         if t is None:
@@ -492,11 +495,11 @@ def distribute_form(parts: List[Optional[Form]], sizes: List[int], axis: int, nd
     axis): the op splits over the concatenated parts, whatever their sources.
     """
     if isinstance(op, Conv) and axis != 1 or isinstance(op, Linear) and axis != ndim - 1 or isinstance(op, Elementwise):
-        raise NotMergeable("the op does not act across the concatenation axis")
+        raise NotMergeable(MergeKind.AXIS, "the op does not act across the concatenation axis")
     forms, start = [], 0
     for i, (part, size) in enumerate(zip(parts, sizes)):
         if part is None:
-            raise NotMergeable("a concatenated part has no affine form")
+            raise NotMergeable(MergeKind.NO_AFFINE_FORM, "a concatenated part has no affine form")
         piece = algebra.select_inputs(op, start, start + size)
         forms.append(compose_form(part, piece if i == 0 else _without_bias(piece)))
         start += size
@@ -505,7 +508,7 @@ def distribute_form(parts: List[Optional[Form]], sizes: List[int], axis: int, nd
 
 def sum_forms(forms: List[Optional[Form]], weights: List[float]) -> Form:
     if any(f is None for f in forms):
-        raise NotMergeable("an operand has no affine form")
+        raise NotMergeable(MergeKind.NO_AFFINE_FORM, "an operand has no affine form")
     out: Form = {}
     for form, w in zip(forms, weights):
         for src, m in form.items():
@@ -516,24 +519,24 @@ def sum_forms(forms: List[Optional[Form]], weights: List[float]) -> Form:
 
 def concat_forms(forms: List[Optional[Form]], axis: int, ndim: int) -> Form:
     if any(f is None for f in forms):
-        raise NotMergeable("an operand has no affine form")
+        raise NotMergeable(MergeKind.NO_AFFINE_FORM, "an operand has no affine form")
     sources = {s for f in forms for s in f}
     if len(sources) != 1 or any(len(f) != 1 for f in forms):
-        raise NotMergeable("concatenated values come from different sources")
+        raise NotMergeable(MergeKind.NO_AFFINE_FORM, "concatenated values come from different sources")
     (src,) = sources
     return {src: algebra.concat([f[src] for f in forms], axis, ndim)}
 
 
 def slice_form(form: Optional[Form], axis: int, ndim: int, start: int, stop: int) -> Form:
     if form is None:
-        raise NotMergeable("operand has no affine form")
+        raise NotMergeable(MergeKind.NO_AFFINE_FORM, "operand has no affine form")
     out: Form = {}
     for src, m in form.items():
         if isinstance(m, Conv) and axis != 1:
-            raise NotMergeable(f"slice on axis {axis}, not the conv channel axis")
+            raise NotMergeable(MergeKind.AXIS, f"slice on axis {axis}, not the conv channel axis")
         if isinstance(m, Linear) and axis != ndim - 1:
-            raise NotMergeable(f"slice on axis {axis}, not the feature axis")
+            raise NotMergeable(MergeKind.AXIS, f"slice on axis {axis}, not the feature axis")
         if isinstance(m, Elementwise):
-            raise NotMergeable("a slice of an elementwise map is not a single op")
+            raise NotMergeable(MergeKind.NO_CLOSED_FORM, "a slice of an elementwise map is not a single op")
         out[src] = algebra.select_outputs(m, start, stop)
     return out

@@ -1,16 +1,13 @@
-"""The node -> meaning table of :mod:`repc.normalize`.
+"""The vocabulary (:mod:`repc.vocabulary`): the node -> meaning table.
 
 Each row is a one-op model written in module, functional, method or operator form.  The
 meaning :func:`describe` gives its node is checked by kind, and numerically: the canonical op
 (evaluated with torch's functional ops, :func:`blocks.run_op`) recomputes the node's recorded
 value in float64.  Rows that are not affine must raise :class:`Opaque` with a reason.
-In-place ops are made out-of-place by :func:`functionalize_inplace` without changing results.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import operator
 
 import pytest
@@ -20,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from repc.capture import propagate_shapes
-from repc.normalize import (AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Opaque, Slice, describe,
-                            detach_metadata_reads, functionalize_inplace, metadata_read, push_scales_into_matmul,
-                            split_norm_affine)
+from repc.meanings import AffineCall, Combine, Concat, Constant, GraphFacts, Layout, Slice
 from repc.ops import Conv, Elementwise, Linear
-from repc.passes.collapse import _record
+from repc.passes.record import record_values
+from repc.reasons import Opaque, OpaqueKind
+from repc.vocabulary import VOCABULARY, OpKind, describe, handler_for, handles, op_kind
 
 from blocks import run_op
 
@@ -69,12 +66,15 @@ def Fn(fn, **attrs) -> nn.Module:
 def analyse(module: nn.Module, *shapes):
     """Trace in float64, record every value, and describe every node in graph order."""
     module = module.double().eval()
-    if not isinstance(module, _Fn):
-        module = nn.Sequential(module)  # a standard layer stays a call_module leaf
-    gm = fx.symbolic_trace(module)
+    if isinstance(module, fx.GraphModule):
+        gm = module  # a graph built by hand (an op symbolic tracing never records, e.g. ``operator.iadd``)
+    else:
+        if not isinstance(module, _Fn):
+            module = nn.Sequential(module)  # a standard layer stays a call_module leaf
+        gm = fx.symbolic_trace(module)
     g = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=g, dtype=F64) for s in shapes)
-    values = _record(gm, inputs)
+    values = record_values(gm, inputs)
     facts = GraphFacts(gm, values)
     meanings = {}
     for node in gm.graph.nodes:
@@ -116,6 +116,16 @@ def last_meaning(module, *shapes):
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     result = out.args[0]
     return meanings[result], result
+
+
+def _operator_graph(op, inputs: int, constant=None) -> fx.GraphModule:
+    """``op(x, y)`` (or ``op(x, constant)``) as a hand-built graph: symbolic tracing records
+    ``x += y`` as ``operator.add``, dynamo graphs keep ``operator.iadd``."""
+    graph = fx.Graph()
+    xs = [graph.placeholder(f"x{i}") for i in range(inputs)]
+    out = graph.call_function(op, (xs[0], xs[1] if inputs == 2 else constant))
+    graph.output(out)
+    return fx.GraphModule(nn.Module(), graph)
 
 
 p = lambda *shape: nn.Parameter(torch.randn(shape))
@@ -221,6 +231,71 @@ AFFINE = {
     "stack_sum": (lambda: Fn(lambda s, x, y, z: torch.stack([x, y, z], 1).sum(1)), [(2, 3)] * 3, Combine, None),
     "transpose": (lambda: Fn(lambda s, x: x.transpose(1, 2)), [(2, 3, 4)], Layout, None),
     "flatten": (lambda: Fn(lambda s, x: torch.flatten(x, 1)), [(2, 3, 4)], Layout, None),
+    # one row per remaining vocabulary entry (see test_every_vocabulary_entry_has_a_row)
+    "torch.avg_pool1d": (lambda: Fn(lambda s, x: torch.avg_pool1d(x, 2)), [(2, 3, 6)], AffineCall, Conv),
+    "F.avg_pool3d": (lambda: Fn(lambda s, x: F.avg_pool3d(x, 2)), [(1, 2, 4, 4, 4)], AffineCall, Conv),
+    "AvgPool3d": (lambda: nn.AvgPool3d(2), [(1, 2, 4, 4, 4)], AffineCall, Conv),
+    "torch._C._nn.pad": (lambda: Fn(lambda s, x: torch._C._nn.pad(x, (1, 2))), [(2, 3, 4)], AffineCall, Conv),
+    "ZeroPad1d": (lambda: nn.ZeroPad1d(1), [(2, 3, 4)], AffineCall, Conv),
+    "ZeroPad3d": (lambda: nn.ZeroPad3d(1), [(1, 2, 3, 3, 3)], AffineCall, Conv),
+    "ConstantPad3d_zero": (lambda: nn.ConstantPad3d(1, 0.0), [(1, 2, 3, 3, 3)], AffineCall, Conv),
+    "torch.conv3d": (lambda: Fn(lambda s, x: torch.conv3d(x, s.w), w=p(2, 2, 1, 2, 1)), [(1, 2, 3, 3, 3)],
+                     AffineCall, Conv),
+    "SyncBatchNorm_eval": (lambda: nn.SyncBatchNorm(3), [(2, 3, 4, 4)], AffineCall, Elementwise),
+    "torch.dropout_eval": (lambda: Fn(lambda s, x: torch.dropout(x, 0.5, False)), [(2, 3)], AffineCall, Elementwise),
+    "F.alpha_dropout_eval": (lambda: Fn(lambda s, x: F.alpha_dropout(x, 0.5, False)), [(2, 3)], AffineCall, Elementwise),
+    "F.feature_alpha_dropout_eval": (lambda: Fn(lambda s, x: F.feature_alpha_dropout(x, 0.5, False)), [(2, 3, 4, 4)],
+                                     AffineCall, Elementwise),
+    "F.dropout1d_eval": (lambda: Fn(lambda s, x: F.dropout1d(x, training=False)), [(2, 3, 4)], AffineCall, Elementwise),
+    "F.dropout2d_eval": (lambda: Fn(lambda s, x: F.dropout2d(x, training=False)), [(2, 3, 4, 4)], AffineCall,
+                         Elementwise),
+    "F.dropout3d_eval": (lambda: Fn(lambda s, x: F.dropout3d(x, training=False)), [(1, 2, 3, 3, 3)], AffineCall,
+                         Elementwise),
+    "AlphaDropout_eval": (lambda: nn.AlphaDropout(0.5), [(2, 3)], AffineCall, Elementwise),
+    "FeatureAlphaDropout_eval": (lambda: nn.FeatureAlphaDropout(0.5), [(2, 3, 4, 4)], AffineCall, Elementwise),
+    "Dropout1d_eval": (lambda: nn.Dropout1d(0.5), [(2, 3, 4)], AffineCall, Elementwise),
+    "Dropout3d_eval": (lambda: nn.Dropout3d(0.5), [(1, 2, 3, 3, 3)], AffineCall, Elementwise),
+    "torch.multiply": (lambda: Fn(lambda s, x: torch.multiply(x, 3.0)), [(2, 3)], AffineCall, Elementwise),
+    "torch.true_divide": (lambda: Fn(lambda s, x: torch.true_divide(x, 4.0)), [(2, 3)], AffineCall, Elementwise),
+    "torch.neg": (lambda: Fn(lambda s, x: torch.neg(x)), [(2, 3)], AffineCall, Elementwise),
+    "unary_plus": (lambda: Fn(lambda s, x: +x), [(2, 3)], AffineCall, Elementwise),
+    "torch.subtract": (lambda: Fn(lambda s, x, y: torch.subtract(x, y, alpha=2)), [(2, 3), (2, 3)], Combine, None),
+    "torch.concatenate": (lambda: Fn(lambda s, x, y: torch.concatenate([x, y], 1)), [(2, 3), (2, 2)], Concat, None),
+    "torch.mean_of_stack": (lambda: Fn(lambda s, x, y: torch.mean(torch.stack([x, y]), 0)), [(2, 3), (2, 3)],
+                            Combine, None),
+    "torch.sum_of_stack": (lambda: Fn(lambda s, x, y: torch.sum(torch.stack([x, y], 1), 1)), [(2, 3), (2, 3)],
+                           Combine, None),
+    "addmm_method": (lambda: Fn(lambda s, x: s.b.addmm(x, s.w), b=p(3), w=p(4, 3)), [(2, 4)], AffineCall, Linear),
+    "matmul_method": (lambda: Fn(lambda s, x: x.matmul(s.w), w=p(4, 3)), [(2, 4)], AffineCall, Linear),
+    "mm_method": (lambda: Fn(lambda s, x: x.mm(s.w), w=p(4, 3)), [(2, 4)], AffineCall, Linear),
+    "clone_method": (lambda: Fn(lambda s, x: x.clone()), [(2, 3)], AffineCall, Elementwise),
+    "double_of_double": (lambda: Fn(lambda s, x: x.double()), [(2, 3)], AffineCall, Elementwise),
+    "to_its_own_dtype": (lambda: Fn(lambda s, x: x.to(torch.float64)), [(2, 3)], AffineCall, Elementwise),
+    "type_its_own_dtype": (lambda: Fn(lambda s, x: x.type(torch.float64)), [(2, 3)], AffineCall, Elementwise),
+    "type_as_its_own_dtype": (lambda: Fn(lambda s, x: x.type_as(s.c), c=torch.zeros(1)), [(2, 3)], AffineCall,
+                              Elementwise),
+    "torch.permute": (lambda: Fn(lambda s, x: torch.permute(x, (0, 2, 1))), [(2, 3, 4)], Layout, None),
+    "torch.reshape": (lambda: Fn(lambda s, x: torch.reshape(x, (2, -1))), [(2, 3, 4)], Layout, None),
+    "torch.squeeze": (lambda: Fn(lambda s, x: torch.squeeze(x, 1)), [(2, 1, 4)], Layout, None),
+    "torch.unsqueeze": (lambda: Fn(lambda s, x: torch.unsqueeze(x, 1)), [(2, 4)], Layout, None),
+    "torch.swapaxes": (lambda: Fn(lambda s, x: torch.swapaxes(x, 1, 2)), [(2, 3, 4)], Layout, None),
+    "torch.transpose": (lambda: Fn(lambda s, x: torch.transpose(x, 1, 2)), [(2, 3, 4)], Layout, None),
+    "torch.unflatten": (lambda: Fn(lambda s, x: torch.unflatten(x, 1, (2, 2))), [(2, 4)], Layout, None),
+    "flatten_method": (lambda: Fn(lambda s, x: x.flatten(1)), [(2, 3, 4)], Layout, None),
+    "permute_method": (lambda: Fn(lambda s, x: x.permute(0, 2, 1)), [(2, 3, 4)], Layout, None),
+    "reshape_method": (lambda: Fn(lambda s, x: x.reshape(2, -1)), [(2, 3, 4)], Layout, None),
+    "reshape_as_method": (lambda: Fn(lambda s, x: x.reshape_as(s.c), c=torch.zeros(2, 12)), [(2, 3, 4)], Layout, None),
+    "view_method": (lambda: Fn(lambda s, x: x.view(2, 12)), [(2, 3, 4)], Layout, None),
+    "view_as_method": (lambda: Fn(lambda s, x: x.view_as(s.c), c=torch.zeros(2, 12)), [(2, 3, 4)], Layout, None),
+    "squeeze_method": (lambda: Fn(lambda s, x: x.squeeze(1)), [(2, 1, 4)], Layout, None),
+    "unsqueeze_method": (lambda: Fn(lambda s, x: x.unsqueeze(1)), [(2, 4)], Layout, None),
+    "swapaxes_method": (lambda: Fn(lambda s, x: x.swapaxes(1, 2)), [(2, 3, 4)], Layout, None),
+    "t_method": (lambda: Fn(lambda s, x: x.t()), [(2, 4)], Layout, None),
+    "unflatten_method": (lambda: Fn(lambda s, x: x.unflatten(1, (2, 2))), [(2, 4)], Layout, None),
+    "iadd_operator": (lambda: _operator_graph(operator.iadd, 2), [(2, 3), (2, 3)], Combine, None),
+    "isub_operator": (lambda: _operator_graph(operator.isub, 2), [(2, 3), (2, 3)], Combine, None),
+    "imul_operator": (lambda: _operator_graph(operator.imul, 1, 3.0), [(2, 3)], AffineCall, Elementwise),
+    "itruediv_operator": (lambda: _operator_graph(operator.itruediv, 1, 2.0), [(2, 3)], AffineCall, Elementwise),
 }
 
 
@@ -329,6 +404,49 @@ OPAQUE = {
                                "several arguments"),
     "softmax": (lambda: Fn(lambda s, x: x.softmax(-1)), [(2, 3)], "softmax"),
     "stack_reduced_elsewhere": (lambda: Fn(lambda s, x, y: torch.stack([x, y]).mean(1)), [(2, 3), (2, 3)], "stacking axis"),
+    # (the rows are traced in float64: these casts change the dtype)
+    "float_cast_changes_dtype": (lambda: Fn(lambda s, x: x.float()), [(2, 3)], "float"),
+    "half_cast_changes_dtype": (lambda: Fn(lambda s, x: x.half()), [(2, 3)], "half"),
+    "bfloat16_cast_changes_dtype": (lambda: Fn(lambda s, x: x.bfloat16()), [(2, 3)], "bfloat16"),
+}
+
+OPAQUE_KINDS = {  # what kind of no each opaque row is
+    "ReLU_module": OpaqueKind.UNKNOWN_OP,
+    "torch.relu": OpaqueKind.UNKNOWN_OP,
+    "LeakyReLU_slope": OpaqueKind.UNKNOWN_OP,
+    "F.leaky_relu_slope": OpaqueKind.NOT_AFFINE,
+    "PReLU_default": OpaqueKind.UNKNOWN_OP,
+    "product_of_activations": OpaqueKind.PRODUCT_OF_ACTIVATIONS,
+    "division_by_activation": OpaqueKind.DATA_WEIGHT,
+    "floor_division": OpaqueKind.NOT_AFFINE,
+    "matmul_of_activations": OpaqueKind.DATA_WEIGHT,
+    "broadcasting_sum": OpaqueKind.UNSUPPORTED_FORM,
+    "broadcasting_constant": OpaqueKind.UNSUPPORTED_FORM,
+    "F.pad_reflect": OpaqueKind.UNSUPPORTED_FORM,
+    "F.pad_value": OpaqueKind.UNSUPPORTED_FORM,
+    "ConstantPad_value": OpaqueKind.UNSUPPORTED_FORM,
+    "F.pad_negative": OpaqueKind.UNSUPPORTED_FORM,
+    "AvgPool_excluding_pad": OpaqueKind.UNSUPPORTED_FORM,
+    "F.avg_pool_excluding_pad": OpaqueKind.UNSUPPORTED_FORM,
+    "AvgPool_ceil_mode": OpaqueKind.UNSUPPORTED_FORM,
+    "MaxPool": OpaqueKind.UNKNOWN_OP,
+    "BN_batch_statistics": OpaqueKind.TRAINING,
+    "F.batch_norm_training": OpaqueKind.TRAINING,
+    "F.batch_norm_without_stats": OpaqueKind.TRAINING,
+    "F.dropout_training": OpaqueKind.TRAINING,
+    "step_slice": OpaqueKind.UNSUPPORTED_FORM,
+    "two_axis_slice": OpaqueKind.UNSUPPORTED_FORM,
+    "index_select": OpaqueKind.UNSUPPORTED_FORM,
+    "new_axis": OpaqueKind.UNSUPPORTED_FORM,
+    "cat_with_constant": OpaqueKind.CONSTANTS,
+    "conv_weight_from_input": OpaqueKind.DATA_WEIGHT,
+    "linear_weight_from_input": OpaqueKind.DATA_WEIGHT,
+    "module_with_two_inputs": OpaqueKind.UNSUPPORTED_FORM,
+    "softmax": OpaqueKind.UNKNOWN_OP,
+    "stack_reduced_elsewhere": OpaqueKind.UNSUPPORTED_FORM,
+    "float_cast_changes_dtype": OpaqueKind.UNKNOWN_OP,
+    "half_cast_changes_dtype": OpaqueKind.UNKNOWN_OP,
+    "bfloat16_cast_changes_dtype": OpaqueKind.UNKNOWN_OP,
 }
 
 
@@ -337,7 +455,46 @@ def test_opaque_row(name):
     factory, shapes, reason = OPAQUE[name]
     meaning, _ = last_meaning(factory(), *shapes)
     assert isinstance(meaning, Opaque), meaning
+    assert meaning.kind is OPAQUE_KINDS[name], meaning.kind
     assert reason in str(meaning)
+
+
+def test_every_vocabulary_entry_has_a_row():
+    """Each ``(kind, target)`` of :data:`VOCABULARY` is exercised by an affine or an opaque row."""
+    exercised = set()
+    for factory, *_ in list(AFFINE.values()) + list(OPAQUE.values()):
+        module = factory().double().eval()
+        if isinstance(module, fx.GraphModule):
+            gm = module
+        else:
+            gm = fx.symbolic_trace(module if isinstance(module, _Fn) else nn.Sequential(module))
+        modules = dict(gm.named_modules())
+        for node in gm.graph.nodes:
+            kind = op_kind(node)
+            if kind is OpKind.MODULE:
+                exercised |= {(kind, base) for base in type(modules[node.target]).__mro__} & set(VOCABULARY)
+            elif kind is not None and (kind, node.target) in VOCABULARY:
+                exercised.add((kind, node.target))
+    missing = sorted(f"{kind.value} {getattr(target, '__name__', target)}" for kind, target in set(VOCABULARY) - exercised)
+    assert not missing, missing
+
+
+def test_a_subclass_with_its_own_forward_is_not_its_base():
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(2, 2, 1)))
+    facts = GraphFacts(gm)
+    (conv,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert handler_for(conv, facts) is VOCABULARY[(OpKind.MODULE, nn.Conv2d)]
+    gm.add_submodule("0", ScaledConv(2, 2, 1))
+    assert handler_for(conv, GraphFacts(gm)) is None
+
+
+def test_an_entry_has_one_handler():
+    with pytest.raises(ValueError, match="two handlers"):
+        handles(OpKind.FUNCTION, F.conv2d)(lambda node, facts: None)
 
 
 def test_training_mode_modules_are_opaque():
@@ -368,304 +525,3 @@ def test_describe_does_not_touch_the_graph():
     before = gm.code
     analyse(module, (1, 3, 4, 4), (1, 3, 4, 4))
     assert fx.symbolic_trace(module).code == before
-
-
-# ----------------------------------------------------------------------------- in-place ops
-
-class InPlace(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3)
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        y = self.conv(x)
-        before = self.bn(y)  # reads y before it is mutated
-        y += x  # fx itself traces this as an out-of-place add (a Proxy has no __iadd__)
-        y.mul_(2)  # method
-        z = self.act(y)  # module with inplace=True
-        w = F.relu(z - 1, inplace=True)  # functional inplace kwarg
-        return before, y, z, w
-
-
-def test_functionalize_inplace_keeps_results_and_removes_mutation():
-    from repc.examples import randomize_bn
-    model = randomize_bn(InPlace()).eval()
-    x = torch.randn(2, 3, 5, 5)
-    with torch.no_grad():
-        want = model(x.clone())
-    gm = fx.symbolic_trace(copy.deepcopy(model))
-    changed = functionalize_inplace(gm)
-    assert changed == 3  # mul_, the ReLU module, F.relu(inplace=True)
-    targets = [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-    assert "mul_" not in targets and "mul" in targets
-    assert not gm.act.inplace
-    assert all(not n.kwargs.get("inplace") for n in gm.graph.nodes)
-    with torch.no_grad():
-        x_in = x.clone()
-        got = gm(x_in)
-    assert torch.equal(x_in, x)  # nothing mutates the caller's tensor any more
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, atol=1e-6)
-    assert model.act.inplace  # the user's model keeps its flag
-
-
-def test_inplace_operator_function_becomes_out_of_place():
-    """Graphs built by other front ends can carry ``operator.iadd`` itself."""
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    y = graph.call_function(operator.mul, (x, 2.0))
-    early = graph.call_function(operator.neg, (y,))
-    iadd = graph.call_function(operator.iadd, (y, x))
-    late = graph.call_function(operator.neg, (y,))
-    graph.output((early, iadd, late))
-    gm = fx.GraphModule(nn.Module(), graph)
-    v = torch.randn(3)
-    want = (-(2 * v), 3 * v, -(3 * v))
-    assert functionalize_inplace(gm) == 1
-    assert iadd.target is operator.add
-    assert late.args[0] is iadd and early.args[0] is y  # only the later reader sees the result
-    for g, w in zip(gm(v), want):
-        assert torch.allclose(g, w)
-
-
-def test_inplace_op_through_a_view_stays_and_is_marked():
-    from repc.normalize import VIEW_MUTATED
-
-    class ViewMutation(nn.Module):
-        def forward(self, x):
-            a = x * 2
-            a[:, :1].mul_(3)
-            return a + 1
-
-    gm = fx.symbolic_trace(ViewMutation())
-    x = torch.randn(2, 3)
-    want = ViewMutation()(x)
-    assert functionalize_inplace(gm) == 0
-    (mul_,) = [n for n in gm.graph.nodes if n.target == "mul_"]
-    assert mul_.meta.get(VIEW_MUTATED)
-    (a,) = [n for n in gm.graph.nodes if n.target is operator.mul]
-    assert a.meta.get(VIEW_MUTATED)
-    assert torch.equal(gm(x), want)
-
-
-# ----------------------------------------------------------------------------- normalization layers
-
-@pytest.mark.parametrize("norm,shape", [(nn.LayerNorm(4), (2, 5, 4)), (nn.GroupNorm(2, 4), (2, 4, 3, 3)),
-                                        (nn.LayerNorm(4, elementwise_affine=False), (2, 4))])
-def test_split_norm_affine_keeps_the_function(norm, shape):
-    with torch.no_grad():
-        for t in norm.parameters():
-            t.copy_(torch.randn_like(t))
-    module = nn.Sequential(norm)
-    gm = fx.symbolic_trace(module)
-    x = torch.randn(shape)
-    propagate_shapes(gm, (x,))
-    n = split_norm_affine(gm)
-    assert n == (1 if any(True for _ in norm.parameters()) else 0)
-    assert torch.allclose(gm(x), module(x), atol=1e-6)
-    if n:
-        assert not any(n.op == "call_module" for n in gm.graph.nodes)
-
-
-# ----------------------------------------------------------------------------- scales through matmul
-
-class ScaledScores(nn.Module):
-    """``(q(x) @ k(x)^T) * c`` (or ``/ c``), the scores optionally read twice."""
-
-    def __init__(self, d=6, divide=False, reuse=False, maps=True):
-        super().__init__()
-        self.q, self.k = (nn.Linear(d, d), nn.Linear(d, d)) if maps else (nn.Identity(), nn.Identity())
-        self.divide, self.reuse = divide, reuse
-
-    def forward(self, x):
-        scores = self.q(x) @ self.k(x).transpose(-2, -1)
-        out = scores / 2.5 if self.divide else scores * 0.4
-        return out + scores if self.reuse else out
-
-
-def scale_pass(module, x):
-    gm = fx.symbolic_trace(module)
-    return gm, push_scales_into_matmul(gm, _record(gm, (x,)))
-
-
-@pytest.mark.parametrize("divide", [False, True], ids=["multiply", "divide"])
-def test_a_scalar_after_a_matmul_moves_onto_the_operand_a_linear_map_computes(divide):
-    module = ScaledScores(divide=divide)
-    x = torch.randn(2, 5, 6)
-    gm, count = scale_pass(module, x)
-    assert count == 1
-    (product,) = [n for n in gm.graph.nodes if n.target is operator.matmul]
-    assert list(product.users)[0].op == "output"  # nothing scales the scores any more
-    scaled = product.args[0]
-    assert scaled.target is operator.mul and scaled.args[0].target == "q"
-    assert scaled.args[1] == pytest.approx(1 / 2.5 if divide else 0.4)
-    assert torch.allclose(gm(x), module(x), atol=1e-6)
-
-
-def test_a_scale_stays_on_scores_that_something_else_also_reads():
-    module = ScaledScores(reuse=True)
-    gm, count = scale_pass(module, torch.randn(2, 5, 6))
-    assert count == 0
-
-
-def test_without_a_map_to_fold_into_the_scale_moves_only_onto_a_smaller_operand():
-    x = torch.randn(2, 5, 6)  # 5x6 operands, 5x5 scores: the operand is larger
-    gm, count = scale_pass(ScaledScores(maps=False), x)
-    assert count == 0
-    long = torch.randn(2, 8, 3)  # 8x3 operands, 8x8 scores: the operand is smaller
-    module = ScaledScores(maps=False)
-    gm, count = scale_pass(module, long)
-    assert count == 1 and torch.allclose(gm(long), module(long), atol=1e-6)
-
-
-
-class FusedQKVScores(nn.Module):
-    """A fused qkv projection read through ``chunk``, ``split`` or slices, scores scaled after
-    the product."""
-
-    def __init__(self, d=6, read="chunk", divide=True):
-        super().__init__()
-        self.qkv, self.d, self.read, self.divide = nn.Linear(d, 3 * d), d, read, divide
-
-    def forward(self, x):
-        h, d = self.qkv(x), self.d
-        if self.read == "chunk":
-            q, k, v = h.chunk(3, -1)
-        elif self.read == "split":
-            q, k, v = h.split(d, -1)
-        else:
-            q, k, v = h[..., :d], h[..., d:2 * d], h[..., 2 * d:]
-        scores = q @ k.transpose(-2, -1)
-        scores = scores / math.sqrt(d) if self.divide else scores * 0.4
-        return scores.softmax(-1) @ v
-
-
-@pytest.mark.parametrize("read", ["chunk", "split", "index"])
-@pytest.mark.parametrize("divide", [False, True], ids=["multiply", "divide"])
-def test_a_scale_on_one_slice_of_a_shared_map_scales_only_that_slice(read, divide):
-    """Found by the transformer fuzzer: q of a fused qkv read through ``chunk(3, -1)`` was seen
-    through the chunk as all of qkv, so the scale went onto k and v too (deviation 0.5).  It
-    now goes onto qkv as a vector, ``c`` on q's rows and 1 on k's and v's."""
-    module = FusedQKVScores(read=read, divide=divide)
-    x = torch.randn(2, 5, 6)
-    gm, count = scale_pass(module, x)
-    assert count == 1
-    (qkv,) = [n for n in gm.graph.nodes if n.target == "qkv"]
-    (scaled,) = qkv.users
-    assert scaled.target is operator.mul and scaled.args[1].op == "get_attr"
-    vector = getattr(gm, scaled.args[1].target)
-    c = 1 / math.sqrt(6) if divide else 0.4
-    assert torch.allclose(vector.reshape(-1), torch.tensor([c] * 6 + [1.0] * 12))
-    assert torch.allclose(gm(x), module(x), atol=1e-6)
-    y = torch.randn(3, 4, 6)  # the vector runs along the features: any batch, any length
-    assert torch.allclose(gm(y), module(y), atol=1e-6)
-
-
-def test_a_scale_stays_off_a_shared_map_whose_scaled_rows_something_else_reads():
-    class Overlap(FusedQKVScores):
-        def forward(self, x):
-            h, d = self.qkv(x), self.d
-            q, k, v = h.chunk(3, -1)
-            return (q @ k.transpose(-2, -1)) * 0.4 + h[..., :2 * d].sum()  # q's and k's rows read again
-
-    module = Overlap()
-    x = torch.randn(2, 5, 6)  # (and the 5x6 operands are larger than the 5x5 scores)
-    gm, count = scale_pass(module, x)
-    assert count == 0
-    assert torch.allclose(gm(x), module(x), atol=1e-6)
-
-# ----------------------------------------------------------------------------- metadata reads
-
-class MetadataReads(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        h = self.fc(x)
-        core = F.layer_norm(h, (4,))
-        g = core * 2.0 + 1.0
-        n = g.size(0) + self.fc(g).size(0) + (h * 3.0).size(0)
-        return (g.to(h.dtype) + n).to(x.dtype)
-
-
-def test_metadata_reads_become_constants_or_move_to_a_same_shaped_value_no_region_absorbs():
-    module = MetadataReads()
-    x = torch.randn(3, 4)
-    gm = fx.symbolic_trace(module)
-    count = detach_metadata_reads(gm, _record(gm, (x,)))
-    assert count == 1  # h.dtype became float32
-    reads = [(n.args[1] if n.target is getattr else n.target, n.args[0].name) for n in gm.graph.nodes
-             if n.target is getattr or n.target == "size"]
-    assert sorted(reads) == [("dtype", "x"),  # an input's dtype stays a read: it may change
-                             ("size", "add"),  # g is read by fc and by the output: a source, the read stays
-                             ("size", "fc_1"),  # a linear's output is not moved past
-                             ("size", "mul_1")]  # (h * 3) would reach fc, which a region absorbs
-    assert torch.equal(gm(x), module(x))
-    assert torch.equal(gm(x[:2]), module(x[:2]))
-
-
-class ShapeOfAResidualStream(nn.Module):
-    """``h = x + fc(x)`` read by the next residual and by a BN over ``h.flatten(0, 1)`` that is
-    viewed back with ``B, T, _ = h.shape``; q, k, v read a LayerNorm's output and its shape."""
-
-    def __init__(self, d=4):
-        super().__init__()
-        self.fc, self.bn, self.ln = nn.Linear(d, d), nn.BatchNorm1d(d), nn.LayerNorm(d)
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x):
-        h = x + self.fc(x)
-        B, T, _ = h.shape
-        y = h + self.bn(h.flatten(0, 1)).view(B, T, -1)
-        n = self.ln(y)
-        B, T, C = n.shape
-        return (self.q(n) + self.k(n) * self.v(n)).reshape(B, T, C)
-
-
-def test_a_shape_read_stays_on_a_value_several_ops_read():
-    """Found by the transformer fuzzer: ``h.shape`` of a residual sum was moved up to the model
-    input.  The BN region (flatten, BN, view) reads ``h`` as its source, but its view then took
-    B and T from a value outside the region; checked at another batch, the view used the
-    example's B and gave another shape, so the merge was taken back.  The read now stays on
-    ``h`` (which two ops read: it is a source anyway), and still moves past the LayerNorm's
-    affine, which the q, k and v linears fold in."""
-    module = ShapeOfAResidualStream()
-    x = torch.randn(2, 3, 4)
-    gm = fx.symbolic_trace(module)
-    propagate_shapes(gm, (x,))
-    assert split_norm_affine(gm) == 1
-    assert detach_metadata_reads(gm, _record(gm, (x,))) == 1
-    reads = sorted(n.args[0].name for n in gm.graph.nodes if n.target is getattr and n.args[1] == "shape")
-    assert reads[0] == "add"  # h
-    assert reads[1] != "add_1" and reads[1].startswith("layer_norm"), reads  # the norm's core, not its affine tail
-    assert torch.allclose(gm(x), module(x), atol=1e-6)
-    assert torch.allclose(gm(x[:1]), module(x[:1]), atol=1e-6)
-
-
-class RankAssertedNorm(nn.Module):
-    """A library norm after a conv: ``torch._assert(y.ndim == 4)`` and ``y.dim()`` on the conv's output."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        y = self.conv(x)
-        torch._assert(y.ndim == 4, "expected a 4-d input")
-        torch._assert(y.dim() == x.dim(), "same rank")
-        return self.bn(y)
-
-
-def test_a_rank_read_of_a_computed_value_becomes_its_constant_and_an_inputs_stays():
-    module = RankAssertedNorm().eval()
-    x = torch.randn(2, 3, 6, 6)
-    gm = fx.symbolic_trace(module)
-    assert detach_metadata_reads(gm, _record(gm, (x,))) == 2  # y.ndim, y.dim()
-    reads = [n for n in gm.graph.nodes if metadata_read(n) is not None]
-    assert [(metadata_read(n), n.args[0].name) for n in reads] == [("dim", "x")]  # an input's rank may change
-    assert list(gm.graph.find_nodes(op="call_module", target="conv"))[0].users.keys() == \
-        set(gm.graph.find_nodes(op="call_module", target="bn"))  # the conv is read by the norm alone
-    assert torch.equal(gm(x), module(x))

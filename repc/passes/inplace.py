@@ -1,0 +1,80 @@
+"""Preparation pass: in-place ops made out of place.
+
+:func:`functionalize_inplace` turns ``x.mul_(g)``, ``x += y``, ``relu(inplace=True)``... into
+out-of-place ops with later readers rewired; a write through an alias stays in place, and every
+alias of it is tagged :data:`VIEW_MUTATED` (the matcher leaves those values where they are).
+Which nodes write in place is :func:`repc.graph_predicates.in_place_kind`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List
+
+import torch.fx as fx
+
+from ..graph_predicates import in_place_kind, may_alias, out_of_place_target
+
+
+VIEW_MUTATED = "repc_view_mutated"  # node.meta key: this value is mutated in place through an alias
+
+
+def functionalize_inplace(gm: fx.GraphModule) -> int:
+    """Make in-place ops out-of-place, rewiring later readers of the mutated value to the result.
+
+    An in-place op ``m`` on ``v`` makes every reader of ``v`` that runs after ``m`` see ``m``'s
+    output; with those readers pointed at ``m``, ``m`` can compute out of place and the graph is
+    a pure data-flow graph again.  When ``v`` is a view of another value, or has views, the
+    mutation reaches values that are not ``v``: such an op stays in place and every alias of
+    it is marked ``VIEW_MUTATED`` (the matcher leaves those values, and their readers, where they
+    are).  Runs on repc's own copy of the model only.  Returns how many ops were changed.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    modules = dict(gm.named_modules())
+    changed = 0
+    for node in list(gm.graph.nodes):
+        kind = in_place_kind(node, modules)
+        if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        mutated = node.args[0]
+        replacement = out_of_place_target(node) if kind in ("operator", "method", "function") else None
+        stays = kind in ("setitem", "schema") or (kind in ("operator", "method", "function") and replacement is None)
+        if stays or may_alias(mutated, modules) or any(may_alias(u, modules) for u in mutated.users):
+            for alias in _aliases(mutated, modules):
+                alias.meta[VIEW_MUTATED] = True
+            node.meta[VIEW_MUTATED] = True
+            continue
+        if kind == "module":
+            # the graph's leaves are the user's own modules: swap in an out-of-place copy
+            out_of_place = copy.copy(modules[node.target])
+            out_of_place.inplace = False
+            parent, _, name = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, name, out_of_place)
+            modules[node.target] = out_of_place
+        elif kind == "flag":
+            if node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+            else:
+                node.args = node.args[:-1] + (False,)
+        else:
+            node.target = replacement
+        changed += 1
+        for user in list(mutated.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(mutated, node)
+    if changed:
+        gm.recompile()  # keep gm's forward in step with its graph
+    return changed
+
+
+def _aliases(node: fx.Node, modules) -> List[fx.Node]:
+    """``node``, the value it is a view of, and every view taken of those."""
+    base = node
+    while may_alias(base, modules) and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    out, todo = [], [base]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(u for u in n.users if may_alias(u, modules) and u.args and u.args[0] is n)
+    return out

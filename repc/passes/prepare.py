@@ -1,0 +1,51 @@
+"""The graph preparation passes, in the order they run before region matching.
+
+Each rewrites repc's own copy of the captured graph into a form the matcher merges more of,
+computing the same function:
+
+1. ``fold_border_fill`` -- a zero pad whose border is filled with a constant, as shifts and a
+   zero pad (:mod:`repc.passes.border_fill`);
+2. ``functionalize_inplace`` -- in-place ops out of place (:mod:`repc.passes.inplace`);
+3. ``split_norm_affine`` -- LayerNorm / GroupNorm affine as a separate map
+   (:mod:`repc.passes.norm_affine`);
+4. ``push_scales_into_concat`` -- a per-channel map after a concat onto its parts
+   (:mod:`repc.passes.move_scales`);
+5. ``push_scales_into_matmul`` -- a scalar after a matmul onto an operand's map (same module);
+6. ``expand_weighted_stacks`` -- a constant-weighted sum over a stack as a sum
+   (:mod:`repc.passes.weighted_stacks`);
+7. ``detach_metadata_reads`` -- dtype / device / rank / shape reads do not pin values
+   (:mod:`repc.passes.metadata_reads`);
+8. ``push_linears_before_flattens`` -- a linear before a token-flattening reshape
+   (:mod:`repc.passes.flattens`).
+
+:func:`prepare` runs :data:`PREPARATION` with :func:`repc.passes.manager.run_passes`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .border_fill import fold_border_fill
+from .flattens import push_linears_before_flattens
+from .inplace import functionalize_inplace
+from .manager import Pass, PassContext, PassLog, run_passes
+from .metadata_reads import detach_metadata_reads
+from .move_scales import push_scales_into_concat, push_scales_into_matmul
+from .norm_affine import split_norm_affine
+from .weighted_stacks import expand_weighted_stacks
+
+PREPARATION: Sequence[Pass] = (
+    Pass("fold_border_fill", lambda c: fold_border_fill(c.gm, c.values)),
+    Pass("functionalize_inplace", lambda c: functionalize_inplace(c.gm), reads_values=False),
+    Pass("split_norm_affine", lambda c: split_norm_affine(c.gm)),
+    Pass("push_scales_into_concat", lambda c: push_scales_into_concat(c.gm, c.values)),
+    Pass("push_scales_into_matmul", lambda c: push_scales_into_matmul(c.gm, c.values)),
+    Pass("expand_weighted_stacks", lambda c: expand_weighted_stacks(c.gm, c.values)),
+    Pass("detach_metadata_reads", lambda c: detach_metadata_reads(c.gm, c.values)),
+    Pass("push_linears_before_flattens", lambda c: push_linears_before_flattens(c.gm, c.values)),
+)
+
+
+def prepare(context: PassContext, passes: Sequence[Pass] = PREPARATION) -> PassLog:
+    """Run the preparation passes on ``context.gm`` in order."""
+    return run_passes(passes, context)

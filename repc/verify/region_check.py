@@ -1,0 +1,174 @@
+"""The per-region check: a merged form against the region as written, before it is emitted.
+
+* :class:`RegionRunner` evaluates a region's original nodes on other values of its sources
+  (the model's own modules, or in float64 through each node's canonical op);
+* :class:`RegionChecker` compares a form with the region on small random inputs at another
+  batch size where the region runs on them, on the recorded example values where it does not;
+* :func:`non_finite_weights` says why a form's merged tensors cannot be emitted (NaN or Inf).
+
+The whole-model check after all rewrites is :mod:`repc.verify.check`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+
+from .. import algebra
+from ..meanings import AffineCall, GraphFacts
+from ..passes.emit import form_function
+from ..passes.metadata_reads import metadata_read
+from ..patterns.regions import Expr, RegionMatcher, is_container
+from .check import deviation, non_finite, quiet_call, tolerance
+
+
+class RegionRunner:
+    """Evaluates the original nodes of a region on other source values."""
+
+    def __init__(self, gm: fx.GraphModule, facts: GraphFacts, matcher: RegionMatcher):
+        self.facts, self.matcher = facts, matcher
+        self.values = facts.values
+        self.interp = fx.Interpreter(gm)
+
+    def run(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor], exact: bool = False):
+        """The region's output on ``sources``.  ``exact``: in float64, each conv/linear/BN through
+        its canonical op (``algebra.apply``) rather than the model's own lower-precision module."""
+        env = dict(sources)
+        for node in self.matcher.in_order(expr.region):
+            self._provide_inputs(node, env)
+            meaning = self.matcher.meanings.get(node)
+            if exact and isinstance(meaning, AffineCall):
+                env[node] = algebra.apply(meaning.op, env[meaning.input])
+            else:
+                env[node] = self._eval(node, env)
+        return env[expr.node]
+
+    def _provide_inputs(self, node: fx.Node, env) -> None:
+        for arg in node.all_input_nodes:
+            if arg in env:
+                continue
+            if arg in self.facts.constants:
+                env[arg] = self.values[arg]
+            elif is_container(arg) or not isinstance(self.values.get(arg), torch.Tensor):
+                # a tuple/stack of region values, or shape arithmetic (x.shape[0]): recompute
+                self._provide_inputs(arg, env)
+                env[arg] = self._eval(arg, env)
+            elif metadata_read(node) is not None:
+                # the shape of a value outside the region (x.shape of the model's input): the
+                # example's, which fits the trials at the example's sizes (others fail and are skipped)
+                env[arg] = self.values[arg]
+            else:
+                raise RuntimeError(f"region input {arg.name} is not a source")
+
+    def _eval(self, node, env):
+        self.interp.env = env
+        with torch.no_grad():
+            return self.interp.run_node(node)
+
+
+@dataclass(frozen=True)
+class RegionVerdict:
+    ok: bool
+    deviation: float
+    why: str = ""  # why not, in words
+
+
+class RegionChecker:
+    """Checks merged forms against their regions as written."""
+
+    SMALL = 7  # per-axis size of the small trial maps
+
+    def __init__(self, runner: RegionRunner, device):
+        self.runner, self.device = runner, device
+        self.values = runner.values
+
+    def check(self, expr: Expr, seed: int) -> RegionVerdict:
+        """The merged ops against the region as written, on small random inputs at another batch
+        size where the region runs on them (every border of a map is still there at 7x7), on the
+        recorded example values where it does not.  NaN or Inf never passes: the region as written
+        giving them means there is nothing to compare, the merged ops giving them where the region
+        is finite is a failure."""
+        sources = list(expr.form)
+        ref = self.values[expr.node]
+        if not isinstance(ref, torch.Tensor):
+            return RegionVerdict(False, float("inf"), "region output is not a tensor")
+        tol = tolerance(ref.dtype)
+        merged = form_function(expr.form, ref.dtype, self.device)
+        trial = self.small_trial(expr, sources, seed)
+        name, inputs, want = trial if trial is not None else ("example", [self.values[s] for s in sources], ref)
+        bad = non_finite(want)
+        if bad is not None:
+            return RegionVerdict(False, float("inf"), f"the region as written gives {bad} on the {name} input")
+        with torch.no_grad():
+            try:
+                got = quiet_call(merged, inputs)
+            except Exception as why:
+                return RegionVerdict(False, float("inf"), f"merged op failed on {name} input: {why}")
+        dev = deviation(got, want)
+        if dev > tol:
+            bad = non_finite(got)
+            if bad is not None:
+                return RegionVerdict(False, dev, f"the merged op gives {bad} on the {name} input, "
+                                                 "where the region as written is finite")
+            return RegionVerdict(False, dev, f"deviation {dev:.3g} > {tol:g} on the {name} input")
+        return RegionVerdict(True, dev)
+
+    def small_trial(self, expr: Expr, sources: List[fx.Node], seed: int):
+        """``(name, inputs, region output)`` on small random source values at another batch size
+        (2, or 1 when the example's is 2): maps shrunk to 7 per axis, tokens to 7; None if the
+        region as written runs on none of the shapes tried (it fits its example's sizes only)."""
+        gen = torch.Generator().manual_seed(seed)
+        shapes = [list(self.values[s].shape) for s in sources]
+        tried = set()
+        for shrink in ("maps", "channels-last", "tokens", "length"):
+            trial = []
+            for shape in shapes:
+                shape = list(shape)
+                if shape:
+                    shape[0] = 1 if shape[0] == 2 else 2
+                axes = {"maps": range(2, len(shape)) if len(shape) >= 4 else (),
+                        "channels-last": range(1, len(shape) - 1) if len(shape) >= 4 else (),
+                        "tokens": (1,) if len(shape) == 3 else (),
+                        "length": (2,) if len(shape) == 3 else ()}[shrink]
+                for a in axes:
+                    shape[a] = min(shape[a], self.SMALL)
+                trial.append(tuple(shape))
+            if tuple(trial) in tried:
+                continue
+            tried.add(tuple(trial))
+            inputs = [torch.randn(shape, generator=gen, dtype=torch.float32).to(self.values[s].dtype)
+                      .to(self.values[s].device) for s, shape in zip(sources, trial)]
+            try:
+                want = self.runner.run(expr, dict(zip(sources, inputs)))
+            except Exception:
+                continue
+            if not isinstance(want, torch.Tensor) or want.dim() != self.values[expr.node].dim():
+                continue
+            return f"random {'x'.join(map(str, trial[0]))}", inputs, want
+        return None
+
+
+def non_finite_weights(form, dtype) -> Optional[str]:
+    """Why the form's merged tensors cannot be emitted: NaN or Inf in one of them, in float64 (from
+    non-finite weights or statistics) or once cast to ``dtype`` (a finite product too large for
+    float16); None if all are finite."""
+    for op in form.values():
+        for f in fields(op):
+            t = getattr(op, f.name)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                continue
+            cast = t.to(dtype) if dtype.is_floating_point else t
+            bad = ~(torch.isfinite(t) & torch.isfinite(cast))
+            if not bad.any():
+                continue
+            nan = int(torch.isnan(cast).sum())
+            what = " and ".join(w for w, n in (("NaN", nan), ("Inf", int(bad.sum()) - nan)) if n)
+            why = ("it is computed from non-finite weights or statistics" if not torch.isfinite(t).all() else
+                   f"its values are too large for {str(dtype).replace('torch.', '')}")
+            return f"the merged {type(op).__name__.lower()} {f.name} would hold {what} " \
+                   f"({int(bad.sum())} of {t.numel()} entries): {why}"
+    return None
+

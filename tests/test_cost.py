@@ -1,0 +1,56 @@
+"""The cost decision (:func:`repc.passes.cost.decide`): merged forms that pay, and the refusals."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from repc.ops import Conv, Elementwise, Linear
+from repc.passes.cost import decide, op_count
+from repc.passes.norm_affine import NORM_AFFINE
+from repc.patterns.regions import Expr
+from repc.reasons import RejectionKind
+
+F64 = torch.float64
+
+
+def _region(n: int, cost: int, form) -> Expr:
+    graph = fx.Graph()
+    nodes = [graph.placeholder(f"n{i}") for i in range(n)]
+    return Expr(nodes[-1], "apply", form=form, region=set(nodes), cost=cost)
+
+
+def _linear():
+    return Linear(torch.zeros(4, 4, dtype=F64), torch.zeros(4, dtype=F64))
+
+
+def test_a_cheaper_form_is_taken():
+    d = decide(_region(3, 100, {None: _linear()}), 64, computed_weights=False)
+    assert d.merge and d.rewrite and d.kind is None
+
+
+def test_a_dearer_form_is_refused_as_not_paying():
+    d = decide(_region(2, 10, {None: _linear()}), 64, computed_weights=False)
+    assert not d.merge and d.kind is RejectionKind.DOES_NOT_PAY and "64 multiply-adds merged vs 10" in d.words
+
+
+def test_same_work_in_as_many_ops_is_left_silently_unless_weights_are_computed():
+    region = _region(1, 64, {None: _linear()})
+    assert decide(region, 64, computed_weights=False) == decide(region, 64, computed_weights=False)
+    assert not decide(region, 64, computed_weights=False).merge
+    assert decide(region, 64, computed_weights=False).kind is None
+    assert decide(region, 64, computed_weights=True).merge
+
+
+def test_a_norms_own_affine_goes_back_into_the_norm_without_a_rewrite():
+    region = _region(2, 0, {None: Elementwise(None, None, (2, 4))})
+    for node in region.region:
+        node.meta[NORM_AFFINE] = "ln"
+    d = decide(region, 10, computed_weights=False)
+    assert d.merge and not d.rewrite
+
+
+def test_op_count_counts_padding_scale_and_shift_ops():
+    asym = Conv(torch.zeros(2, 2, 3, 3, dtype=F64), None, (1, 1), ((0, 2), (1, 1)), (1, 1), 1)
+    ew = Elementwise(torch.ones(1, 2, 1, 1, dtype=F64), torch.ones(1, 2, 1, 1, dtype=F64), (1, 2, 3, 3))
+    assert op_count({"a": asym}) == 2 and op_count({"a": asym, "b": ew}) == 5

@@ -1,0 +1,326 @@
+"""The graph preparation passes (:mod:`repc.passes.prepare`) and their pass manager.
+
+Each pass must compute the same function after its rewrite: in-place ops made out of place
+(:mod:`repc.passes.inplace`), norm affines split (:mod:`repc.passes.norm_affine`), scales
+moved onto maps (:mod:`repc.passes.move_scales`), metadata reads detached
+(:mod:`repc.passes.metadata_reads`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from repc.capture import propagate_shapes
+from repc.passes.inplace import VIEW_MUTATED, functionalize_inplace
+from repc.passes.metadata_reads import detach_metadata_reads, metadata_read
+from repc.passes.move_scales import push_scales_into_matmul
+from repc.passes.norm_affine import split_norm_affine
+from repc.passes.record import record_values
+
+
+# ----------------------------------------------------------------------------- in-place ops
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        before = self.bn(y)  # reads y before it is mutated
+        y += x  # fx itself traces this as an out-of-place add (a Proxy has no __iadd__)
+        y.mul_(2)  # method
+        z = self.act(y)  # module with inplace=True
+        w = F.relu(z - 1, inplace=True)  # functional inplace kwarg
+        return before, y, z, w
+
+
+def test_functionalize_inplace_keeps_results_and_removes_mutation():
+    from repc.examples import randomize_bn
+    model = randomize_bn(InPlace()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = model(x.clone())
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    changed = functionalize_inplace(gm)
+    assert changed == 3  # mul_, the ReLU module, F.relu(inplace=True)
+    targets = [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert "mul_" not in targets and "mul" in targets
+    assert not gm.act.inplace
+    assert all(not n.kwargs.get("inplace") for n in gm.graph.nodes)
+    with torch.no_grad():
+        x_in = x.clone()
+        got = gm(x_in)
+    assert torch.equal(x_in, x)  # nothing mutates the caller's tensor any more
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)
+    assert model.act.inplace  # the user's model keeps its flag
+
+
+def test_inplace_operator_function_becomes_out_of_place():
+    """Graphs built by other front ends can carry ``operator.iadd`` itself."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(operator.mul, (x, 2.0))
+    early = graph.call_function(operator.neg, (y,))
+    iadd = graph.call_function(operator.iadd, (y, x))
+    late = graph.call_function(operator.neg, (y,))
+    graph.output((early, iadd, late))
+    gm = fx.GraphModule(nn.Module(), graph)
+    v = torch.randn(3)
+    want = (-(2 * v), 3 * v, -(3 * v))
+    assert functionalize_inplace(gm) == 1
+    assert iadd.target is operator.add
+    assert late.args[0] is iadd and early.args[0] is y  # only the later reader sees the result
+    for g, w in zip(gm(v), want):
+        assert torch.allclose(g, w)
+
+
+def test_inplace_op_through_a_view_stays_and_is_marked():
+
+    class ViewMutation(nn.Module):
+        def forward(self, x):
+            a = x * 2
+            a[:, :1].mul_(3)
+            return a + 1
+
+    gm = fx.symbolic_trace(ViewMutation())
+    x = torch.randn(2, 3)
+    want = ViewMutation()(x)
+    assert functionalize_inplace(gm) == 0
+    (mul_,) = [n for n in gm.graph.nodes if n.target == "mul_"]
+    assert mul_.meta.get(VIEW_MUTATED)
+    (a,) = [n for n in gm.graph.nodes if n.target is operator.mul]
+    assert a.meta.get(VIEW_MUTATED)
+    assert torch.equal(gm(x), want)
+
+
+# ----------------------------------------------------------------------------- normalization layers
+
+@pytest.mark.parametrize("norm,shape", [(nn.LayerNorm(4), (2, 5, 4)), (nn.GroupNorm(2, 4), (2, 4, 3, 3)),
+                                        (nn.LayerNorm(4, elementwise_affine=False), (2, 4))])
+def test_split_norm_affine_keeps_the_function(norm, shape):
+    with torch.no_grad():
+        for t in norm.parameters():
+            t.copy_(torch.randn_like(t))
+    module = nn.Sequential(norm)
+    gm = fx.symbolic_trace(module)
+    x = torch.randn(shape)
+    propagate_shapes(gm, (x,))
+    n = split_norm_affine(gm)
+    assert n == (1 if any(True for _ in norm.parameters()) else 0)
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+    if n:
+        assert not any(n.op == "call_module" for n in gm.graph.nodes)
+
+
+# ----------------------------------------------------------------------------- scales through matmul
+
+class ScaledScores(nn.Module):
+    """``(q(x) @ k(x)^T) * c`` (or ``/ c``), the scores optionally read twice."""
+
+    def __init__(self, d=6, divide=False, reuse=False, maps=True):
+        super().__init__()
+        self.q, self.k = (nn.Linear(d, d), nn.Linear(d, d)) if maps else (nn.Identity(), nn.Identity())
+        self.divide, self.reuse = divide, reuse
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(-2, -1)
+        out = scores / 2.5 if self.divide else scores * 0.4
+        return out + scores if self.reuse else out
+
+
+def scale_pass(module, x):
+    gm = fx.symbolic_trace(module)
+    return gm, push_scales_into_matmul(gm, record_values(gm, (x,)))
+
+
+@pytest.mark.parametrize("divide", [False, True], ids=["multiply", "divide"])
+def test_a_scalar_after_a_matmul_moves_onto_the_operand_a_linear_map_computes(divide):
+    module = ScaledScores(divide=divide)
+    x = torch.randn(2, 5, 6)
+    gm, count = scale_pass(module, x)
+    assert count == 1
+    (product,) = [n for n in gm.graph.nodes if n.target is operator.matmul]
+    assert list(product.users)[0].op == "output"  # nothing scales the scores any more
+    scaled = product.args[0]
+    assert scaled.target is operator.mul and scaled.args[0].target == "q"
+    assert scaled.args[1] == pytest.approx(1 / 2.5 if divide else 0.4)
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+
+
+def test_a_scale_stays_on_scores_that_something_else_also_reads():
+    module = ScaledScores(reuse=True)
+    gm, count = scale_pass(module, torch.randn(2, 5, 6))
+    assert count == 0
+
+
+def test_without_a_map_to_fold_into_the_scale_moves_only_onto_a_smaller_operand():
+    x = torch.randn(2, 5, 6)  # 5x6 operands, 5x5 scores: the operand is larger
+    gm, count = scale_pass(ScaledScores(maps=False), x)
+    assert count == 0
+    long = torch.randn(2, 8, 3)  # 8x3 operands, 8x8 scores: the operand is smaller
+    module = ScaledScores(maps=False)
+    gm, count = scale_pass(module, long)
+    assert count == 1 and torch.allclose(gm(long), module(long), atol=1e-6)
+
+
+
+class FusedQKVScores(nn.Module):
+    """A fused qkv projection read through ``chunk``, ``split`` or slices, scores scaled after
+    the product."""
+
+    def __init__(self, d=6, read="chunk", divide=True):
+        super().__init__()
+        self.qkv, self.d, self.read, self.divide = nn.Linear(d, 3 * d), d, read, divide
+
+    def forward(self, x):
+        h, d = self.qkv(x), self.d
+        if self.read == "chunk":
+            q, k, v = h.chunk(3, -1)
+        elif self.read == "split":
+            q, k, v = h.split(d, -1)
+        else:
+            q, k, v = h[..., :d], h[..., d:2 * d], h[..., 2 * d:]
+        scores = q @ k.transpose(-2, -1)
+        scores = scores / math.sqrt(d) if self.divide else scores * 0.4
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("read", ["chunk", "split", "index"])
+@pytest.mark.parametrize("divide", [False, True], ids=["multiply", "divide"])
+def test_a_scale_on_one_slice_of_a_shared_map_scales_only_that_slice(read, divide):
+    """Found by the transformer fuzzer: q of a fused qkv read through ``chunk(3, -1)`` was seen
+    through the chunk as all of qkv, so the scale went onto k and v too (deviation 0.5).  It
+    now goes onto qkv as a vector, ``c`` on q's rows and 1 on k's and v's."""
+    module = FusedQKVScores(read=read, divide=divide)
+    x = torch.randn(2, 5, 6)
+    gm, count = scale_pass(module, x)
+    assert count == 1
+    (qkv,) = [n for n in gm.graph.nodes if n.target == "qkv"]
+    (scaled,) = qkv.users
+    assert scaled.target is operator.mul and scaled.args[1].op == "get_attr"
+    vector = getattr(gm, scaled.args[1].target)
+    c = 1 / math.sqrt(6) if divide else 0.4
+    assert torch.allclose(vector.reshape(-1), torch.tensor([c] * 6 + [1.0] * 12))
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+    y = torch.randn(3, 4, 6)  # the vector runs along the features: any batch, any length
+    assert torch.allclose(gm(y), module(y), atol=1e-6)
+
+
+def test_a_scale_stays_off_a_shared_map_whose_scaled_rows_something_else_reads():
+    class Overlap(FusedQKVScores):
+        def forward(self, x):
+            h, d = self.qkv(x), self.d
+            q, k, v = h.chunk(3, -1)
+            return (q @ k.transpose(-2, -1)) * 0.4 + h[..., :2 * d].sum()  # q's and k's rows read again
+
+    module = Overlap()
+    x = torch.randn(2, 5, 6)  # (and the 5x6 operands are larger than the 5x5 scores)
+    gm, count = scale_pass(module, x)
+    assert count == 0
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+
+# ----------------------------------------------------------------------------- metadata reads
+
+class MetadataReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        core = F.layer_norm(h, (4,))
+        g = core * 2.0 + 1.0
+        n = g.size(0) + self.fc(g).size(0) + (h * 3.0).size(0)
+        return (g.to(h.dtype) + n).to(x.dtype)
+
+
+def test_metadata_reads_become_constants_or_move_to_a_same_shaped_value_no_region_absorbs():
+    module = MetadataReads()
+    x = torch.randn(3, 4)
+    gm = fx.symbolic_trace(module)
+    count = detach_metadata_reads(gm, record_values(gm, (x,)))
+    assert count == 1  # h.dtype became float32
+    reads = [(n.args[1] if n.target is getattr else n.target, n.args[0].name) for n in gm.graph.nodes
+             if n.target is getattr or n.target == "size"]
+    assert sorted(reads) == [("dtype", "x"),  # an input's dtype stays a read: it may change
+                             ("size", "add"),  # g is read by fc and by the output: a source, the read stays
+                             ("size", "fc_1"),  # a linear's output is not moved past
+                             ("size", "mul_1")]  # (h * 3) would reach fc, which a region absorbs
+    assert torch.equal(gm(x), module(x))
+    assert torch.equal(gm(x[:2]), module(x[:2]))
+
+
+class ShapeOfAResidualStream(nn.Module):
+    """``h = x + fc(x)`` read by the next residual and by a BN over ``h.flatten(0, 1)`` that is
+    viewed back with ``B, T, _ = h.shape``; q, k, v read a LayerNorm's output and its shape."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.fc, self.bn, self.ln = nn.Linear(d, d), nn.BatchNorm1d(d), nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = x + self.fc(x)
+        B, T, _ = h.shape
+        y = h + self.bn(h.flatten(0, 1)).view(B, T, -1)
+        n = self.ln(y)
+        B, T, C = n.shape
+        return (self.q(n) + self.k(n) * self.v(n)).reshape(B, T, C)
+
+
+def test_a_shape_read_stays_on_a_value_several_ops_read():
+    """Found by the transformer fuzzer: ``h.shape`` of a residual sum was moved up to the model
+    input.  The BN region (flatten, BN, view) reads ``h`` as its source, but its view then took
+    B and T from a value outside the region; checked at another batch, the view used the
+    example's B and gave another shape, so the merge was taken back.  The read now stays on
+    ``h`` (which two ops read: it is a source anyway), and still moves past the LayerNorm's
+    affine, which the q, k and v linears fold in."""
+    module = ShapeOfAResidualStream()
+    x = torch.randn(2, 3, 4)
+    gm = fx.symbolic_trace(module)
+    propagate_shapes(gm, (x,))
+    assert split_norm_affine(gm) == 1
+    assert detach_metadata_reads(gm, record_values(gm, (x,))) == 1
+    reads = sorted(n.args[0].name for n in gm.graph.nodes if n.target is getattr and n.args[1] == "shape")
+    assert reads[0] == "add"  # h
+    assert reads[1] != "add_1" and reads[1].startswith("layer_norm"), reads  # the norm's core, not its affine tail
+    assert torch.allclose(gm(x), module(x), atol=1e-6)
+    assert torch.allclose(gm(x[:1]), module(x[:1]), atol=1e-6)
+
+
+class RankAssertedNorm(nn.Module):
+    """A library norm after a conv: ``torch._assert(y.ndim == 4)`` and ``y.dim()`` on the conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "expected a 4-d input")
+        torch._assert(y.dim() == x.dim(), "same rank")
+        return self.bn(y)
+
+
+def test_a_rank_read_of_a_computed_value_becomes_its_constant_and_an_inputs_stays():
+    module = RankAssertedNorm().eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = fx.symbolic_trace(module)
+    assert detach_metadata_reads(gm, record_values(gm, (x,))) == 2  # y.ndim, y.dim()
+    reads = [n for n in gm.graph.nodes if metadata_read(n) is not None]
+    assert [(metadata_read(n), n.args[0].name) for n in reads] == [("dim", "x")]  # an input's rank may change
+    assert list(gm.graph.find_nodes(op="call_module", target="conv"))[0].users.keys() == \
+        set(gm.graph.find_nodes(op="call_module", target="bn"))  # the conv is read by the norm alone
+    assert torch.equal(gm(x), module(x))
