@@ -42,6 +42,16 @@ class SkippedPart:
 
 
 @dataclass
+class ModuleSwap:
+    """One module of the user's model replaced in the module-preserving output."""
+    path: str  # where, in the user's model ("stages.1.0")
+    original: str  # the class that was there
+    becomes: str  # what is there now ("Conv2d", "GraphModule (2 ops: Conv2d, ReLU)", "Identity")
+    rewrites: List[str] = field(default_factory=list)  # roots of the rewrites it holds
+    note: str = ""  # why a larger module than the regions was replaced
+
+
+@dataclass
 class Verification:
     ok: bool
     max_deviation: float
@@ -67,6 +77,9 @@ class Report:
     specialized: Dict[str, str] = field(default_factory=dict)  # forward arguments fixed to a value
     front_end: str = ""  # what captured the model: "torch.export", "fx", "fx (in parts)"
     front_ends_declined: Dict[str, str] = field(default_factory=dict)  # front end -> why it was not used
+    output: str = "graph"  # what was returned: "module-preserving" (the model's own class) or "graph"
+    output_note: str = ""  # why the graph was returned where the module-preserving output was asked for
+    swaps: List[ModuleSwap] = field(default_factory=list)  # the modules replaced in the module-preserving output
 
     @property
     def flops_saved(self) -> int:

@@ -116,3 +116,53 @@ def test_peft_lora_merges_as_far_as_merge_and_unload(name):
     assert not any("lora" in n for n, _ in fused.named_parameters())
     assert_same_outputs(fused, merged, make_inputs, field)
     assert_same_outputs(fused, model, make_inputs, field)
+
+
+def _lora(name):
+    base, targets, make_inputs, field = MODELS[name]()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1,
+                             fan_in_fan_out=name == "gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return randomized(peft.get_peft_model(base, config)), make_inputs, field
+
+
+def test_a_fused_peft_lora_model_is_its_base_model_with_merged_linears_and_round_trips(tmp_path):
+    model, make_inputs, field = _lora("bert")
+    example = make_inputs(2, 7)
+    fused = repc.compile(model, (), example, graph=False)
+    report = fused.repc_report
+    assert report.output == "module-preserving", report.output_note
+    assert type(fused) is transformers.BertModel  # the base model, as merge_and_unload gives it
+    assert not any("lora" in n for n in fused.state_dict())
+    assert not any(type(m).__module__.startswith("peft") for m in fused.modules())
+    assert {s.path for s in report.swaps if s.becomes == "Linear"} == \
+        {f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")}
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    assert fused.state_dict().keys() == merged.state_dict().keys()
+    assert_same_outputs(fused, merged, make_inputs, field)
+    fused.save_pretrained(tmp_path)
+    reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()
+    assert not any("lora" in n for n in reloaded.state_dict())
+    assert_same_outputs(reloaded, fused, make_inputs, field)
+    assert_same_outputs(reloaded, model, make_inputs, field)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_fused_library_model_keeps_its_class_and_save_pretrained_where_a_swap_expresses_it(name, tmp_path):
+    model, _, make_inputs, field = MODELS[name]()
+    model = randomized(model)
+    example = make_inputs(2, 7)
+    fused = repc.compile(model, (), example, graph=False)
+    report = fused.repc_report
+    assert report.verification.ok and not report.rolled_back
+    if report.output == "graph":  # (GPT-2: each fused region reads a mask its blocks are not given)
+        assert isinstance(fused, torch.fx.GraphModule) and report.output_note
+        return
+    assert type(fused) is type(model) and fused.config.to_dict() == model.config.to_dict()
+    assert_same_outputs(fused, model, make_inputs, field)
+    fused.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists()
+    if all(s.becomes in ("unchanged", "Linear") for s in report.swaps):  # the plain architecture
+        reloaded = type(model).from_pretrained(tmp_path).eval()
+        assert_same_outputs(reloaded, model, make_inputs, field)

@@ -1,0 +1,665 @@
+"""Module-preserving output: the fused whole-model graph written back into a copy of the user's model.
+
+``repc.compile`` fuses one graph of the whole model.  This module gives the user back *their
+own model* instead: a ``copy.deepcopy`` of it in which each fused region is replaced at the
+smallest module that computed it, everything else (class, methods, attributes, hooks, the
+modules repc did not touch) as it was.
+
+* Every node of the fused graph carries the module path that computed it: a node copied from
+  the captured graph has the ``nn_module_stack`` both front ends record; a node repc emitted
+  for a merged region (no metadata) is given the region's path, the deepest module enclosing
+  all nodes of the region in the captured graph.
+* For each such region path, outermost first, the module there is replaced by
+
+  - the merged leaves of a chain (``conv`` then ``bn``, siblings called in turn, nothing else
+    reading between them): the first becomes the merged module, the others ``nn.Identity``;
+  - the emitted module itself, where that module's part of the graph is one call of it (a LoRA
+    ``lora.Linear`` becomes a plain ``nn.Linear`` with the merged weight);
+  - otherwise a small ``GraphModule`` of its part of the graph (a RepVGG block: its one merged
+    conv and its activation), taking the forward's arguments by name.
+
+  The module's inputs and outputs must be values of the graph: its forward's tensor arguments
+  and outputs, recorded with hooks on the example, are matched by value with the graph's values
+  there (a size read from an input is read again inside).  Where that fails (a module called
+  twice, an input the graph does not hold, an output computed elsewhere), the parent is tried
+  instead; the root itself is never replaced (:class:`PreserveError`: the caller then returns
+  the whole-model graph).
+
+The caller verifies the result as a whole, as it verifies the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from .report import ModuleSwap
+
+
+class PreserveError(Exception):
+    """The fused graph cannot be written back into the model's own modules."""
+
+
+def common_path(paths: Sequence[str]) -> str:
+    """The deepest module path enclosing all ``paths`` (dotted; "" is the root)."""
+    split = [p.split(".") if p else [] for p in paths]
+    if not split:
+        return ""
+    out = []
+    for parts in zip(*split):
+        if any(p != parts[0] for p in parts):
+            break
+        out.append(parts[0])
+    return ".".join(out)
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _within(path: str, scope: str) -> bool:
+    return scope == "" or path == scope or path.startswith(scope + ".")
+
+
+def node_path(node: fx.Node, prefix: str = "", captured=frozenset()) -> Optional[str]:
+    """The path of the innermost module of the user's model that computed ``node``; None where
+    the node carries no record (a node repc made).  ``captured``: the names of the nodes the
+    front end captured (fx records no module for the model's own forward: those are the root's).
+    ``prefix`` is a wrapper's name for the model, stripped."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+    elif node.op == "call_module" and node.name in captured:
+        path = node.target
+    elif node.name in captured:
+        path = ""
+    else:
+        return None
+    return _strip(path, prefix)
+
+
+# ----------------------------------------------------------------------------- regions and tags
+
+_DESCRIBED = re.compile(r"^(?P<key>.+?) \((?P<what>[^()]*)\)$")
+
+
+def _region_nodes(source: fx.Graph, replaced: Sequence[str], collapse_prefix: str = "") -> List[fx.Node]:
+    """The captured graph's nodes a rewrite lists as replaced (``"stem.0 (Conv2d)"`` names a
+    module call by its target, ``"add_2 (add)"`` a node by its name)."""
+    by_name = {n.name: n for n in source.nodes}
+    by_target = {n.target: n for n in source.nodes if n.op == "call_module"}
+    nodes = []
+    for text in replaced:
+        match = _DESCRIBED.match(text)
+        key = match.group("key") if match else text
+        key = key[len(collapse_prefix):] if collapse_prefix and key.startswith(collapse_prefix) else key
+        node = by_target.get(key) if key in by_target else by_name.get(key)
+        if node is not None:
+            nodes.append(node)
+    return nodes
+
+
+@dataclass
+class CapturedNode:
+    """A node as the front end captured it, before repc's passes rewrote the graph."""
+    path: Optional[str]  # its module path (no wrapper prefix stripped), None where unknown
+    inputs: Tuple[str, ...]  # the names of the nodes it read
+
+
+def snapshot(gm: fx.GraphModule) -> Dict[str, CapturedNode]:
+    """Every node of a captured graph by name: its module path and inputs (kept to place the
+    nodes repc's passes make: a norm split into its core and affine, a linear moved)."""
+    names = {n.name for n in gm.graph.nodes}
+    return {n.name: CapturedNode(node_path(n, "", names), tuple(a.name for a in n.all_input_nodes))
+            for n in gm.graph.nodes}
+
+
+def _strip(path: Optional[str], prefix: str) -> Optional[str]:
+    if path is None or not prefix:
+        return path
+    stem = prefix.rstrip(".")
+    return "" if path in (stem, "") else path[len(prefix):] if path.startswith(prefix) else path
+
+
+def source_paths(source: fx.GraphModule, prefix: str, captured: Dict[str, CapturedNode]) -> Dict[fx.Node, Optional[str]]:
+    """The module path of every node of the graph the rewrites name.  A node repc's passes made
+    (a norm's core split from its affine, a scale moved) has the path of the captured node it
+    took the place of (one that is gone and read the same values), else its first input's."""
+    paths: Dict[fx.Node, Optional[str]] = {}
+    present = {n.name for n in source.graph.nodes}
+    gone: Dict[str, List[str]] = {}  # input name -> paths of the captured nodes that read it and are gone
+    for name, c in captured.items():
+        if name not in present and c.path is not None:
+            for i in c.inputs:
+                gone.setdefault(i, []).append(c.path)
+    for node in source.graph.nodes:
+        c = captured.get(node.name)
+        path = c.path if c is not None else None
+        if path is None:
+            data = [a for a in node.all_input_nodes if a.op != "get_attr"]
+            took = [p for a in data for p in gone.get(a.name, ())]
+            path = took[0] if took else next((paths[a] for a in data if paths.get(a) is not None), None)
+            paths[node] = path
+        else:
+            paths[node] = path
+    return {n: _strip(p, prefix) for n, p in paths.items()}
+
+
+def region_paths(source: fx.GraphModule, rewrites, prefix: str, captured, fused: Optional[fx.GraphModule] = None
+                 ) -> Dict[str, str]:
+    """Rewrite root -> the deepest module enclosing the nodes of its region that ``fused`` no
+    longer holds as they were."""
+    out = {}
+    known = source_paths(source, prefix, captured)
+    kept = set(copied_from(fused, source).values()) if fused is not None else set()
+    for r in rewrites:
+        nodes = _region_nodes(source.graph, r.replaced)
+        # the nodes the rewrite changed: a layout op the region read through may stay as it was
+        changed = [n for n in nodes if n not in kept] or nodes
+        # a layout op merged through (a no-op ``view`` at the top) does not place the region: the
+        # swapped module's outputs are checked to be what the model's code reads there
+        changed = [n for n in changed if _target_name(n) not in _LAYOUT] or changed
+        paths = [known[n] for n in changed if known.get(n) is not None]
+        out[r.root] = common_path(paths) if paths else ""
+    return out
+
+
+_LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "expand",
+           "t", "view_as", "reshape_as"}
+
+
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+_HINT = re.compile(r"^(?P<hint>.+?)_(fused|weight|bias)(_\d+)?(_scale|_shift)?(_\d+)?$")
+
+
+def copied_from(fused: fx.GraphModule, source: fx.GraphModule) -> Dict[fx.Node, fx.Node]:
+    """The nodes of ``fused`` that are copies of nodes of ``source`` (a copy shares its recorded
+    shape metadata; names are no guide, as emitted nodes may take a source node's name first)."""
+    by_meta = {id(n.meta["tensor_meta"]): n for n in source.graph.nodes if n.meta.get("tensor_meta") is not None}
+    by_key = {(n.name, n.op, str(n.target)): n for n in source.graph.nodes}
+    out = {}
+    for node in fused.graph.nodes:
+        if not node.meta:
+            continue  # emitted
+        meta = node.meta.get("tensor_meta")
+        found = by_meta.get(id(meta)) if meta is not None else by_key.get((node.name, node.op, str(node.target)))
+        if found is not None and found.op == node.op:
+            out[node] = found
+    return out
+
+
+def tag_nodes(fused: fx.GraphModule, source: fx.GraphModule, rewrites, prefix: str, captured) -> Dict[fx.Node, str]:
+    """Every node of ``fused`` with the module path that computes it: copied nodes from their
+    record, emitted nodes from the region they merge (found from the names repc gives emitted
+    modules and tensors, ``<root>_fused``, and passed along to the unnamed nodes next to them)."""
+    regions = region_paths(source, rewrites, prefix, captured, fused)
+    known = source_paths(source, prefix, captured)
+    by_name = {n.name: p for n, p in known.items()}
+    origin = copied_from(fused, source)
+    tags: Dict[fx.Node, str] = {}
+    new = []
+    for node in fused.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        path = known.get(origin[node]) if node in origin else None
+        if path is not None:
+            tags[node] = path
+        else:
+            new.append(node)
+    for node in new:
+        if node.op in ("call_module", "get_attr"):
+            match = _HINT.match(str(node.target))
+            hint = match.group("hint") if match else None
+            if hint in regions:
+                tags[node] = regions[hint]
+            elif by_name.get(hint) is not None:
+                tags[node] = by_name[hint]
+    pending = [n for n in new if n not in tags]
+    while pending:
+        progressed = False
+        for node in list(pending):
+            before = node.target in (F.pad, torch.flatten)  # runs before the emitted module
+            neighbours = (list(node.users) + node.all_input_nodes) if before else \
+                (node.all_input_nodes + list(node.users))
+            # its own tensors first (the emitted norm's weight), then its emitted neighbours
+            found = next((tags[a] for a in node.all_input_nodes if a.op == "get_attr" and a in tags and a in new), None)
+            if found is None:
+                found = next((tags[n] for n in neighbours if n in tags and n in new), None)
+            if found is None:
+                found = next((tags[n] for n in neighbours if n in tags), None)
+            if found is not None:
+                tags[node] = found
+                pending.remove(node)
+                progressed = True
+        if not progressed:
+            for node in pending:
+                tags[node] = ""  # nothing to go by: the root (its swap is refused)
+            break
+    return tags
+
+
+# ----------------------------------------------------------------------------- the example's calls
+
+@dataclass
+class _Call:
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    output: Any
+    count: int = 1
+
+
+def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
+    """Each submodule's first call on the example (its arguments and output) and how often it ran."""
+    calls: Dict[str, _Call] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(m, a, k, out, name=name):
+            if name in calls:
+                calls[name].count += 1
+            else:
+                calls[name] = _Call(tuple(a), dict(k), out)
+        hooks.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def graph_values(gm: fx.GraphModule, flat_inputs) -> Dict[fx.Node, Any]:
+    """Every node's value when ``gm`` runs on its flat inputs."""
+    values: Dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*flat_inputs, enable_io_processing=False)
+    return values
+
+
+def _close(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    scale = b.abs().max().item() if b.numel() else 0.0
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(a.dtype, 1e-4)
+    return (a - b).abs().max().item() <= tol * max(scale, 1e-30) if a.numel() else True
+
+
+# ----------------------------------------------------------------------------- building the swaps
+
+class _Refused(Exception):
+    """This module cannot be swapped (the reason goes to its parent's note)."""
+
+
+def _forward_parameters(module: nn.Module):
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError) as why:
+        raise _Refused("its forward's signature cannot be read") from why
+    return params
+
+
+class Preserver:
+    """Writes a fused graph back into a copy of the model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, fused: fx.GraphModule, source: fx.GraphModule, captured, flat_inputs,
+                 args, kwargs, rewrites, prefix: str = ""):
+        self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
+        self.copy = copy.deepcopy(model)
+        self.calls = record_calls(self.copy, args, kwargs)
+        self.values = graph_values(fused, flat_inputs)
+        self.tags = tag_nodes(fused, source, rewrites, prefix, captured)
+        placed = region_paths(source, rewrites, prefix, captured, fused)
+        # a rewrite that saves no multiply-adds and no parameters (an eval-mode dropout dropped from
+        # a linear and its residual add) leaves its modules as they were: the same ops, the model's code
+        self.unchanged = {r.root: placed[r.root] for r in rewrites if not _pays(r)}
+        self.regions = {root: path for root, path in placed.items() if root not in self.unchanged}
+        self.order = {n: i for i, n in enumerate(fused.graph.nodes)}
+        self.swaps: List[ModuleSwap] = []
+
+    def run(self) -> Tuple[nn.Module, List[ModuleSwap]]:
+        pending = sorted(set(self.regions.values()), key=lambda p: (p.count(".") if p else -1, p))
+        for root, path in self.unchanged.items():
+            if not any(_within(path, p) for p in pending):
+                module = self.copy.get_submodule(path) if path else self.copy
+                self.swaps.append(ModuleSwap(path or "<model>", _class_name(module), "unchanged", [root],
+                                             "the rewrite saves no multiply-adds or parameters here: the "
+                                             "module is kept as written"))
+        # chains of leaves (conv then bn): the merged module at the first, Identity at the others
+        chains = {root: plan for root in self.regions for plan in [self._chain_plan(root)] if plan is not None}
+        pending = sorted({p for root, p in self.regions.items() if root not in chains},
+                         key=lambda p: (p.count(".") if p else -1, p))
+        notes: Dict[str, str] = {}
+        refused: Dict[str, str] = {}  # path -> why it could not be swapped
+        done: List[str] = []
+        while pending:
+            path = pending.pop(0)
+            if any(_within(path, d) for d in done) or path == "":
+                continue  # (the model itself is never replaced: its regions are left out, below)
+            try:
+                swap = self._swap(path)
+            except _Refused as why:
+                parent = _parent(path)
+                refused[path] = str(why)
+                notes[parent] = f"{path}: {why}"
+                pending.append(parent)
+                pending.sort(key=lambda p: (p.count(".") if p else -1, p))
+                continue
+            swap.note = notes.get(path, "")
+            done = [d for d in done if not _within(d, path)] + [path]
+            self.swaps = [s for s in self.swaps if not _within(s.path, path)] + [swap]
+        for root, (targets, merged) in chains.items():
+            if any(_within(targets[0], d) for d in done):
+                continue  # inside a module replaced as a whole
+            self._set(targets[0], copy.deepcopy(merged))
+            for t in targets[1:]:
+                self._set(t, nn.Identity())
+            path = common_path(targets)
+            module = self.copy.get_submodule(path) if path else self.copy
+            self.swaps.append(ModuleSwap(path or "<model>", _class_name(module),
+                                         f"{targets[0]} -> {type(merged).__name__}, "
+                                         + ", ".join(f"{t} -> Identity" for t in targets[1:]), [root]))
+        # a region no module of the model encloses as a swap: left out, its modules as written
+        left_out = [root for root, p in self.regions.items()
+                    if root not in chains and not any(_within(p, d) for d in done if d)]
+        applied = len(self.regions) - len(left_out)
+        if left_out and not applied:
+            why = notes.get("", "a region spans the model's own forward")
+            raise PreserveError(f"no module of the model encloses a fused region that can be swapped ({why})")
+        for root in left_out:
+            p = self.regions[root]
+            chain, why = [], "it spans the model's own forward" if p == "" else ""
+            while p:
+                if p in refused:
+                    chain.append(f"{p}: {refused[p]}")
+                p = _parent(p)
+            module = self.copy.get_submodule(self.regions[root]) if self.regions[root] else self.copy
+            note = chain[0] + (f" (and each module above it, up to {chain[-1].split(':')[0]})" if len(chain) > 1
+                               else "") if chain else why
+            self.swaps.append(ModuleSwap(self.regions[root] or "<model>", _class_name(module), "not applied", [root],
+                                         note))
+        self.swaps.sort(key=lambda s: self.order.get(next((n for n in self.tags if _within(self.tags[n], s.path)),
+                                                          None), 0))
+        return self.copy, self.swaps
+
+    # -- one module ------------------------------------------------------------------------------
+    def _rewrites_in(self, path: str) -> List[str]:
+        return [root for root, p in self.regions.items() if _within(p, path)]
+
+    def _swap(self, path: str) -> ModuleSwap:
+        module = self.copy.get_submodule(path)
+        call = self.calls.get(path)
+        if call is None:
+            raise _Refused("not called on the example")
+        if call.count != 1:
+            raise _Refused(f"called {call.count} times on the example")
+        nodes = [n for n in self.fused.graph.nodes if n in self.tags and _within(self.tags[n], path)
+                 and n.op != "get_attr"]
+        if not nodes:
+            raise _Refused("none of its ops are in the graph")
+        replacement, becomes = self._subgraph(path, module, call, nodes)
+        self._set(path, replacement)
+        return ModuleSwap(path, _class_name(module), becomes, self._rewrites_in(path))
+
+    def _set(self, path: str, module: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        owner = self.copy.get_submodule(parent) if parent else self.copy
+        setattr(owner, name, module)
+
+    def _chain_plan(self, root: str) -> Optional[Tuple[List[str], nn.Module]]:
+        """Where a region is a chain of leaf-module calls (each read only by the next: ``conv`` then
+        ``bn``) merged into one emitted module, reading the first leaf's input and giving the last
+        leaf's output: (the leaves' paths, the merged module); else None."""
+        rewrite = next(r for r in self.rewrites if r.root == root)
+        chain = _region_nodes(self.source.graph, rewrite.replaced)
+        if len(chain) < 2 or len(chain) != len(rewrite.replaced) or any(n.op != "call_module" for n in chain):
+            return None
+        for a, b in zip(chain, chain[1:]):
+            if b.args[:1] != (a,) or len(a.users) != 1 or len(b.all_input_nodes) != 1:
+                return None
+        mine = [n for n in self.fused.graph.nodes if not n.meta and n.op != "get_attr"
+                and _HINT.match(str(n.target)) and _HINT.match(str(n.target)).group("hint") == root]
+        if len(mine) != 1 or mine[0].op != "call_module" or len(mine[0].args) != 1:
+            return None
+        targets = [n.target for n in chain]
+        if any(self.calls.get(t) is None or self.calls[t].count != 1 for t in targets):
+            return None
+        merged = mine[0]
+        first, last = self.calls[targets[0]], self.calls[targets[-1]]
+        if not (first.args and _close(self.values.get(merged.args[0]), first.args[0])
+                and _close(self.values.get(merged), last.output)):
+            return None
+        return targets, self.fused.get_submodule(merged.target)
+
+    def _subgraph(self, path: str, module: nn.Module, call: _Call, nodes: List[fx.Node]):
+        inside = set(nodes)
+        params = _forward_parameters(module)
+        bound = inspect.Signature(params).bind(*call.args, **call.kwargs)
+        # each argument that is a tensor, by name: the values the graph must take from outside
+        graph = fx.Graph()
+        arguments: Dict[str, Any] = {}  # the forward's arguments on the example, and their nodes
+        placeholders: Dict[str, fx.Node] = {}
+        starred = []  # (label, placeholder, key): items of *args / **kwargs, read after the placeholders
+        for p in params:
+            value = bound.arguments.get(p.name)
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                star = "*" if p.kind == p.VAR_POSITIONAL else "**"
+                node = graph.placeholder(star + p.name)
+                items = enumerate(value or ()) if p.kind == p.VAR_POSITIONAL else (value or {}).items()
+                for key, item in items:  # (items nothing reads are dropped at the end)
+                    if isinstance(item, torch.Tensor):
+                        label = f"{star}{p.name}[{key!r}]"
+                        arguments[label] = item
+                        starred.append((label, node, key))
+                continue
+            default = p.default if p.default is not inspect.Parameter.empty else inspect.Signature.empty
+            placeholders[p.name] = graph.placeholder(p.name, default_value=default)
+            if p.name in bound.arguments:
+                arguments[p.name] = value
+        for label, node, key in starred:
+            placeholders[label] = graph.call_function(operator.getitem, (node, key))
+        env: Dict[fx.Node, fx.Node] = {}
+        attributes: Dict[str, Any] = {}
+        names: Dict[str, str] = {}
+
+        def from_outside(a: fx.Node, depth: int) -> fx.Node:
+            value = self.values.get(a)
+            if isinstance(value, torch.Tensor):
+                for name, given in arguments.items():
+                    if isinstance(given, torch.Tensor) and _close(value, given):
+                        return placeholders[name]
+            elif isinstance(value, int) and not isinstance(value, bool):
+                # a size read outside (export reads each input size once, at the top): read again
+                # from the first tensor argument that has it on one axis only
+                for name, given in arguments.items():
+                    axes = [i for i, size in enumerate(given.shape) if size == value] \
+                        if isinstance(given, torch.Tensor) else []
+                    if len(axes) == 1:
+                        return graph.call_method("size", (placeholders[name], axes[0]))
+            # computed outside from sizes and constants only (a mask the model builds once for all
+            # its layers): computed again inside
+            if a.op in ("call_function", "call_method") and depth < 32:
+                try:
+                    return graph.node_copy(a, lambda b: arg(b, depth + 1))
+                except _Refused:
+                    pass
+            raise _Refused(f"it reads {a.name}, which is none of its forward's arguments")
+
+        def arg(a: fx.Node, depth: int = 0) -> fx.Node:
+            if a in env:
+                return env[a]
+            if a.op == "get_attr":
+                env[a] = graph.get_attr(self._attribute(a.target, path, attributes, names))
+            else:
+                env[a] = from_outside(a, depth)
+            return env[a]
+
+        for node in nodes:
+            new = graph.node_copy(node, arg)
+            if node.op == "call_module":
+                new.target = self._attribute(node.target, path, attributes, names)
+            env[node] = new
+        # the outputs: the forward's output leaves, each a graph value (read outside, or the last one equal)
+        leaves, spec = pytree.tree_flatten(call.output)
+        if not _builtin(spec):
+            raise _Refused(f"it returns a {type(call.output).__name__}")
+        read_outside = [n for n in nodes if any(u not in inside for u in n.users)]
+        candidates = read_outside + [n for n in reversed(nodes) if n not in read_outside]
+        out_nodes = []
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                out_nodes.append(leaf)
+                continue
+            match = next((n for n in candidates if _close(self.values.get(n), leaf)), None)
+            if match is None:
+                match = next((a for a in env if a not in inside and _close(self.values.get(a), leaf)), None)
+            if match is None:
+                raise _Refused("one of its outputs is not a value of the fused graph")
+            out_nodes.append(env[match])
+        matched = {n for n in read_outside if env[n] in out_nodes}
+        if len(matched) != len(read_outside):
+            missing = next(n for n in read_outside if n not in matched)
+            raise _Refused(f"{missing.name}, computed inside it, is read outside it")
+        graph.output(pytree.tree_unflatten(out_nodes, spec))
+        _drop_unread(graph)
+        root = nn.Module()
+        for target, value in attributes.items():
+            _install(root, target, value)
+        gm = fx.GraphModule(root, graph, class_name=f"Fused{type(module).__name__}")
+        gm.eval()
+        ops = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+        old_of = {new: old for old, new in env.items()}
+
+        def no_op(n: fx.Node) -> bool:
+            """A dtype cast or check that changes nothing on the example (peft's casts around LoRA)."""
+            if n.target is torch.ops.aten._assert_tensor_metadata.default:
+                return True
+            old = old_of.get(n)
+            return old is not None and n.op in ("call_method", "call_function") and bool(old.args) and \
+                isinstance(old.args[0], fx.Node) and _target_name(n) in ("to", "type", "contiguous") and \
+                self.values.get(old) is self.values.get(old.args[0])
+
+        def through(n):
+            while isinstance(n, fx.Node) and n.op != "placeholder" and no_op(n) and n.args:
+                n = n.args[0]
+            return n
+
+        calls = [n for n in ops if not no_op(n)]
+        if len(calls) == 1 and calls[0].op == "call_module" and len(leaves) == 1 and not calls[0].kwargs and \
+                len(calls[0].args) == 1 and through(calls[0].args[0]) is placeholders.get(params[0].name) and \
+                through(next(iter(graph.find_nodes(op="output"))).args[0]) is calls[0]:
+            single = gm.get_submodule(calls[0].target)  # the region is one call of the merged module
+            return single, type(single).__name__
+        kinds = ", ".join(dict.fromkeys(type(gm.get_submodule(n.target)).__name__ for n in ops
+                                        if n.op == "call_module"))
+        return gm, f"GraphModule ({len(ops)} ops{': ' + kinds if kinds else ''})"
+
+    def _attribute(self, target: str, path: str, attributes: Dict[str, Any], names: Dict[str, str]) -> str:
+        """The sub-graph's name for the fused graph's attribute ``target``: its path below the
+        swapped module where it is one of the model's, else a name for what it is."""
+        if target in names:
+            return names[target]
+        value = _fetch(self.fused, target)
+        if path and target.startswith(path + "."):
+            name = target[len(path) + 1:]
+        else:
+            kind = _KINDS.get(type(value).__name__, type(value).__name__.lower()) if isinstance(value, nn.Module) else \
+                ("scale" if target.endswith("scale") else "shift" if target.endswith("shift")
+                 else target.rsplit("_", 1)[-1] if not target.rsplit("_", 1)[-1].isdigit() else "tensor")
+            name, i = kind, 1
+            while name in attributes:
+                i += 1
+                name = f"{kind}_{i}"
+        names[target] = name
+        attributes[name] = copy.deepcopy(value)
+        return name
+
+
+_KINDS = {"Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "Linear": "linear"}  # names of emitted modules
+
+
+def _pays(rewrite) -> bool:
+    """Whether a rewrite saves multiply-adds or parameters, or folds weights computed at each call."""
+    return rewrite.flops_after < rewrite.flops_before - rewrite.shared_flops or \
+        rewrite.params_after < rewrite.params_before or "fold-parameters" in rewrite.rule or not rewrite.exact
+
+
+def _class_name(module: nn.Module) -> str:
+    """``Linear`` for torch's own layers, ``peft.Linear``, ``transformers.BertLayer`` for others'."""
+    cls = type(module)
+    package = cls.__module__.split(".")[0]
+    return cls.__qualname__ if package == "torch" else f"{package}.{cls.__qualname__}"
+
+
+def _fetch(gm: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _install(root: nn.Module, target: str, value) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = root
+    for part in owner_path.split(".") if owner_path else ():
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Module):
+        owner.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        owner.register_parameter(name, value)
+    else:
+        owner.register_buffer(name, value)
+
+
+def _builtin(spec) -> bool:
+    return spec.is_leaf() or spec.type in (tuple, list, dict) and all(_builtin(c) for c in spec.children())
+
+
+def _drop_unread(graph: fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("placeholder", "output") and not node.users \
+                and not getattr(node.target, "__name__", "").startswith("_assert"):
+            graph.erase_node(node)
+    graph.lint()
+
+
+def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
+    """The base model inside a PEFT wrapper (``PeftModel.get_base_model()``); None for anything else."""
+    if type(model).__module__.split(".")[0] != "peft" or not hasattr(model, "get_base_model"):
+        return None
+    return model.get_base_model()
+
+
+def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = ""):
+    """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
+    ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
+    before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take."""
+    return Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix).run()

@@ -1,0 +1,247 @@
+"""The module-preserving output of ``repc.compile``: a copy of the user's own model with each fused
+region swapped in at the module that computed it, verified like the whole-model graph."""
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import repc
+import repc.api
+from repc.examples import RepVGGBlock, conv_bn, randomize_bn
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _random_affines(model, seed=0):
+    """Every BatchNorm with random statistics, every parameter off its init."""
+    randomize_bn(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+class Net(nn.Module):
+    """A user's model: RepVGG blocks, a conv-BN stem as siblings, a head, methods and attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.stages = nn.Sequential(RepVGGBlock(8, 8), RepVGGBlock(8, 16, stride=2), RepVGGBlock(16, 16))
+        self.head = nn.Linear(16, 5)
+        self.pretrained_cfg = {"name": "net", "input_size": (3, 16, 16)}
+
+    def forward_features(self, x):
+        return self.stages(self.act(self.stem_bn(self.stem_conv(x))))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean((2, 3)))
+
+
+def _same(a, b, tol=1e-4):
+    with torch.no_grad():
+        return ((a - b).abs().max() / b.abs().max()).item() <= tol
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_the_fused_model_keeps_its_class_methods_and_attributes(front_end):
+    model = _random_affines(Net())
+    before = _state(model)
+    x = torch.randn(2, 3, 16, 16)
+    fused = repc.compile(model, x, front_end=front_end, graph=False)
+    report = fused.repc_report
+    assert report.output == "module-preserving", report.output_note
+    assert type(fused) is Net and fused is not model
+    assert fused.pretrained_cfg == model.pretrained_cfg
+    # the user's model is untouched and shares nothing with the result
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    theirs = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    assert not theirs & {id(t) for t in list(fused.parameters()) + list(fused.buffers())}
+    # same function, on other batch and map sizes too, through forward and forward_features
+    for shape in ((2, 3, 16, 16), (3, 3, 20, 12), (1, 3, 9, 9)):
+        y = torch.randn(shape)
+        with torch.no_grad():
+            assert _same(fused(y), model(y))
+            assert _same(fused.forward_features(y), model.forward_features(y))
+    # each RepVGG block is one conv (and its activation), the stem BN folded into its conv
+    for i in range(3):
+        block = fused.stages[i]
+        assert sum(isinstance(m, nn.Conv2d) for m in block.modules()) == 1
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
+    assert isinstance(fused.stem_bn, nn.Identity) and isinstance(fused.stem_conv, nn.Conv2d)
+    assert fused.stem_conv.bias is not None
+    assert fused.head is not model.head and isinstance(fused.head, nn.Linear)  # untouched: a copy
+    paths = {s.path for s in report.swaps}
+    assert {"stages.0", "stages.1", "stages.2"} <= paths
+    # state-dict names follow the model's module paths
+    names = set(fused.state_dict())
+    assert {"stages.0.conv.weight", "stem_conv.weight", "stem_conv.bias", "head.weight"} <= names
+
+
+def test_graph_true_gives_the_whole_model_graph():
+    model = _random_affines(Net())
+    x = torch.randn(2, 3, 16, 16)
+    graph = repc.compile(model, x, graph=True)
+    assert isinstance(graph, fx.GraphModule) and graph.repc_report.output == "graph"
+    preserved = repc.compile(model, x, graph=False)
+    with torch.no_grad():
+        assert _same(preserved(x), graph(x), 1e-5)
+    assert sum(r.params_after for r in graph.repc_report.rewrites) == \
+        sum(r.params_after for r in preserved.repc_report.rewrites)
+
+
+def test_hooks_on_untouched_modules_stay_and_the_copy_runs_them():
+    model = _random_affines(Net())
+    seen = []
+    model.head.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    fused = repc.compile(model, torch.randn(2, 3, 16, 16), graph=False)
+    seen.clear()
+    with torch.no_grad():
+        fused(torch.randn(4, 3, 16, 16))
+    assert seen == [torch.Size([4, 5])]
+
+
+class Shared(nn.Module):
+    """One block called twice: it cannot be swapped on its own, its parent is."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(RepVGGBlock(4, 4))
+        self.tail = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.tail(self.inner(self.inner(x)))
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Shared()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_module_called_twice_is_swapped_at_its_parent_and_the_report_says_why():
+    model = _random_affines(Outer())
+    x = torch.randn(2, 4, 8, 8)
+    fused = repc.compile(model, x, graph=False)
+    report = fused.repc_report
+    assert type(fused) is Outer and report.output == "module-preserving", report.output_note
+    swap = next(s for s in report.swaps if s.path == "body")
+    assert "called 2 times" in swap.note
+    with torch.no_grad():
+        y = torch.randn(3, 4, 11, 11)
+        assert _same(fused(y), model(y))
+
+
+def test_a_preserved_model_that_fails_verification_is_never_returned(monkeypatch):
+    model = _random_affines(Net())
+    x = torch.randn(2, 3, 16, 16)
+    real = repc.api.preserve
+
+    def wrong(*args, **kwargs):
+        preserved, swaps = real(*args, **kwargs)
+        with torch.no_grad():
+            preserved.head.bias.add_(1.0)  # a write-back that computes something else
+        return preserved, swaps
+
+    monkeypatch.setattr(repc.api, "preserve", wrong)
+    fused = repc.compile(model, x, graph=False)
+    report = fused.repc_report
+    assert isinstance(fused, fx.GraphModule) and report.output == "graph"
+    assert "failed verification" in report.output_note
+    with torch.no_grad():
+        assert _same(fused(x), model(x))
+
+
+def test_with_verify_false_the_preserved_model_is_still_checked_on_the_example(monkeypatch):
+    model = _random_affines(Net())
+    x = torch.randn(2, 3, 16, 16)
+    real = repc.api.preserve
+
+    def wrong(*args, **kwargs):
+        preserved, swaps = real(*args, **kwargs)
+        with torch.no_grad():
+            preserved.head.weight.mul_(2.0)
+        return preserved, swaps
+
+    monkeypatch.setattr(repc.api, "preserve", wrong)
+    fused = repc.compile(model, x, verify=False, graph=False)
+    assert isinstance(fused, fx.GraphModule) and "failed verification" in fused.repc_report.output_note
+
+
+class SelfOutput(nn.Module):
+    """Nothing that pays: an eval-mode dropout between a linear and a residual add of another
+    input (BERT's ``BertSelfOutput``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.1)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, h, x):
+        return self.norm(x + self.drop(self.dense(h)))
+
+
+class Residual(nn.Module):
+    """``x + W x + b``: one linear ``(W + I) x + b``, the whole module one call of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return x + self.drop(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+        self.out = SelfOutput()
+        self.res = Residual()
+
+    def forward(self, x):
+        return self.res(torch.tanh(self.out(torch.tanh(self.mix(x)), x)))
+
+
+def test_a_rewrite_that_saves_nothing_leaves_the_module_as_written():
+    model = _random_affines(Layer())
+    x = torch.randn(2, 5, 8)
+    fused = repc.compile(model, x, graph=False)
+    report = fused.repc_report
+    assert type(fused) is Layer and report.output == "module-preserving", report.output_note
+    assert type(fused.out) is SelfOutput and isinstance(fused.out.drop, nn.Dropout)
+    assert next(s for s in report.swaps if s.path == "out").becomes == "unchanged"
+    # a module whose whole forward is one merged linear becomes that linear
+    assert type(fused.res) is nn.Linear
+    with torch.no_grad():
+        for shape in ((2, 5, 8), (3, 9, 8)):
+            y = torch.randn(shape)
+            assert _same(fused(y), model(y))
+
+
+def test_the_preserved_model_pickles_and_reloads(tmp_path):
+    model = _random_affines(nn.Sequential(RepVGGBlock(4, 4), conv_bn(4, 6, 3, padding=1), nn.ReLU()))
+    x = torch.randn(2, 4, 8, 8)
+    fused = repc.compile(model, x, graph=False)
+    assert type(fused) is nn.Sequential and fused.repc_report.output == "module-preserving"
+    path = tmp_path / "fused.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+    # a fresh copy of the architecture takes the state dict of a chain-swapped model's merged leaves
+    assert isinstance(fused[1][1], nn.Identity) and fused[1][0].bias is not None
