@@ -112,7 +112,8 @@ def avg_pool_as_conv(channels: int, kernel: Sequence[int], stride: Sequence[int]
 
 
 def zero_pad_as_conv(channels: int, padding: Padding) -> Conv:
-    """Constant zero padding ``(lo, hi)`` per spatial axis as an identity depthwise conv."""
+    """Constant zero padding ``(lo, hi)`` per spatial axis as an identity depthwise conv (a
+    negative amount is a crop: ``x[..., -lo:size + hi]``)."""
     nd = len(padding)
     w = torch.ones((channels, 1) + (1,) * nd, dtype=F64)
     return Conv(w, None, (1,) * nd, tuple(padding), (1,) * nd, channels)
@@ -205,7 +206,8 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
     ``b = b2 + sum_{m, t} W2[o, m, t] b1[m]``.  Exact when the second conv does not pad
     (its taps then only read real outputs of the first).  When it pads, it is exact only if
     the first conv is a stride-1 pointwise map without bias: then the first conv's output is
-    zero wherever the second one pads, and the paddings add up.
+    zero wherever the second one pads, and the paddings add up -- except a crop (negative
+    padding) followed by padding on the same side: cropping then zero-padding is not padding less.
     """
     if first.nd != second.nd:
         raise NotMergeable(MergeKind.SHAPES_DIFFER, "convs of different dimensionality")
@@ -224,6 +226,9 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
             raise NotMergeable(MergeKind.BORDER, "the second conv zero-pads a biased output (e.g. BN before a padded conv): the border would differ")
         if second.padding_mode != "zeros" or (first.padding_mode != "zeros" and any(p != (0, 0) for p in first.padding)):
             raise NotMergeable(MergeKind.BORDER, "non-zero padding modes do not compose")
+        if any((p1[0] < 0 < p2[0]) or (p1[1] < 0 < p2[1]) for p1, p2 in zip(first.padding, second.padding)):
+            raise NotMergeable(MergeKind.BORDER, "a crop before a padded conv: the padding would zero what the crop "
+                                                 "removed, where the cropped input still holds it")
         w = torch.einsum("gom...,gmi->goi...", w2, w1.reshape(w1.shape[:3]))
         padding = tuple((p1[0] + p2[0], p1[1] + p2[1]) for p1, p2 in zip(first.padding, second.padding))
         return Conv(w.reshape((second.out_channels, first.in_channels // g) + second.kernel_size), bias,

@@ -143,3 +143,26 @@ def may_alias(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> 
 def call_target(node: fx.Node):
     """The target of a function or method call (a callable, or a method's name); None for other nodes."""
     return node.target if node.op in ("call_function", "call_method") else None
+
+
+# functions of their argument's shape, dtype and device only (and of their other arguments)
+SHAPE_ONLY_FUNCTIONS = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like})
+
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid, torch.relu, torch.sigmoid, torch.tanh,
+    torch.erf, torch.exp, F.sigmoid, F.tanh})
+_ELEMENTWISE_METHODS = frozenset({"relu", "sigmoid", "tanh", "erf", "exp"})
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU,
+                        nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Softsign,
+                        nn.Tanhshrink, nn.LogSigmoid)
+
+
+def is_elementwise_activation(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> bool:
+    """Whether ``node`` applies a nonlinearity to each element of its first argument alone (so it
+    commutes with slicing): ReLU, GELU, SiLU, sigmoid, tanh... (not PReLU: its weights are per channel)."""
+    if node.op == "call_module":
+        return type((modules or {}).get(node.target)) in _ELEMENTWISE_MODULES
+    if node.op == "call_method":
+        return node.target in _ELEMENTWISE_METHODS
+    return node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS

@@ -178,11 +178,12 @@ def avg_pool(x_shape, kernel, stride, padding, ceil_mode, count_include_pad, div
 
 
 def zero_pad(x_shape, pad: Sequence[int]) -> Conv:
-    """``F.pad(x, pad)`` with zeros as an identity 1x1 depthwise conv with that padding."""
+    """``F.pad(x, pad)`` with zeros as an identity 1x1 depthwise conv with that padding; a
+    negative amount crops (as ``F.pad`` does)."""
     pad = list(pad)
     nd = len(pad) // 2
-    if len(x_shape) != nd + 2 or any(p < 0 for p in pad):
-        raise Opaque(OpaqueKind.UNSUPPORTED_FORM, "padding that is not a non-negative spatial padding of a (N, C, ...) tensor")
+    if len(x_shape) != nd + 2 or len(pad) % 2:
+        raise Opaque(OpaqueKind.UNSUPPORTED_FORM, "padding that is not a spatial padding of a (N, C, ...) tensor")
     pairs = [(pad[2 * i], pad[2 * i + 1]) for i in range(nd)][::-1]  # F.pad lists the last axis first
     return algebra.zero_pad_as_conv(x_shape[1], tuple(pairs))
 

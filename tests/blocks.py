@@ -74,6 +74,23 @@ class ACNet(nn.Module):
         return self.square(x) + self.hor(x) + self.ver(x)
 
 
+class ACNetCropped(nn.Module):
+    """ACNet as its original code writes a layer that pads less than ``k // 2``: the ``1 x k``
+    and ``k x 1`` branches read their input cropped (a ``CropLayer``, ``x[:, :, c:-c]``) instead
+    of padding less."""
+
+    def __init__(self, cin, cout, k=3, stride=1, padding=0):
+        super().__init__()
+        self.crop = k // 2 - padding
+        self.square = conv_bn(cin, cout, k, stride, padding)
+        self.hor = conv_bn(cin, cout, (1, k), stride, (0, padding))
+        self.ver = conv_bn(cin, cout, (k, 1), stride, (padding, 0))
+
+    def forward(self, x):
+        c = self.crop
+        return self.square(x) + self.hor(x[:, :, c:-c, :]) + self.ver(x[:, :, :, c:-c])
+
+
 class DBBConcat(nn.Module):
     """DBB's depth concatenation: branches with one stride, concatenated on channels by
     ``torch.cat``, then consumed by a 1x1 conv-BN (which does not pad)."""

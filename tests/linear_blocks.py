@@ -440,7 +440,10 @@ class RePaViTFFN(nn.Module):
 
     ``y = x + fc2(cat([act(h[..., :k]), h[..., k:]]))``, ``h = fc1(BN(x))``: the activation
     covers only the first ``k = (1 - idle) * hidden`` channels.  ``form`` writes the split as
-    slices (``"slice"``), ``split`` or ``chunk`` (then ``idle`` must be a multiple of 1/chunks).
+    slices (``"slice"``), ``split`` or ``chunk`` (then ``idle`` must be a multiple of 1/chunks),
+    or as ``torch.where(mask, act(h), h)`` with a channel mask held as a buffer
+    (``"mask_buffer"``) or built at every call from ``zeros_like(h)`` and a slice assignment
+    (``"mask_zeros_like"``).
     """
 
     def __init__(self, d=32, ratio=4, idle=0.75, form="slice", chunks=4):
@@ -452,10 +455,17 @@ class RePaViTFFN(nn.Module):
         self.fc1 = nn.Linear(d, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, d)
+        self.register_buffer("mask", torch.arange(hidden) < self.k)
 
     def forward(self, x):
         h = self.fc1(bn_tokens(self.norm, x))
-        if self.form == "slice":
+        if self.form == "mask_buffer":
+            h = torch.where(self.mask, self.act(h), h)
+        elif self.form == "mask_zeros_like":
+            mask = torch.zeros_like(h, dtype=torch.bool)
+            mask[..., :self.k] = True
+            h = torch.where(mask, self.act(h), h)
+        elif self.form == "slice":
             h = torch.cat([self.act(h[..., :self.k]), h[..., self.k:]], -1)
         elif self.form == "split":
             active, idle = h.split([self.k, self.hidden - self.k], -1)

@@ -407,7 +407,7 @@ def test_groupnorm_affine_folds_into_a_pointwise_conv_but_not_across_a_padded_on
 
 # ----------------------------------------------------------------------------- RePaViT
 
-@pytest.mark.parametrize("form", ["slice", "split", "chunk"])
+@pytest.mark.parametrize("form", ["slice", "split", "chunk", "mask_buffer", "mask_zeros_like"])
 def test_repavit_channel_idle_ffn_runs_about_3d2_instead_of_8d2_per_token(form):
     d = 32
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from repc.capture import propagate_shapes
+from repc.passes.crops import crops_as_padding
 from repc.passes.inplace import VIEW_MUTATED, functionalize_inplace
 from repc.passes.metadata_reads import detach_metadata_reads, metadata_read
 from repc.passes.move_scales import push_scales_into_matmul
@@ -324,3 +325,64 @@ def test_a_rank_read_of_a_computed_value_becomes_its_constant_and_an_inputs_stay
     assert list(gm.graph.find_nodes(op="call_module", target="conv"))[0].users.keys() == \
         set(gm.graph.find_nodes(op="call_module", target="bn"))  # the conv is read by the norm alone
     assert torch.equal(gm(x), module(x))
+
+
+# ----------------------------------------------------------------------------- crops
+
+class Crops(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, (1, 3)), nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        only_convs = x[:, :, 1:-1, :]  # read by convs only: becomes a negative pad
+        shared = x[..., 2:]  # also returned: stays a slice
+        absolute = x[:, :, 1:5]  # keeps rows 1..4 at every size: not a fixed cut at the end
+        return self.a(only_convs) + self.b(x), F.conv2d(shared, self.b.weight), shared, self.b(absolute)
+
+
+def test_a_crop_only_convs_read_becomes_negative_padding_and_the_function_stays():
+    model = Crops().eval()
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 7, 6)
+    propagate_shapes(gm, (x,))
+    assert crops_as_padding(gm) == 1
+    pads = [n for n in gm.graph.nodes if n.target is F.pad]
+    assert len(pads) == 1 and pads[0].args[1] == [0, 0, -1, -1]
+    assert sum(n.target is operator.getitem for n in gm.graph.nodes) == 2
+    for got, want in zip(gm(x), model(x)):
+        torch.testing.assert_close(got, want)
+    y = torch.randn(1, 3, 9, 8)  # the crop is relative to the size: other sizes too
+    for got, want in zip(gm(y), model(y)):
+        torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- masked activations
+
+class MaskedActivations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.tensor([True, True, False, False, True, False]))
+
+    def forward(self, h):
+        runs = torch.where(self.mask, torch.relu(h), h)  # three runs of channels
+        inverted = torch.where(self.mask, h, torch.sigmoid(h))
+        from_data = torch.where(h > 0, torch.relu(h), h)  # a mask from the values: stays
+        return runs, inverted, from_data
+
+
+def test_a_masked_activation_over_channel_runs_becomes_a_concat_of_slices():
+    from repc.passes.partial_activations import split_masked_activations
+
+    model = MaskedActivations()
+    gm = fx.symbolic_trace(model)
+    h = torch.randn(2, 3, 6)
+    assert split_masked_activations(gm, record_values(gm, (h,))) == 2
+    assert sum(n.target is torch.where for n in gm.graph.nodes) == 1  # the data-dependent one
+    cats = [n for n in gm.graph.nodes if n.target is torch.cat]
+    assert [len(c.args[0]) for c in cats] == [4, 4]  # [T T | F F | T | F] and its complement
+    for got, want in zip(gm(h), model(h)):
+        torch.testing.assert_close(got, want)
+    h = torch.randn(5, 1, 6)  # other leading sizes
+    for got, want in zip(gm(h), model(h)):
+        torch.testing.assert_close(got, want)

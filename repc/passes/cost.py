@@ -48,5 +48,5 @@ def op_count(form) -> int:
         if isinstance(op, Elementwise):
             count += (op.scale is not None) + (op.shift is not None)
         else:
-            count += 1 + (isinstance(op, Conv) and any(lo != hi for lo, hi in op.padding))
+            count += 1 + (isinstance(op, Conv) and any(lo != hi or lo < 0 for lo, hi in op.padding))
     return count

@@ -95,7 +95,7 @@ def build_op(op: AffineOp, dtype, device) -> BuiltOp:
     """``op`` as standard torch modules and tensors (weights cast from float64 once)."""
     if isinstance(op, Conv):
         op = algebra.compact_groups(op)
-        symmetric = all(lo == hi for lo, hi in op.padding)
+        symmetric = all(lo == hi >= 0 for lo, hi in op.padding)  # (a negative amount crops: F.pad does that)
         mod = _CONV_CLASSES[op.nd](op.in_channels, op.out_channels, op.kernel_size, stride=op.stride,
                                    padding=tuple(lo for lo, _ in op.padding) if symmetric else 0,
                                    dilation=op.dilation, groups=op.groups, bias=op.bias is not None,

@@ -5,17 +5,21 @@ computing the same function:
 
 1. ``fold_border_fill`` -- a zero pad whose border is filled with a constant, as shifts and a
    zero pad (:mod:`repc.passes.border_fill`);
-2. ``functionalize_inplace`` -- in-place ops out of place (:mod:`repc.passes.inplace`);
-3. ``split_norm_affine`` -- LayerNorm / GroupNorm affine as a separate map
+2. ``split_masked_activations`` -- ``where(mask, act(h), h)`` over channel runs as a concat of
+   slices (:mod:`repc.passes.partial_activations`);
+3. ``functionalize_inplace`` -- in-place ops out of place (:mod:`repc.passes.inplace`);
+4. ``crops_as_padding`` -- a spatial crop only convs read, as negative padding
+   (:mod:`repc.passes.crops`);
+5. ``split_norm_affine`` -- LayerNorm / GroupNorm affine as a separate map
    (:mod:`repc.passes.norm_affine`);
-4. ``push_scales_into_concat`` -- a per-channel map after a concat onto its parts
+6. ``push_scales_into_concat`` -- a per-channel map after a concat onto its parts
    (:mod:`repc.passes.move_scales`);
-5. ``push_scales_into_matmul`` -- a scalar after a matmul onto an operand's map (same module);
-6. ``expand_weighted_stacks`` -- a constant-weighted sum over a stack as a sum
+7. ``push_scales_into_matmul`` -- a scalar after a matmul onto an operand's map (same module);
+8. ``expand_weighted_stacks`` -- a constant-weighted sum over a stack as a sum
    (:mod:`repc.passes.weighted_stacks`);
-7. ``detach_metadata_reads`` -- dtype / device / rank / shape reads do not pin values
+9. ``detach_metadata_reads`` -- dtype / device / rank / shape reads do not pin values
    (:mod:`repc.passes.metadata_reads`);
-8. ``push_linears_before_flattens`` -- a linear before a token-flattening reshape
+10. ``push_linears_before_flattens`` -- a linear before a token-flattening reshape
    (:mod:`repc.passes.flattens`).
 
 :func:`prepare` runs :data:`PREPARATION` with :func:`repc.passes.manager.run_passes`.
@@ -26,17 +30,21 @@ from __future__ import annotations
 from typing import Sequence
 
 from .border_fill import fold_border_fill
+from .crops import crops_as_padding
 from .flattens import push_linears_before_flattens
 from .inplace import functionalize_inplace
 from .manager import Pass, PassContext, PassLog, run_passes
 from .metadata_reads import detach_metadata_reads
 from .move_scales import push_scales_into_concat, push_scales_into_matmul
 from .norm_affine import split_norm_affine
+from .partial_activations import split_masked_activations
 from .weighted_stacks import expand_weighted_stacks
 
 PREPARATION: Sequence[Pass] = (
     Pass("fold_border_fill", lambda c: fold_border_fill(c.gm, c.values)),
+    Pass("split_masked_activations", lambda c: split_masked_activations(c.gm, c.values)),
     Pass("functionalize_inplace", lambda c: functionalize_inplace(c.gm), reads_values=False),
+    Pass("crops_as_padding", lambda c: crops_as_padding(c.gm)),  # reads shapes
     Pass("split_norm_affine", lambda c: split_norm_affine(c.gm)),
     Pass("push_scales_into_concat", lambda c: push_scales_into_concat(c.gm, c.values)),
     Pass("push_scales_into_matmul", lambda c: push_scales_into_matmul(c.gm, c.values)),
