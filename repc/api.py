@@ -17,7 +17,7 @@ from .capture import CaptureError, split_untraceable, trace, _short
 from .capture_export import GUARD_WORDS, export_graph, register_output_dataclasses
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.average_experts import average_experts
-from .preserve import PreserveError, base_of_peft, preserve, snapshot
+from .preserve import PreserveError, base_of_peft, preserve, region_paths, snapshot
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .verify.check import compare, deviation, output_dtype, tolerance as dtype_tolerance
 
@@ -179,6 +179,13 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
     is the whole-model verification (None with ``verify=False``: then the example is compared)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
+    if source is not None:  # each rewrite's module, for the report (whichever output is returned)
+        try:
+            modules = region_paths(source["source"], report.rewrites, source["prefix"], source["captured"], fused)
+        except Exception:  # (the report then names the fx nodes)
+            modules = {}
+        for r in report.rewrites:
+            r.module = modules.get(r.root, r.module)
     if graph or not isinstance(fused, fx.GraphModule):
         return fused  # (fx in parts, or rolled back: already the model's own class)
     if source is None or reference is not model:
@@ -573,6 +580,8 @@ def _fuse_parts(work: nn.Module, example_inputs, report: Report, synthesize: boo
         except Exception as err:
             report.skipped.append(SkippedPart(path, _short(err)))
             continue
+        for r in result.rewrites:
+            r.module = path  # (the part; its nodes' own modules are not read here)
         report.rewrites.extend(result.rewrites)
         report.rejected.extend(result.rejections)
         report.nodes_before += nodes

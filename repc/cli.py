@@ -709,8 +709,8 @@ def measure(original, fused, inputs, benchmark: bool) -> Dict[str, Any]:
     gains: Dict[str, Any] = {
         "params_before": report.params_before,
         "params_after": report.params_after,
-        "region_macs_before": sum(r.flops_before - r.shared_flops for r in report.rewrites),
-        "region_macs_after": sum(r.flops_after for r in report.rewrites),
+        "region_macs_before": sum(r.macs_before - r.shared_macs for r in report.rewrites),
+        "region_macs_after": sum(r.macs_after for r in report.rewrites),
         "flops_before": None,
         "flops_after": None,
         "latency_ms_before": None,
@@ -735,30 +735,21 @@ def _change(before: Optional[float], after: Optional[float]) -> str:
     return f" ({(after - before) / before * 100:+.1f}%)"
 
 
-def _op_kind(result: str) -> str:
-    return result.split("(")[0].strip()
-
-
 def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
     """The report as text: a table of the rewrites (with what each becomes when ``detailed``),
     the regions kept and why, the parts not captured, verification and the totals."""
-    from .report import format_table
+    from .report import describe_region, describe_rule, format_table, group_rewrites, rewrite_rows
     lines: List[str] = []
     if report.rewrites:
         lines.append(f"{len(report.rewrites)} fusable region(s):" if detailed else
                      f"{len(report.rewrites)} region(s) fused:")
-        rows = [("region", "rules", "ops", "becomes", "params", "MACs", "max dev")]
-        for r in report.rewrites:
-            kinds = "+".join(dict.fromkeys(_op_kind(x) for x in r.result)) or "-"
-            rows.append((r.root, r.rule, f"{len(r.replaced)} -> {len(r.result)}", kinds,
-                         f"{r.params_before:,} -> {r.params_after:,}",
-                         f"{r.flops_before:,} -> {r.flops_after:,}{_change(r.flops_before, r.flops_after)}",
-                         f"{r.max_deviation:.1e}"))
-        lines.extend(format_table(rows))
+        lines.extend(format_table(rewrite_rows(report.rewrites)))
         if detailed:
             lines.append("")
-            for r in report.rewrites:
-                lines.append(f"  {r.root} ({r.rule}{'' if r.exact else ', approximate'}):")
+            for where, members in group_rewrites(report.rewrites):
+                r = members[0]
+                lines.append(f"  {where}: {describe_region(r)} ({describe_rule(r.rule)}"
+                             f"{'' if r.exact else ', approximate'}{f'; ×{len(members)}' if len(members) > 1 else ''}):")
                 lines.append(f"    replaces: {', '.join(r.replaced)}")
                 for res in r.result:
                     lines.append(f"    becomes:  {res}")
@@ -766,6 +757,7 @@ def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
         lines.append("no region fused: every rewrite was rolled back")
     else:
         lines.append("no fusable region found")
+    lines.extend(report.output_lines())
     lines.extend(report.notes())
     lines.append("")
     lines.append("gains" + (" (estimated; nothing written)" if detailed else "") + ":")

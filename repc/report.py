@@ -1,9 +1,17 @@
-"""What repc did to a model: rewrites, regions kept and why, parts not captured, verification."""
+"""What repc did to a model: rewrites, regions kept and why, parts not captured, verification.
+
+Counts are named for what they count: ``macs_*`` are multiply-adds (a conv or linear's
+multiply-accumulates, one per elementwise scale or shift), what repc's cost model compares;
+FLOPs (torch's ``FlopCounterMode``, two per multiply-add) appear only in the CLI's whole-model
+``gains.flops_*``.  ``str(report)`` is the table people read: one row per module, identical
+blocks grouped (``stages.1.0–13  3×3 + 1×1 + BN branches → one conv  ×14``), the rules in words.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.fx as fx
@@ -12,20 +20,40 @@ import torch.nn as nn
 from .reasons import RejectionKind
 
 
-@dataclass
+@dataclass(init=False)
 class Rewrite:
-    rule: str  # the local rules that built the region: compose, sum, concat, select
+    """One region replaced by merged ops.  ``flops_before``, ``flops_after`` and ``shared_flops``
+    are accepted and readable as the former names of the ``macs_*`` counts (they always held
+    multiply-adds)."""
+    rule: str  # the local rules that built the region: compose, sum, concat, select (in words: describe_rule)
     root: str  # the value the merged op now computes
     replaced: List[str]  # the original nodes / modules of the region
     result: List[str]  # the merged op(s), one per source
     params_before: int
     params_after: int
-    flops_before: int  # multiply-adds on the example input
-    flops_after: int
+    macs_before: int  # multiply-adds of the region as written, on the example input
+    macs_after: int  # multiply-adds of the merged ops
     exact: bool = True
     max_deviation: float = 0.0  # measured against the region as written
     shape_specialized: bool = False  # valid only for the example's per-sample shape
-    shared_flops: int = 0  # of flops_before, what an earlier rewrite's region already counted
+    shared_macs: int = 0  # of macs_before, what an earlier rewrite's region already counted
+    module: Optional[str] = None  # the module of the model enclosing the region ("stages.1.0"; "" the model)
+
+    def __init__(self, rule, root, replaced, result, params_before, params_after, macs_before=None, macs_after=None,
+                 exact=True, max_deviation=0.0, shape_specialized=False, shared_macs=None, module=None, *,
+                 flops_before=None, flops_after=None, shared_flops=None):
+        self.rule, self.root, self.replaced, self.result = rule, root, list(replaced), list(result)
+        self.params_before, self.params_after = params_before, params_after
+        self.macs_before = macs_before if macs_before is not None else flops_before or 0
+        self.macs_after = macs_after if macs_after is not None else flops_after or 0
+        self.shared_macs = shared_macs if shared_macs is not None else shared_flops or 0
+        self.exact, self.max_deviation, self.shape_specialized, self.module = exact, max_deviation, \
+            shape_specialized, module
+
+    # the former names (multiply-adds all along)
+    flops_before = property(lambda self: self.macs_before, lambda self, v: setattr(self, "macs_before", v))
+    flops_after = property(lambda self: self.macs_after, lambda self, v: setattr(self, "macs_after", v))
+    shared_flops = property(lambda self: self.shared_macs, lambda self, v: setattr(self, "shared_macs", v))
 
 
 @dataclass
@@ -82,12 +110,15 @@ class Report:
     swaps: List[ModuleSwap] = field(default_factory=list)  # the modules replaced in the module-preserving output
 
     @property
-    def flops_saved(self) -> int:
-        return sum(r.flops_before - r.shared_flops - r.flops_after for r in self.rewrites)
+    def macs_saved(self) -> int:
+        """Multiply-adds the rewrites save on the example input."""
+        return sum(r.macs_before - r.shared_macs - r.macs_after for r in self.rewrites)
+
+    flops_saved = macs_saved  # (the former name: multiply-adds all along)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
-        d["flops_saved"] = self.flops_saved
+        d["macs_saved"] = self.macs_saved
         return d
 
     def to_json(self, **kwargs) -> str:
@@ -102,9 +133,11 @@ class Report:
                          + " (other values are refused at run time)")
         for r in self.rewrites:
             if r.shape_specialized:
-                lines.append(f"  SHAPE-SPECIALIZED {r.root} ({r.rule}): valid for the example's per-sample shape only")
+                lines.append(f"  SHAPE-SPECIALIZED {_where(r)} ({describe_region(r)}): valid for the "
+                             "example's per-sample shape only")
             if not r.exact:
-                lines.append(f"  APPROXIMATE {r.root} ({r.rule}): deviation {r.max_deviation:.3g} from the original")
+                lines.append(f"  APPROXIMATE {_where(r)} ({describe_region(r)}): deviation "
+                             f"{r.max_deviation:.3g} from the original")
         for r in self.rejected:
             lines.append(f"  kept {r.root}: {r.reason}")
         for name, why in self.front_ends_declined.items():
@@ -123,18 +156,146 @@ class Report:
             lines.append("all rewrites were rolled back: the returned model computes as the original")
         return lines
 
+    def output_lines(self) -> List[str]:
+        """What was returned: the model's own class with modules swapped in, or the graph and why."""
+        if self.output == "module-preserving" and not self.rolled_back and self.swaps:
+            lines = ["  returned: the model's own class, these modules swapped in:"]
+            rows = [("module", "was", "now", "×", "why there")]
+            for where, members in group_by_path(self.swaps, lambda s: s.path,
+                                                lambda s: (s.original, s.becomes, s.note)):
+                s = members[0]
+                rows.append((where, s.original, s.becomes, f"×{len(members)}" if len(members) > 1 else "", s.note))
+            if not any(row[4] for row in rows[1:]):
+                rows = [row[:4] for row in rows]
+            return lines + ["  " + line for line in format_table(rows)]
+        if self.output == "graph" and self.output_note:
+            return [f"  returned: the whole-model graph (a torch.fx.GraphModule): {self.output_note}"]
+        what = "the model's own class" if self.output == "module-preserving" else "the whole-model graph"
+        return [f"  returned: {what}" + (f" ({self.output_note})" if self.output_note else "")] if self.rewrites else []
+
     def __str__(self) -> str:
         lines = [f"repc: {len(self.rewrites)} rewrite(s); graph nodes {self.nodes_before} -> {self.nodes_after}; "
-                 f"parameters {self.params_before:,} -> {self.params_after:,}"
+                 f"parameters {self.params_before:,} -> {self.params_after:,}; "
+                 f"multiply-adds saved {self.macs_saved:,}"
                  + (f"; captured by {self.front_end}" if self.front_end else "")]
         if self.rewrites:
-            rows = [("root", "rule", "replaced", "params", "MACs", "max dev")]
-            for r in self.rewrites:
-                rows.append((r.root, r.rule, str(len(r.replaced)) + " ops",
-                             f"{r.params_before:,} -> {r.params_after:,}",
-                             f"{r.flops_before:,} -> {r.flops_after:,}", f"{r.max_deviation:.1e}"))
-            lines.extend(format_table(rows))
-        return "\n".join(lines + self.notes())
+            lines.extend(format_table(rewrite_rows(self.rewrites)))
+        return "\n".join(lines + self.output_lines() + self.notes())
+
+
+RULE_WORDS = {
+    "compose": "chained ops composed", "sum": "branches summed", "concat": "concatenation split into its parts",
+    "select": "channel slices", "distribute": "an op over a concatenation distributed", "layout":
+    "through reshapes and transposes", "fold-parameters": "weights computed from parameters folded",
+    "synthesize": "read off as one dense map", "average-experts": "experts averaged (approximate)",
+    "fold": "folded",
+}
+
+
+def describe_rule(rule: str) -> str:
+    """``compose+sum`` -> ``chained ops composed, branches summed``."""
+    return ", ".join(RULE_WORDS.get(part, part) for part in rule.split("+") if part)
+
+
+_KINDS = [  # (words for a kind of op, names it goes by in a region's list) in the order shown
+    ("conv", ("Conv1d", "Conv2d", "Conv3d", "conv1d", "conv2d", "conv3d", "convolution")),
+    ("linear", ("Linear", "linear", "addmm", "Conv1D", "mm", "matmul")),
+    ("BN", ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm")),
+    ("avg-pool", ("AvgPool1d", "AvgPool2d", "AvgPool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d")),
+    ("pad", ("pad", "ZeroPad2d", "ConstantPad2d")),
+    ("scale", ("mul", "div", "truediv", "Mul")),
+]
+
+
+def _kind_of(entry: str) -> str:
+    match = re.match(r"^.* \((?P<kind>[^()]*)\)$", entry)
+    return match.group("kind") if match else entry
+
+
+def describe_region(rewrite: Rewrite) -> str:
+    """A rewrite in words: ``2 conv + 3 BN branches → one 3×3 conv``."""
+    kinds = [_kind_of(e) for e in rewrite.replaced]
+    parts = []
+    for word, names in _KINDS:
+        n = sum(k in names for k in kinds)
+        if n:
+            parts.append(f"{n} {word}" if n > 1 else word)
+    what = " + ".join(parts) or f"{len(kinds)} ops"
+    if "sum" in rewrite.rule.split("+"):
+        what += " branches"
+    results = [r.split("(")[0].strip() for r in rewrite.result]
+    if len(results) == 1:
+        kernel = re.search(r"k=(\d+(?:x\d+)*)", rewrite.result[0])
+        name = {"Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "Linear": "linear", "Dense": "dense map",
+                "Elementwise": "scale and shift", "Identity": "nothing (an identity)"}.get(results[0], results[0])
+        becomes = f"one {kernel.group(1).replace('x', '×')} {name}" if kernel and name == "conv" else \
+            (name if name.startswith("nothing") else f"one {name}")
+    else:
+        becomes = " + ".join(dict.fromkeys(results)) + f" ({len(results)} inputs)"
+    return f"{what} → {becomes}"
+
+
+def _numbered(path: str) -> Tuple[str, Optional[int]]:
+    """``stages.1.7`` -> (``stages.1.{}``, 7): the path with its last number taken out."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i] + ["{}"] + parts[i + 1:]), int(parts[i])
+    return path, None
+
+
+def _ranges(numbers: List[int]) -> str:
+    """[0, 1, 2, 5] -> ``0–2,5``."""
+    numbers, out, start = sorted(set(numbers)), [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}–{n}")
+            start = None
+    return ",".join(out)
+
+
+def group_by_path(items, path_of, same_of) -> List[Tuple[str, list]]:
+    """``items`` as (path, items) groups, in order: items alike (``same_of``) at paths that differ
+    by one index (``stages.1.0`` ... ``stages.1.13``) are one group, written ``stages.1.0–13``."""
+    groups: Dict[Tuple, list] = {}
+    for item in items:
+        pattern, number = _numbered(path_of(item))
+        key = (pattern if number is not None else path_of(item), same_of(item))
+        groups.setdefault(key, []).append(item)
+    out = []
+    for (pattern, _), members in groups.items():
+        if len(members) == 1:
+            out.append((path_of(members[0]), members))
+        else:
+            out.append((pattern.replace("{}", _ranges([_numbered(path_of(m))[1] for m in members])), members))
+    return out
+
+
+def _where(r: Rewrite) -> str:
+    return r.root if r.module is None else r.module or "<model>"
+
+
+def group_rewrites(rewrites: List[Rewrite]) -> List[Tuple[str, List[Rewrite]]]:
+    """The rewrites as (module, rewrites) groups, in order: the same rewrite (same words, counts and
+    parameters) in blocks that differ by one index is one group (``stages.1.0–13``)."""
+    return group_by_path(rewrites, _where, lambda r: (describe_region(r), r.rule, r.params_before, r.params_after,
+                                                      r.macs_before - r.shared_macs, r.macs_after, r.exact,
+                                                      r.shape_specialized))
+
+
+def rewrite_rows(rewrites: List[Rewrite]) -> List[Tuple[str, ...]]:
+    """The table of rewrites: a header, then one row per module (identical blocks grouped)."""
+    rows = [("module", "what", "how", "×", "params", "MACs", "max dev")]
+    for where, members in group_rewrites(rewrites):
+        r = members[0]
+        n = len(members)
+        rows.append((where, describe_region(r), describe_rule(r.rule), f"×{n}" if n > 1 else "",
+                     f"{r.params_before:,} -> {r.params_after:,}",
+                     f"{r.macs_before - r.shared_macs:,} -> {r.macs_after:,}",
+                     f"{max(m.max_deviation for m in members):.1e}"))
+    return rows
 
 
 def format_table(rows) -> List[str]:
