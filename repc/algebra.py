@@ -314,7 +314,9 @@ def _add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
 def add_convs(a: Conv, b: Conv) -> Conv:
     """``conv_a(x) + conv_b(x)`` as one conv: kernels placed on a common tap grid and summed.
 
-    Per axis, with the common dilation ``d`` and ``lo = max(lo_a, lo_b)``, branch ``c`` lands at
+    Per axis, with the common dilation ``d = gcd(d_a, d_b)`` (a branch of dilation ``d_c``
+    becomes a kernel with ``d_c / d - 1`` zeros between its taps) and ``lo = max(lo_a, lo_b)``,
+    branch ``c`` lands at
     tap offset ``(lo - lo_c) / d`` (an integer, or the branches read different grids), and
     equal strides and equal right-hand offsets ``hi_c + d (K - shift_c - k_c)`` make the
     output grids agree for every input size.  Groups become ``gcd(g_a, g_b)``; identity and
@@ -325,8 +327,28 @@ def add_convs(a: Conv, b: Conv) -> Conv:
                               bias=_add_optional(aligned[0].bias, aligned[1].bias))
 
 
+def on_dilation(conv: Conv, dilation: Sequence[int]) -> Conv:
+    """The same conv written with a smaller ``dilation`` that divides its own: per axis, its
+    taps spread ``d_conv / d`` apart with zeros between (a dilated kernel is a dense kernel
+    with zeros on the finer grid).  Axes with one tap take ``dilation`` as they are."""
+    w = conv.weight
+    for ax, (d, own, k) in enumerate(zip(dilation, conv.dilation, conv.kernel_size)):
+        if k == 1 or own == d:
+            continue
+        factor = own // d
+        shape = list(w.shape)
+        shape[2 + ax] = (k - 1) * factor + 1
+        spread = w.new_zeros(shape)
+        index = [slice(None)] * w.dim()
+        index[2 + ax] = slice(0, None, factor)
+        spread[tuple(index)] = w
+        w = spread
+    return conv.replace(weight=w, dilation=tuple(dilation))
+
+
 def align_convs(convs: Sequence[Conv], groups: int) -> Tuple[List[Conv], None]:
-    """Rewrite each conv on one common kernel grid, padding, dilation and ``groups``."""
+    """Rewrite each conv on one common kernel grid, padding, dilation and ``groups``: the
+    dilation per axis is the gcd of the branches' (:func:`on_dilation`)."""
     first = convs[0]
     nd = first.nd
     if any(c.nd != nd for c in convs):
@@ -340,12 +362,11 @@ def align_convs(convs: Sequence[Conv], groups: int) -> Tuple[List[Conv], None]:
     if len(modes) > 1:
         raise NotMergeable(MergeKind.GRIDS_DIFFER, f"padding modes differ: {sorted(modes)}")
     mode = modes.pop() if modes else "zeros"
+    common = tuple(math.gcd(*[c.dilation[ax] for c in convs if c.kernel_size[ax] > 1]) or 1 for ax in range(nd))
+    convs = [on_dilation(c, common) for c in convs]
     dilation, padding, size, shifts = [], [], [], [[] for _ in convs]
     for ax in range(nd):
-        ds = {c.dilation[ax] for c in convs if c.kernel_size[ax] > 1}
-        if len(ds) > 1:
-            raise NotMergeable(MergeKind.GRIDS_DIFFER, f"dilations differ on spatial axis {ax}: {sorted(ds)}")
-        d = ds.pop() if ds else 1
+        d = common[ax]
         lo = max(c.padding[ax][0] for c in convs)
         for i, c in enumerate(convs):
             offset = lo - c.padding[ax][0]

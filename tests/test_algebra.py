@@ -303,6 +303,12 @@ def test_compose_conv_property(data):
 ADD_CASES = {
     # name: (a, b, input spatial size): the sum is exact for every input size
     "3x3_plus_1x1": (conv(4, 6, 3, padding=1), conv(4, 6, 1, seed=1), 6),
+    # different dilations: the coarser kernel spreads onto the finer grid (gcd of the dilations)
+    "3x3_plus_3x3_dilated_2": (conv(4, 4, 3, padding=1), conv(4, 4, 3, padding=2, dilation=2, seed=1), 7),
+    "dilated_2_plus_dilated_3": (conv(4, 4, 3, padding=2, dilation=2),
+                                 conv(4, 4, 3, padding=3, dilation=3, seed=1), 9),
+    "dilated_4_plus_dilated_2_stride2": (conv(4, 4, 3, padding=4, dilation=4, stride=2),
+                                         conv(4, 4, 3, padding=2, dilation=2, stride=2, seed=1), 11),
     "5x5_plus_3x3_plus_offsets": (conv(4, 6, 5, padding=2), conv(4, 6, 3, padding=1, seed=1), 6),
     "1x3_plus_3x1": (conv(4, 6, (1, 3), padding=(0, 1)), conv(4, 6, (3, 1), padding=(1, 0), seed=1), 6),
     "1x5_plus_3x3": (conv(4, 6, (1, 5), padding=(0, 2)), conv(4, 6, 3, padding=1, seed=1), 7),
@@ -332,7 +338,6 @@ def test_add_convs(name):
 
 @pytest.mark.parametrize("a,b,match", [
     (conv(4, 4, 3, padding=1, stride=2), conv(4, 4, 1), "strides differ"),
-    (conv(4, 4, 3, padding=1), conv(4, 4, 3, padding=2, dilation=2), "dilations differ"),
     (conv(4, 4, 3, padding=2, dilation=2), conv(4, 4, 3, padding=1, dilation=2), "offset|align"),
     (conv(4, 4, 3), conv(4, 4, 1), "padding offsets differ"),  # 3x3 'valid' vs 1x1: grids differ
     (conv(4, 4, 3, padding=1), conv(6, 4, 1), "input channel"),

@@ -32,6 +32,7 @@ bench_latency = _load("bench_latency")
 bench_compile_time = _load("bench_compile_time")
 bench_vit = _load("bench_vit")
 bench_models = _load("bench_models")
+bench_cost_model = _load("bench_cost_model")
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import bench_common from beside them, as this does
 import bench_common as common  # noqa: E402
 
@@ -109,6 +110,22 @@ def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, 
         assert r["heavy"]["after"] <= r["heavy"]["reference"] < r["heavy"]["before"]
         assert r["norms"]["after"] <= r["norms"]["reference"]
         assert r["compile_s"] > 0 and r["export_s"] > 0 and r["repc_over_reference"] > 0
+
+
+def test_cost_model_quick_compares_each_way_of_merging_with_the_clock(tmp_path, capsys, one_thread, monkeypatch):
+    from repc.latency import KINDS, LatencyModel
+
+    given = LatencyModel({k: (1e-5, 1e-10, 1e-11) for k in KINDS})  # no calibration in the test
+    monkeypatch.setattr(bench_cost_model, "latency_model", lambda device, dtype: given)
+    out = tmp_path / "cost.json"
+    bench_cost_model.main(["--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "latency within 5% of best" in printed and "3x3 + dilated 3x3 (c=16)" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(bench_cost_model.REGIONS)
+    for r in rows:
+        assert set(r["measured_s"]) == {"macs", "whole", "latency"} and min(r["measured_s"].values()) > 0
+        assert r["convs"]["whole"] <= r["convs"]["macs"]
 
 
 @pytest.mark.parametrize("kind", ["repvgg", "mobileone"])

@@ -54,3 +54,40 @@ def test_op_count_counts_padding_scale_and_shift_ops():
     asym = Conv(torch.zeros(2, 2, 3, 3, dtype=F64), None, (1, 1), ((0, 2), (1, 1)), (1, 1), 1)
     ew = Elementwise(torch.ones(1, 2, 1, 1, dtype=F64), torch.ones(1, 2, 1, 1, dtype=F64), (1, 2, 3, 3))
     assert op_count({"a": asym}) == 2 and op_count({"a": asym, "b": ew}) == 5
+
+
+def test_a_merge_that_adds_multiply_adds_but_removes_ops_pays_under_a_latency_model():
+    """3x3 and dilated 3x3 branches: one 5x5 conv costs more multiply-adds than the two 3x3s,
+    but where each op costs a fixed overhead (small maps), one op is faster."""
+    import torch.nn as nn
+
+    from repc.latency import KINDS, LatencyModel
+    from repc.passes.collapse import collapse
+    from repc.passes.cost import LatencyCost
+
+    from blocks import conv_bn, randomize
+
+    class Dilated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 3, padding=2, dilation=2)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    model = randomize(Dilated()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    by_macs = collapse(fx.symbolic_trace(model), (x,))
+    assert [r.kind for r in by_macs.rejections] == [RejectionKind.DOES_NOT_PAY], by_macs.rejections
+    overhead_bound = LatencyModel({k: (2e-5, 1e-11, 1e-12) for k in KINDS})
+    by_latency = collapse(fx.symbolic_trace(model), (x,), cost_model=LatencyCost(overhead_bound))
+    (rewrite,) = by_latency.rewrites
+    assert rewrite.macs_after > rewrite.macs_before  # more multiply-adds, fewer ops
+    convs = [m for m in by_latency.module.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].kernel_size == (5, 5)
+    y = torch.randn(2, 4, 11, 9)
+    torch.testing.assert_close(by_latency.module(y), model(y), rtol=1e-5, atol=1e-5)
+    arithmetic_bound = LatencyModel({k: (0.0, 1e-9, 0.0) for k in KINDS})
+    kept = collapse(fx.symbolic_trace(model), (x,), cost_model=LatencyCost(arithmetic_bound))
+    assert sorted(m.kernel_size for m in kept.module.modules() if isinstance(m, nn.Conv2d)) == [(3, 3), (3, 3)]
+    assert any(r.kind is RejectionKind.DOES_NOT_PAY and "us predicted merged" in r.reason for r in kept.rejections)

@@ -32,7 +32,7 @@ from ..reasons import OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, output_dtype, tolerance
 from ..verify.region_check import RegionChecker, RegionRunner, non_finite_weights
-from .cost import decide
+from .cost import MacCost, decide
 from .dense_probe import DenseProbe
 from .emit import AttributeNamer, emit_form
 from .inplace import VIEW_MUTATED
@@ -53,13 +53,16 @@ class CaptureMismatch(Exception):
 
 
 def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool = True,
-             prefix: str = "", expected_output: Any = None, synthesize: bool = True) -> CollapseResult:
+             prefix: str = "", expected_output: Any = None, synthesize: bool = True,
+             cost_model=None) -> CollapseResult:
     """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule.
 
     With ``expected_output`` (the model's own output on the example), a traced graph that
     computes something else (fx records ``out += y`` out of place, so aliases of ``out`` are
     lost) raises :class:`CaptureMismatch` before anything is rewritten.  ``synthesize=False``
-    turns off reading dense maps off regions by probing.
+    turns off reading dense maps off regions by probing.  ``cost_model`` prices regions and
+    their merged forms (:class:`repc.passes.cost.MacCost`, multiply-adds, by default; or a
+    :class:`repc.passes.cost.LatencyCost`).
     """
     context = PassContext(gm, example_inputs)
     if expected_output is not None:
@@ -74,7 +77,7 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     matcher = RegionMatcher(gm, facts)
     matcher.run()
     device = _device(gm, example_inputs)
-    return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize).run()
+    return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize, cost_model).run()
 
 
 def _device(gm, example_inputs):
@@ -90,11 +93,12 @@ class GraphWriter:
     """Writes the collapsed graph: each region materialized as its merged form or as written."""
 
     def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, device, check: bool, prefix: str,
-                 synthesize: bool = True):
+                 synthesize: bool = True, cost_model=None):
         self.gm, self.facts, self.matcher = gm, facts, matcher
         self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
         self.values = facts.values
         self.device, self.check, self.prefix, self.synthesize = device, check, prefix, synthesize
+        self.cost_model = cost_model or MacCost()
         runner = RegionRunner(gm, facts, matcher)  # evaluates region nodes on other inputs
         self.checker = RegionChecker(runner, device)
         self.dense = DenseProbe(matcher, runner)
@@ -256,8 +260,9 @@ class GraphWriter:
         if bad:
             self._reject(expr, RejectionKind.NON_FINITE, f"not merged: {bad}")
             return False
-        new_cost = self.matcher.form_cost(expr.form, expr.node)
-        decision = decide(expr, new_cost, computed)
+        model = self.cost_model
+        decision = decide(expr, model.form_cost(expr.form, expr.node, self.matcher), computed,
+                          model.region_cost(expr, self.matcher), model)
         if not decision.merge:
             if decision.kind is not None:
                 self._reject(expr, decision.kind, decision.words)
@@ -271,10 +276,11 @@ class GraphWriter:
                 self._reject(expr, RejectionKind.CHECK_FAILED, f"rolled back: {verdict.why}")
                 return False
             dev = verdict.deviation
-        self._record_rewrite(expr, computed, new_cost, dev)
+        self._record_rewrite(expr, computed, self.matcher.form_cost(expr.form, expr.node), dev)
         return True
 
     def _record_rewrite(self, expr: Expr, computed: bool, new_cost: int, dev: float) -> None:
+        """The rewrite for the report: ``new_cost`` the merged form's multiply-adds."""
         before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
                             if isinstance(self.exprs[n].meaning, AffineCall))
         # a region read through several slices is merged once per slice: count its ops once
@@ -286,7 +292,7 @@ class GraphWriter:
             replaced=[self.prefix + _describe_node(n, self.facts) for n in self.matcher.in_order(expr.region)],
             result=[repr(op) for op in expr.form.values()],
             params_before=before_params, params_after=sum(params(op) for op in expr.form.values()),
-            flops_before=expr.cost, flops_after=new_cost, exact=True, max_deviation=dev, shared_flops=shared))
+            macs_before=expr.cost, macs_after=new_cost, exact=True, max_deviation=dev, shared_macs=shared))
 
     def _dense(self, expr: Expr) -> Optional[fx.Node]:
         """The whole affine cone of ``expr.node`` emitted as one dense map, where

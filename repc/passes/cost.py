@@ -1,21 +1,77 @@
 """The cost decision: whether a region's merged form replaces the region as written.
 
-The cost is multiply-adds: a merged form is taken when it costs no more than the region as
-written and, at equal cost, when it takes fewer ops (or its weights were computed at every
-call from parameters: folding them saves that work).  :func:`decide` is pure: it reads the
-region and its form's cost, and returns a :class:`Decision`.  The collapse pass
-(:mod:`repc.passes.collapse`) asks it, then runs the per-region check on what it takes.
+A cost model prices the region as written and its merged form:
+
+* :class:`MacCost` (the default) -- multiply-adds;
+* :class:`LatencyCost` -- seconds predicted by a calibrated :class:`repc.latency.LatencyModel`
+  (per-op overhead, arithmetic and memory traffic by op kind), so that a merge which adds
+  multiply-adds but removes ops (convs of different dilations, a depthwise branch with its
+  residual) can pay.
+
+A merged form is taken when it costs no more than the region as written and, at equal cost,
+when it takes fewer ops (or its weights were computed at every call from parameters: folding
+them saves that work).  :func:`decide` is pure: it reads the two costs and returns a
+:class:`Decision`.  The collapse pass (:mod:`repc.passes.collapse`) asks it, then runs the
+per-region check on what it takes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
+
+from ..latency import LatencyModel, add_features
+from ..meanings import AffineCall, Combine, Concat
 from ..ops import Conv, Elementwise
-from ..patterns.regions import Expr
+from ..patterns.regions import Expr, RegionMatcher
 from ..reasons import RejectionKind
 from .norm_affine import NORM_AFFINE
+
+
+class MacCost:
+    """Multiply-adds on the example shapes (the region's, as the matcher counted them)."""
+    unit = "multiply-adds"
+
+    def region_cost(self, expr: Expr, matcher: RegionMatcher) -> float:
+        return expr.cost
+
+    def form_cost(self, form, node, matcher: RegionMatcher) -> float:
+        return matcher.form_cost(form, node)
+
+    def words(self, cost: float) -> str:
+        return f"{int(cost)}"
+
+
+class LatencyCost:
+    """Seconds on the example shapes as predicted by ``model``, for values of ``itemsize`` bytes."""
+    unit = "us predicted"
+
+    def __init__(self, model: LatencyModel, itemsize: int = 4):
+        self.model, self.itemsize = model, itemsize
+
+    def region_cost(self, expr: Expr, matcher: RegionMatcher) -> float:
+        return sum(self.node_cost(n, matcher) for n in expr.region)
+
+    def node_cost(self, node, matcher: RegionMatcher) -> float:
+        """One node of a region as the model computes it."""
+        meaning, shape = matcher.meanings.get(node), matcher.facts.shape
+        if isinstance(meaning, AffineCall):
+            return self.model.op_seconds(meaning.op, shape(meaning.input), shape(node), self.itemsize)
+        if isinstance(meaning, Combine):
+            return (len(meaning.terms) - 1) * self.model.time(add_features(shape(node), self.itemsize))
+        if isinstance(meaning, Concat):  # a copy of every part
+            return self.model.time(add_features(shape(node), self.itemsize)) * 2 / 3
+        return 0.0  # slices and layout changes are views
+
+    def form_cost(self, form, node, matcher: RegionMatcher) -> float:
+        out = matcher.facts.shape(node)
+        terms = sum(self.model.op_seconds(op, matcher.facts.shape(src), out, self.itemsize) for src, op in form.items())
+        return terms + (len(form) - 1) * self.model.time(add_features(out, self.itemsize))
+
+    def words(self, cost: float) -> str:
+        return f"{cost * 1e6:.1f}"
 
 
 @dataclass(frozen=True)
@@ -29,14 +85,21 @@ class Decision:
     rewrite: bool = True
 
 
-def decide(expr: Expr, form_cost: int, computed_weights: bool) -> Decision:
-    """Whether ``expr``'s form (costing ``form_cost`` multiply-adds) replaces its region as written."""
+def decide(expr: Expr, form_cost: float, computed_weights: bool, region_cost: Optional[float] = None,
+           model=None) -> Decision:
+    """Whether ``expr``'s form (costing ``form_cost``) replaces its region as written (costing
+    ``region_cost``; its multiply-adds ``expr.cost`` by default), priced by ``model``
+    (:class:`MacCost` by default)."""
+    model = model or MacCost()
+    region_cost = expr.cost if region_cost is None else region_cost
     if all(NORM_AFFINE in n.meta for n in expr.region):
         return Decision(True, rewrite=False)  # a norm's own affine tail, put back into the norm as it was
-    if form_cost > expr.cost:
+    if form_cost > region_cost:
         return Decision(False, RejectionKind.DOES_NOT_PAY,
-                        f"does not pay: {form_cost} multiply-adds merged vs {expr.cost} as written")
-    if form_cost == expr.cost and op_count(expr.form) >= len(expr.region) and not computed_weights:
+                        f"does not pay: {model.words(form_cost)} {model.unit} merged vs "
+                        f"{model.words(region_cost)} as written")
+    if math.isclose(form_cost, region_cost, rel_tol=1e-12) and op_count(expr.form) >= len(expr.region) \
+            and not computed_weights:
         return Decision(False)  # same work in as many ops: nothing to gain
     return Decision(True)
 
