@@ -197,9 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
                "  repc fuse weights.safetensors --model mypkg.nets:build --model-kwargs '{\"c\": 16}' "
                "--example-input 1x3x224x224 -o fused.pt\n\n" + EXIT_CODES_HELP)
     fuse.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the fused model")
-    fuse.add_argument("--format", choices=("graphmodule", "export"), default="graphmodule",
-                      help="graphmodule (default): torch.save of a GraphModule; export: torch.export.save of an "
-                           "ExportedProgram")
+    fuse.add_argument("--format", choices=FORMATS, default=None,
+                      help="graphmodule (default, unless OUT ends in .safetensors): torch.save of the whole-model "
+                           "GraphModule, which loads without repc; module: torch.save of the fused model as the "
+                           "model's own class with the fused modules swapped in (loading needs the model's code); "
+                           "state-dict (default for .safetensors): that model's state dict, as safetensors for "
+                           "OUT.safetensors, else torch.save; export: torch.export.save of an ExportedProgram")
     fuse.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     fuse.add_argument("--force", "-f", action="store_true", help="overwrite an existing OUT / REPORT.json")
 
@@ -232,66 +235,28 @@ def _cwd_importable():
             sys.path.remove(cwd)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
-
-
 def read_safetensors(path: str, device: str = "cpu") -> Dict[str, Any]:
-    """Read a ``.safetensors`` file without the safetensors package.
-
-    The format: an unsigned 64-bit little-endian header length ``n``; ``n`` bytes of UTF-8 JSON
-    mapping each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
-    into the data section, which follows the header) plus an optional ``"__metadata__"``; then
-    the raw little-endian tensor data.  Nothing in it is executed.
-    """
-    import torch
+    """The tensors of a ``.safetensors`` file, read by the ``safetensors`` package (nothing in
+    the file is executed); a bad file is a one-line :class:`CliError` saying what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     name = os.path.basename(path)
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) < 8:
-        raise CliError(f"{name} is not a valid safetensors file: {len(data)} bytes, shorter than its 8-byte header size")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise CliError(f"{name} is truncated or not a safetensors file: its header claims {n:,} bytes "
-                       f"but the file has {len(data) - 8:,} after the size field")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as why:
-        raise CliError(f"{name} is corrupt or not a safetensors file: its header is not JSON ({why})") from why
-    if not isinstance(header, dict):
-        raise CliError(f"{name} is corrupt: its safetensors header is not a JSON object")
-    if sys.byteorder != "little":
-        raise CliError("reading .safetensors needs a little-endian machine; convert the file to .pt instead",
-                       EXIT_INTERNAL)
-    body = memoryview(data)[8 + n:]
-    tensors: Dict[str, Any] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError, AttributeError) as why:
-            raise CliError(f"{name} is corrupt: bad safetensors entry for tensor {key!r} ({_short(why)})") from why
-        numel = 1
-        for s in shape:
-            numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end or end - begin != numel * itemsize or any(s < 0 for s in shape):
-            raise CliError(f"{name} is corrupt: tensor {key!r} of shape {shape} ({info['dtype']}) "
-                           f"does not match its data offsets [{begin}, {end})")
-        if end > len(body):
-            raise CliError(f"{name} is truncated: tensor {key!r} needs bytes [{begin:,}, {end:,}) of a "
-                           f"{len(body):,}-byte data section")
-        raw = bytearray(body[begin:end])
-        t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        tensors[key] = t.reshape(shape).to(device)
-    return tensors
+        tensors = load(data)
+    except SafetensorError as why:
+        text = str(why).split("Error while deserializing:", 1)[-1].strip().split(" at line ")[0]
+        if "incomplete" in text or "too small" in text or "too large" in text:
+            raise CliError(f"{name} is truncated or not a safetensors file ({text})") from why
+        if "invalid JSON" in text:
+            raise CliError(f"{name} is corrupt or not a safetensors file: its header is not JSON the format "
+                           f"allows ({text})") from why
+        raise CliError(f"{name} is corrupt or not a safetensors file ({text})") from why
+    except Exception as why:  # (anything else the package raises on a foreign file)
+        raise CliError(f"{name} is corrupt or not a safetensors file ({_short(why, 160)})") from why
+    return {key: t.to(device) for key, t in tensors.items()}
 
 
 def _looks_like_safetensors(path: str) -> bool:
@@ -629,7 +594,54 @@ def repc_references(data: bytes) -> List[str]:
     return sorted(set(found))
 
 
-def serialize(saved, fmt: str, inputs) -> bytes:
+FORMATS = ("graphmodule", "module", "state-dict", "export")
+
+
+def output_format(args) -> str:
+    """``--format``, or from OUT's name: ``.safetensors`` a state dict, else the graph module."""
+    if args.format:
+        return args.format
+    return "state-dict" if args.output.lower().endswith(".safetensors") else "graphmodule"
+
+
+def plain_state_dict(module) -> Dict[str, Any]:
+    """``module.state_dict()`` as plain contiguous tensors, none sharing memory (safetensors
+    refuses shared storage; tied weights are written once per name)."""
+    out, seen = {}, set()
+    for name, t in module.state_dict().items():
+        t = t.detach().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        out[name] = t.clone() if key in seen else t
+        if key is not None:
+            seen.add(key)
+    return out
+
+
+def fits_architecture(model, fused) -> bool:
+    """Whether ``fused``'s state dict loads into ``model``'s own architecture (same names and
+    shapes): every module repc swapped in kept its class."""
+    theirs, ours = model.state_dict(), fused.state_dict()
+    return theirs.keys() == ours.keys() and all(tuple(theirs[k].shape) == tuple(ours[k].shape) for k in ours)
+
+
+def serialize_state_dict(fused, path: str, report) -> bytes:
+    """The fused model's state dict as ``.safetensors`` (the safetensors package; the report's
+    output kind in its metadata) or, for any other name, ``torch.save``."""
+    import torch
+
+    tensors = plain_state_dict(fused)
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import save
+        return save(tensors, metadata={"format": "pt", "producer": "repc", "repc_output": report.output})
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+def serialize(saved, fmt: str, inputs, model_code: Sequence[str] = ()) -> bytes:
+    """``saved`` as bytes: a ``torch.export`` program, or the pickled module, which must not need
+    repc to load (``model_code``: the modules of the model's own classes, which a pickled
+    module-preserving model needs anyway)."""
     import torch
 
     buf = io.BytesIO()
@@ -644,7 +656,7 @@ def serialize(saved, fmt: str, inputs) -> bytes:
         return buf.getvalue()
     torch.save(saved, buf, pickle_protocol=2)
     data = buf.getvalue()
-    needs = repc_references(data)
+    needs = [n for n in repc_references(data) if n.rpartition(".")[0] not in model_code]
     if needs:
         model_code = all(n.startswith("repc.examples.") for n in needs)
         raise CliError(f"the fused model would not load without repc: it still contains {', '.join(needs[:3])}"
@@ -798,7 +810,7 @@ def report_document(command: str, args, report, gains, inputs, *, output: Option
 # commands
 
 
-def _compile(args, progress: Progress):
+def _compile(args, progress: Progress, graph: bool = True):
     import repc
 
     model, origin = load_model(args)
@@ -806,7 +818,7 @@ def _compile(args, progress: Progress):
     progress.note(f"model: {origin}; example input {_describe_inputs(inputs)}")
     with progress.step("compiling (trace, merge affine regions, verify)"):
         try:
-            fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance)
+            fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance, graph=graph)
         except repc.ReparamError as why:
             raise CliError(str(why).splitlines()[0] if str(why) else type(why).__name__) from why
     if args.no_benchmark:
@@ -836,20 +848,32 @@ def cmd_fuse(args, progress: Progress) -> int:
         check_output_path(args.report, what="--report", force=args.force, inputs=inputs_given)
         if os.path.realpath(args.report) == os.path.realpath(args.output):
             raise CliError("--report and OUT are the same file")
-    model, fused, inputs, gains = _compile(args, progress)
+    fmt = output_format(args)
+    # the graph module and the export program are of the whole-model graph; the pickled module and
+    # the state dict are of the module-preserving model (the model's own class, modules swapped in)
+    model, fused, inputs, gains = _compile(args, progress, graph=fmt in ("graphmodule", "export"))
     report = fused.repc_report
     print(render(report, gains, detailed=False))
     failure = _verification_failed(report)
-    if failure is None and not isinstance(fused, fx.GraphModule):
+    written_as = describe_output(fmt, args.output, report)
+    if failure is None and fmt == "graphmodule" and not isinstance(fused, fx.GraphModule):
         cls = type(fused)
         print(f"repc: note: the model does not trace as a whole, so {args.output} keeps its class "
               f"{cls.__module__}.{cls.__qualname__} around the fused parts: loading it needs that code importable",
               file=sys.stderr)
+    if failure is None and fmt in ("module", "state-dict") and report.output != "module-preserving":
+        print(f"repc: note: {args.output} holds the whole-model graph, not the model's own class: "
+              f"{report.output_note}", file=sys.stderr)
+    fits = fits_architecture(model, fused) if fmt == "state-dict" else None
     data = None
     if failure is None:
         saved = portable_copy(fused, json.loads(report.to_json()))
-        with progress.step(f"writing {args.output} ({args.format})"):
-            data = serialize(saved, args.format, inputs)
+        with progress.step(f"writing {args.output} ({written_as})"):
+            if fmt == "state-dict":
+                data = serialize_state_dict(fused, args.output, report)
+            else:
+                model_code = sorted({type(m).__module__ for m in model.modules()}) if fmt == "module" else ()
+                data = serialize(saved, fmt, inputs, model_code)
             try:
                 atomic_write(args.output, data)
             except OSError as why:
@@ -857,16 +881,47 @@ def cmd_fuse(args, progress: Progress) -> int:
     if args.report:
         doc = report_document("fuse", args, report, gains, inputs, output=args.output if data else None,
                               written=data is not None)
+        doc["format"], doc["written_as"] = fmt, written_as
+        if fits is not None:
+            doc["state_dict_fits_architecture"] = fits
         try:
             atomic_write(args.report, json.dumps(doc, indent=2, default=str).encode())
         except OSError as why:
             raise CliError(f"cannot write {args.report}: {_short(why)}", EXIT_INTERNAL) from why
     if failure is not None:
         raise CliError(failure + "; nothing written", EXIT_VERIFICATION)
-    loader = ("torch.export.load(path)" if args.format == "export"
-              else "torch.load(path, weights_only=False); repc is not needed")
-    print(f"\nwrote {args.output} ({len(data):,} bytes); load it with {loader}")
+    if fmt == "export":
+        loader = "torch.export.load(path)"
+    elif fmt == "graphmodule":
+        loader = "torch.load(path, weights_only=False); repc is not needed"
+    elif fmt == "module":
+        code = sorted({type(m).__module__ for m in model.modules()} - {"torch"} -
+                      {n for n in {type(m).__module__ for m in model.modules()} if n.startswith("torch.")})
+        loader = "torch.load(path, weights_only=False) where the model's code is importable" + \
+            (f" ({', '.join(code[:3])})" if code else "")
+    else:
+        reader = "safetensors.torch.load_file(path)" if args.output.lower().endswith(".safetensors") \
+            else "torch.load(path)"
+        loader = f"{reader}, then load_state_dict into " + \
+            ("the model's own architecture (every module repc swapped in kept its class)" if fits else
+             "the fused model (repc.compile(model, x, graph=False)); its swapped modules differ from the "
+             "architecture's")
+    print(f"\nwrote {args.output} ({len(data):,} bytes, {written_as}); load it with {loader}")
     return EXIT_OK
+
+
+def describe_output(fmt: str, path: str, report) -> str:
+    """What OUT holds, in words: which format, of which model."""
+    model = "the model's own class, fused modules swapped in" if report.output == "module-preserving" \
+        else "the whole-model graph"
+    if fmt == "state-dict":
+        kind = "safetensors" if path.lower().endswith(".safetensors") else "torch.save"
+        return f"state dict ({kind}) of {model}"
+    if fmt == "export":
+        return "torch.export program of the whole-model graph"
+    if fmt == "module":
+        return f"pickled module: {model}"
+    return f"pickled GraphModule: {model}"
 
 
 def cmd_inspect(args, progress: Progress) -> int:

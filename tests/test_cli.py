@@ -90,17 +90,9 @@ def work(tmp_path_factory):
 
 
 def write_safetensors(path, tensors):
-    """The safetensors layout written from its specification (u64 LE header size, JSON header, data)."""
-    header, chunks, offset = {}, [], 0
-    names = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
-    for name, t in tensors.items():
-        raw = t.detach().contiguous().numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    pathlib.Path(path).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+    """A state dict written by the safetensors package."""
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
 
 
 def run_cli(capsys, *argv):
@@ -642,3 +634,63 @@ def test_a_fused_model_that_would_carry_nan_is_not_written(work, tmp_path, capsy
     assert code == cli.EXIT_VERIFICATION, (stdout, err)
     assert "verification failed" in err and "nothing written" in err and len(err.splitlines()) == 1
     assert not out.exists() and json.loads(report.read_text())["written"] is False
+
+
+def _fresh_preserved(model, x):
+    """The module-preserving fused model repc.compile gives, to load a written state dict into."""
+    return repc.compile(model, (x,), graph=False)
+
+
+def test_a_safetensors_out_is_the_state_dict_of_the_model_with_its_modules_swapped_in(capsys, tmp_path):
+    out, report = tmp_path / "fused.safetensors", tmp_path / "report.json"
+    code, stdout, err = run_cli(capsys, "fuse", "--example", "-o", out, "--report", report, "--no-benchmark", "-q")
+    assert code == 0, err
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    state = load_file(str(out))
+    assert "stage1.0.conv.weight" in state and not any("_fused" in k for k in state)  # module paths, not fx names
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["repc_output"] == "module-preserving"
+    doc = json.loads(report.read_text())
+    assert doc["format"] == "state-dict" and doc["written_as"].startswith("state dict (safetensors) of the model's")
+    assert doc["state_dict_fits_architecture"] is False  # its blocks are merged convs now
+    assert "safetensors.torch.load_file(path)" in stdout and "the fused model" in stdout
+    x = torch.randn(2, 3, 32, 32)
+    target = _fresh_preserved(example_net(), x)
+    target.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        y = torch.randn(3, 3, 24, 24)
+        want = example_net()(y)
+        assert (target(y) - want).abs().max() / want.abs().max() < 1e-4
+
+
+def test_a_pt_state_dict_and_a_pickled_module_are_written_on_request(capsys, tmp_path):
+    weights = tmp_path / "fused_weights.pt"
+    code, stdout, err = run_cli(capsys, "fuse", "--example", "-o", weights, "--format", "state-dict", "--no-benchmark",
+                                "-q")
+    assert code == 0, err
+    state = torch.load(weights, weights_only=True)
+    assert isinstance(state, dict) and "stage1.0.conv.weight" in state and "torch.load(path)" in stdout
+    module = tmp_path / "fused_module.pt"
+    code, stdout, err = run_cli(capsys, "fuse", "--example", "-o", module, "--format", "module", "--no-benchmark", "-q")
+    assert code == 0, err
+    fused = torch.load(module, weights_only=False)
+    assert type(fused).__name__ == "ExampleNet" and fused.repc_report["output"] == "module-preserving"
+    assert "repc.examples" in stdout  # the model's own code is what loading needs
+    with torch.no_grad():
+        y = torch.randn(2, 3, 32, 32)
+        want = example_net()(y)
+        assert (fused(y) - want).abs().max() / want.abs().max() < 1e-4
+    assert set(fused.state_dict()) == set(state)
+
+
+def test_a_state_dict_that_fits_the_architecture_is_said_to(capsys, tmp_path, work, monkeypatch):
+    """A linear chain folded by the emitted module itself keeps no Identity: here the architecture
+    differs (BN gone), and the report says so; a model repc leaves unchanged fits."""
+    monkeypatch.chdir(work)
+    out, report = tmp_path / "pair.safetensors", tmp_path / "pair.json"
+    code, _, err = run_cli(capsys, "fuse", work / "weights.safetensors", "--model", f"{FACTORY_MODULE}:build",
+                           "--example-input", "2x4x8x8", "-o", out, "--report", report, "--no-benchmark", "-q")
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["state_dict_fits_architecture"] is False and doc["report"]["output"] == "module-preserving"
