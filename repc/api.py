@@ -17,6 +17,7 @@ from .capture import CaptureError, split_untraceable, trace, _short
 from .capture_export import GUARD_WORDS, export_graph, register_output_dataclasses
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.average_experts import average_experts
+from .progress import Phases, wanted
 from .preserve import PreserveError, base_of_peft, preserve, region_paths, snapshot
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .verify.check import compare, deviation, output_dtype, tolerance as dtype_tolerance
@@ -41,7 +42,7 @@ GRAPH_BY_DEFAULT = True
 def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[str, Any]] = None, *,
             verify: bool = True, tolerance: Optional[float] = None, specialize: Optional[Dict[str, Any]] = None,
             allow_approximate: bool = False, approximate_tolerance: Optional[float] = None,
-            front_end: str = "auto", graph: Optional[bool] = None) -> nn.Module:
+            front_end: str = "auto", graph: Optional[bool] = None, progress: Optional[bool] = None) -> nn.Module:
     """Return a new module computing ``model``'s function with its affine regions merged.
 
     The result is the user's own model, copied, each fused region replaced at the module that
@@ -53,6 +54,9 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     :data:`GRAPH_BY_DEFAULT`); so does ``graph=False`` where the fused graph cannot be written back
     into the model's modules, or where the model so written fails the same verification as the
     graph (``report.output`` and ``report.output_note`` say which).
+
+    ``progress``: a bar over the phases (capture and fuse, verify, write back) on long compiles,
+    on stderr where it is a terminal; ``False`` turns it off.
 
     ``example_inputs`` is a tuple of positional inputs (a single tensor is accepted) and
     ``kwargs`` the keyword inputs (``input_ids=..., attention_mask=...``).  The model must be
@@ -79,16 +83,19 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     """
     enabled = gc.isenabled()
     gc.disable()  # the graphs built here are webs of objects that all die together at the end
+    phases = Phases(["capture and fuse", "verify", "write back into the model's modules"], wanted(progress))
     try:
         return _compile(model, example_inputs, dict(kwargs or {}), verify, tolerance, specialize, allow_approximate,
-                        approximate_tolerance, front_end, GRAPH_BY_DEFAULT if graph is None else graph)
+                        approximate_tolerance, front_end, GRAPH_BY_DEFAULT if graph is None else graph, phases)
     finally:
+        phases.close()
         if enabled:
             gc.enable()
 
 
 def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate, approximate_tolerance,
-             front_end, graph=False):
+             front_end, graph=False, phases: Optional["Phases"] = None):
+    phases = phases or Phases([], False)
     if not isinstance(model, nn.Module):
         raise ReparamError(f"repc.compile expects an nn.Module, got {type(model).__name__}")
     if front_end not in FRONT_ENDS:
@@ -119,7 +126,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                  approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize)
     check = None
     if not verify:
-        fused, report, reference = _build(**build, synthesize=True)
+        with phases.step("capture and fuse"):
+            fused, report, reference = _build(**build, synthesize=True)
     else:
         check_inputs, as_flat = _flat_calling(example_inputs, kwargs)
         # the inputs held as given: the specialized positions, or among flat leaves the non-tensors
@@ -131,8 +139,10 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                            expected=expected if reference is model else None)
 
         def verified_build(build):
-            fused, report, reference = _build(**build, synthesize=True)
-            result = check(fused, reference)
+            with phases.step("capture and fuse"):
+                fused, report, reference = _build(**build, synthesize=True)
+            with phases.step("verify"):
+                result = check(fused, reference)
             dense = [r.root for r in report.rewrites if r.shape_specialized]
             if not result.ok and dense:
                 # a map read off by probing fits the example's size; the model accepts others
@@ -161,8 +171,9 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                 report.rejected.append(Rejection(r.root, "rolled back: whole-model verification failed"))
             report.rewrites = []
             report.nodes_after = report.nodes_before
-    fused = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs, expected, tolerance,
-                               check)
+    with phases.step("write back into the model's modules"):
+        fused = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs, expected,
+                                   tolerance, check, phases.enabled)
     # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
     original_buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
     report.params_after = sum(p.numel() for p in fused.parameters()) + \
@@ -173,7 +184,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
 
 
 def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
-                       expected, tolerance, check) -> nn.Module:
+                       expected, tolerance, check, progress: bool = False) -> nn.Module:
     """The module-preserving output where it applies and passes the checks, else ``fused`` (the
     whole-model graph) with the reason in ``report.output_note``.  ``check(candidate, reference)``
     is the whole-model verification (None with ``verify=False``: then the example is compared)."""
@@ -193,7 +204,8 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
             else "no captured graph to write back"
         return fused
     try:
-        preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites, **source)
+        preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites,
+                                    progress=progress, **source)
     except PreserveError as why:
         report.output_note = str(why)
         return fused

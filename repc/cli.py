@@ -85,13 +85,26 @@ class Progress:
         self.stream = sys.stderr
 
     @contextlib.contextmanager
-    def step(self, what: str):
+    def step(self, what: str, bars: bool = False):
+        """``bars``: the work draws its own progress bars (repc.compile's, on a terminal): the
+        line then ends before it, and no timer runs on it."""
         if self.quiet:
             yield
             return
         start = time.perf_counter()
         live = self.stream.isatty()
         stop = threading.Event()
+        if bars and live:
+            self.stream.write(f"repc: {what} ...\n")
+            self.stream.flush()
+            outcome = "failed"
+            try:
+                yield
+                outcome = "done"
+            finally:
+                self.stream.write(f"repc: {what} {outcome} ({time.perf_counter() - start:.1f} s)\n")
+                self.stream.flush()
+            return
         self.stream.write(f"repc: {what} ...")
         self.stream.flush()
 
@@ -816,9 +829,10 @@ def _compile(args, progress: Progress, graph: bool = True):
     model, origin = load_model(args)
     inputs = example_inputs(args, model)
     progress.note(f"model: {origin}; example input {_describe_inputs(inputs)}")
-    with progress.step("compiling (trace, merge affine regions, verify)"):
+    with progress.step("compiling (trace, merge affine regions, verify)", bars=True):
         try:
-            fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance, graph=graph)
+            fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance, graph=graph,
+                                 progress=not progress.quiet)
         except repc.ReparamError as why:
             raise CliError(str(why).splitlines()[0] if str(why) else type(why).__name__) from why
     if args.no_benchmark:

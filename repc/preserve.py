@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from .progress import counter, each
 from .report import ModuleSwap
 
 
@@ -331,8 +332,9 @@ class Preserver:
     """Writes a fused graph back into a copy of the model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, fused: fx.GraphModule, source: fx.GraphModule, captured, flat_inputs,
-                 args, kwargs, rewrites, prefix: str = ""):
+                 args, kwargs, rewrites, prefix: str = "", progress: bool = False):
         self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
+        self.progress = progress
         self.copy = copy.deepcopy(model)
         self.calls = record_calls(self.copy, args, kwargs)
         self.values = graph_values(fused, flat_inputs)
@@ -354,13 +356,16 @@ class Preserver:
                                              "the rewrite saves no multiply-adds or parameters here: the "
                                              "module is kept as written"))
         # chains of leaves (conv then bn): the merged module at the first, Identity at the others
-        chains = {root: plan for root in self.regions for plan in [self._chain_plan(root)] if plan is not None}
+        chains = {root: plan for root in each(self.regions, self.progress, "repc: regions")
+                  for plan in [self._chain_plan(root)] if plan is not None}
         pending = sorted({p for root, p in self.regions.items() if root not in chains},
                          key=lambda p: (p.count(".") if p else -1, p))
         notes: Dict[str, str] = {}
         refused: Dict[str, str] = {}  # path -> why it could not be swapped
         done: List[str] = []
+        bar = counter(len(pending), self.progress, "repc: modules swapped in")
         while pending:
+            bar.update(1)
             path = pending.pop(0)
             if any(_within(path, d) for d in done) or path == "":
                 continue  # (the model itself is never replaced: its regions are left out, below)
@@ -371,11 +376,13 @@ class Preserver:
                 refused[path] = str(why)
                 notes[parent] = f"{path}: {why}"
                 pending.append(parent)
+                bar.total = getattr(bar, "total", 0) + 1
                 pending.sort(key=lambda p: (p.count(".") if p else -1, p))
                 continue
             swap.note = notes.get(path, "")
             done = [d for d in done if not _within(d, path)] + [path]
             self.swaps = [s for s in self.swaps if not _within(s.path, path)] + [swap]
+        bar.close()
         for root, (targets, merged) in chains.items():
             if any(_within(targets[0], d) for d in done):
                 continue  # inside a module replaced as a whole
@@ -658,8 +665,9 @@ def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
     return model.get_base_model()
 
 
-def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = ""):
+def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
+             progress: bool = False):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
     before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take."""
-    return Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix).run()
+    return Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix, progress).run()

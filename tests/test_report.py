@@ -77,3 +77,28 @@ def test_the_graph_output_says_why_it_was_returned():
         [ModuleSwap("s.3", "Block", "not applied", ["x"], "s.3: called 2 times on the example")]
     text = str(Report(rewrites=[_rewrite("a.0")], output="module-preserving", swaps=swaps))
     assert "s.0–2" in text and "×3" in text and "called 2 times" in text
+
+
+def test_progress_bars_are_off_without_a_terminal_or_when_asked(monkeypatch, capsys):
+    from repc import progress
+    assert progress.wanted(False) is False
+    monkeypatch.setattr(progress.sys, "stderr", __import__("io").StringIO())
+    assert progress.wanted(None) is False and progress.wanted(True) is False  # not a terminal
+
+    class Terminal(__import__("io").StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(progress.sys, "stderr", terminal)
+    assert progress.wanted(None) is True and progress.wanted(False) is False
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    phases = progress.Phases(["a", "b"], progress.wanted(None))
+    with phases.step("a"):
+        pass
+    with phases.step("b"):
+        pass
+    assert phases.bar.n == 2
+    phases.close()
+    assert "phases" in terminal.getvalue()
+    assert list(progress.each([1, 2, 3], False, "x")) == [1, 2, 3]
