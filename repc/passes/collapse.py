@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
+from ..graph_predicates import target_name, writes_in_place
 from ..meanings import AffineCall, Combine, GraphFacts
 from ..ops import Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
@@ -327,6 +328,7 @@ class GraphWriter:
     def _reject(self, expr: Expr, kind: RejectionKind, reason: str) -> None:
         self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason, kind))
 
+
 def _drop_dead_nodes(graph: fx.Graph) -> None:
     """Remove values nothing reads; keeps placeholders, side effects and in-place updates left in place."""
     from torch.fx.node import _side_effectful_functions
@@ -335,7 +337,7 @@ def _drop_dead_nodes(graph: fx.Graph) -> None:
             continue
         if node.op == "call_function" and (node.target in _side_effectful_functions or _is_check(node.target)):
             continue
-        if node.op == "call_method" and node.target.endswith("_"):
+        if writes_in_place(node):
             continue
         graph.erase_node(node)
 
@@ -352,5 +354,4 @@ def _is_identity(op) -> bool:
 def _describe_node(node: fx.Node, facts: GraphFacts) -> str:
     if node.op == "call_module":
         return f"{node.target} ({type(facts.modules[node.target]).__name__})"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.name} ({target})"
+    return f"{node.name} ({target_name(node)})"
