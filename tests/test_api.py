@@ -15,7 +15,7 @@ def test_input_model_is_untouched():
     before = _state(model)
     flags = [m.training for m in model.modules()]
     grads = [p.requires_grad for p in model.parameters()]
-    fused = repc.compile(model, torch.randn(2, 3, 32, 32))
+    fused = repc.compile(model, torch.randn(2, 3, 32, 32), graph=True)
     after = _state(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -42,7 +42,7 @@ def test_submodule_left_in_training_mode_is_named():
 
 def test_single_tensor_example_and_report():
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
     report = fused.repc_report
     assert len(report.rewrites) == 1
     rw = report.rewrites[0]
@@ -87,7 +87,7 @@ class _Shell(nn.Module):
 def test_untraceable_model_compiles_its_traceable_parts():
     model = randomize_bn(_Shell()).eval()
     x = torch.randn(1, 4, 8, 8)
-    fused = repc.compile(model, x)
+    fused = repc.compile(model, x, graph=True)
     report = fused.repc_report
     assert any(s.path == "<model>" for s in report.skipped)
     assert len(report.rewrites) >= 1
@@ -108,7 +108,7 @@ def test_report_says_why_a_region_was_kept():
             return self.conv(self.bn(x))
 
     model = randomize_bn(BnBeforePaddedConv()).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
     reasons = " ".join(r.reason for r in fused.repc_report.rejected)
     assert "border" in reasons
     assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
@@ -134,7 +134,7 @@ def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_defa
     with torch.no_grad():
         model.norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 5, 8)
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (x,), graph=True)
     assert fused.repc_report.rewrites and fused.repc_report.specialized == {"mask": "None"}
     assert torch.allclose(fused(x), model(x), atol=1e-5)
     with pytest.raises(AssertionError, match="mask has been specialized"):
@@ -147,7 +147,7 @@ def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_defa
 def test_a_none_example_input_is_guarded_too():
     model = OptionalMask().eval()
     x = torch.randn(2, 5, 8)
-    fused = repc.compile(model, (x, None))
+    fused = repc.compile(model, (x, None), graph=True)
     with pytest.raises(AssertionError, match="specialized"):
         fused(x, torch.ones(2, 5))
 
@@ -163,7 +163,7 @@ def test_a_model_returning_a_dict_is_fused_as_a_whole():
 
     model = Heads().eval()
     x = torch.randn(2, 4)
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (x,), graph=True)
     assert not fused.repc_report.skipped and len(fused.repc_report.rewrites) == 1
     out = fused(x)
     assert torch.allclose(out["logits"], model(x)["logits"], atol=1e-6)
@@ -175,7 +175,7 @@ def test_a_model_giving_nan_on_the_example_is_rolled_back_and_the_report_says_wh
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 4))).eval()
     with torch.no_grad():
         model[1].dense[1].running_var[2] = float("nan")
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
     report = fused.repc_report
     assert report.rolled_back and not report.rewrites and not report.verification.ok
     assert report.verification.failing_input == "example"
@@ -192,10 +192,10 @@ def test_a_model_giving_nan_on_the_example_is_rolled_back_and_the_report_says_wh
 def test_the_result_is_in_eval_mode_like_the_model():
     x = torch.randn(1, 4, 8, 8)
     for model in (randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval(), randomize_bn(_Shell()).eval()):
-        fused = repc.compile(model, x)
+        fused = repc.compile(model, x, graph=True)
         assert fused.repc_report.rewrites  # (new GraphModules were made)
         assert [n for n, m in fused.named_modules() if m.training] == []
-        again = repc.compile(fused, x)  # repc's own output is accepted as input
+        again = repc.compile(fused, x, graph=True)  # repc's own output is accepted as input
         with torch.no_grad():
             assert torch.allclose(again(x), model(x), atol=1e-5)
 
@@ -220,7 +220,7 @@ def test_a_tolerance_below_the_dtype_rounding_is_refused(dtype, tolerance, messa
 def test_a_tolerance_at_the_dtype_rounding_is_taken():
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval().double()
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
-    fused = repc.compile(model, x, tolerance=1e-12)  # far below float32's eps, well above float64's
+    fused = repc.compile(model, x, tolerance=1e-12, graph=True)  # far below float32's eps, well above float64's
     assert fused.repc_report.verification.ok and fused.repc_report.verification.tolerance == 1e-12
     assert fused.repc_report.rewrites
 
@@ -256,7 +256,7 @@ def test_a_merge_whose_weights_are_not_finite_is_never_emitted(poison, reason):
     dtype = model[0].weight.dtype
     x = torch.randn(1, 3, 8, 8, dtype=dtype)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    fused = repc.compile(model, x, verify=False)
+    fused = repc.compile(model, x, verify=False, graph=True)
     report = fused.repc_report
     assert not report.rewrites and any(reason in r.reason for r in report.rejected), str(report)
     assert _new_non_finite_tensors(fused, model) == []  # the region was kept as written

@@ -87,7 +87,7 @@ def test_a_library_model_is_captured_whole_and_keeps_its_function(name):
     model, _, make_inputs, field = MODELS[name]()
     model = randomized(model)
     example = make_inputs(2, 7)
-    fused = repc.compile(model, (), example)
+    fused = repc.compile(model, (), example, graph=True)
     report = fused.repc_report
     assert report.front_end == "torch.export" and report.verification.ok and not report.rolled_back, report
     assert type(fused(**example)) is type(model(**example))  # the ModelOutput stays one
@@ -106,7 +106,7 @@ def test_peft_lora_merges_as_far_as_merge_and_unload(name):
         warnings.simplefilter("ignore")
         model = randomized(peft.get_peft_model(base, config))
     example = make_inputs(2, 7)
-    fused = repc.compile(model, (), example)
+    fused = repc.compile(model, (), example, graph=True)
     report = fused.repc_report
     assert report.front_end == "torch.export" and report.verification.ok and not report.rolled_back, report
     merged = copy.deepcopy(model).merge_and_unload().eval()
