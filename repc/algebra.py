@@ -137,7 +137,7 @@ def compose(first: AffineOp, second: AffineOp) -> AffineOp:
             s, t = second.channel_vectors(1)
             return scale_conv_outputs(first, s, t)
         if isinstance(first, Linear):
-            return compose_linear(first, elementwise_as_linear(second))
+            return scale_linear_outputs(first, second)
     if isinstance(first, Conv) and isinstance(second, Conv):
         return compose_conv(first, second)
     if isinstance(first, Elementwise) and isinstance(second, Conv):
@@ -145,7 +145,7 @@ def compose(first: AffineOp, second: AffineOp) -> AffineOp:
     if isinstance(first, Linear) and isinstance(second, Linear):
         return compose_linear(first, second)
     if isinstance(first, Elementwise) and isinstance(second, Linear):
-        return compose_linear(elementwise_as_linear(first), second)
+        return scale_linear_inputs(first, second)
     raise NotMergeable(MergeKind.NO_CLOSED_FORM, f"no closed form for {type(second).__name__} after {type(first).__name__}")
 
 
@@ -176,6 +176,28 @@ def scale_conv_outputs(conv: Conv, scale: Tensor, shift: Tensor) -> Conv:
     w = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
     b = shift if conv.bias is None else conv.bias * scale + shift
     return conv.replace(weight=w, bias=b)
+
+
+def scale_linear_outputs(linear: Linear, ew: Elementwise) -> Linear:
+    """Per-feature ``(W x + b) * s + t = (s W) x + (s b + t)`` (rows scaled: no matrix product).
+    Equal to ``compose_linear(linear, elementwise_as_linear(ew))``."""
+    s, t = ew.channel_vectors(-1)
+    if s.numel() != linear.out_features:
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "feature counts differ")
+    b = t if linear.bias is None else linear.bias * s + t
+    return Linear(linear.weight * s.unsqueeze(1), b if linear.bias is not None or ew.shift is not None else None)
+
+
+def scale_linear_inputs(ew: Elementwise, linear: Linear) -> Linear:
+    """Per-feature ``W (x * s + t) + b = (W diag(s)) x + (W t + b)`` (columns scaled).
+    Equal to ``compose_linear(elementwise_as_linear(ew), linear)``."""
+    s, t = ew.channel_vectors(-1)
+    if s.numel() != linear.in_features:
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "feature counts differ")
+    b = linear.bias
+    if ew.shift is not None:
+        b = linear.weight @ t if b is None else linear.weight @ t + b
+    return Linear(linear.weight * s.unsqueeze(0), b)
 
 
 def compose_linear(first: Linear, second: Linear) -> Linear:

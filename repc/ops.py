@@ -15,8 +15,9 @@ tensors in float64, are immutable, and know nothing about fx.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -169,8 +170,27 @@ def identity(shape) -> Elementwise:
     return Elementwise(None, None, tuple(shape))
 
 
+_FLOAT64: Dict[int, Tuple["weakref.ref", int, Tensor]] = {}  # id(tensor) -> (ref, version, float64 copy)
+_CACHED_FROM = 4096  # entries: smaller tensors are converted at every call
+
+
 def as_float64(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64).clone()
+    """``t`` as a float64 CPU tensor of its own (never ``t`` itself).  Large tensors' copies are
+    kept while ``t`` lives and is not written to (its version counter), so a weight read by
+    several passes is converted once; callers treat the copy as read-only."""
+    if t is None:
+        return None
+    hit = _FLOAT64.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    out = t.detach().to(device="cpu", dtype=torch.float64).clone()
+    if t.numel() >= _CACHED_FROM:
+        try:
+            ref = weakref.ref(t, lambda _, key=id(t): _FLOAT64.pop(key, None))
+        except TypeError:
+            return out
+        _FLOAT64[id(t)] = (ref, t._version, out)
+    return out
 
 
 def conv_out_size(size: int, k: int, s: int, pad: Tuple[int, int], d: int) -> int:

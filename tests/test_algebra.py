@@ -464,3 +464,16 @@ def test_select_inputs_pieces_sum_to_the_op():
     lin, z = Linear(rnd(3, 5), rnd(3)), rnd(4, 5)
     a, b = algebra.select_inputs(lin, 0, 3), algebra.select_inputs(lin, 3, 5)
     close(run(a, z[:, :3]) + F.linear(z[:, 3:], b.weight), run(lin, z))
+
+
+@pytest.mark.parametrize("bias,shift", [(True, True), (True, False), (False, True), (False, False)])
+def test_scaling_a_linear_by_a_per_feature_map_equals_composing_with_its_diagonal(bias, shift):
+    lin = Linear(rnd(5, 3), rnd(5) if bias else None)
+    after = Elementwise(rnd(1, 5), rnd(1, 5) if shift else None, (2, 5))
+    before = Elementwise(rnd(1, 3, seed=2), rnd(1, 3, seed=3) if shift else None, (2, 3))
+    for got, want in ((algebra.scale_linear_outputs(lin, after), algebra.compose_linear(lin, algebra.elementwise_as_linear(after))),
+                      (algebra.scale_linear_inputs(before, lin), algebra.compose_linear(algebra.elementwise_as_linear(before), lin))):
+        close(got.weight, want.weight)
+        assert (got.bias is None) == (want.bias is None)
+        if got.bias is not None:
+            close(got.bias, want.bias)

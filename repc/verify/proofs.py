@@ -659,10 +659,10 @@ def _catalogue() -> Dict[str, Callable[[], Optional[ProofResult]]]:
         return algebra.add_convs(conv_, algebra.elementwise_as_conv(ew, conv_.nd))
 
     def linear_then_affine(lin, ew):
-        return algebra.compose_linear(lin, algebra.elementwise_as_linear(ew))
+        return algebra.scale_linear_outputs(lin, ew)
 
     def affine_then_linear(ew, lin):
-        return algebra.compose_linear(algebra.elementwise_as_linear(ew), lin)
+        return algebra.scale_linear_inputs(ew, lin)
 
     def sliced_outputs(x, op, space, start=1, stop=3):
         return apply(op, x, space)[start:stop]
@@ -779,10 +779,10 @@ def _catalogue() -> Dict[str, Callable[[], Optional[ProofResult]]]:
         "compose_linear":
             lambda: prove_composition("compose_linear", algebra.compose_linear,
                                       [linear_template(3, 4), linear_template(4, 2)], (3,)),
-        "linear then BN1d (elementwise_as_linear)":
+        "linear then BN1d (scale_linear_outputs)":
             lambda: prove_composition("linear_then_bn", linear_then_affine,
                                       [linear_template(3, 4), channel_affine_template(4, 0)], (3,)),
-        "LayerNorm affine (gamma, beta) into the next linear":
+        "LayerNorm affine (gamma, beta) into the next linear (scale_linear_inputs)":
             lambda: prove_composition("ln_affine_into_linear", affine_then_linear,
                                       [channel_affine_template(4, 0), linear_template(4, 2)], (4,)),
         "compose_elementwise":
