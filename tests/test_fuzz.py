@@ -175,10 +175,15 @@ def test_planted_wrong_batchnorm_fold_is_caught_where_batchnorms_fold(monkeypatc
 
 def test_fuzz_profile_is_selected_by_environment(monkeypatch):
     import fuzz_profiles
+    monkeypatch.delenv("REPC_FUZZ_NETWORKS", raising=False)  # a run's own count (a slow run) overrides both
     monkeypatch.setenv("REPC_FUZZ_PROFILE", "slow")
     assert fuzz_settings().max_examples == fuzz_profiles.SLOW_NETWORKS
     monkeypatch.setenv("REPC_FUZZ_PROFILE", "ci")
     assert fuzz_settings(scale=0.5).max_examples == fuzz_profiles.CI_NETWORKS // 2
+    assert fuzz_settings(ci_networks=7).max_examples == 7
+    monkeypatch.setenv("REPC_FUZZ_NETWORKS", "40")
+    assert fuzz_settings(scale=0.5).max_examples == 20
+    assert fuzz_settings(ci_networks=7).max_examples == 40
     monkeypatch.setenv("REPC_FUZZ_PROFILE", "nightly")
     with pytest.raises(ValueError, match="ci or slow"):
         fuzz_settings()
