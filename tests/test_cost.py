@@ -91,3 +91,31 @@ def test_a_merge_that_adds_multiply_adds_but_removes_ops_pays_under_a_latency_mo
     kept = collapse(fx.symbolic_trace(model), (x,), cost_model=LatencyCost(arithmetic_bound))
     assert sorted(m.kernel_size for m in kept.module.modules() if isinstance(m, nn.Conv2d)) == [(3, 3), (3, 3)]
     assert any(r.kind is RejectionKind.DOES_NOT_PAY and "us predicted merged" in r.reason for r in kept.rejections)
+
+
+def test_measured_costs_time_the_region_and_its_form_on_the_example():
+    import torch.nn as nn
+
+    from repc.passes.collapse import collapse
+    from repc.passes.cost import MeasuredCost
+
+    from blocks import conv_bn, randomize
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x))
+
+    model = randomize(Branches()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    measured = MeasuredCost(repeats=3)
+    result = collapse(fx.symbolic_trace(model), (x,), cost_model=measured)
+    assert measured._region_times, "the regions were timed"
+    assert all(t > 0 for t in measured._region_times.values())
+    for r in result.rejections:  # whatever the clock chose, refusals say so in its unit
+        assert r.kind is not RejectionKind.DOES_NOT_PAY or "us measured" in r.reason
+    y = torch.randn(2, 4, 10, 7)
+    torch.testing.assert_close(result.module(y), model(y), rtol=1e-5, atol=1e-5)

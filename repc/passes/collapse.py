@@ -99,8 +99,10 @@ class GraphWriter:
         self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
         self.values = facts.values
         self.device, self.check, self.prefix, self.synthesize = device, check, prefix, synthesize
-        self.cost_model = cost_model or MacCost()
         runner = RegionRunner(gm, facts, matcher)  # evaluates region nodes on other inputs
+        self.cost_model = cost_model or MacCost()
+        if hasattr(self.cost_model, "bind"):  # a model that runs the regions (MeasuredCost)
+            self.cost_model.bind(runner, device)
         self.checker = RegionChecker(runner, device)
         self.dense = DenseProbe(matcher, runner)
         self.graph = fx.Graph()

@@ -6,7 +6,9 @@ A cost model prices the region as written and its merged form:
 * :class:`LatencyCost` -- seconds predicted by a calibrated :class:`repc.latency.LatencyModel`
   (per-op overhead, arithmetic and memory traffic by op kind), so that a merge which adds
   multiply-adds but removes ops (convs of different dilations, a depthwise branch with its
-  residual) can pay.
+  residual) can pay;
+* :class:`MeasuredCost` -- seconds measured on the example, the region as written against its
+  merged form (opt-in: it runs every candidate).
 
 A merged form is taken when it costs no more than the region as written and, at equal cost,
 when it takes fewer ops (or its weights were computed at every call from parameters: folding
@@ -18,8 +20,11 @@ per-region check on what it takes.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 
 from ..latency import LatencyModel, add_features
@@ -27,6 +32,7 @@ from ..meanings import AffineCall, Combine, Concat
 from ..ops import Conv, Elementwise
 from ..patterns.regions import Expr, RegionMatcher
 from ..reasons import RejectionKind
+from .emit import form_function
 from .norm_affine import NORM_AFFINE
 
 
@@ -72,6 +78,62 @@ class LatencyCost:
 
     def words(self, cost: float) -> str:
         return f"{cost * 1e6:.1f}"
+
+
+class MeasuredCost:
+    """Seconds measured on the example: the region as written (its own modules, on the
+    recorded values of its sources) against its merged form (the ops as emitted), the faster
+    of ``repeats`` timed calls each.  Opt-in (``cost="measure"``): it runs every candidate,
+    and a timing is only as steady as the machine."""
+    unit = "us measured"
+
+    def __init__(self, repeats: int = 5):
+        self.repeats = repeats
+        self.runner = self.device = None
+        self._region_times: dict = {}
+
+    def bind(self, runner, device) -> "MeasuredCost":
+        """The region runner and device of the graph being collapsed."""
+        self.runner, self.device = runner, device
+        return self
+
+    def region_cost(self, expr: Expr, matcher: RegionMatcher) -> float:
+        key = (expr.node, frozenset(expr.region))
+        if key not in self._region_times:
+            values = self.runner.values
+            sources = {n: values[n] for n in _sources(expr, matcher)}
+            self._region_times[key] = _fastest(lambda: self.runner.run(expr, sources), self.repeats)
+        return self._region_times[key]
+
+    def form_cost(self, form, node, matcher: RegionMatcher) -> float:
+        values = self.runner.values
+        ref = values[node]
+        run = form_function(form, ref.dtype, self.device)
+        inputs = [values[s] for s in form]
+        return _fastest(lambda: run(*inputs), self.repeats)
+
+    def words(self, cost: float) -> str:
+        return f"{cost * 1e6:.1f}"
+
+
+def _sources(expr: Expr, matcher: RegionMatcher):
+    """The values the region reads from outside (what its form reads, else its leaves' inputs)."""
+    if expr.form is not None:
+        return list(expr.form)
+    inside = expr.region
+    return sorted({a for n in inside for a in n.all_input_nodes if a not in inside and a not in matcher.facts.constants},
+                  key=matcher.order.__getitem__)
+
+
+def _fastest(call, repeats: int) -> float:
+    with torch.no_grad():
+        call()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 @dataclass(frozen=True)
