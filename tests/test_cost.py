@@ -119,3 +119,42 @@ def test_measured_costs_time_the_region_and_its_form_on_the_example():
         assert r.kind is not RejectionKind.DOES_NOT_PAY or "us measured" in r.reason
     y = torch.randn(2, 4, 10, 7)
     torch.testing.assert_close(result.module(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+class _Table:
+    """A cost model from tables: each node's own cost, each form's cost by its root."""
+    unit = "units"
+
+    def __init__(self, own, forms):
+        self.own, self.forms = own, forms
+
+    def node_cost(self, node, matcher):
+        return self.own[node.name]
+
+    def form_cost(self, form, node, matcher):
+        return self.forms[node.name]
+
+    def region_cost(self, expr, matcher):
+        return sum(self.own[n.name] for n in expr.region)
+
+    def words(self, cost):
+        return str(cost)
+
+
+def test_the_whole_is_refused_when_its_operands_merged_on_their_own_cost_less():
+    from repc.passes.cost import best_cost, parts_cost
+
+    graph = fx.Graph()
+    x, a, b, c, root = (graph.placeholder(n) for n in ("x", "a", "b", "c", "root"))
+    leaf = Expr(x, "leaf")
+    a_expr = Expr(a, "apply", children=[leaf], form={x: None}, region={a})
+    b_expr = Expr(b, "apply", children=[a_expr], form={x: None}, region={a, b})
+    c_expr = Expr(c, "apply", children=[leaf], form={x: None}, region={c})
+    top = Expr(root, "combine", children=[b_expr, c_expr], form={x: None}, region={a, b, c, root})
+    model = _Table(own={"a": 4, "b": 4, "c": 3, "root": 1}, forms={"b": 2, "c": 3, "root": 6})
+    assert parts_cost(b_expr, model, None) == 4 + 4  # b as written on a (a's own region has one op)
+    assert best_cost(b_expr, model, None) == 2
+    assert parts_cost(top, model, None) == 1 + 2 + 3
+    whole = decide(top, 6.5, False, model.region_cost(top, None), model, parts_cost(top, model, None))
+    assert not whole.merge and whole.kind is RejectionKind.DOES_NOT_PAY and "merged on their own" in whole.words
+    assert decide(top, 5, False, 12, model, 6).merge

@@ -33,7 +33,7 @@ from ..reasons import OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, output_dtype, tolerance
 from ..verify.region_check import RegionChecker, RegionRunner, non_finite_weights
-from .cost import MacCost, decide
+from .cost import MacCost, decide, parts_cost
 from .dense_probe import DenseProbe
 from .emit import AttributeNamer, emit_form
 from .inplace import VIEW_MUTATED
@@ -103,6 +103,7 @@ class GraphWriter:
         self.cost_model = cost_model or MacCost()
         if hasattr(self.cost_model, "bind"):  # a model that runs the regions (MeasuredCost)
             self.cost_model.bind(runner, device)
+        self._best: dict = {}  # best_cost memo over the region trees
         self.checker = RegionChecker(runner, device)
         self.dense = DenseProbe(matcher, runner)
         self.graph = fx.Graph()
@@ -264,8 +265,9 @@ class GraphWriter:
             self._reject(expr, RejectionKind.NON_FINITE, f"not merged: {bad}")
             return False
         model = self.cost_model
+        parts = parts_cost(expr, model, self.matcher, self._best) if hasattr(model, "node_cost") else None
         decision = decide(expr, model.form_cost(expr.form, expr.node, self.matcher), computed,
-                          model.region_cost(expr, self.matcher), model)
+                          model.region_cost(expr, self.matcher), model, parts)
         if not decision.merge:
             if decision.kind is not None:
                 self._reject(expr, decision.kind, decision.words)

@@ -46,6 +46,9 @@ class MacCost:
     def form_cost(self, form, node, matcher: RegionMatcher) -> float:
         return matcher.form_cost(form, node)
 
+    def node_cost(self, node, matcher: RegionMatcher) -> float:
+        return matcher.own_cost.get(node, 0)
+
     def words(self, cost: float) -> str:
         return f"{int(cost)}"
 
@@ -147,11 +150,45 @@ class Decision:
     rewrite: bool = True
 
 
+def best_cost(expr: Expr, model, matcher: RegionMatcher, memo: Optional[dict] = None) -> float:
+    """The cheapest way to compute ``expr``'s region: its merged form, or its root as written
+    with every operand region computed its own cheapest way (dynamic programming over the
+    region tree; a region two operands share counts once)."""
+    memo = {} if memo is None else memo
+    if id(expr) in memo:
+        return memo[id(expr)]
+    best = parts_cost(expr, model, matcher, memo)
+    if expr.form is not None and len(expr.region) > 1:
+        best = min(best, model.form_cost(expr.form, expr.node, matcher))
+    memo[id(expr)] = best
+    return best
+
+
+def parts_cost(expr: Expr, model, matcher: RegionMatcher, memo: Optional[dict] = None) -> float:
+    """``expr``'s root op as written plus each operand region at its :func:`best_cost`.  An
+    operand that is a source of the operand tree but inside the region (a fork the region
+    absorbed: ``y`` of ``y + up(down(y))``) counts as its own region does."""
+    memo = {} if memo is None else memo
+    total, seen, covered = model.node_cost(expr.node, matcher), set(), {expr.node}
+    for child in expr.children:
+        if child.is_leaf and child.node in expr.region and child.node is not expr.node:
+            child = matcher.exprs.get(child.node, child)
+        if child.is_leaf or id(child) in seen:
+            continue
+        seen.add(id(child))
+        covered |= child.region
+        total += best_cost(child, model, matcher, memo)
+    # nodes of the region no operand region covers (layout changes, slices) count as written
+    return total + sum(model.node_cost(n, matcher) for n in expr.region - covered)
+
+
 def decide(expr: Expr, form_cost: float, computed_weights: bool, region_cost: Optional[float] = None,
-           model=None) -> Decision:
+           model=None, parts: Optional[float] = None) -> Decision:
     """Whether ``expr``'s form (costing ``form_cost``) replaces its region as written (costing
     ``region_cost``; its multiply-adds ``expr.cost`` by default), priced by ``model``
-    (:class:`MacCost` by default)."""
+    (:class:`MacCost` by default).  ``parts``: the cost of the region with its operand regions
+    merged on their own (:func:`parts_cost`); a whole that costs more than that is refused, and
+    its parts then decide for themselves."""
     model = model or MacCost()
     region_cost = expr.cost if region_cost is None else region_cost
     if all(NORM_AFFINE in n.meta for n in expr.region):
@@ -160,6 +197,10 @@ def decide(expr: Expr, form_cost: float, computed_weights: bool, region_cost: Op
         return Decision(False, RejectionKind.DOES_NOT_PAY,
                         f"does not pay: {model.words(form_cost)} {model.unit} merged vs "
                         f"{model.words(region_cost)} as written")
+    if parts is not None and form_cost > parts and not math.isclose(form_cost, parts, rel_tol=1e-12):
+        return Decision(False, RejectionKind.DOES_NOT_PAY,
+                        f"does not pay: {model.words(form_cost)} {model.unit} merged vs "
+                        f"{model.words(parts)} with its operands merged on their own")
     if math.isclose(form_cost, region_cost, rel_tol=1e-12) and op_count(expr.form) >= len(expr.region) \
             and not computed_weights:
         return Decision(False)  # same work in as many ops: nothing to gain
