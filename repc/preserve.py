@@ -16,7 +16,10 @@ modules repc did not touch) as it was.
   - the emitted module itself, where that module's part of the graph is one call of it (a LoRA
     ``lora.Linear`` becomes a plain ``nn.Linear`` with the merged weight);
   - otherwise a small ``GraphModule`` of its part of the graph (a RepVGG block: its one merged
-    conv and its activation), taking the forward's arguments by name.
+    conv and its activation), taking the forward's arguments by name;
+  - for an affine folded forward out of a leaf into the leaves that alone read it (a LayerNorm's
+    affine into the q, k, v projections after it): the leaf keeps its class with its affine reset
+    to 1 and 0 (else its part of the graph), each reader becomes its merged op.
 
   The module's inputs and outputs must be values of the graph: its forward's tensor arguments
   and outputs, recorded with hooks on the example, are matched by value with the graph's values
@@ -202,15 +205,18 @@ def copied_from(fused: fx.GraphModule, source: fx.GraphModule) -> Dict[fx.Node, 
     return out
 
 
-def tag_nodes(fused: fx.GraphModule, source: fx.GraphModule, rewrites, prefix: str, captured) -> Dict[fx.Node, str]:
+def tag_nodes(fused: fx.GraphModule, source: fx.GraphModule, rewrites, prefix: str, captured
+              ) -> Tuple[Dict[fx.Node, str], Dict[fx.Node, str]]:
     """Every node of ``fused`` with the module path that computes it: copied nodes from their
     record, emitted nodes from the region they merge (found from the names repc gives emitted
-    modules and tensors, ``<root>_fused``, and passed along to the unnamed nodes next to them)."""
+    modules and tensors, ``<root>_fused``, and passed along to the unnamed nodes next to them).
+    Also the emitted nodes' rewrite (its root)."""
     regions = region_paths(source, rewrites, prefix, captured, fused)
     known = source_paths(source, prefix, captured)
     by_name = {n.name: p for n, p in known.items()}
     origin = copied_from(fused, source)
     tags: Dict[fx.Node, str] = {}
+    owners: Dict[fx.Node, str] = {}
     new = []
     for node in fused.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -225,7 +231,7 @@ def tag_nodes(fused: fx.GraphModule, source: fx.GraphModule, rewrites, prefix: s
             match = _HINT.match(str(node.target))
             hint = match.group("hint") if match else None
             if hint in regions:
-                tags[node] = regions[hint]
+                tags[node], owners[node] = regions[hint], hint
             elif by_name.get(hint) is not None:
                 tags[node] = by_name[hint]
     pending = [n for n in new if n not in tags]
@@ -236,20 +242,22 @@ def tag_nodes(fused: fx.GraphModule, source: fx.GraphModule, rewrites, prefix: s
             neighbours = (list(node.users) + node.all_input_nodes) if before else \
                 (node.all_input_nodes + list(node.users))
             # its own tensors first (the emitted norm's weight), then its emitted neighbours
-            found = next((tags[a] for a in node.all_input_nodes if a.op == "get_attr" and a in tags and a in new), None)
+            found = next((a for a in node.all_input_nodes if a.op == "get_attr" and a in tags and a in new), None)
             if found is None:
-                found = next((tags[n] for n in neighbours if n in tags and n in new), None)
+                found = next((n for n in neighbours if n in tags and n in new), None)
             if found is None:
-                found = next((tags[n] for n in neighbours if n in tags), None)
+                found = next((n for n in neighbours if n in tags), None)
             if found is not None:
-                tags[node] = found
+                tags[node] = tags[found]
+                if found in owners:
+                    owners[node] = owners[found]
                 pending.remove(node)
                 progressed = True
         if not progressed:
             for node in pending:
                 tags[node] = ""  # nothing to go by: the root (its swap is refused)
             break
-    return tags
+    return tags, owners
 
 
 # ----------------------------------------------------------------------------- the example's calls
@@ -338,7 +346,10 @@ class Preserver:
         self.copy = copy.deepcopy(model)
         self.calls = record_calls(self.copy, args, kwargs)
         self.values = graph_values(fused, flat_inputs)
-        self.tags = tag_nodes(fused, source, rewrites, prefix, captured)
+        self.tags, self.owners = tag_nodes(fused, source, rewrites, prefix, captured)
+        self.known = source_paths(source, prefix, captured)
+        self.kept = set(copied_from(fused, source).values())
+        self.captured = {name: CapturedNode(_strip(c.path, prefix), c.inputs) for name, c in captured.items()}
         placed = region_paths(source, rewrites, prefix, captured, fused)
         # a rewrite that saves no multiply-adds and no parameters (an eval-mode dropout dropped from
         # a linear and its residual add) leaves its modules as they were: the same ops, the model's code
@@ -355,6 +366,7 @@ class Preserver:
                 self.swaps.append(ModuleSwap(path or "<model>", _class_name(module), "unchanged", [root],
                                              "the rewrite saves no multiply-adds or parameters here: the "
                                              "module is kept as written"))
+        self._fold_forward()
         # chains of leaves (conv then bn): the merged module at the first, Identity at the others
         chains = {root: plan for root in each(self.regions, self.progress, "repc: regions")
                   for plan in [self._chain_plan(root)] if plan is not None}
@@ -441,6 +453,85 @@ class Preserver:
         owner = self.copy.get_submodule(parent) if parent else self.copy
         setattr(owner, name, module)
 
+    def _fold_forward(self) -> List[str]:
+        """An affine folded forward out of a leaf module ``U`` into the leaves ``D`` that alone
+        read it (a LayerNorm's affine into the q, k, v projections after it): ``U`` becomes its
+        part of the graph without the affine, each ``D`` its merged op on that value.  Both sides
+        are swapped together, so the value between them may change; each ``D``'s output is checked
+        to be what it gave on the example.  Returns the rewrites so placed."""
+        by_name = {n.name: n for n in self.source.graph.nodes}
+        groups: Dict[str, List[Tuple[str, str]]] = {}  # U -> [(rewrite root, D)]
+        for root in self.regions:
+            rewrite = next(r for r in self.rewrites if r.root == root)
+            nodes = [n for n in _region_nodes(self.source.graph, rewrite.replaced) if n not in self.kept]
+            root_node = by_name.get(root)
+            if root_node is None or self.known.get(root_node) is None:
+                continue
+            d = self.known[root_node]
+            others = {self.known[n] for n in nodes if self.known.get(n) is not None} - {d}
+            if len(others) != 1:
+                continue
+            u = others.pop()
+            if not u or not d or _within(d, u) or _within(u, d):
+                continue
+            try:
+                if any(True for _ in self.copy.get_submodule(u).children()):
+                    continue  # U a leaf (a norm); D may be a wrapper (a LoRA linear)
+                self.copy.get_submodule(d)
+            except AttributeError:
+                continue
+            groups.setdefault(u, []).append((root, d))
+        placed: List[str] = []
+        for u, members in groups.items():
+            ds = {d for _, d in members}
+            u_names = {name for name, c in self.captured.items() if c.path == u}
+            readers = [c for name, c in self.captured.items() if c.path != u and set(c.inputs) & u_names]
+            if not readers or any(not any(_within(c.path or "", d) for d in ds) for c in readers):
+                continue  # something else reads what U gives
+            try:
+                swaps = self._fold_group(u, members)
+            except _Refused:
+                continue
+            placed.extend(root for root, _ in members)
+            self.swaps.extend(swaps)
+        for root in placed:
+            del self.regions[root]
+        return placed
+
+    def _fold_group(self, u: str, members: List[Tuple[str, str]]) -> List[ModuleSwap]:
+        calls = {p: self.calls.get(p) for p in [u] + [d for _, d in members]}
+        if any(c is None or c.count != 1 for c in calls.values()):
+            raise _Refused("a module is not called once")
+        roots = {root for root, _ in members}
+        u_nodes = [n for n in self.fused.graph.nodes if n.op != "get_attr" and n in self.tags and
+                   _within(self.tags[n], u) and self.owners.get(n) not in roots]
+        outputs = [n for n in u_nodes if any(v not in u_nodes for v in n.users)]
+        if len(outputs) != 1:
+            raise _Refused(f"{u} gives {len(outputs)} values")
+        new_u, becomes_u = self._subgraph(u, self.copy.get_submodule(u), calls[u], u_nodes,
+                                          given_output=outputs[0])
+        identity = _with_identity_affine(self.copy.get_submodule(u), calls[u], self.values.get(outputs[0]))
+        if identity is not None:  # the model's own norm, its affine reset: the architecture stays
+            new_u, becomes_u = identity, f"{type(identity).__name__} (affine reset to 1, 0)"
+        built = []
+        for root, d in members:
+            nodes = [n for n in self.fused.graph.nodes if n.op != "get_attr" and n in self.tags and
+                     (_within(self.tags[n], d) or self.owners.get(n) == root) and n not in u_nodes]
+            # up to the value D gives: what reads it after (a fused qkv's slices) is its caller's code
+            out = next((n for n in nodes if _close(self.values.get(n), calls[d].output)), None)
+            if out is None:
+                raise _Refused(f"{d}'s output is not a value of the fused graph")
+            nodes = [n for n in nodes if n is out or n in _ancestors(out)]
+            module = self.copy.get_submodule(d)
+            built.append((d, root, module) + self._subgraph(d, module, calls[d], nodes, {outputs[0]: 0}))
+        swaps = [ModuleSwap(u, _class_name(self.copy.get_submodule(u)), becomes_u, [root for root, _ in members],
+                            f"its affine folded forward into {', '.join(d for _, d in members)}")]
+        self._set(u, new_u)
+        for d, root, module, new_d, becomes_d in built:
+            self._set(d, new_d)
+            swaps.append(ModuleSwap(d, _class_name(module), becomes_d, [root], f"takes {u}'s affine"))
+        return swaps
+
     def _chain_plan(self, root: str) -> Optional[Tuple[List[str], nn.Module]]:
         """Where a region is a chain of leaf-module calls (each read only by the next: ``conv`` then
         ``bn``) merged into one emitted module, reading the first leaf's input and giving the last
@@ -466,8 +557,14 @@ class Preserver:
             return None
         return targets, self.fused.get_submodule(merged.target)
 
-    def _subgraph(self, path: str, module: nn.Module, call: _Call, nodes: List[fx.Node]):
+    def _subgraph(self, path: str, module: nn.Module, call: _Call, nodes: List[fx.Node],
+                  given_inputs: Optional[Dict[fx.Node, int]] = None, given_output: Optional[fx.Node] = None):
+        """``module``'s part of the fused graph (``nodes``) as a GraphModule taking its forward's
+        arguments.  ``given_inputs`` (node -> argument position) and ``given_output`` are read as
+        they are, not matched by value (an affine folded forward changes the value between two
+        modules, both swapped)."""
         inside = set(nodes)
+        given_inputs = given_inputs or {}
         params = _forward_parameters(module)
         bound = inspect.Signature(params).bind(*call.args, **call.kwargs)
         # each argument that is a tensor, by name: the values the graph must take from outside
@@ -498,6 +595,11 @@ class Preserver:
         names: Dict[str, str] = {}
 
         def from_outside(a: fx.Node, depth: int) -> fx.Node:
+            if a in given_inputs:
+                name = params[given_inputs[a]].name
+                if name not in placeholders:
+                    raise _Refused(f"its argument {name} is not a plain argument")
+                return placeholders[name]
             value = self.values.get(a)
             if isinstance(value, torch.Tensor):
                 for name, given in arguments.items():
@@ -544,6 +646,11 @@ class Preserver:
         for leaf in leaves:
             if not isinstance(leaf, torch.Tensor):
                 out_nodes.append(leaf)
+                continue
+            if given_output is not None:
+                if len(leaves) != 1 or given_output not in env:
+                    raise _Refused("its output is not the value its readers were given")
+                out_nodes.append(env[given_output])
                 continue
             match = next((n for n in candidates if _close(self.values.get(n), leaf)), None)
             if match is None:
@@ -611,6 +718,34 @@ class Preserver:
 
 
 _KINDS = {"Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "Linear": "linear"}  # names of emitted modules
+
+
+def _with_identity_affine(module: nn.Module, call: "_Call", want) -> Optional[nn.Module]:
+    """A copy of ``module`` (a norm) with its ``weight`` set to ones and ``bias`` to zeros, where
+    that computes ``want`` on the example (what remains of it once its affine is folded forward)."""
+    named = dict(module.named_parameters(recurse=False))
+    if not isinstance(want, torch.Tensor) or "weight" not in named or set(named) - {"weight", "bias"}:
+        return None
+    candidate = copy.deepcopy(module)
+    with torch.no_grad():
+        candidate.weight.fill_(1.0)
+        if getattr(candidate, "bias", None) is not None:
+            candidate.bias.zero_()
+        try:
+            got = candidate(*call.args, **call.kwargs)
+        except Exception:
+            return None
+    return candidate if _close(got, want) else None
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def _pays(rewrite) -> bool:

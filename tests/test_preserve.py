@@ -245,3 +245,48 @@ def test_the_preserved_model_pickles_and_reloads(tmp_path):
         assert torch.equal(loaded(x), fused(x))
     # a fresh copy of the architecture takes the state dict of a chain-swapped model's merged leaves
     assert isinstance(fused[1][1], nn.Identity) and fused[1][0].bias is not None
+
+
+class NormThenProjections(nn.Module):
+    """A LayerNorm read only by three projections (its affine folds forward into them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h) * torch.sigmoid(self.k(h)) * torch.tanh(self.v(h))
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(NormThenProjections() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_an_affine_folded_forward_leaves_the_norm_with_a_unit_affine_and_the_architecture(front_end):
+    model = _random_affines(Stack())
+    x = torch.randn(2, 5, 8)
+    fused = repc.compile(model, x, front_end=front_end, graph=False)
+    report = fused.repc_report
+    assert type(fused) is Stack and report.output == "module-preserving", report.output_note
+    for block in fused.blocks:
+        assert type(block) is NormThenProjections and type(block.norm) is nn.LayerNorm
+        assert torch.equal(block.norm.weight, torch.ones(8)) and torch.equal(block.norm.bias, torch.zeros(8))
+        assert all(type(getattr(block, p)) is nn.Linear for p in "qkv")
+    assert any("folded forward" in s.note for s in report.swaps)
+    # the state dict fits the architecture: a fresh model loads it and computes the same
+    fresh = Stack().eval()
+    fresh.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for shape in ((2, 5, 8), (3, 11, 8)):
+            y = torch.randn(shape)
+            assert _same(fresh(y), model(y)) and _same(fused(y), model(y))
