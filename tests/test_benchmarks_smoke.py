@@ -33,6 +33,7 @@ bench_compile_time = _load("bench_compile_time")
 bench_vit = _load("bench_vit")
 bench_models = _load("bench_models")
 bench_cost_model = _load("bench_cost_model")
+bench_heavy_ops = _load("bench_heavy_ops")
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import bench_common from beside them, as this does
 import bench_common as common  # noqa: E402
 
@@ -126,6 +127,21 @@ def test_cost_model_quick_compares_each_way_of_merging_with_the_clock(tmp_path, 
     for r in rows:
         assert set(r["measured_s"]) == {"macs", "whole", "latency"} and min(r["measured_s"].values()) > 0
         assert r["convs"]["whole"] <= r["convs"]["macs"]
+
+
+def test_heavy_ops_quick_counts_what_random_networks_keep_per_cost_model(tmp_path, capsys, one_thread, monkeypatch):
+    from repc.latency import KINDS, LatencyModel
+
+    given = LatencyModel({k: (1e-5, 1e-10, 1e-11) for k in KINDS})
+    monkeypatch.setattr(bench_heavy_ops, "latency_model", lambda device, dtype: given)
+    out = tmp_path / "heavy.json"
+    assert bench_heavy_ops.main(["--quick", "--json", str(out)]) == 0
+    assert "mean heavy ops kept" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["networks"] >= 5
+    for fractions in data["fractions"].values():
+        # (above 1 where an average pool merged with its BN became a depthwise conv)
+        assert len(fractions) == data["networks"] and all(0 <= f <= 2 for f in fractions)
 
 
 @pytest.mark.parametrize("kind", ["repvgg", "mobileone"])
