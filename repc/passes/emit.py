@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import skip_init
 
 from .. import algebra
 from ..ops import AffineOp, Conv, Dense, Linear
@@ -84,6 +85,7 @@ class BuiltOp:
 
 
 def _loaded(mod: nn.Module, weight, bias) -> nn.Module:
+    """``mod`` (built without initializing its tensors: ``skip_init``) holding ``weight`` and ``bias``."""
     with torch.no_grad():
         mod.weight.copy_(weight)
         if bias is not None:
@@ -96,17 +98,18 @@ def build_op(op: AffineOp, dtype, device) -> BuiltOp:
     if isinstance(op, Conv):
         op = algebra.compact_groups(op)
         symmetric = all(lo == hi >= 0 for lo, hi in op.padding)  # (a negative amount crops: F.pad does that)
-        mod = _CONV_CLASSES[op.nd](op.in_channels, op.out_channels, op.kernel_size, stride=op.stride,
-                                   padding=tuple(lo for lo, _ in op.padding) if symmetric else 0,
-                                   dilation=op.dilation, groups=op.groups, bias=op.bias is not None,
-                                   padding_mode=op.padding_mode if symmetric else "zeros", device=device, dtype=dtype)
+        mod = skip_init(_CONV_CLASSES[op.nd], op.in_channels, op.out_channels, op.kernel_size, stride=op.stride,
+                        padding=tuple(lo for lo, _ in op.padding) if symmetric else 0,
+                        dilation=op.dilation, groups=op.groups, bias=op.bias is not None,
+                        padding_mode=op.padding_mode if symmetric else "zeros", device=device, dtype=dtype)
         pad = None
         if not symmetric:
             pad = ([p for lo_hi in reversed(op.padding) for p in lo_hi],
                    "constant" if op.padding_mode == "zeros" else op.padding_mode)
         return BuiltOp(_loaded(mod, op.weight, op.bias), pad=pad)
     if isinstance(op, (Linear, Dense)):
-        mod = nn.Linear(op.weight.shape[1], op.weight.shape[0], bias=op.bias is not None, device=device, dtype=dtype)
+        mod = skip_init(nn.Linear, op.weight.shape[1], op.weight.shape[0], bias=op.bias is not None, device=device,
+                        dtype=dtype)
         built = BuiltOp(_loaded(mod, op.weight, op.bias))
         if isinstance(op, Dense):
             built.flatten, built.reshape = True, (-1,) + tuple(op.out_shape)
