@@ -468,7 +468,7 @@ class Preserver:
             if root_node is None or self.known.get(root_node) is None:
                 continue
             d = self.known[root_node]
-            others = {self.known[n] for n in nodes if self.known.get(n) is not None} - {d}
+            others = {self.known[n] for n in nodes if self.known.get(n) is not None and not _within(self.known[n], d)}
             if len(others) != 1:
                 continue
             u = others.pop()
