@@ -368,9 +368,10 @@ def on_dilation(conv: Conv, dilation: Sequence[int]) -> Conv:
     return conv.replace(weight=w, dilation=tuple(dilation))
 
 
-def align_convs(convs: Sequence[Conv], groups: int) -> Tuple[List[Conv], None]:
+def align_convs(convs: Sequence[Conv], groups: int, mixed_dilations: bool = True) -> Tuple[List[Conv], None]:
     """Rewrite each conv on one common kernel grid, padding, dilation and ``groups``: the
-    dilation per axis is the gcd of the branches' (:func:`on_dilation`)."""
+    dilation per axis is the gcd of the branches' (:func:`on_dilation`; with
+    ``mixed_dilations=False`` branches of different dilations are refused)."""
     first = convs[0]
     nd = first.nd
     if any(c.nd != nd for c in convs):
@@ -384,6 +385,10 @@ def align_convs(convs: Sequence[Conv], groups: int) -> Tuple[List[Conv], None]:
     if len(modes) > 1:
         raise NotMergeable(MergeKind.GRIDS_DIFFER, f"padding modes differ: {sorted(modes)}")
     mode = modes.pop() if modes else "zeros"
+    for ax in range(nd):
+        ds = {c.dilation[ax] for c in convs if c.kernel_size[ax] > 1}
+        if len(ds) > 1 and not mixed_dilations:
+            raise NotMergeable(MergeKind.GRIDS_DIFFER, f"dilations differ on spatial axis {ax}: {sorted(ds)}")
     common = tuple(math.gcd(*[c.dilation[ax] for c in convs if c.kernel_size[ax] > 1]) or 1 for ax in range(nd))
     convs = [on_dilation(c, common) for c in convs]
     dilation, padding, size, shifts = [], [], [], [[] for _ in convs]
@@ -425,7 +430,9 @@ def concat(ops: Sequence[AffineOp], axis: int, ndim: int) -> AffineOp:
         convs = [elementwise_as_conv(op, nd) if isinstance(op, Elementwise) else op for op in ops]
         if not all(isinstance(c, Conv) for c in convs):
             raise NotMergeable(MergeKind.NO_CLOSED_FORM, "concatenation mixes convs with other maps")
-        aligned, _ = align_convs(convs, 1)
+        # (not on a finer common grid: each part would be read back out of the stacked kernel with
+        # the zeros of the others' grids, costing more than it did, whatever the whole costs)
+        aligned, _ = align_convs(convs, 1, mixed_dilations=False)
         return _stack(aligned, lambda w, b: aligned[0].replace(weight=w, bias=b))
     if any(isinstance(op, Linear) for op in ops) or axis == ndim - 1:
         if axis != ndim - 1:

@@ -33,9 +33,9 @@ IN_PLACE_OPERATORS: Dict[Callable, Callable] = {
     operator.imatmul: operator.matmul,
 }  # in-place operator -> the operator computing the same out of place
 
-# activations whose last positional argument is ``inplace``
-_POSITIONAL_INPLACE = {F.relu, F.relu6, F.elu, F.selu, F.celu, F.leaky_relu, F.rrelu, F.hardtanh, F.hardsigmoid,
-                       F.hardswish, F.silu, F.mish, F.threshold}
+# activations -> the position of their ``inplace`` argument
+_POSITIONAL_INPLACE = {F.relu: 1, F.relu6: 1, F.selu: 1, F.hardsigmoid: 1, F.hardswish: 1, F.silu: 1, F.mish: 1,
+                       F.elu: 2, F.celu: 2, F.leaky_relu: 2, F.hardtanh: 3, F.threshold: 3, F.rrelu: 4}
 
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)  # modules that return their input itself in eval mode
@@ -95,7 +95,8 @@ def in_place_kind(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None)
     if target in IN_PLACE_OPERATORS:
         return "operator"
     if node.kwargs.get("inplace") is True or \
-            (target in _POSITIONAL_INPLACE and len(node.args) > 1 and node.args[-1] is True):
+            (target in _POSITIONAL_INPLACE and len(node.args) > _POSITIONAL_INPLACE[target]
+             and node.args[_POSITIONAL_INPLACE[target]] is True):
         return "flag"
     schema = getattr(target, "_schema", None)
     if schema is not None:  # torch.ops.aten.*: the schema says whether the first argument is written
@@ -103,6 +104,11 @@ def in_place_kind(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None)
         written = bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
         return "schema" if written else None
     return "function" if _is_underscore_name(getattr(target, "__name__", "")) else None
+
+
+def inplace_position(target) -> Optional[int]:
+    """The position of the ``inplace`` argument of an activation function (``F.relu(x, True)``)."""
+    return _POSITIONAL_INPLACE.get(target)
 
 
 def writes_in_place(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> bool:

@@ -14,6 +14,7 @@ tensors in float64, are immutable, and know nothing about fx.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field, replace
@@ -170,26 +171,48 @@ def identity(shape) -> Elementwise:
     return Elementwise(None, None, tuple(shape))
 
 
-_FLOAT64: Dict[int, Tuple["weakref.ref", int, Tensor]] = {}  # id(tensor) -> (ref, version, float64 copy)
+_FLOAT64: Optional[Dict[int, Tuple["weakref.ref", int, Tensor]]] = None  # id -> (ref, version, float64 copy)
 _CACHED_FROM = 4096  # entries: smaller tensors are converted at every call
 
 
+@contextlib.contextmanager
+def float64_cache():
+    """Within the block, :func:`as_float64` converts each large tensor once (while it is not
+    written to): one compile reads the same weights in several passes.  The copies are dropped
+    when the block ends, so edits made between compiles (``p.data.mul_``, which no version
+    counter sees) are always read."""
+    global _FLOAT64
+    outer = _FLOAT64
+    _FLOAT64 = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _FLOAT64 = outer
+
+
 def as_float64(t: Optional[Tensor]) -> Optional[Tensor]:
-    """``t`` as a float64 CPU tensor of its own (never ``t`` itself).  Large tensors' copies are
-    kept while ``t`` lives and is not written to (its version counter), so a weight read by
-    several passes is converted once; callers treat the copy as read-only."""
+    """``t`` as a float64 CPU tensor of its own (never ``t`` itself; inside
+    :func:`float64_cache`, one shared read-only copy per large tensor)."""
     if t is None:
         return None
-    hit = _FLOAT64.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    out = t.detach().to(device="cpu", dtype=torch.float64).clone()
-    if t.numel() >= _CACHED_FROM:
+    cache = _FLOAT64
+    key = id(t)
+    if cache is not None:
         try:
-            ref = weakref.ref(t, lambda _, key=id(t): _FLOAT64.pop(key, None))
+            version = t._version
+        except RuntimeError:  # an inference tensor has no version counter: not cached
+            cache = None
+        else:
+            hit = cache.get(key)
+            if hit is not None and hit[0]() is t and hit[1] == version:
+                return hit[2]
+    out = t.detach().to(device="cpu", dtype=torch.float64).clone()
+    if cache is not None and t.numel() >= _CACHED_FROM:
+        try:
+            ref = weakref.ref(t, lambda _, key=key, cache=cache: cache.pop(key, None))
         except TypeError:
             return out
-        _FLOAT64[id(t)] = (ref, t._version, out)
+        cache[key] = (ref, version, out)
     return out
 
 

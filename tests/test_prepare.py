@@ -362,9 +362,11 @@ def test_a_crop_only_convs_read_becomes_negative_padding_and_the_function_stays(
 class MaskedActivations(nn.Module):
     def __init__(self):
         super().__init__()
+        self.fc = nn.Linear(6, 6)
         self.register_buffer("mask", torch.tensor([True, True, False, False, True, False]))
 
-    def forward(self, h):
+    def forward(self, x):
+        h = self.fc(x)  # the mask runs along the features the linear produces
         runs = torch.where(self.mask, torch.relu(h), h)  # three runs of channels
         inverted = torch.where(self.mask, h, torch.sigmoid(h))
         from_data = torch.where(h > 0, torch.relu(h), h)  # a mask from the values: stays

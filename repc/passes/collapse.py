@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from ..graph_predicates import target_name, writes_in_place
 from ..meanings import AffineCall, Combine, GraphFacts
-from ..ops import Elementwise, NotMergeable, params
+from ..ops import Elementwise, NotMergeable, float64_cache, params
 from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
 from ..reasons import OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
@@ -65,6 +65,11 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     their merged forms (:class:`repc.passes.cost.MacCost`, multiply-adds, by default; or a
     :class:`repc.passes.cost.LatencyCost`).
     """
+    with float64_cache():
+        return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model)
+
+
+def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model) -> CollapseResult:
     context = PassContext(gm, example_inputs)
     if expected_output is not None:
         traced = next(context.values[n] for n in gm.graph.nodes if n.op == "output")

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph_predicates import call_target
+from .inplace import VIEW_MUTATED
 
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -33,6 +34,8 @@ def crops_as_padding(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if call_target(node) is not operator.getitem or not node.users:
             continue
+        if node.meta.get(VIEW_MUTATED) or (isinstance(node.args[0], fx.Node) and node.args[0].meta.get(VIEW_MUTATED)):
+            continue  # a view of a value written in place later: a copy taken here would miss the write
         shape = getattr(node.args[0].meta.get("tensor_meta"), "shape", None) if isinstance(node.args[0], fx.Node) else None
         crop = _spatial_crop(node.args[1], tuple(shape)) if shape is not None else None
         if crop is None:

@@ -114,8 +114,9 @@ def build_op(op: AffineOp, dtype, device) -> BuiltOp:
         if isinstance(op, Dense):
             built.flatten, built.reshape = True, (-1,) + tuple(op.out_shape)
         return built
-    return BuiltOp(scale=None if op.scale is None else op.scale.to(device=device, dtype=dtype),
-                   shift=None if op.shift is None else op.shift.to(device=device, dtype=dtype))
+    # (copies: the op's tensors may be shared, e.g. a float64 weight read once per compile)
+    return BuiltOp(scale=None if op.scale is None else op.scale.to(device=device, dtype=dtype, copy=True),
+                   shift=None if op.shift is None else op.shift.to(device=device, dtype=dtype, copy=True))
 
 
 def emit_op(graph: fx.Graph, namer: AttributeNamer, op: AffineOp, x: fx.Node, hint: str, dtype, device) -> fx.Node:

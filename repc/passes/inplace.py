@@ -13,7 +13,7 @@ from typing import List
 
 import torch.fx as fx
 
-from ..graph_predicates import in_place_kind, may_alias, out_of_place_target
+from ..graph_predicates import in_place_kind, inplace_position, may_alias, out_of_place_target
 
 
 VIEW_MUTATED = "repc_view_mutated"  # node.meta key: this value is mutated in place through an alias
@@ -55,7 +55,8 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
             if node.kwargs.get("inplace") is True:
                 node.kwargs = {**node.kwargs, "inplace": False}
             else:
-                node.args = node.args[:-1] + (False,)
+                at = inplace_position(node.target)
+                node.args = node.args[:at] + (False,) + node.args[at + 1:]
         else:
             node.target = replacement
         changed += 1

@@ -19,14 +19,17 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_predicates import SHAPE_ONLY_FUNCTIONS, is_elementwise_activation
+from ..graph_predicates import SHAPE_ONLY_FUNCTIONS, in_place_kind, is_elementwise_activation
+from ..vocabulary import constant_facts
+from .inplace import VIEW_MUTATED
 from .metadata_reads import metadata_read
+from .move_scales import _feature_axis
 
 
 def split_masked_activations(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int:
     """Rewrite ``where(mask, act(h), h)`` over channel runs as a concat of slices; returns how many."""
     graph = gm.graph
-    modules = None
+    modules = facts = None
     count = 0
     for node in list(graph.nodes):
         picked = _masked_activation(node)
@@ -34,12 +37,17 @@ def split_masked_activations(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> 
             continue
         mask, inverted, active, h = picked
         modules = modules if modules is not None else dict(gm.named_modules())
-        if not is_elementwise_activation(active, modules) or active.args[0] is not h or len(active.all_input_nodes) != 1:
-            continue
-        nodes = _mask_nodes(mask)
+        if not is_elementwise_activation(active, modules) or active.args[0] is not h \
+                or len(active.all_input_nodes) != 1 or in_place_kind(active, modules) is not None:
+            continue  # (an in-place activation also changes h, which the where then reads)
+        if any(n.meta.get(VIEW_MUTATED) for n in (h, active)):
+            continue  # written in place through an alias: the slices would read another value
+        nodes = _mask_nodes(mask, node)
         if nodes is None:
             continue
-        runs = _channel_runs(_mask_value(gm, mask, node, nodes, values), values.get(h), inverted)
+        facts = facts or constant_facts(gm, values)
+        runs = _channel_runs(_mask_value(gm, mask, node, nodes, values), values.get(h), inverted,
+                             _feature_axis(h, facts))
         if runs is None:
             continue
         axis, pieces = runs
@@ -83,9 +91,11 @@ def _masked_activation(node: fx.Node) -> Optional[Tuple[fx.Node, bool, fx.Node, 
     return None
 
 
-def _channel_runs(mask: Any, h: Any, inverted: bool) -> Optional[Tuple[int, List[Tuple[int, int, bool]]]]:
+def _channel_runs(mask: Any, h: Any, inverted: bool,
+                  feature_axis: Optional[int]) -> Optional[Tuple[int, List[Tuple[int, int, bool]]]]:
     """``(axis, [(start, stop, activated)...])`` when the recorded ``mask`` broadcasts to ``h``
-    and varies along one axis only (a channel axis: 1 or the last), else None."""
+    and varies along ``feature_axis`` only (the axis the conv or linear maps computing ``h``
+    produce: its size is fixed by their weights, so the runs hold at every input size), else None."""
     if not (isinstance(mask, torch.Tensor) and isinstance(h, torch.Tensor)) or mask.dtype != torch.bool:
         return None
     try:
@@ -94,7 +104,7 @@ def _channel_runs(mask: Any, h: Any, inverted: bool) -> Optional[Tuple[int, List
         return None
     ndim = h.dim()
     varying = [a for a in range(ndim) if full.shape[a] > 1 and not bool((full == full.narrow(a, 0, 1)).all())]
-    if len(varying) != 1 or varying[0] not in (1, ndim - 1):
+    if feature_axis is None or varying != [feature_axis % ndim]:
         return None
     axis = varying[0]
     line = full.movedim(axis, -1).reshape(-1, full.shape[axis])[0]  # the mask along that axis
@@ -108,10 +118,11 @@ def _channel_runs(mask: Any, h: Any, inverted: bool) -> Optional[Tuple[int, List
     return axis, pieces
 
 
-def _mask_nodes(mask: fx.Node, limit: int = 64) -> Optional[Set[fx.Node]]:
+def _mask_nodes(mask: fx.Node, reader: fx.Node, limit: int = 64) -> Optional[Set[fx.Node]]:
     """The nodes computing the mask (its slice assignments included) when it is computed from
     constants and the shapes of values only (``zeros_like(h)`` then assignments of constants),
-    never from their values; None otherwise."""
+    never from their values, and nothing but those nodes and ``reader`` reads the mask's
+    values (no view of it that a write could go through); None otherwise."""
     seen: Set[fx.Node] = set()
     todo = [mask]
     while todo:
@@ -135,6 +146,9 @@ def _mask_nodes(mask: fx.Node, limit: int = 64) -> Optional[Set[fx.Node]]:
         # a value written in place after it was computed (the mask's slice assignments)
         todo.extend(u for u in node.users if u.op == "call_function" and u.target is operator.setitem
                     and u.args[0] is node)
+    for node in seen:
+        if any(u not in seen and u is not reader for u in node.users if u.op != "output"):
+            return None  # read elsewhere too: a view, an in-place method, another consumer
     return seen
 
 

@@ -5,9 +5,10 @@ computing the same function:
 
 1. ``fold_border_fill`` -- a zero pad whose border is filled with a constant, as shifts and a
    zero pad (:mod:`repc.passes.border_fill`);
-2. ``split_masked_activations`` -- ``where(mask, act(h), h)`` over channel runs as a concat of
-   slices (:mod:`repc.passes.partial_activations`);
-3. ``functionalize_inplace`` -- in-place ops out of place (:mod:`repc.passes.inplace`);
+2. ``functionalize_inplace`` -- in-place ops out of place (:mod:`repc.passes.inplace`);
+3. ``split_masked_activations`` -- ``where(mask, act(h), h)`` over channel runs as a concat of
+   slices (:mod:`repc.passes.partial_activations`; after the in-place pass, so ``h`` is the
+   value the ``where`` reads);
 4. ``crops_as_padding`` -- a spatial crop only convs read, as negative padding
    (:mod:`repc.passes.crops`);
 5. ``split_norm_affine`` -- LayerNorm / GroupNorm affine as a separate map
@@ -42,8 +43,8 @@ from .weighted_stacks import expand_weighted_stacks
 
 PREPARATION: Sequence[Pass] = (
     Pass("fold_border_fill", lambda c: fold_border_fill(c.gm, c.values)),
-    Pass("split_masked_activations", lambda c: split_masked_activations(c.gm, c.values)),
     Pass("functionalize_inplace", lambda c: functionalize_inplace(c.gm), reads_values=False),
+    Pass("split_masked_activations", lambda c: split_masked_activations(c.gm, c.values)),
     Pass("crops_as_padding", lambda c: crops_as_padding(c.gm)),  # reads shapes
     Pass("split_norm_affine", lambda c: split_norm_affine(c.gm)),
     Pass("push_scales_into_concat", lambda c: push_scales_into_concat(c.gm, c.values)),
