@@ -202,7 +202,7 @@ def build(name: str, model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> 
     if name == "repc":
         return torch.compile(copy.deepcopy(model), backend="repc")
     if name == "repc.compile+inductor":
-        return torch.compile(repc.compile(model, (x,)))
+        return torch.compile(repc.compile(model, (x,), graph=True))
     # The two guard-filtered variants name an option that is the default anyway ("verify",
     # "freezing"): torch.compile removes guard_filter_fn from the options, and dynamo would
     # otherwise reuse the unfiltered variant's compiled entry, whose backend compares equal.

@@ -80,7 +80,7 @@ def compile_once(model: nn.Module, x: torch.Tensor) -> Dict:
     timer = common.PhaseTimer()
     with timer.instrument(PHASES):
         w0, c0 = time.perf_counter(), time.process_time()
-        fused = repc.compile(model, (x,))
+        fused = repc.compile(model, (x,), graph=True)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     split = {}
     for clock, total, per_phase in (("wall", wall, timer.wall), ("cpu", cpu, timer.cpu)):
@@ -98,7 +98,7 @@ def compile_once(model: nn.Module, x: torch.Tensor) -> Dict:
 def measure(blocks: int, width: int, size: int, batch: int, repeats: int, passes: int) -> Dict:
     model = build(blocks, width)
     x = torch.randn((batch, 3, size, size), generator=torch.Generator().manual_seed(1))
-    repc.compile(build(1, 4), torch.randn(1, 3, 8, 8))  # warm-up: first-call costs (imports, caches) not counted
+    repc.compile(build(1, 4), torch.randn(1, 3, 8, 8), graph=True)  # warm-up: first-call costs (imports, caches) not counted
     one = forward_seconds(model, x, passes)
     runs = [compile_once(model, x) for _ in range(repeats)]
     median = sorted(runs, key=lambda r: r["cpu_s"])[(len(runs) - 1) // 2]

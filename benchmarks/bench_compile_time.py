@@ -127,7 +127,7 @@ def compile_once(model: nn.Module, x: torch.Tensor) -> Dict:
     gc.collect()
     with timer.instrument(PHASES), GcClock() as gc_clock:
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        fused = repc.compile(model, (x,))
+        fused = repc.compile(model, (x,), graph=True)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     split = {}
     for clock, total, per_phase in (("wall", wall, timer.wall), ("cpu", cpu, timer.cpu)):
@@ -198,7 +198,7 @@ def profile(family: str, target: int, top: int = 25) -> str:
     x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
     profiler = cProfile.Profile(time.process_time)  # CPU time: other processes' load does not show up
     profiler.enable()
-    repc.compile(model, (x,))
+    repc.compile(model, (x,), graph=True)
     profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -243,7 +243,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
-    repc.compile(build_stack("mixed", 60), torch.randn(INPUT_SHAPE))  # warm-up: lazy imports and inits
+    repc.compile(build_stack("mixed", 60), torch.randn(INPUT_SHAPE), graph=True)  # warm-up: lazy imports and inits
     results, skipped = [], []
     for family in args.families:
         done: List[Dict] = []

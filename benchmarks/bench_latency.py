@@ -248,7 +248,7 @@ def bench_model(name: str, args) -> Dict:
     model = MODELS[name]()
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (x,), graph=True)
     compile_s = time.perf_counter() - start
     hand = deploy(model).eval()
     forms = {"training": model, "repc": fused, "deploy": hand}

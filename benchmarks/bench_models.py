@@ -392,7 +392,7 @@ def bench_model(name: str, args) -> Dict[str, Any]:
     ex_args, ex_kwargs = case.make_inputs(*case.example)
 
     start = time.perf_counter()
-    fused = repc.compile(model, ex_args, ex_kwargs)
+    fused = repc.compile(model, ex_args, ex_kwargs, graph=True)
     compile_s = time.perf_counter() - start
     report = fused.repc_report
     # after repc.compile: it registered the dataclass output with pytree, as export needs
@@ -465,7 +465,7 @@ def warm_up() -> None:
     net = randomized(nn.Sequential(ConvNorm(3, 4, 3), nn.ReLU()))
     x = torch.randn(2, 3, 8, 8)
     export_alone(net, (x,), {})
-    repc.compile(net, (x,))
+    repc.compile(net, (x,), graph=True)
 
 
 def render(results: List[Dict[str, Any]]) -> str:

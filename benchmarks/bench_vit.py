@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     common.set_threads(args.threads)
     model = vit_stack(args.dim, args.heads, args.depth)
     x = torch.randn(1, args.tokens, args.dim)
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (x,), graph=True)
     report = fused.repc_report
     with torch.no_grad():
         dev = (fused(x) - model(x)).abs().max().item() / model(x).abs().max().item()

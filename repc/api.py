@@ -13,12 +13,16 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .capture import CaptureError, split_untraceable, trace, _short
+from .capture import CaptureError, split_untraceable, trace
 from .capture_export import GUARD_WORDS, export_graph, register_output_dataclasses
-from .passes.collapse import CaptureMismatch, collapse
+from .graph_predicates import short_error as _short
+from .latency import latency_model
 from .passes.average_experts import average_experts
+from .passes.collapse import CaptureMismatch, collapse
+from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
 from .preserve import PreserveError, base_of_peft, preserve, region_paths, snapshot
+from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .verify.check import compare, deviation, output_dtype, tolerance as dtype_tolerance
 
@@ -27,22 +31,36 @@ class ReparamError(ValueError):
     """The model or the example inputs cannot be compiled as given."""
 
 
+def _cost_model(cost: str, model: nn.Module):
+    """The collapse pass's cost model for ``cost`` (see :mod:`repc.passes.cost`), for the model's
+    device and dtype."""
+    if cost == "macs":
+        return MacCost()
+    if cost == "measure":
+        return MeasuredCost()
+    tensor = next(iter(model.parameters()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else torch.float32
+    return LatencyCost(latency_model(device, dtype), torch.empty((), dtype=dtype).element_size())
+
+
 def _training_modules(model: nn.Module):
     return [name or "<model>" for name, m in model.named_modules() if m.training]
 
 
 FRONT_ENDS = ("auto", "export", "fx")
 
-# What ``repc.compile`` returns when ``graph`` is not given.  The module-preserving output is the
-# one meant as the default (issue 15); it becomes the default once the test modules that count
-# the ops of the returned graph ask for ``graph=True`` (see the issue's notes).
-GRAPH_BY_DEFAULT = True
+# What ``repc.compile`` returns when ``graph`` is not given: the module-preserving output (the
+# user's own model with the fused modules swapped in), not the whole-model GraphModule.
+GRAPH_BY_DEFAULT = False
+COSTS = ("macs", "latency", "measure")
 
 
 def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[str, Any]] = None, *,
             verify: bool = True, tolerance: Optional[float] = None, specialize: Optional[Dict[str, Any]] = None,
             allow_approximate: bool = False, approximate_tolerance: Optional[float] = None,
-            front_end: str = "auto", graph: Optional[bool] = None, progress: Optional[bool] = None) -> nn.Module:
+            front_end: str = "auto", graph: Optional[bool] = None, progress: Optional[bool] = None,
+            cost: str = "macs") -> nn.Module:
     """Return a new module computing ``model``'s function with its affine regions merged.
 
     The result is the user's own model, copied, each fused region replaced at the module that
@@ -50,10 +68,15 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     plain ``nn.Linear``, a BatchNorm folded into its conv by ``nn.Identity``): class, methods,
     attributes and untouched modules stay (:mod:`repc.preserve`).  A PEFT model comes back as its
     base model with the merged weights, as ``merge_and_unload`` gives it.  ``graph=True`` returns
-    the whole-model ``torch.fx.GraphModule`` instead (for now also the default, ``graph=None``:
-    :data:`GRAPH_BY_DEFAULT`); so does ``graph=False`` where the fused graph cannot be written back
+    the whole-model ``torch.fx.GraphModule`` instead; so does the default (``graph=None``, or
+    ``graph=False``) where the fused graph cannot be written back
     into the model's modules, or where the model so written fails the same verification as the
     graph (``report.output`` and ``report.output_note`` say which).
+
+    ``cost`` decides which merges pay: ``"macs"`` (multiply-adds, the default), ``"latency"``
+    (a latency model of the machine, calibrated once per device and dtype and cached:
+    :mod:`repc.latency`), or ``"measure"`` (each candidate timed on the example: slower to
+    compile, and only as steady as the machine).
 
     ``progress``: a bar over the phases (capture and fuse, verify, write back) on long compiles,
     on stderr where it is a terminal; ``False`` turns it off.
@@ -86,7 +109,8 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     phases = Phases(["capture and fuse", "verify", "write back into the model's modules"], wanted(progress))
     try:
         return _compile(model, example_inputs, dict(kwargs or {}), verify, tolerance, specialize, allow_approximate,
-                        approximate_tolerance, front_end, GRAPH_BY_DEFAULT if graph is None else graph, phases)
+                        approximate_tolerance, front_end, GRAPH_BY_DEFAULT if graph is None else graph, phases,
+                        cost)
     finally:
         phases.close()
         if enabled:
@@ -94,8 +118,10 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
 
 
 def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate, approximate_tolerance,
-             front_end, graph=False, phases: Optional["Phases"] = None):
+             front_end, graph=False, phases: Optional["Phases"] = None, cost: str = "macs"):
     phases = phases or Phases([], False)
+    if cost not in COSTS:
+        raise ReparamError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
     if not isinstance(model, nn.Module):
         raise ReparamError(f"repc.compile expects an nn.Module, got {type(model).__name__}")
     if front_end not in FRONT_ENDS:
@@ -123,7 +149,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
     fixed = _positions(model, constants)
     build = dict(model=model, example_inputs=example_inputs, kwargs=kwargs, positional=positional,
                  constants=constants, fixed=fixed, expected=expected, allow_approximate=allow_approximate,
-                 approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize)
+                 approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize,
+                 cost_model=_cost_model(cost, model))
     check = None
     if not verify:
         with phases.step("capture and fuse"):
@@ -149,7 +176,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                 fused, report, reference = _build(**build, synthesize=False)
                 result = check(fused, reference)
                 report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
-                                                       "example's per-sample size only, and the model accepts others")
+                                                       "example's per-sample size only, and the model accepts others",
+                                                 RejectionKind.CHECK_FAILED)
                                        for root in dense)
             return fused, report, reference, result
 
@@ -168,7 +196,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             fused = copy.deepcopy(model)
             report.rolled_back = True
             for r in report.rewrites:
-                report.rejected.append(Rejection(r.root, "rolled back: whole-model verification failed"))
+                report.rejected.append(Rejection(r.root, "rolled back: whole-model verification failed",
+                                                 RejectionKind.CHECK_FAILED))
             report.rewrites = []
             report.nodes_after = report.nodes_before
     with phases.step("write back into the model's modules"):
@@ -266,7 +295,7 @@ def _check_tolerance(tolerance, model: nn.Module, expected) -> None:
 
 
 def _build(model, example_inputs, kwargs, positional, constants, fixed, expected, allow_approximate,
-           approximate_tolerance, synthesize: bool, front_end: str, specialize):
+           approximate_tolerance, synthesize: bool, front_end: str, specialize, cost_model=None):
     """Capture and fuse ``model``: (the fused module, its report, the reference it must equal).
 
     ``positional`` is the example as positional inputs only (None where keyword inputs cannot
@@ -275,7 +304,7 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
     report.params_before = sum(p.numel() for p in model.parameters())
     traced = dict(model=model, example_inputs=positional, constants=constants, fixed=fixed, expected=expected,
                   allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance,
-                  synthesize=synthesize, report=report)
+                  synthesize=synthesize, report=report, cost_model=cost_model)
     with torch.no_grad():
         if front_end != "export" and positional is not None:
             # fx first where it captures the whole model: its graph keeps the model's modules
@@ -288,7 +317,8 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
             fx_failed = report.skipped.pop() if report.skipped and report.skipped[-1].path == "<model>" else None
             defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
                         _positional_names(model)[len(example_inputs):]}
-            fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize)
+            fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize,
+                                   cost_model)
             if fused is not None:
                 if fx_failed is not None:
                     report.front_ends_declined["fx"] = fx_failed.reason
@@ -315,7 +345,7 @@ def _export_applies(front_end: str, allow_approximate: bool, specialize, args, k
 
 
 def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: Report,
-                   synthesize: bool) -> Optional[nn.Module]:
+                   synthesize: bool, cost_model=None) -> Optional[nn.Module]:
     """``model`` captured by ``torch.export`` and fused, with the model's calling convention;
     None (and the reason in the report) where export does not capture it."""
     try:
@@ -326,7 +356,8 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     report.front_end = "torch.export"
     report.nodes_before = len(captured.gm.graph.nodes)
     try:
-        fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(expected)), synthesize)
+        fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(expected)), synthesize,
+                             cost_model)
     except CaptureMismatch as why:
         report.front_ends_declined["torch.export"] = str(why)
         report.front_end, report.nodes_before = "", 0
@@ -342,7 +373,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
 
 
 def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
-                  synthesize: bool, report: Report, parts: bool = True, whole: bool = True):
+                  synthesize: bool, report: Report, parts: bool = True, whole: bool = True, cost_model=None):
     """The fx front end: ``model`` traced as a whole (``whole``; its failure is the last
     ``<model>`` entry of ``report.skipped``), or in parts where it does not trace (``parts``;
     None without)."""
@@ -360,7 +391,7 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
     if gm is not None:
         try:
             fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected,
-                                 synthesize)
+                                 synthesize, cost_model)
         except CaptureMismatch as why:
             report.skipped.append(SkippedPart("<model>", str(why)))
             report.nodes_before = 0
@@ -370,7 +401,7 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
             report.specialized = {}
             return None
         report.front_end = "fx (in parts)"
-        fused = _fuse_parts(copy.deepcopy(model), example_inputs, report, synthesize)
+        fused = _fuse_parts(copy.deepcopy(model), example_inputs, report, synthesize, cost_model)
     else:
         report.front_end = "fx"
         _own_copies(fused, model)
@@ -545,14 +576,16 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
     candidate = copy.deepcopy(gm)
     averaged = average_experts(candidate, example_inputs)
     if not averaged:
-        report.rejected.append(Rejection("<model>", "allow_approximate: no mixture of identical experts found"))
+        report.rejected.append(Rejection("<model>", "allow_approximate: no mixture of identical experts found",
+                                         RejectionKind.NOT_APPLICABLE))
         return None
     measured = compare(candidate, model, example_inputs, float("inf"), fixed)
     deviation = measured.max_deviation
     if limit is not None and deviation > limit:
         for a in averaged:
             report.rejected.append(Rejection(a.root, f"expert averaging deviates by {deviation:.3g} > "
-                                                     f"approximate_tolerance {limit:g}: not applied"))
+                                                     f"approximate_tolerance {limit:g}: not applied",
+                                             RejectionKind.CHECK_FAILED))
         return None
     for a in averaged:
         report.rewrites.append(Rewrite(
@@ -564,9 +597,10 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
     return candidate, copy.deepcopy(candidate)
 
 
-def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None, synthesize=True) -> nn.Module:
+def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None, synthesize=True,
+                 cost_model=None) -> nn.Module:
     captured = snapshot(gm)
-    result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize)
+    result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize, cost_model=cost_model)
     report.rewrites.extend(result.rewrites)
     report.rejected.extend(result.rejections)
     # what the module-preserving output is read from: the captured graph its rewrites name, the
@@ -577,7 +611,7 @@ def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=No
     return result.module
 
 
-def _fuse_parts(work: nn.Module, example_inputs, report: Report, synthesize: bool = True) -> nn.Module:
+def _fuse_parts(work: nn.Module, example_inputs, report: Report, synthesize: bool = True, cost_model=None) -> nn.Module:
     """The largest traceable parts of ``work`` (repc's copy) fused in place; the shells kept."""
     why = report.skipped.pop().reason if report.skipped and report.skipped[-1].path == "<model>" else "does not trace"
     parts, skipped = split_untraceable(work, example_inputs, why)
@@ -588,7 +622,7 @@ def _fuse_parts(work: nn.Module, example_inputs, report: Report, synthesize: boo
         try:
             gm = trace(getattr(parent, name), example_inputs=inputs)
             nodes = len(gm.graph.nodes)
-            result = collapse(gm, inputs, prefix=f"{path}.", synthesize=synthesize)
+            result = collapse(gm, inputs, prefix=f"{path}.", synthesize=synthesize, cost_model=cost_model)
         except Exception as err:
             report.skipped.append(SkippedPart(path, _short(err)))
             continue

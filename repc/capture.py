@@ -240,5 +240,3 @@ def split_untraceable(model: nn.Module, example_inputs, reason: str) -> Tuple[Li
 
 
 
-
-_short = short_error  # transitional alias while repc/api.py moves to graph_predicates.short_error

@@ -66,11 +66,9 @@ class CliError(Exception):
 
 
 def _short(why: BaseException, limit: int = 300) -> str:
-    """``Type: first sentence of the message``, one line."""
-    lines = [l.strip() for l in str(why).strip().splitlines() if l.strip()]
-    first = re.split(r"(?<=[a-z0-9)\]])\. ", lines[0], maxsplit=1)[0] if lines else ""
-    text = f"{type(why).__name__}: {first}" if first else type(why).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """``Type: first sentence of the message``, one line (:func:`repc.graph_predicates.short_error`)."""
+    from .graph_predicates import short_error  # (torch is imported only once a command needs it)
+    return short_error(why, limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = common.add_argument_group("run")
     run.add_argument("--tolerance", type=float, default=None,
                      help="largest relative deviation verification accepts (default: from the dtype)")
+    run.add_argument("--cost", choices=("macs", "latency", "measure"), default="macs",
+                     help="which merges pay: fewer multiply-adds (default), a latency model of this machine "
+                          "(calibrated once, cached), or each candidate timed on the example")
     run.add_argument("--no-benchmark", action="store_true",
                      help="skip counting whole-model FLOPs and timing the original and the fused model")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
@@ -832,7 +833,7 @@ def _compile(args, progress: Progress, graph: bool = True):
     with progress.step("compiling (trace, merge affine regions, verify)", bars=True):
         try:
             fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance, graph=graph,
-                                 progress=not progress.quiet)
+                                 progress=not progress.quiet, cost=args.cost)
         except repc.ReparamError as why:
             raise CliError(str(why).splitlines()[0] if str(why) else type(why).__name__) from why
     if args.no_benchmark:

@@ -18,6 +18,7 @@ matcher and the torch.compile backend (:mod:`repc.backend`).
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -65,9 +66,12 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
 
 
 def short_error(why: BaseException, limit: int = 200) -> str:
-    """``"TypeError: first line of the message"``, at most ``limit`` characters."""
-    text = str(why).strip().splitlines()
-    return f"{type(why).__name__}: {text[0] if text else ''}"[:limit]
+    """``"TypeError: first sentence of the message"``, one line of at most ``limit`` characters
+    (cut with ``...``)."""
+    lines = [line.strip() for line in str(why).strip().splitlines() if line.strip()]
+    first = re.split(r"(?<=[a-z0-9)\]])\. ", lines[0], maxsplit=1)[0] if lines else ""
+    text = f"{type(why).__name__}: {first}" if first else type(why).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_underscore_name(name: str) -> bool:

@@ -37,7 +37,7 @@ import copy
 import inspect
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from .graph_predicates import fetch_attr
 from .progress import counter, each
 from .report import ModuleSwap
 
@@ -701,7 +702,7 @@ class Preserver:
         swapped module where it is one of the model's, else a name for what it is."""
         if target in names:
             return names[target]
-        value = _fetch(self.fused, target)
+        value = fetch_attr(self.fused, target)
         if path and target.startswith(path + "."):
             name = target[len(path) + 1:]
         else:
@@ -759,11 +760,6 @@ def _class_name(module: nn.Module) -> str:
     cls = type(module)
     package = cls.__module__.split(".")[0]
     return cls.__qualname__ if package == "torch" else f"{package}.{cls.__qualname__}"
-
-
-def _fetch(gm: nn.Module, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _install(root: nn.Module, target: str, value) -> None:

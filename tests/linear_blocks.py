@@ -722,7 +722,7 @@ def compile_exact(model: nn.Module, example, *, fixed_size: bool = False, keep=(
 
     example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     before = snapshot(model)
-    fused = repc.compile(model, example, **options)
+    fused = repc.compile(model, example, **{"graph": True, **options})
     assert_unchanged(model, before)
     report = fused.repc_report
     assert not report.rolled_back, str(report)

@@ -264,3 +264,34 @@ def test_a_merge_whose_weights_are_not_finite_is_never_emitted(poison, reason):
         want, got = model(x), fused(x)
     assert torch.allclose(got, want, rtol=0, atol=0, equal_nan=True)  # computes exactly as the model
     assert all(torch.allclose(v, state[k], rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
+
+
+def test_the_cost_model_is_chosen_by_name(monkeypatch):
+    """``cost="latency"`` prices merges by a latency model (here a given one: no calibration),
+    under which one 5x5 conv beats a 3x3 and a dilated 3x3 where per-op overhead dominates;
+    multiply-adds keep the two; an unknown name is refused."""
+    import repc.api as api
+    from repc.latency import KINDS, LatencyModel
+
+    class Dilated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    overhead_bound = LatencyModel({k: (2e-5, 1e-11, 1e-12) for k in KINDS})
+    monkeypatch.setattr(api, "latency_model", lambda device, dtype: overhead_bound)
+    model = randomize_bn(Dilated()).eval()
+    x = torch.randn(1, 4, 8, 8)
+
+    def kernels(fused):
+        return sorted(m.kernel_size for m in fused.modules() if isinstance(m, nn.Conv2d))
+
+    assert kernels(repc.compile(model, x, graph=True)) == [(3, 3), (3, 3)]
+    fused = repc.compile(model, x, graph=True, cost="latency")
+    assert kernels(fused) == [(5, 5)] and fused.repc_report.verification.ok
+    with pytest.raises(repc.ReparamError, match="cost must be one of macs, latency, measure"):
+        repc.compile(model, x, cost="flops")

@@ -32,7 +32,7 @@ def measured_deviation(fused, model, x) -> float:
 
 def averaged(model, x, **options):
     before = snapshot(model)
-    fused = repc.compile(model, (x,), allow_approximate=True, **options)
+    fused = repc.compile(model, (x,), allow_approximate=True, **{"graph": True, **options})
     assert_unchanged(model, before)
     assert not fused.repc_report.rolled_back, str(fused.repc_report)
     return fused

@@ -86,7 +86,7 @@ def random_model(model):
 def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block(front_end):
     model = random_model(LibraryNet())
     x = torch.randn(2, 3, 16, 16)
-    fused = repc.compile(model, (x,), front_end=front_end)
+    fused = repc.compile(model, (x,), front_end=front_end, graph=True)
     report = fused.repc_report
     assert report.front_end == {"export": "torch.export"}.get(front_end, "fx") and report.verification.ok, report
     assert convs_and_norms(fused) == (4, 0)  # stem + one per block, no norm left (deploy form)
@@ -99,7 +99,7 @@ def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block(fr
 def test_a_wrapper_forwarding_args_and_kwargs_is_captured_with_keyword_inputs():
     model = random_model(Wrapper(LibraryNet()))
     x = torch.randn(2, 3, 16, 16)
-    fused = repc.compile(model, (), {"x": x, "return_features": True})  # fx cannot take **kwargs: export
+    fused = repc.compile(model, (), {"x": x, "return_features": True}, graph=True)  # fx cannot take **kwargs: export
     assert fused.repc_report.front_end == "torch.export" and convs_and_norms(fused) == (4, 0)
     assert "fx" in fused.repc_report.front_ends_declined
     out, want = fused(x=x, return_features=True), model(x=x, return_features=True)
@@ -114,7 +114,7 @@ def test_a_wrapper_forwarding_args_and_kwargs_is_captured_with_keyword_inputs():
 
 def test_guards_refuse_inputs_the_graph_does_not_hold_for():
     model = random_model(LibraryNet())
-    fused = repc.compile(model, (torch.randn(2, 3, 16, 16),), front_end="export")
+    fused = repc.compile(model, (torch.randn(2, 3, 16, 16),), front_end="export", graph=True)
     with pytest.raises(AssertionError, match="x.size\\(\\)\\[1\\] == 3"):
         fused(torch.randn(2, 4, 16, 16))  # the stem takes 3 channels: refused with the guard's words
 
@@ -135,7 +135,7 @@ class SizeBranch(nn.Module):
 def test_a_size_dependent_branch_falls_back_to_fx_and_says_why():
     model = random_model(SizeBranch())
     x = torch.randn(2, 4, 8, 8)
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (x,), graph=True)
     report = fused.repc_report
     assert report.front_end.startswith("fx") and report.verification.ok, report
     assert GUARD_WORDS in report.front_ends_declined["torch.export"], report  # (and fx not whole either)
@@ -157,7 +157,7 @@ def test_shapes_read_and_unpacked_at_run_time_stay_general():
             return self.out(h)
 
     model = random_model(Tokens())
-    fused = repc.compile(model, (torch.randn(2, 5, 8),), front_end="export")
+    fused = repc.compile(model, (torch.randn(2, 5, 8),), front_end="export", graph=True)
     report = fused.repc_report
     assert report.front_end == "torch.export" and report.verification.ok, report
     assert sum(isinstance(m, (nn.Linear, nn.BatchNorm1d)) for m in fused.modules()) == 1, fused
@@ -173,7 +173,7 @@ def test_export_front_end_names_why_it_cannot_capture():
             return x
 
     with pytest.raises(repc.api.ReparamError, match="torch.export failed"):
-        repc.compile(DataDependent().eval(), (torch.randn(2, 3),), front_end="export")
+        repc.compile(DataDependent().eval(), (torch.randn(2, 3),), front_end="export", graph=True)
 
 
 def test_the_flat_graph_has_the_model_tensors_as_attributes_and_no_export_metadata():

@@ -85,7 +85,7 @@ def compile_exact(model: nn.Module, shapes, *, dtype=torch.float32, tol=REL_TOL,
     gen = torch.Generator().manual_seed(1)
     example = tuple(torch.randn(s, generator=gen, dtype=dtype) for s in shapes)
     before = snapshot(model)
-    fused = repc.compile(model, example)
+    fused = repc.compile(model, example, graph=True)
     assert_unchanged(model, before)
     report = fused.repc_report
     assert not report.rolled_back, str(report)
@@ -272,7 +272,7 @@ def test_half_precision_is_merged_in_float64(dtype):
     model = randomize(nn.Sequential(RepVGG(8, 8), ACNet(8, 8), RepVGG(8, 8, groups=2))).to(dtype)
     reference = copy.deepcopy(model).double()  # the same rounded parameters, computed exactly
     x = torch.randn(4, 8, 12, 12)
-    fused = repc.compile(model, x.to(dtype))
+    fused = repc.compile(model, x.to(dtype), graph=True)
     assert not fused.repc_report.rolled_back and op_counts(fused)["conv"] == 3
     assert all(c.weight.dtype == dtype for c in fused_convs(fused))
     with torch.no_grad():
@@ -516,7 +516,7 @@ def test_torch_fx_fuse_miscompiles_shared_conv_where_repc_does_not():
     with torch.no_grad():
         want = model(x, y)
         assert rel_dev(fuse(model)(x, y), want) > 0.05
-        assert rel_dev(repc.compile(model, (x, y))(x, y), want) <= REL_TOL
+        assert rel_dev(repc.compile(model, (x, y), graph=True)(x, y), want) <= REL_TOL
 
 
 def test_shared_conv_read_on_two_paths():
@@ -635,7 +635,7 @@ def test_mismatched_strides_are_not_merged():
 
     model = randomize(Block())
     x = torch.randn(2, 4, 8, 8)
-    fused = repc.compile(model, x)
+    fused = repc.compile(model, x, graph=True)
     assert "strides differ" in _reasons(fused)
     assert op_counts(fused) == Counter(conv=2)
     with torch.no_grad():
@@ -696,7 +696,7 @@ def test_spatial_slice_blocks_the_merge():
 def test_training_mode_is_refused():
     model = randomize(RepVGG(4, 4)).train()
     with pytest.raises(repc.ReparamError, match=r"eval\(\)"):
-        repc.compile(model, torch.randn(2, 4, 8, 8))
+        repc.compile(model, torch.randn(2, 4, 8, 8), graph=True)
     assert model.training
 
 
@@ -903,7 +903,7 @@ class AssignAfterRead(nn.Module):
 def test_item_assignment_keeps_earlier_readers_in_place():
     model = randomize(AssignAfterRead()).eval()
     x = torch.randn(2, 4, 6, 6)
-    fused = repc.compile(model, x, verify=False)
+    fused = repc.compile(model, x, verify=False, graph=True)
     with torch.no_grad():
         assert rel_dev(fused(x), model(x)) <= REL_TOL
     assert any(n.target is operator.setitem for n in fused.graph.nodes)

@@ -28,7 +28,7 @@ def test_a_merged_op_giving_nan_where_the_region_is_finite_is_rolled_back(monkey
 
     monkeypatch.setattr(region_check, "form_function", poisoned)
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
     report = fused.repc_report
     assert not report.rewrites
     assert any(r.kind is RejectionKind.CHECK_FAILED and "gives NaN" in r.reason
@@ -45,7 +45,7 @@ def test_region_checks_run_on_small_random_maps(monkeypatch):
 
     monkeypatch.setattr(RegionRunner, "run", recording)
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 4))).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 32, 32))
+    fused = repc.compile(model, torch.randn(1, 4, 32, 32), graph=True)
     assert len(fused.repc_report.rewrites) == 2
     assert shapes and set(shapes) == {(2, 4, 7, 7)}
 
