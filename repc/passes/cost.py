@@ -10,9 +10,10 @@ A cost model prices the region as written and its merged form:
 * :class:`MeasuredCost` -- seconds measured on the example, the region as written against its
   merged form (opt-in: it runs every candidate).
 
-A merged form is taken when it costs no more than the region as written and, at equal cost,
-when it takes fewer ops (or its weights were computed at every call from parameters: folding
-them saves that work).  :func:`decide` is pure: it reads the two costs and returns a
+A merged form is taken when it costs no more than the region as written, nor than the region
+with its operand regions at their own cheapest (:func:`best_cost`, dynamic programming over the
+region tree), and, at equal cost, when it takes fewer ops (or its weights were computed at every
+call from parameters: folding them saves that work).  :func:`decide` is pure: it reads the two costs and returns a
 :class:`Decision`.  The collapse pass (:mod:`repc.passes.collapse`) asks it, then runs the
 per-region check on what it takes.
 """
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 
 from ..latency import LatencyModel, add_features
 from ..meanings import AffineCall, Combine, Concat
