@@ -8,7 +8,7 @@ linear, elementwise, padding) and its predicted time is
     t = overhead[kind] + macs * seconds_per_mac[kind] + bytes * seconds_per_byte[kind]
 
 with ``bytes`` the weights read plus the activations read and written.  :func:`calibrate` times
-a short grid of ops per kind (about a second in all) and fits the three coefficients of each
+a short grid of ops per kind, built as repc emits them (a few seconds in all) and fits the three coefficients of each
 kind by non-negative least squares; :func:`latency_model` does that once per device, dtype,
 thread count and torch version and caches the fit as JSON (``$REPC_CACHE_DIR``, else
 ``~/.cache/repc``).  A model is a plain value: the same coefficients give the same predictions.
@@ -27,9 +27,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import AffineOp, Conv, Dense, Linear, flops
+from .ops import AffineOp, Conv, Dense, Elementwise, Linear, flops
 
 KINDS = ("dense_conv", "grouped_conv", "depthwise_conv", "linear", "elementwise", "pad")
+CALIBRATION_VERSION = 2  # in the cache's file name: a changed calibration grid is measured again
 
 
 @dataclass(frozen=True)
@@ -103,37 +104,37 @@ def add_features(shape, itemsize: int) -> OpFeatures:
 # ----------------------------------------------------------------------------- calibration
 
 def _grid(dtype: torch.dtype, device) -> Dict[str, List[Tuple[OpFeatures, Callable[[], torch.Tensor]]]]:
-    """Per kind, ops of several sizes as (features, a call running it once)."""
+    """Per kind, ops of several sizes as (features, a call running it once), each built the way
+    repc emits it (:func:`repc.passes.emit.build_op`: a module call, so its overhead counts)."""
+    from .passes.emit import build_op  # (emit is a pass; the model only needs it to calibrate)
+
     itemsize = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape):
-        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    def emitted(op, x):
+        built, x = build_op(op, dtype, device), x.to(device=device, dtype=dtype)
+        return lambda: built(x)
 
     grid: Dict[str, List] = {k: [] for k in KINDS}
     for c, hw, k in itertools.product((16, 64, 128), (8, 28), (1, 3)):
-        x, w = rand(1, c, hw, hw), rand(c, c, k, k)
-        op = Conv(w.double().cpu(), None, (1, 1), ((k // 2,) * 2,) * 2, (1, 1), 1)
-        grid["dense_conv"].append((op_features(op, x.shape, x.shape, itemsize)[-1],
-                                   lambda x=x, w=w, k=k: F.conv2d(x, w, padding=k // 2)))
-        wd = rand(c, 1, k + 2, k + 2)
-        op = Conv(wd.double().cpu(), None, (1, 1), (((k + 2) // 2,) * 2,) * 2, (1, 1), c)
-        grid["depthwise_conv"].append((op_features(op, x.shape, x.shape, itemsize)[-1],
-                                       lambda x=x, w=wd, k=k, c=c: F.conv2d(x, w, padding=(k + 2) // 2, groups=c)))
-        wg = rand(c, 4, k, k)
-        op = Conv(wg.double().cpu(), None, (1, 1), ((k // 2,) * 2,) * 2, (1, 1), c // 4)
-        grid["grouped_conv"].append((op_features(op, x.shape, x.shape, itemsize)[-1],
-                                     lambda x=x, w=wg, k=k, c=c: F.conv2d(x, w, padding=k // 2, groups=c // 4)))
-        grid["elementwise"].append((OpFeatures("elementwise", 0.0, float(2 * x.numel() * itemsize)),
-                                    lambda x=x: x * 1.5))
+        x = rand(1, c, hw, hw)
+        for kind, op in (("dense_conv", Conv(rand(c, c, k, k), None, (1, 1), ((k // 2,) * 2,) * 2, (1, 1), 1)),
+                         ("depthwise_conv", Conv(rand(c, 1, k + 2, k + 2), None, (1, 1),
+                                                 (((k + 2) // 2,) * 2,) * 2, (1, 1), c)),
+                         ("grouped_conv", Conv(rand(c, 4, k, k), None, (1, 1), ((k // 2,) * 2,) * 2, (1, 1), c // 4))):
+            grid[kind].append((op_features(op, x.shape, x.shape, itemsize)[-1], emitted(op, x)))
+        scale = Elementwise(rand(1, c, 1, 1), None, tuple(x.shape))
+        grid["elementwise"].append((op_features(scale, x.shape, x.shape, itemsize)[0], emitted(scale, x)))
         padded = x.shape[0] * c * (hw + 2) ** 2
+        xd = x.to(device=device, dtype=dtype)
         grid["pad"].append((OpFeatures("pad", 0.0, float((x.numel() + padded) * itemsize)),
-                            lambda x=x: F.pad(x, (1, 1, 1, 1))))
+                            lambda x=xd: F.pad(x, (1, 1, 1, 1))))
     for tokens, d_in, d_out in itertools.product((16, 256), (64, 384), (64, 768)):
-        x, w = rand(tokens, d_in), rand(d_out, d_in)
-        op = Linear(w.double().cpu(), None)
-        grid["linear"].append((op_features(op, x.shape, (tokens, d_out), itemsize)[0],
-                               lambda x=x, w=w: F.linear(x, w)))
+        x, op = rand(tokens, d_in), Linear(rand(d_out, d_in), None)
+        grid["linear"].append((op_features(op, x.shape, (tokens, d_out), itemsize)[0], emitted(op, x)))
     return grid
 
 
@@ -190,7 +191,7 @@ def calibrate(device="cpu", dtype: torch.dtype = torch.float32, repeats: int = 7
 def cache_path(device, dtype: torch.dtype) -> str:
     """Where the calibration for this device, dtype, thread count and torch version is kept."""
     root = os.environ.get("REPC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "repc")
-    name = f"latency-{torch.device(device).type}-{str(dtype).replace('torch.', '')}-" \
+    name = f"latency-v{CALIBRATION_VERSION}-{torch.device(device).type}-{str(dtype).replace('torch.', '')}-" \
            f"t{torch.get_num_threads()}-torch{torch.__version__.split('+')[0]}.json"
     return os.path.join(root, name)
 
