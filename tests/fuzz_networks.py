@@ -237,7 +237,7 @@ def layer_channels(layer: Layer, built: int, n: Optional[int]) -> Optional[int]:
     """Channels after ``layer`` (its modules built for ``built`` channels) on an input of ``n``
     channels; None if the modules reject it.  Convs, norms and linears need their own count;
     a per-channel scale or shift broadcasts (so one built for 1 channel takes any count); pools
-    (of at least one channel) and activations (``PReLU`` has one weight) take any."""
+    and activations (``PReLU`` has one weight) take any."""
     if n is None:
         return None
     if isinstance(layer, ConvLayer):
@@ -248,8 +248,6 @@ def layer_channels(layer: Layer, built: int, n: Optional[int]) -> Optional[int]:
         return n if n == built else None
     if isinstance(layer, ScaleLayer):
         return _broadcast(n, built) if layer.per_channel or layer.shift else n
-    if isinstance(layer, PoolLayer):
-        return n if n > 0 else None  # no pool of an empty slice
     return n
 
 
@@ -319,7 +317,11 @@ def block_channels(block: Block, cin: int, n: Optional[int]) -> Optional[int]:
 
 def accepted_channels(spec: NetworkSpec, n: int) -> Optional[int]:
     """Output channels (features, with a tail) of the network on an input of ``n`` channels
-    at the example's size, or None if some module rejects it."""
+    at the example's size, or None if some module rejects it.  ``n`` is at least the network's
+    own channel count: fewer can cut a split's slices down to empty tensors, which some ops
+    take and some refuse."""
+    if n < spec.in_channels:
+        raise ValueError(f"{n} channels: the claim covers {spec.in_channels} channels or more")
     c, built = n, spec.in_channels
     for block in spec.blocks:
         c = block_channels(block, built, c)
