@@ -181,15 +181,10 @@ def _is_all(t, value) -> bool:
     return t is not None and bool((t == value).all())
 
 
-def _input(node: fx.Node):
+def _input(node: fx.Node, facts: GraphFacts):
     """The node's first argument and its recorded shape (None where it is not a tensor value)."""
     x = node.args[0] if node.args else None
-    return x, (_shape(x) if isinstance(x, fx.Node) else None)
-
-
-def _shape(node: fx.Node):
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return x, facts.shape(x)
 
 
 def split_ranges(size: int, node: fx.Node) -> List[Tuple[int, int]]:
@@ -227,8 +222,8 @@ def _slice_of(x: fx.Node, index, x_shape) -> Slice:
     return Slice(x, axis, start, max(start, stop))
 
 
-def _identity_of_input(node: fx.Node) -> AffineCall:
-    x, x_shape = _input(node)
+def _identity_of_input(node: fx.Node, facts: GraphFacts) -> AffineCall:
+    x, x_shape = _input(node, facts)
     return AffineCall(x, identity(x_shape))
 
 
@@ -252,7 +247,7 @@ def _batch_norm_module(node, facts):
     mod = facts.modules[node.target]
     if mod.training and mod.track_running_stats:
         raise Opaque(OpaqueKind.TRAINING, "batch norm in training mode")
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     return AffineCall(x, batch_norm(x_shape, mod.running_mean, mod.running_var, mod.eps,
                                     mod.weight if mod.affine else None, mod.bias if mod.affine else None))
 
@@ -262,27 +257,27 @@ def _identity_module(node, facts):
     mod = facts.modules[node.target]
     if mod.training and not isinstance(mod, nn.Identity):
         raise Opaque(OpaqueKind.TRAINING, "dropout in training mode")
-    return _identity_of_input(node)
+    return _identity_of_input(node, facts)
 
 
 @handles(OpKind.MODULE, nn.LeakyReLU)
 def _leaky_relu_module(node, facts):
     if facts.modules[node.target].negative_slope == 1.0:
-        return _identity_of_input(node)
+        return _identity_of_input(node, facts)
     raise _unknown(node, facts)
 
 
 @handles(OpKind.MODULE, nn.PReLU)
 def _prelu_module(node, facts):
     if _is_all(facts.modules[node.target].weight, 1.0):
-        return _identity_of_input(node)
+        return _identity_of_input(node, facts)
     raise _unknown(node, facts)
 
 
 @handles(OpKind.MODULE, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 def _avg_pool_module(node, facts):
     mod = facts.modules[node.target]
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     return AffineCall(x, avg_pool(x_shape, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                                   mod.count_include_pad, getattr(mod, "divisor_override", None)))
 
@@ -292,7 +287,7 @@ def _pad_module(node, facts):
     mod = facts.modules[node.target]
     if float(mod.value) != 0.0:
         raise Opaque(OpaqueKind.UNSUPPORTED_FORM, "constant padding with a non-zero value")
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     return AffineCall(x, zero_pad(x_shape, mod.padding))
 
 
@@ -356,7 +351,7 @@ def _functional_bn(node, b, facts: GraphFacts) -> Meaning:
     for k in vals:
         if b.get(k) is not None and vals[k] is None:
             raise Opaque(OpaqueKind.DATA_WEIGHT, f"batch_norm whose {k} depends on the input")
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     return AffineCall(x, batch_norm(x_shape, vals["running_mean"], vals["running_var"], b["eps"], vals["weight"],
                                     vals["bias"]))
 
@@ -384,21 +379,21 @@ def _dropout(node, facts):
              {"p": 0.5, "training": node.target is not torch.dropout})
     if b["training"]:
         raise Opaque(OpaqueKind.TRAINING, "dropout with training=True is random")
-    return _identity_of_input(node)
+    return _identity_of_input(node, facts)
 
 
 @handles(OpKind.FUNCTION, F.leaky_relu)
 def _leaky_relu(node, facts):
     b = bind(node.args[1:], node.kwargs, ["negative_slope", "inplace"], {"negative_slope": 0.01})
     if b["negative_slope"] == 1.0:
-        return _identity_of_input(node)
+        return _identity_of_input(node, facts)
     raise Opaque(OpaqueKind.NOT_AFFINE, "leaky_relu with a slope other than 1 is not affine")
 
 
 @handles(OpKind.FUNCTION, F.prelu, torch.prelu)
 def _prelu(node, facts):
     if _is_all(facts.const(node.args[1]), 1.0):
-        return _identity_of_input(node)
+        return _identity_of_input(node, facts)
     raise Opaque(OpaqueKind.NOT_AFFINE, "prelu with a weight other than 1 is not affine")
 
 
@@ -410,7 +405,7 @@ def _avg_pool(node, facts):
     if _has_node(b):
         raise Opaque(OpaqueKind.RUNTIME_NUMBER, "a pooling window computed from the input's size at run time, "
                                                 "not one fixed map")
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     return AffineCall(x, avg_pool(x_shape, b["kernel_size"], b["stride"], b["padding"], b["ceil_mode"],
                                   b["count_include_pad"], b["divisor_override"]))
 
@@ -420,7 +415,7 @@ def _pad(node, facts):
     b = bind(node.args[1:], node.kwargs, ["pad", "mode", "value"], {"mode": "constant", "value": None})
     if b["mode"] != "constant" or (b["value"] not in (None, 0, 0.0)):
         raise Opaque(OpaqueKind.UNSUPPORTED_FORM, "padding that is not constant zero")
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     return AffineCall(x, zero_pad(x_shape, b["pad"]))
 
 
@@ -428,7 +423,7 @@ def _pad(node, facts):
 @handles(OpKind.OPERATOR, operator.pos)
 @handles(OpKind.METHOD, "contiguous", "clone")
 def _pass_through(node, facts):
-    return _identity_of_input(node)
+    return _identity_of_input(node, facts)
 
 
 def _same_tensor_kind(out, x) -> bool:
@@ -440,9 +435,9 @@ def _same_tensor_kind(out, x) -> bool:
 @handles(OpKind.METHOD, "to", "type", "type_as", "float", "double", "half", "bfloat16")
 def _cast(node, facts):
     """A cast to the dtype and device it already has (peft's LoRA): the identity."""
-    x, _ = _input(node)
+    x, _ = _input(node, facts)
     if isinstance(x, fx.Node) and _same_tensor_kind(facts.values.get(node), facts.values.get(x)):
-        return _identity_of_input(node)
+        return _identity_of_input(node, facts)
     raise _unknown(node, facts)
 
 
@@ -499,7 +494,7 @@ def _mul(node, facts):
 @handles(OpKind.OPERATOR, operator.truediv, operator.itruediv)
 @handles(OpKind.METHOD, "div")
 def _div(node, facts):
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     divisor = node.args[1] if len(node.args) > 1 else None
     if node.kwargs.get("rounding_mode") is not None or facts.const(divisor) is None or facts.is_const(x):
         kind = OpaqueKind.NOT_AFFINE if node.kwargs.get("rounding_mode") is not None else \
@@ -512,7 +507,7 @@ def _div(node, facts):
 @handles(OpKind.OPERATOR, operator.neg)
 @handles(OpKind.METHOD, "neg")
 def _neg(node, facts):
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     return AffineCall(x, elementwise(x_shape, scale=torch.tensor(-1.0, dtype=torch.float64)))
 
 
@@ -548,7 +543,7 @@ def _getitem(node, facts):
 @handles(OpKind.FUNCTION, torch.narrow)
 @handles(OpKind.METHOD, "narrow")
 def _narrow(node, facts):
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     b = bind(node.args[1:], node.kwargs, ["dim", "start", "length"], {})
     dim = b["dim"] % len(x_shape)
     return Slice(x, dim, b["start"], b["start"] + b["length"])
@@ -559,7 +554,7 @@ def _narrow(node, facts):
 @handles(OpKind.METHOD, "transpose", "permute", "flatten", "reshape", "view", "reshape_as", "view_as", "unflatten",
          "swapaxes", "squeeze", "unsqueeze", "t")
 def _layout(node, facts):
-    x, x_shape = _input(node)
+    x, x_shape = _input(node, facts)
     if isinstance(x, fx.Node) and x_shape is not None:
         return Layout(x, node)
     raise _unknown(node, facts)
@@ -569,7 +564,7 @@ def _layout(node, facts):
 @handles(OpKind.METHOD, "mean", "sum")
 def _reduce(node, facts):
     """``stack(xs, d).mean(d)`` / ``.sum(d)``: a weighted sum of the stacked values."""
-    stack, _ = _input(node)
+    stack, _ = _input(node, facts)
     if not (isinstance(stack, fx.Node) and stack.op == "call_function" and stack.target is torch.stack):
         raise _unknown(node, facts)
     b = bind(node.args[1:], node.kwargs, ["dim", "keepdim"], {"dim": None, "keepdim": False})
