@@ -138,7 +138,7 @@ def _grid(dtype: torch.dtype, device) -> Dict[str, List[Tuple[OpFeatures, Callab
     return grid
 
 
-def _seconds(run: Callable[[], torch.Tensor], device, repeats: int) -> float:
+def fastest_seconds(run: Callable[[], torch.Tensor], device, repeats: int) -> float:
     """Seconds of one call: the fastest of ``repeats`` after three warm-up calls (the first
     calls of a shape set up kernels; the fastest run is the one the neighbours disturbed least)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -183,7 +183,7 @@ def calibrate(device="cpu", dtype: torch.dtype = torch.float32, repeats: int = 7
     """Time the calibration grid on ``device`` in ``dtype`` and fit each kind's coefficients."""
     coefficients = {}
     for kind, entries in _grid(dtype, device).items():
-        samples = [(features, _seconds(run, device, repeats)) for features, run in entries]
+        samples = [(features, fastest_seconds(run, device, repeats)) for features, run in entries]
         coefficients[kind] = fit(samples)
     return LatencyModel(coefficients, str(torch.device(device)), str(dtype).replace("torch.", ""), "calibrated")
 

@@ -21,13 +21,10 @@ per-region check on what it takes.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
-from ..latency import LatencyModel, add_features
+from ..latency import LatencyModel, add_features, fastest_seconds
 from ..meanings import AffineCall, Combine, Concat
 from ..ops import Conv, Elementwise
 from ..patterns.regions import Expr, RegionMatcher
@@ -105,7 +102,7 @@ class MeasuredCost:
         if key not in self._region_times:
             values = self.runner.values
             sources = {n: values[n] for n in _sources(expr, matcher)}
-            self._region_times[key] = _fastest(lambda: self.runner.run(expr, sources), self.repeats)
+            self._region_times[key] = fastest_seconds(lambda: self.runner.run(expr, sources), self.device, self.repeats)
         return self._region_times[key]
 
     def form_cost(self, form, node, matcher: RegionMatcher) -> float:
@@ -113,7 +110,7 @@ class MeasuredCost:
         ref = values[node]
         run = form_function(form, ref.dtype, self.device)
         inputs = [values[s] for s in form]
-        return _fastest(lambda: run(*inputs), self.repeats)
+        return fastest_seconds(lambda: run(*inputs), self.device, self.repeats)
 
     def words(self, cost: float) -> str:
         return f"{cost * 1e6:.1f}"
@@ -126,17 +123,6 @@ def _sources(expr: Expr, matcher: RegionMatcher):
     inside = expr.region
     return sorted({a for n in inside for a in n.all_input_nodes if a not in inside and a not in matcher.facts.constants},
                   key=matcher.order.__getitem__)
-
-
-def _fastest(call, repeats: int) -> float:
-    with torch.no_grad():
-        call()  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            best = min(best, time.perf_counter() - start)
-    return best
 
 
 @dataclass(frozen=True)
