@@ -104,8 +104,10 @@ def describe(node: fx.Node, facts: GraphFacts) -> Meaning:
     flat: List[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), flat.append)
     key = node.target if node.op in ("call_function", "call_method") else None
-    if all(a in facts.constants for a in flat) and (flat or node.op == "call_module") and not _is_random(node, key, facts):
-        # computed from parameters and constants only (GLoRA weights, a parametrization, a fixed gate)
+    if all(a in facts.constants for a in flat) and node.op in ("call_function", "call_method", "call_module") \
+            and not _is_random(node, key, facts):
+        # computed from parameters and constants only (GLoRA weights, a parametrization, a fixed
+        # gate), or from literals alone (DoRA's ``torch.eye`` probe of its LoRA weight)
         return Constant(_evaluate(node, facts))
     if node.op == "call_module":
         mod = facts.modules[node.target]

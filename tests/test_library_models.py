@@ -118,6 +118,45 @@ def test_peft_lora_merges_as_far_as_merge_and_unload(name):
     assert_same_outputs(fused, model, make_inputs, field)
 
 
+def _adapter_configs():
+    """PEFT's other adapters that ``merge_and_unload`` merges, on BERT's query/value (IA3 also
+    on the FFN input, where it scales a linear's input rather than its output)."""
+    return {
+        "dora": peft.LoraConfig(r=4, target_modules=["query", "value"], use_dora=True),
+        "rslora": peft.LoraConfig(r=4, target_modules=["query", "value"], use_rslora=True),
+        "ia3": peft.IA3Config(target_modules=["query", "value", "intermediate.dense"],
+                              feedforward_modules=["intermediate.dense"]),
+        "loha": peft.LoHaConfig(r=4, target_modules=["query", "value"]),
+        "lokr": peft.LoKrConfig(r=4, target_modules=["query", "value"]),
+        "vera": peft.VeraConfig(r=4, target_modules=["query", "value"]),
+        "adalora": peft.AdaLoraConfig(r=4, target_modules=["query", "value"], total_step=10),
+    }
+
+
+@pytest.mark.parametrize("adapter", ["dora", "rslora", "ia3", "loha", "lokr", "vera", "adalora"])
+def test_peft_adapters_merge_into_the_plain_base_model_as_merge_and_unload_does(adapter):
+    # DoRA's per-column norm, computed at every call from the weights and a torch.eye probe of
+    # its LoRA, is a constant; export's dtype checks around peft's casts pin no value
+    base, _, make_inputs, field = bert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomized(peft.get_peft_model(base, _adapter_configs()[adapter]))
+        merged = copy.deepcopy(model).merge_and_unload().eval()
+    example = make_inputs(2, 7)
+    fused = repc.compile(model, (), example)
+    report = fused.repc_report
+    assert report.verification.ok and not report.rolled_back, report
+    assert report.output == "module-preserving", report.output_note
+    assert type(fused) is transformers.BertModel
+    assert not any(type(m).__module__.startswith("peft") for m in fused.modules())
+    assert fused.state_dict().keys() == merged.state_dict().keys()
+    linears = lambda m: sum(isinstance(x, nn.Linear) for x in m.modules())
+    assert linears(fused) == linears(merged)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in merged.parameters())
+    assert_same_outputs(fused, merged, make_inputs, field)
+    assert_same_outputs(fused, model, make_inputs, field)
+
+
 def _lora(name):
     base, targets, make_inputs, field = MODELS[name]()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1,

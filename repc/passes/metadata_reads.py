@@ -32,12 +32,20 @@ def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int
     ``x.shape`` / ``x.size()`` (timm's ``B, N, C = x.shape`` after a LayerNorm) is moved up the
     elementwise maps and sums that computed ``x`` with its shape, when it arrives at a value no
     region absorbs (the norm's core): ``x`` is then read only by what consumes its values and
-    can be folded away.  Runs on repc's own copy; returns how many reads moved.
+    can be folded away.  Export's ``_assert_tensor_metadata`` on a computed value (left where a
+    ``.to(dtype)`` was a no-op: peft's casts around LoRA and IA3) checks only what follows the
+    weights, and is dropped.  Runs on repc's own copy; returns how many reads moved or dropped.
     """
     graph = gm.graph
     facts = None
     count = 0
     for node in list(graph.nodes):
+        if _is_metadata_assert(node):
+            # export's check that a ``.to(dtype)`` it elided changed nothing: on a computed value
+            # (not an input) it checks what follows the weights, and would pin the value
+            graph.erase_node(node)
+            count += 1
+            continue
         target = metadata_read(node)
         if target is None:
             continue
@@ -97,6 +105,12 @@ def _has_affine_meaning(node: fx.Node, facts: GraphFacts) -> bool:
         return not isinstance(describe(node, facts), Constant)
     except Exception:
         return False
+
+
+def _is_metadata_assert(node: fx.Node) -> bool:
+    """``aten._assert_tensor_metadata(v, dtype=..., device=...)`` on a value other than an input."""
+    return node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default \
+        and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].op != "placeholder"
 
 
 def metadata_read(node: fx.Node) -> Optional[str]:
