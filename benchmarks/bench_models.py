@@ -135,6 +135,7 @@ class LibraryRepVGGBlock(nn.Module):
         self.conv_1x1 = ConvNorm(cin, cout, 1, stride)
         self.identity = RankCheckedBatchNorm(cin) if cin == cout and stride == 1 else None
         self.drop = drop
+        self.attn = nn.Identity()  # timm's, where the block has no SE
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -143,7 +144,7 @@ class LibraryRepVGGBlock(nn.Module):
         y = drop_path(y, self.drop, self.training)
         if self.identity is not None:
             y = y + self.identity(x)
-        return self.act(y)
+        return self.act(self.attn(y))
 
 
 class LibraryMobileOneBlock(nn.Module):
@@ -156,6 +157,7 @@ class LibraryMobileOneBlock(nn.Module):
         self.branches = nn.ModuleList(ConvNorm(cin, cout, k, stride, groups) for _ in range(branches))
         self.scale = ConvNorm(cin, cout, 1, stride, groups) if k > 1 else None
         self.skip = RankCheckedBatchNorm(cin) if cin == cout and stride == 1 else None
+        self.se = nn.Identity()  # timm's, where the block has no SE
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -166,7 +168,7 @@ class LibraryMobileOneBlock(nn.Module):
             out = out + self.scale(x)
         for branch in self.branches:
             out = out + branch(x)
-        return self.act(out)
+        return self.act(self.se(out))
 
 
 class LibraryMobileOneUnit(nn.Sequential):

@@ -16,7 +16,8 @@ from repc.examples.library_style import ConvNorm, RankCheckedBatchNorm, drop_pat
 
 
 class LibraryRepVGGBlock(nn.Module):
-    """timm-style: 3x3 and 1x1 conv-norm branches and a norm identity, drop path, in-place act."""
+    """timm-style: 3x3 and 1x1 conv-norm branches and a norm identity, drop path, an identity
+    ``attn`` (timm's when there is no SE) before the in-place act."""
 
     def __init__(self, c, drop=0.1):
         super().__init__()
@@ -24,6 +25,7 @@ class LibraryRepVGGBlock(nn.Module):
         self.conv_1x1 = ConvNorm(c, c, 1)
         self.identity = RankCheckedBatchNorm(c)
         self.drop = drop
+        self.attn = nn.Identity()
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -32,7 +34,7 @@ class LibraryRepVGGBlock(nn.Module):
         if self.training:
             y = F.dropout(y, 0.1)
         y = drop_path(y, self.drop, self.training) + self.identity(x)
-        return self.act(y)
+        return self.act(self.attn(y))  # the act writes into the sum through its Identity name
 
 
 @dataclass

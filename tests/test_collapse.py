@@ -73,6 +73,27 @@ def test_a_gate_from_the_data_is_reported_as_such():
     assert any(r.kind is RejectionKind.DATA_GATE and "router" in r.reason for r in result.rejections)
 
 
+class WriteThroughAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x) * 2
+        y[:, :1].mul_(3)  # a write through a view: y stays where it is
+        return y + 1
+
+
+def test_a_write_in_place_through_a_view_says_that_it_stops_a_region():
+    model = randomize(WriteThroughAView()).eval()
+    x = torch.randn(1, 3, 5, 5)
+    want = model(x)
+    result = collapse(fx.symbolic_trace(model), (x,))
+    assert any(r.kind is RejectionKind.STOPS_REGION and "in place through a view" in r.reason
+               for r in result.rejections), result.rejections
+    assert torch.allclose(result.module(x), want, atol=1e-6)
+
+
 def test_a_graph_that_computes_something_else_than_the_model_is_refused_before_any_rewrite():
     gm = _graph(Branches())
     x = torch.randn(2, 3, 6, 6)

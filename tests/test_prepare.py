@@ -87,6 +87,45 @@ def test_inplace_operator_function_becomes_out_of_place():
         assert torch.allclose(g, w)
 
 
+def test_an_inplace_act_through_an_identity_name_becomes_out_of_place_for_every_later_reader():
+    """timm's blocks: ``self.act(self.attn(x))`` with ``attn = nn.Identity()`` and an in-place
+    ReLU writes into ``x`` itself; every later reader of ``x`` or of its Identity name sees it."""
+
+    class IdentityThenInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.act = nn.Identity(), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = x * 2
+            early = y + 1  # read before the write
+            z = self.act(self.attn(y))
+            return early, z, y - 1, self.attn(y) * 3  # later readers of y and of another name
+
+    gm = fx.symbolic_trace(IdentityThenInPlace())
+    x = torch.randn(2, 5)
+    want = IdentityThenInPlace()(x.clone())
+    assert functionalize_inplace(gm) == 1
+    assert not any(n.meta.get(VIEW_MUTATED) for n in gm.graph.nodes)
+    assert not gm.act.inplace
+    for g, w in zip(gm(x), want):
+        assert torch.equal(g, w)
+
+
+def test_an_inplace_write_into_an_input_through_an_identity_name_stays_in_place():
+    class InputWrite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.act = nn.Identity(), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.attn(x)) + x
+
+    gm = fx.symbolic_trace(InputWrite())
+    assert functionalize_inplace(gm) == 0
+    assert gm.act.inplace
+
+
 def test_inplace_op_through_a_view_stays_and_is_marked():
 
     class ViewMutation(nn.Module):

@@ -131,6 +131,11 @@ class GraphWriter:
             elif self._borders_region(node) and (why.kind is not OpaqueKind.UNKNOWN_OP
                                                  or any(isinstance(self.exprs[u].meaning, Combine) for u in node.users)):
                 self._reject(self.exprs[node], RejectionKind.STOPS_REGION, f"stops a region: {why}")
+        for node in self.matcher.pinned:
+            if writes_in_place(node):  # (said once, at the write, not at each alias it pins)
+                self._reject(self.exprs[node], RejectionKind.STOPS_REGION,
+                             "stops a region: a write in place through a view keeps the values it "
+                             "reaches where they are")
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.graph.output(fx.node.map_arg(node.args[0], self.value_of))

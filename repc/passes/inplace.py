@@ -1,8 +1,9 @@
 """Preparation pass: in-place ops made out of place.
 
 :func:`functionalize_inplace` turns ``x.mul_(g)``, ``x += y``, ``relu(inplace=True)``... into
-out-of-place ops with later readers rewired; a write through an alias stays in place, and every
-alias of it is tagged :data:`VIEW_MUTATED` (the matcher leaves those values where they are).
+out-of-place ops with later readers rewired (of the value and of the names it has under an eval
+``nn.Identity`` or ``detach``); a write through a view stays in place, and every alias of it is
+tagged :data:`VIEW_MUTATED` (the matcher leaves those values where they are).
 Which nodes write in place is :func:`repc.graph_predicates.in_place_kind`.
 """
 
@@ -12,8 +13,10 @@ import copy
 from typing import List
 
 import torch.fx as fx
+import torch.nn as nn
 
-from ..graph_predicates import in_place_kind, inplace_position, may_alias, out_of_place_target
+from ..graph_predicates import IDENTITY_MODULES, in_place_kind, inplace_position, may_alias, out_of_place_target, \
+    target_name
 
 
 VIEW_MUTATED = "repc_view_mutated"  # node.meta key: this value is mutated in place through an alias
@@ -24,10 +27,12 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
 
     An in-place op ``m`` on ``v`` makes every reader of ``v`` that runs after ``m`` see ``m``'s
     output; with those readers pointed at ``m``, ``m`` can compute out of place and the graph is
-    a pure data-flow graph again.  When ``v`` is a view of another value, or has views, the
-    mutation reaches values that are not ``v``: such an op stays in place and every alias of
-    it is marked ``VIEW_MUTATED`` (the matcher leaves those values, and their readers, where they
-    are).  Runs on repc's own copy of the model only.  Returns how many ops were changed.
+    a pure data-flow graph again.  Where ``v`` has other names that are the same tensor (it
+    went through an eval ``nn.Identity``, as timm's ``attn`` before its in-place ReLU), the later
+    readers of every name are pointed at ``m``.  When ``v`` is a view of another value, or has
+    views, the mutation reaches values that are not ``v``: such an op stays in place and every
+    alias of it is marked ``VIEW_MUTATED`` (the matcher leaves those values, and their readers,
+    where they are).  Runs on repc's own copy of the model only.  Returns how many ops were changed.
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     modules = dict(gm.named_modules())
@@ -39,8 +44,10 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         mutated = node.args[0]
         replacement = out_of_place_target(node) if kind in ("operator", "method", "function") else None
         stays = kind in ("setitem", "schema") or (kind in ("operator", "method", "function") and replacement is None)
-        if stays or may_alias(mutated, modules) or any(may_alias(u, modules) for u in mutated.users):
-            for alias in _aliases(mutated, modules):
+        aliased = may_alias(mutated, modules) or any(may_alias(u, modules) for u in mutated.users)
+        aliases = _aliases(mutated, modules) if aliased else [mutated]
+        if stays or (aliased and not _whole_aliases(aliases, modules)):
+            for alias in aliases:
                 alias.meta[VIEW_MUTATED] = True
             node.meta[VIEW_MUTATED] = True
             continue
@@ -60,12 +67,34 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         else:
             node.target = replacement
         changed += 1
-        for user in list(mutated.users):
-            if user is not node and order[user] > order[node]:
-                user.replace_input_with(mutated, node)
+        for alias in aliases:  # (the same tensor under other names: each later reader sees the write)
+            for user in list(alias.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(alias, node)
     if changed:
         gm.recompile()  # keep gm's forward in step with its graph
     return changed
+
+
+_WHOLE_ALIAS_NAMES = frozenset({"identity", "detach", "alias"})
+
+
+def _whole_aliases(aliases: List[fx.Node], modules) -> bool:
+    """Every alias but the base is the base tensor itself (an eval ``nn.Identity`` or dropout,
+    ``detach``: timm's ``attn = nn.Identity()`` before an in-place ReLU), and the base is
+    computed by the graph (not an input or a parameter, whose write the caller would see): a
+    write into any of them is then a new value that every later reader of any of them reads."""
+    base = aliases[0]
+    if base.op in ("placeholder", "get_attr"):
+        return False
+    for alias in aliases[1:]:
+        if alias.op == "call_module":
+            mod = modules.get(alias.target)
+            if not (isinstance(mod, nn.Identity) or (isinstance(mod, IDENTITY_MODULES) and not mod.training)):
+                return False
+        elif not (alias.op in ("call_function", "call_method") and target_name(alias) in _WHOLE_ALIAS_NAMES):
+            return False
+    return True
 
 
 def _aliases(node: fx.Node, modules) -> List[fx.Node]:
