@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .graph_predicates import fetch_attr
+from .graph_predicates import IDENTITY_MODULES, fetch_attr
 from .progress import counter, each
 from .report import ModuleSwap
 
@@ -174,6 +174,9 @@ def region_paths(source: fx.GraphModule, rewrites, prefix: str, captured, fused:
         # a layout op merged through (a no-op ``view`` at the top) does not place the region: the
         # swapped module's outputs are checked to be what the model's code reads there
         changed = [n for n in changed if _target_name(n) not in _LAYOUT] or changed
+        # nor does an identity (an eval dropout: RepViT's model-level ``head_drop`` before its
+        # head's two BN-linears): the module after it is given the very same values
+        changed = [n for n in changed if not _is_identity_op(n, source)] or changed
         paths = [known[n] for n in changed if known.get(n) is not None]
         out[r.root] = common_path(paths) if paths else ""
     return out
@@ -181,6 +184,19 @@ def region_paths(source: fx.GraphModule, rewrites, prefix: str, captured, fused:
 
 _LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "expand",
            "t", "view_as", "reshape_as"}
+
+
+_IDENTITY_NAMES = {"identity", "dropout", "alias", "detach", "clone"}
+
+
+def _is_identity_op(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """``node`` returns its input's values unchanged in eval mode (an ``nn.Identity``, a dropout)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, nn.Identity) or (isinstance(module, IDENTITY_MODULES) and not module.training)
+    if node.op == "call_function" and _target_name(node) == "dropout":
+        return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False
+    return node.op in ("call_function", "call_method") and _target_name(node) in _IDENTITY_NAMES - {"dropout"}
 
 
 def _target_name(node: fx.Node) -> str:

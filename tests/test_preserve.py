@@ -290,3 +290,44 @@ def test_an_affine_folded_forward_leaves_the_norm_with_a_unit_affine_and_the_arc
         for shape in ((2, 5, 8), (3, 11, 8)):
             y = torch.randn(shape)
             assert _same(fresh(y), model(y)) and _same(fused(y), model(y))
+
+
+class NormLinear(nn.Sequential):
+    def __init__(self, cin, cout):
+        super().__init__(nn.BatchNorm1d(cin), nn.Linear(cin, cout))
+
+
+class DistilledHead(nn.Module):
+    """RepViT's classifier: two BN-linear heads averaged (one linear in its deploy form)."""
+
+    def __init__(self, c, classes):
+        super().__init__()
+        self.head, self.head_dist = NormLinear(c, classes), NormLinear(c, classes)
+
+    def forward(self, x):
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+class PooledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head_drop = nn.Dropout(0.1)  # the model's own, before its head: identity in eval
+        self.head = DistilledHead(8, 5)
+
+    def forward(self, x):
+        return self.head(self.head_drop(self.body(x).mean((2, 3))))
+
+
+def test_an_identity_before_a_module_does_not_lift_its_region_to_the_model():
+    model = _random_affines(PooledNet())
+    x = torch.randn(2, 3, 8, 8)
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert report.output == "module-preserving" and not report.output_note, report
+    assert type(fused) is PooledNet and isinstance(fused.head_drop, nn.Dropout)
+    assert sum(isinstance(m, nn.Linear) for m in fused.head.modules()) == 1
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in fused.modules())
+    for shape in ((1, 3, 8, 8), (3, 3, 12, 10)):
+        y = torch.randn(shape)
+        assert torch.allclose(fused(y), model(y), atol=1e-5)
