@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .graph_predicates import IDENTITY_MODULES, fetch_attr
+from .passes.collapse import EMITTED_FOR
 from .progress import counter, each
 from .report import ModuleSwap
 
@@ -213,7 +214,7 @@ def copied_from(fused: fx.GraphModule, source: fx.GraphModule) -> Dict[fx.Node, 
     by_key = {(n.name, n.op, str(n.target)): n for n in source.graph.nodes}
     out = {}
     for node in fused.graph.nodes:
-        if not node.meta:
+        if not node.meta or EMITTED_FOR in node.meta:
             continue  # emitted
         meta = node.meta.get("tensor_meta")
         found = by_meta.get(id(meta)) if meta is not None else by_key.get((node.name, node.op, str(node.target)))
@@ -244,7 +245,10 @@ def tag_nodes(fused: fx.GraphModule, source: fx.GraphModule, rewrites, prefix: s
         else:
             new.append(node)
     for node in new:
-        if node.op in ("call_module", "get_attr"):
+        root = node.meta.get(EMITTED_FOR)
+        if root in regions:  # tagged by collapse with the rewrite that emitted it
+            tags[node], owners[node] = regions[root], root
+        elif node.op in ("call_module", "get_attr"):
             match = _HINT.match(str(node.target))
             hint = match.group("hint") if match else None
             if hint in regions:
@@ -335,7 +339,10 @@ def _close(a, b) -> bool:
     if not a.is_floating_point():
         return False
     scale = b.abs().max().item() if b.numel() else 0.0
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(a.dtype, 1e-4)
+    # which graph value a module's argument or output is: deep in a network of merged ops a value
+    # drifts further than the output's tolerance (LeViT's last stage: 1.1e-4 in float32); a wrong
+    # match cannot pass, as the copy is verified like the graph
+    tol = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}.get(a.dtype, 1e-3)
     return (a - b).abs().max().item() <= tol * max(scale, 1e-30) if a.numel() else True
 
 
@@ -560,8 +567,7 @@ class Preserver:
         for a, b in zip(chain, chain[1:]):
             if b.args[:1] != (a,) or len(a.users) != 1 or len(b.all_input_nodes) != 1:
                 return None
-        mine = [n for n in self.fused.graph.nodes if not n.meta and n.op != "get_attr"
-                and _HINT.match(str(n.target)) and _HINT.match(str(n.target)).group("hint") == root]
+        mine = [n for n in self.fused.graph.nodes if n.meta.get(EMITTED_FOR) == root and n.op != "get_attr"]
         if len(mine) != 1 or mine[0].op != "call_module" or len(mine[0].args) != 1:
             return None
         targets = [n.target for n in chain]

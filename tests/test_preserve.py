@@ -331,3 +331,34 @@ def test_an_identity_before_a_module_does_not_lift_its_region_to_the_model():
     for shape in ((1, 3, 8, 8), (3, 3, 12, 10)):
         y = torch.randn(shape)
         assert torch.allclose(fused(y), model(y), atol=1e-5)
+
+
+class ConvNormPair(nn.Sequential):
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+
+class ResidualMlp(nn.Module):
+    """LeViT's conv-mode block: ``x + ln2(act(ln1(x)))``, each ln a 1x1 conv then BN."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.ln1, self.act, self.ln2 = ConvNormPair(c, 2 * c), nn.Hardswish(), ConvNormPair(2 * c, c)
+
+    def forward(self, x):
+        return x + self.ln2(self.act(self.ln1(x)))
+
+
+def test_residual_blocks_after_merged_blocks_are_each_swapped_at_their_own_module():
+    # the sum a block's merge emits reads the previous block's merged output first: it is
+    # placed by the rewrite that emitted it, not by its first input's module
+    model = _random_affines(nn.Sequential(ConvNormPair(3, 8), *[ResidualMlp(8) for _ in range(4)]))
+    x = torch.randn(2, 3, 6, 6)
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert report.output == "module-preserving" and not report.output_note, report
+    assert not any(s.becomes == "not applied" for s in report.swaps), report.swaps
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert all(isinstance(fused[i], ResidualMlp) or isinstance(fused[i], fx.GraphModule) for i in range(1, 5))
+    y = torch.randn(1, 3, 9, 7)
+    assert torch.allclose(fused(y), model(y), atol=1e-5)

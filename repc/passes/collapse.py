@@ -195,6 +195,18 @@ class GraphWriter:
         return self.graph.node_copy(expr.node, arg)
 
     def _emit(self, expr: Expr) -> fx.Node:
+        """``expr``'s merged form as graph nodes; each node it creates is tagged with the
+        rewrite (``meta[EMITTED_FOR]``: its root), which the module-preserving output reads."""
+        mark = next(iter(reversed(self.graph.nodes)), None)
+        out = self._emit_form(expr)
+        for node in reversed(self.graph.nodes):
+            if node is mark:
+                break
+            if not node.meta:  # (a copy of a value the form reads keeps its own record)
+                node.meta[EMITTED_FOR] = self.prefix + expr.node.name
+        return out
+
+    def _emit_form(self, expr: Expr) -> fx.Node:
         hint = self.prefix + expr.node.name
         if all(_is_identity(op) for op in expr.form.values()) and len(expr.form) == 1:
             (src,) = expr.form
@@ -341,6 +353,9 @@ class GraphWriter:
 
     def _reject(self, expr: Expr, kind: RejectionKind, reason: str) -> None:
         self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason, kind))
+
+
+EMITTED_FOR = "repc_rewrite"  # node.meta key of an emitted node: the root of the rewrite it belongs to
 
 
 def _drop_dead_nodes(graph: fx.Graph) -> None:
