@@ -64,20 +64,30 @@ def regroup(weight: Tensor, groups: int, new_groups: int) -> Tensor:
 
 
 def compact_groups(conv: Conv) -> Conv:
-    """The same conv with the largest group count its block-diagonal kernel allows."""
+    """The same conv with the largest group count its block-diagonal kernel allows.
+
+    Which (output, input) channel pairs the kernel connects is read once, as a ``cout x cin``
+    boolean matrix ``A`` (any nonzero tap); ``g`` groups are allowed when every off-diagonal
+    block of ``A`` cut ``g x g`` is empty.  A kernel that connects every pair (the usual merged
+    conv) is returned at once, without a copy of the weight."""
     cin, cout = conv.in_channels, conv.out_channels
     g0 = math.gcd(cin, cout)
-    dense = regroup(conv.weight, conv.groups, 1)
+    if g0 <= conv.groups:
+        return conv
+    w = conv.weight
+    taps = (w != 0).reshape(w.shape[0], w.shape[1], -1).any(-1)  # [cout, cin / groups]
+    if conv.groups == 1 and bool(taps.all()):
+        return conv
+    connected = regroup(taps.to(torch.float32), conv.groups, 1) != 0  # [cout, cin]
     for g in sorted((g for g in range(1, g0 + 1) if g0 % g == 0), reverse=True):
         if g <= conv.groups:
             break
         if g % conv.groups:
             continue
-        blocks = dense.reshape((g, cout // g, g, cin // g) + conv.kernel_size)
-        mask = torch.ones(g, g, dtype=torch.bool)
-        mask.fill_diagonal_(False)
-        if not blocks.permute(0, 2, 1, 3, *range(4, blocks.dim()))[mask].any():
-            w = blocks.diagonal(dim1=0, dim2=2).movedim(-1, 0).reshape((cout, cin // g) + conv.kernel_size)
+        blocks = connected.reshape(g, cout // g, g, cin // g).any(3).any(1)  # [g, g]: block (i, j) used
+        if not (blocks & ~torch.eye(g, dtype=torch.bool)).any():
+            dense = regroup(w, conv.groups, 1).reshape((g, cout // g, g, cin // g) + conv.kernel_size)
+            w = dense.diagonal(dim1=0, dim2=2).movedim(-1, 0).reshape((cout, cin // g) + conv.kernel_size)
             return conv.replace(weight=w.contiguous(), groups=g)
     return conv
 
@@ -410,8 +420,11 @@ def align_convs(convs: Sequence[Conv], groups: int, mixed_dilations: bool = True
     out = []
     for c, shift in zip(convs, shifts):
         w = regroup(c.weight, c.groups, groups)
-        big = w.new_zeros(w.shape[:2] + tuple(size))
-        big[(Ellipsis,) + tuple(slice(s, s + k) for s, k in zip(shift, c.kernel_size))] = w
+        if tuple(size) == tuple(c.kernel_size):
+            big = w  # already on the common grid (shifts are then 0): no copy
+        else:
+            big = w.new_zeros(w.shape[:2] + tuple(size))
+            big[(Ellipsis,) + tuple(slice(s, s + k) for s, k in zip(shift, c.kernel_size))] = w
         out.append(Conv(big, c.bias, first.stride, tuple(padding), tuple(dilation), groups, mode))
     return out, None
 
