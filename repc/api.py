@@ -151,7 +151,6 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                  constants=constants, fixed=fixed, expected=expected, allow_approximate=allow_approximate,
                  approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize,
                  cost_model=_cost_model(cost, model))
-    check = None
     if not verify:
         with phases.step("capture and fuse"):
             fused, report, reference = _build(**build, synthesize=True)
@@ -165,16 +164,31 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             return compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, held,
                            expected=expected if reference is model else None)
 
+        def verified_output(fused, report, reference):
+            """The output to return, verified: the module-preserving copy where it applies and
+            passes, else the graph (one whole-model check where the copy passes, not two)."""
+            if not graph and isinstance(fused, fx.GraphModule):
+                with phases.step("write back into the model's modules"):
+                    written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled)
+                if written is not None:
+                    with phases.step("verify"):
+                        result = check(written[0], reference)
+                    if result.ok:
+                        _accept_copy(report, written[1])
+                        return written[0], result
+                    report.output_note = _copy_failed(result)
+            with phases.step("verify"):
+                return fused, check(fused, reference)
+
         def verified_build(build):
             with phases.step("capture and fuse"):
                 fused, report, reference = _build(**build, synthesize=True)
-            with phases.step("verify"):
-                result = check(fused, reference)
+            fused, result = verified_output(fused, report, reference)
             dense = [r.root for r in report.rewrites if r.shape_specialized]
             if not result.ok and dense:
                 # a map read off by probing fits the example's size; the model accepts others
                 fused, report, reference = _build(**build, synthesize=False)
-                result = check(fused, reference)
+                fused, result = verified_output(fused, report, reference)
                 report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
                                                        "example's per-sample size only, and the model accepts others",
                                                  RejectionKind.CHECK_FAILED)
@@ -200,9 +214,14 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                                                  RejectionKind.CHECK_FAILED))
             report.rewrites = []
             report.nodes_after = report.nodes_before
-    with phases.step("write back into the model's modules"):
-        fused = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs, expected,
-                                   tolerance, check, phases.enabled)
+    if not verify:
+        with phases.step("write back into the model's modules"):
+            fused = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs, expected,
+                                       tolerance, phases.enabled)
+    elif isinstance(fused, fx.GraphModule):
+        _write_back(fused, model, report, reference, example_inputs, kwargs, False, modules_only=True)
+    else:
+        report.output = "module-preserving"  # (the verified copy, fx in parts, or rolled back: the model's class)
     # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
     original_buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
     report.params_after = sum(p.numel() for p in fused.parameters()) + \
@@ -212,11 +231,11 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
     return fused.eval()  # like the model: new GraphModules start in training mode
 
 
-def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
-                       expected, tolerance, check, progress: bool = False) -> nn.Module:
-    """The module-preserving output where it applies and passes the checks, else ``fused`` (the
-    whole-model graph) with the reason in ``report.output_note``.  ``check(candidate, reference)``
-    is the whole-model verification (None with ``verify=False``: then the example is compared)."""
+def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,
+                progress: bool = False, modules_only: bool = False):
+    """The module-preserving copy of the model with ``fused``'s regions swapped in, not yet
+    verified, and its swaps; None (and the reason in ``report.output_note``) where it does not apply.  Names
+    each rewrite's module in the report either way (``modules_only``: only that)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
     if source is not None:  # each rewrite's module, for the report (whichever output is returned)
@@ -226,21 +245,21 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
             modules = {}
         for r in report.rewrites:
             r.module = modules.get(r.root, r.module)
-    if graph or not isinstance(fused, fx.GraphModule):
-        return fused  # (fx in parts, or rolled back: already the model's own class)
+    if modules_only or not isinstance(fused, fx.GraphModule):
+        return None  # (fx in parts, or rolled back: already the model's own class)
     if source is None or reference is not model:
         report.output_note = "expert averaging: its reference is the averaged graph" if reference is not model \
             else "no captured graph to write back"
-        return fused
+        return None
     try:
         preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites,
                                     progress=progress, **source)
     except PreserveError as why:
         report.output_note = str(why)
-        return fused
+        return None
     except Exception as why:  # a case the write-back does not handle: the graph is still a verified result
         report.output_note = f"the fused graph could not be written back into the model's modules ({_short(why)})"
-        return fused
+        return None
     base = base_of_peft(preserved)
     if base is not None:  # the merged base model, as merge_and_unload gives it; paths then as in it
         at = next(name for name, m in preserved.named_modules() if m is base)
@@ -251,26 +270,43 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
         if left:
             report.output_note = f"the merged base model would still hold {', '.join(left)} layers: the LoRA " \
                                  "merge crosses module boundaries no swap expresses; the whole-model graph is returned"
-            return fused
+            return None
         preserved = base.eval()
-    if check is not None:
-        result = check(preserved, model)
-        ok, why = result.ok, f"on the {result.failing_input} input: {result.error or ''} max deviation " \
-                             f"{result.max_deviation:.3g}"
-    else:  # verify=False: the example only, as the graph was not checked either
-        with torch.no_grad():
-            got = preserved(*args, **kwargs)
-        dev = deviation(got, expected)
-        ok, why = dev <= (tolerance or dtype_tolerance(output_dtype(expected))), f"deviation {dev:.3g} on the example"
-    if not ok:
-        report.output_note = f"the model with the fused modules swapped in failed verification ({why.strip()}); " \
-                             "the whole-model graph is returned"
-        return fused
+    return preserved, swaps
+
+
+def _accept_copy(report: Report, swaps) -> None:
+    """The verified copy is returned: the report says so and lists its swaps."""
     report.output, report.swaps = "module-preserving", swaps
     left_out = [s for s in swaps if s.becomes == "not applied"]
     if left_out:
         report.output_note = f"{sum(len(s.rewrites) for s in left_out)} rewrite(s) not applied in the model's own " \
                              "modules, which no swap of a module expresses (graph=True applies them all)"
+
+
+def _copy_failed(result) -> str:
+    why = f"on the {result.failing_input} input: {result.error or ''} max deviation {result.max_deviation:.3g}"
+    return f"the model with the fused modules swapped in failed verification ({why.strip()}); " \
+           "the whole-model graph is returned"
+
+
+def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
+                       expected, tolerance, progress: bool = False) -> nn.Module:
+    """With ``verify=False``: the module-preserving output where it applies and computes the
+    graph's output on the example, else ``fused`` (the whole-model graph) with the reason in
+    ``report.output_note``.  (Verified compiles write back inside their verification.)"""
+    written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph)
+    if written is None:
+        return fused
+    preserved, swaps = written
+    with torch.no_grad():
+        got = preserved(*args, **kwargs)
+    dev = deviation(got, expected)
+    if dev > (tolerance or dtype_tolerance(output_dtype(expected))):
+        report.output_note = f"the model with the fused modules swapped in failed verification (deviation " \
+                             f"{dev:.3g} on the example); the whole-model graph is returned"
+        return fused
+    _accept_copy(report, swaps)
     return preserved
 
 
