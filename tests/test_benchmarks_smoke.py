@@ -34,6 +34,7 @@ bench_vit = _load("bench_vit")
 bench_models = _load("bench_models")
 bench_cost_model = _load("bench_cost_model")
 bench_heavy_ops = _load("bench_heavy_ops")
+bench_timm = _load("bench_timm")
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import bench_common from beside them, as this does
 import bench_common as common  # noqa: E402
 
@@ -275,3 +276,26 @@ def test_write_json_leaves_no_partial_file(tmp_path):
         common.write_json(str(target), {1j: "a complex key is not JSON"})  # fails half-way through dumping
     assert json.loads(target.read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+# ----------------------------------------------------------------------------- bench_timm (timm not here)
+
+def test_bench_timm_says_where_timm_is_missing_and_exits_2(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # (an import of it then fails, installed or not)
+    assert bench_timm.main(["--models", "repvgg_a0"]) == 2
+    assert "timm is not installed" in capsys.readouterr().out
+
+
+def test_bench_timm_randomizes_every_parameter_and_bn_statistic():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    fresh = [t.clone() for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    bench_timm.randomized(model)
+    moved = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    assert not model.training and all(not torch.equal(a, b) for a, b in zip(fresh, moved))
+
+
+def test_bench_timm_renders_a_failed_model_as_a_row():
+    ok = {"model": "a", "front_end": "fx", "output": "module-preserving", "before": (4, 2), "repc": (2, 0),
+          "reference": (2, 0), "error": 1e-7, "compile_s": 1.0, "repc_over_reference": 0.98}
+    table = bench_timm.render([ok, {"model": "b", "failed": "RuntimeError: no"}])
+    assert "4 -> 2 (2)" in table and "failed: RuntimeError: no" in table
