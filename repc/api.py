@@ -667,8 +667,17 @@ def _fuse_parts(work: nn.Module, example_inputs, report: Report, synthesize: boo
         report.rewrites.extend(result.rewrites)
         report.rejected.extend(result.rejections)
         report.nodes_before += nodes
+        _keep_attributes(result.module, getattr(parent, name))
         setattr(parent, name, result.module)
     return work
+
+
+def _keep_attributes(fused: nn.Module, original: nn.Module) -> None:
+    """The fused part keeps the original's plain Python attributes, which the forward of the
+    module that calls it may read (timm EfficientViT's ``self.attn.resolution``)."""
+    for key, value in vars(original).items():
+        if not key.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor)) and not hasattr(fused, key):
+            setattr(fused, key, value)
 
 
 def _graph_nodes(module: nn.Module) -> int:

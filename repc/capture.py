@@ -9,6 +9,7 @@ are, with the reason recorded.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import operator
 from dataclasses import dataclass
@@ -150,6 +151,11 @@ def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None,
     """Symbolically trace ``module``; standard ``torch.nn`` layers stay call_module leaves and
     item assignments are recorded (the graph then holds in-place ``setitem`` nodes).  With the
     positional ``example_inputs``, shapes can be unpacked in the forward (see :class:`Tracer`)."""
+    with python_state_kept(module):
+        return _trace(module, concrete_args, example_inputs)
+
+
+def _trace(module: nn.Module, concrete_args, example_inputs) -> fx.GraphModule:
     arguments = _arguments_by_name(module, example_inputs)
     try:
         tracer = Tracer(arguments)
@@ -171,6 +177,33 @@ def trace(module: nn.Module, concrete_args: Optional[Dict[str, Any]] = None,
                         buffer.copy_(before)
     name = module.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+_CONTAINERS = (dict, list, set)
+
+
+@contextlib.contextmanager
+def python_state_kept(module: nn.Module):
+    """Every submodule's Python attributes, and the contents of the dicts, lists and sets they
+    hold, as they were before: tracing runs the forward's Python, which may store what it
+    computes (timm's ``attention_bias_cache[str(x.device)] = ...`` then holds a proxy of a graph
+    that is gone, which the next trace of that module reads back)."""
+    saved = []
+    for m in module.modules():
+        attributes = dict(m.__dict__)
+        contents = {k: copy.copy(v) for k, v in attributes.items() if isinstance(v, _CONTAINERS)}
+        saved.append((m, attributes, contents))
+    try:
+        yield
+    finally:
+        for m, attributes, contents in saved:
+            for k in [k for k in m.__dict__ if k not in attributes]:
+                del m.__dict__[k]
+            m.__dict__.update(attributes)
+            for k, before in contents.items():  # (the same container, its contents as they were)
+                now = attributes[k]
+                now.clear()
+                (now.extend if isinstance(now, list) else now.update)(before)
 
 
 def _arguments_by_name(module: nn.Module, example_inputs: Optional[Tuple[Any, ...]]) -> Optional[Dict[str, Any]]:

@@ -165,3 +165,55 @@ def test_an_inputs_dtype_is_not_baked_into_the_graph():
     gm = trace(Cast(), example_inputs=(torch.randn(3),))
     x = torch.randn(3, dtype=torch.float64)
     assert gm(x).dtype == torch.float64
+
+
+class CachedBias(nn.Module):
+    """timm's attention-bias cache: eval calls store a tensor under the device's name."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4))
+        self.cache = {}
+        self.scale = 0.5
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return x * self.scale + self.cache[key]
+
+
+def test_tracing_leaves_the_modules_python_state_as_it_was():
+    # under fx, str(x.device) names a proxy, which the cache would keep: the next trace of the
+    # module would read back a proxy of a graph that is gone
+    module = CachedBias()
+    x = torch.randn(2, 4)
+    for _ in range(2):  # (the second trace read the first one's proxy)
+        gm = trace(module, example_inputs=(x,))
+        assert module.cache == {} and not hasattr(module, "_tensor_constant0")
+        assert torch.allclose(gm(x), module(x)) and set(module.cache) == {"cpu"}
+        module.cache.clear()
+
+
+class ReadsItsPartsAttributes(nn.Module):
+    """EfficientViT's window attention: the caller's Python reads its child's plain attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.attn.resolution = 7
+
+    def forward(self, x):
+        if x.sum() > -1e9 and self.attn.resolution == 7:  # data-dependent: fused in parts
+            x = self.attn(x)
+        return x
+
+
+def test_a_part_fused_on_its_own_keeps_the_attributes_its_caller_reads():
+    model = ReadsItsPartsAttributes().eval()
+    x = torch.randn(3, 4)
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert report.front_end == "fx (in parts)" and len(report.rewrites) == 1 and not report.rolled_back, report
+    assert isinstance(fused.attn, fx.GraphModule) and fused.attn.resolution == 7
+    assert torch.allclose(fused(x), model(x), atol=1e-5)
