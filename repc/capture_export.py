@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -285,6 +286,10 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 
 
 _FUNCTIONS = {"max": max, "min": min, "Max": max, "Min": min, "abs": abs}  # as sympy's printer writes them
+# as export writes a guard on a size the model computed with them (``min(ws, H)`` on a SymInt)
+_MODULE_FUNCTIONS = {("torch", "sym_max"): max, ("torch", "sym_min"): min, ("torch", "sym_not"): operator.not_,
+                     ("torch", "sym_float"): float, ("torch", "sym_int"): int, ("math", "floor"): math.floor,
+                     ("math", "ceil"): math.ceil, ("math", "trunc"): math.trunc}
 
 
 class _GuardTranslator(ast.NodeVisitor):
@@ -349,6 +354,10 @@ class _GuardTranslator(ast.NodeVisitor):
             return self._read(node, lambda: self.graph.call_method("size", (self.visit(func.value),)))
         if isinstance(func, ast.Name) and func.id in _FUNCTIONS and not node.keywords:
             return self.graph.call_function(_FUNCTIONS[func.id], tuple(self.visit(a) for a in node.args))
+        named = (func.value.id, func.attr) if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
+            else None
+        if named in _MODULE_FUNCTIONS and not node.keywords:
+            return self.graph.call_function(_MODULE_FUNCTIONS[named], tuple(self.visit(a) for a in node.args))
         self.generic_visit(node)
 
 

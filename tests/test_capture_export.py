@@ -204,3 +204,18 @@ def test_guards_translate_to_graph_code_over_the_inputs():
     assert gm(torch.zeros(9, 1, 1, 4), torch.zeros(2)) is False
     with pytest.raises(Exception, match="cannot write as graph code"):
         _GuardTranslator(graph, [x, y]).visit(ast.parse("P[0].stride()[0] == 1", mode="eval").body)
+
+
+def test_guards_on_sizes_computed_with_sym_max_and_sym_min_translate_too():
+    # export writes a guard on ``min(window, H)`` (timm's EfficientViT, LeViT) with torch.sym_min
+    import ast
+    import torch.fx as fx
+    from repc.capture_export import _GuardTranslator
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    code = "torch.sym_max(1, P[0].size()[2] // 7) == torch.sym_min(3, P[0].size()[3]) and math.floor(2.5) == 2"
+    graph.output(_GuardTranslator(graph, [x]).visit(ast.parse(code, mode="eval").body))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert gm(torch.zeros(1, 1, 14, 2)) is True  # max(1, 2) == min(3, 2)
+    assert gm(torch.zeros(1, 1, 14, 5)) is False  # max(1, 2) != min(3, 5)
+    assert gm(torch.zeros(1, 1, 3, 1)) is True  # max(1, 0) == min(3, 1)
