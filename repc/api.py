@@ -21,7 +21,7 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import PreserveError, base_of_peft, preserve, region_paths, snapshot
+from .preserve import PreserveError, base_of_peft, module_scopes, preserve, region_paths, snapshot
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .verify.check import compare, deviation, output_dtype, tolerance as dtype_tolerance
@@ -164,31 +164,44 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             return compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, held,
                            expected=expected if reference is model else None)
 
-        def verified_output(fused, report, reference):
-            """The output to return, verified: the module-preserving copy where it applies and
-            passes, else the graph (one whole-model check where the copy passes, not two)."""
+        def verified_output(fused, report, reference, build):
+            """The output to return, verified, with its report: the module-preserving copy where it
+            applies and passes (built again with regions kept inside modules where some spanned
+            modules no swap expresses), else the graph (one whole-model check where a copy passes)."""
             if not graph and isinstance(fused, fx.GraphModule):
                 with phases.step("write back into the model's modules"):
                     written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled)
+                if written is not None and written[2]:
+                    with phases.step("capture and fuse"):
+                        confined = _build(**build, confine=written[2])
+                    with phases.step("write back into the model's modules"):
+                        rewritten = _write_back(confined[0], model, confined[1], confined[2], example_inputs, kwargs,
+                                                phases.enabled)
+                    if rewritten is not None and _left_out(rewritten[1]) < _left_out(written[1]):
+                        with phases.step("verify"):
+                            result = check(rewritten[0], confined[2])
+                        if result.ok:
+                            _accept_copy(confined[1], rewritten[1], confined=True)
+                            return rewritten[0], confined[1], result
                 if written is not None:
                     with phases.step("verify"):
                         result = check(written[0], reference)
                     if result.ok:
                         _accept_copy(report, written[1])
-                        return written[0], result
+                        return written[0], report, result
                     report.output_note = _copy_failed(result)
             with phases.step("verify"):
-                return fused, check(fused, reference)
+                return fused, report, check(fused, reference)
 
         def verified_build(build):
             with phases.step("capture and fuse"):
                 fused, report, reference = _build(**build, synthesize=True)
-            fused, result = verified_output(fused, report, reference)
+            fused, report, result = verified_output(fused, report, reference, dict(build, synthesize=True))
             dense = [r.root for r in report.rewrites if r.shape_specialized]
             if not result.ok and dense:
                 # a map read off by probing fits the example's size; the model accepts others
                 fused, report, reference = _build(**build, synthesize=False)
-                fused, result = verified_output(fused, report, reference)
+                fused, report, result = verified_output(fused, report, reference, dict(build, synthesize=False))
                 report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
                                                        "example's per-sample size only, and the model accepts others",
                                                  RejectionKind.CHECK_FAILED)
@@ -234,8 +247,10 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,
                 progress: bool = False, modules_only: bool = False):
     """The module-preserving copy of the model with ``fused``'s regions swapped in, not yet
-    verified, and its swaps; None (and the reason in ``report.output_note``) where it does not apply.  Names
-    each rewrite's module in the report either way (``modules_only``: only that)."""
+    verified, its swaps, and the module scopes of the regions no swap applied (for a build
+    confined to them: :func:`module_scopes`; empty where all applied); None (and the reason in
+    ``report.output_note``) where it does not apply.  Names each rewrite's module in the report
+    either way (``modules_only``: only that)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
     if source is not None:  # each rewrite's module, for the report (whichever output is returned)
@@ -272,16 +287,28 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
                                  "merge crosses module boundaries no swap expresses; the whole-model graph is returned"
             return None
         preserved = base.eval()
-    return preserved, swaps
+    left_out = {root for s in swaps if s.becomes == "not applied" for root in s.rewrites}
+    scopes = module_scopes(source["source"], report.rewrites, left_out, source["prefix"], source["captured"], fused) \
+        if left_out else {}
+    return preserved, swaps, scopes
 
 
-def _accept_copy(report: Report, swaps) -> None:
-    """The verified copy is returned: the report says so and lists its swaps."""
+def _left_out(swaps) -> int:
+    """How many rewrites the copy leaves out (no swap of a module expresses them)."""
+    return sum(len(s.rewrites) for s in swaps if s.becomes == "not applied")
+
+
+def _accept_copy(report: Report, swaps, confined: bool = False) -> None:
+    """The verified copy is returned: the report says so and lists its swaps (``confined``: of
+    a build whose regions were kept inside modules)."""
     report.output, report.swaps = "module-preserving", swaps
-    left_out = [s for s in swaps if s.becomes == "not applied"]
-    if left_out:
-        report.output_note = f"{sum(len(s.rewrites) for s in left_out)} rewrite(s) not applied in the model's own " \
+    if _left_out(swaps):
+        report.output_note = f"{_left_out(swaps)} rewrite(s) not applied in the model's own " \
                              "modules, which no swap of a module expresses (graph=True applies them all)"
+    elif confined:
+        spanning = sum(r.kind is RejectionKind.MODULE_BOUNDARY for r in report.rejected)
+        report.output_note = f"{spanning} region(s) spanning modules merged inside each module instead, so that " \
+                             "the model keeps its modules (graph=True merges them whole)"
 
 
 def _copy_failed(result) -> str:
@@ -298,7 +325,7 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
     written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph)
     if written is None:
         return fused
-    preserved, swaps = written
+    preserved, swaps, _ = written
     with torch.no_grad():
         got = preserved(*args, **kwargs)
     dev = deviation(got, expected)
@@ -331,16 +358,16 @@ def _check_tolerance(tolerance, model: nn.Module, expected) -> None:
 
 
 def _build(model, example_inputs, kwargs, positional, constants, fixed, expected, allow_approximate,
-           approximate_tolerance, synthesize: bool, front_end: str, specialize, cost_model=None):
+           approximate_tolerance, synthesize: bool, front_end: str, specialize, cost_model=None, confine=None):
     """Capture and fuse ``model``: (the fused module, its report, the reference it must equal).
 
     ``positional`` is the example as positional inputs only (None where keyword inputs cannot
-    be passed by position), what the fx front end needs."""
+    be passed by position), what the fx front end needs.  ``confine``: see :func:`collapse`."""
     report = Report()
     report.params_before = sum(p.numel() for p in model.parameters())
     traced = dict(model=model, example_inputs=positional, constants=constants, fixed=fixed, expected=expected,
                   allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance,
-                  synthesize=synthesize, report=report, cost_model=cost_model)
+                  synthesize=synthesize, report=report, cost_model=cost_model, confine=confine)
     with torch.no_grad():
         if front_end != "export" and positional is not None:
             # fx first where it captures the whole model: its graph keeps the model's modules
@@ -354,7 +381,7 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
             defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
                         _positional_names(model)[len(example_inputs):]}
             fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize,
-                                   cost_model)
+                                   cost_model, confine)
             if fused is not None:
                 if fx_failed is not None:
                     report.front_ends_declined["fx"] = fx_failed.reason
@@ -381,7 +408,7 @@ def _export_applies(front_end: str, allow_approximate: bool, specialize, args, k
 
 
 def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: Report,
-                   synthesize: bool, cost_model=None) -> Optional[nn.Module]:
+                   synthesize: bool, cost_model=None, confine=None) -> Optional[nn.Module]:
     """``model`` captured by ``torch.export`` and fused, with the model's calling convention;
     None (and the reason in the report) where export does not capture it."""
     try:
@@ -393,7 +420,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     report.nodes_before = len(captured.gm.graph.nodes)
     try:
         fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(expected)), synthesize,
-                             cost_model)
+                             cost_model, confine)
     except CaptureMismatch as why:
         report.front_ends_declined["torch.export"] = str(why)
         report.front_end, report.nodes_before = "", 0
@@ -409,7 +436,8 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
 
 
 def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
-                  synthesize: bool, report: Report, parts: bool = True, whole: bool = True, cost_model=None):
+                  synthesize: bool, report: Report, parts: bool = True, whole: bool = True, cost_model=None,
+                  confine=None):
     """The fx front end: ``model`` traced as a whole (``whole``; its failure is the last
     ``<model>`` entry of ``report.skipped``), or in parts where it does not trace (``parts``;
     None without)."""
@@ -427,7 +455,7 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
     if gm is not None:
         try:
             fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected,
-                                 synthesize, cost_model)
+                                 synthesize, cost_model, confine)
         except CaptureMismatch as why:
             report.skipped.append(SkippedPart("<model>", str(why)))
             report.nodes_before = 0
@@ -634,9 +662,10 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
 
 
 def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None, synthesize=True,
-                 cost_model=None) -> nn.Module:
+                 cost_model=None, confine=None) -> nn.Module:
     captured = snapshot(gm)
-    result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize, cost_model=cost_model)
+    result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize, cost_model=cost_model,
+                      confine=confine)
     report.rewrites.extend(result.rewrites)
     report.rejected.extend(result.rejections)
     # what the module-preserving output is read from: the captured graph its rewrites name, the

@@ -183,6 +183,31 @@ def region_paths(source: fx.GraphModule, rewrites, prefix: str, captured, fused:
     return out
 
 
+def module_scopes(source: fx.GraphModule, rewrites, roots, prefix: str, captured,
+                  fused: Optional[fx.GraphModule] = None) -> Dict[str, Optional[str]]:
+    """For the regions of the rewrites ``roots`` (ones no swap of a module applies: LeViT's
+    distilled heads averaged in the model's own forward), each region node's name -> the child
+    of the region's module that computed it, None where that module's own forward did.
+    :func:`repc.passes.collapse.collapse` confined to these merges each part inside one child
+    (each head's BatchNorm into its linear), which a swap then applies."""
+    chosen = [r for r in rewrites if r.root in roots]
+    placed = region_paths(source, chosen, prefix, captured, fused)
+    known = source_paths(source, prefix, captured)
+    scopes: Dict[str, Optional[str]] = {}
+    for r in chosen:
+        at = placed[r.root]
+        for node in _region_nodes(source.graph, r.replaced):
+            path = known.get(node)
+            if path is None:
+                continue  # (a node repc's passes made: its neighbours place it)
+            if path == at or not _within(path, at):
+                scopes[node.name] = None
+            else:
+                child = (path[len(at) + 1:] if at else path).split(".")[0]
+                scopes[node.name] = f"{at}.{child}" if at else child
+    return scopes
+
+
 _LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "expand",
            "t", "view_as", "reshape_as"}
 

@@ -54,6 +54,7 @@ class RejectionKind(str, enum.Enum):
     DOES_NOT_PAY = "does not pay"  # the merged form costs more than the region as written
     CHECK_FAILED = "check failed"  # the per-region check rolled the merge back
     NOT_APPLICABLE = "not applicable"  # a whole-model pass (expert averaging) found nothing it may do
+    MODULE_BOUNDARY = "module boundary"  # merged only inside one module, so that a swap applies
 
 
 class Opaque(Exception):

@@ -362,3 +362,49 @@ def test_residual_blocks_after_merged_blocks_are_each_swapped_at_their_own_modul
     assert all(isinstance(fused[i], ResidualMlp) or isinstance(fused[i], fx.GraphModule) for i in range(1, 5))
     y = torch.randn(1, 3, 9, 7)
     assert torch.allclose(fused(y), model(y), atol=1e-5)
+
+
+class NormLinear(nn.Module):
+    """timm LeViT's head: BatchNorm1d then Linear."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn, self.l = nn.BatchNorm1d(cin), nn.Linear(cin, cout)
+
+    def forward(self, x):
+        return self.l(self.bn(x))
+
+
+class DistilledNet(nn.Module):
+    """LeViT's distilled heads, averaged in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvNormPair(3, 8)
+        self.head, self.head_dist = NormLinear(8, 5), NormLinear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x)).mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def test_a_region_spanning_the_models_forward_is_merged_inside_each_module_instead():
+    # both heads and their average are one linear map, which no swap of a module expresses: the
+    # copy is built again with merges kept inside modules, each head's BatchNorm into its linear
+    model = _random_affines(DistilledNet())
+    x = torch.randn(2, 3, 8, 8)
+    whole = repc.compile(model, (x,), graph=True)
+    assert sum(n.op == "call_module" and isinstance(whole.get_submodule(n.target), nn.Linear)
+               for n in whole.graph.nodes) == 1, whole.code
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert type(fused) is DistilledNet and report.output == "module-preserving", report
+    assert not any(s.becomes == "not applied" for s in report.swaps), report.swaps
+    assert "merged inside each module" in report.output_note, report.output_note
+    assert any(r.kind is repc.api.RejectionKind.MODULE_BOUNDARY and "head_dist" in r.reason for r in report.rejected)
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in fused.modules()), fused
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 2
+    for shape in ((1, 3, 8, 8), (3, 3, 12, 10)):
+        y = torch.randn(shape)
+        with torch.no_grad():
+            assert _same(fused(y), model(y)) and _same(whole(y), model(y))

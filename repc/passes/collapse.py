@@ -55,7 +55,7 @@ class CaptureMismatch(Exception):
 
 def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool = True,
              prefix: str = "", expected_output: Any = None, synthesize: bool = True,
-             cost_model=None) -> CollapseResult:
+             cost_model=None, confine: Optional[Dict[str, Optional[str]]] = None) -> CollapseResult:
     """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule.
 
     With ``expected_output`` (the model's own output on the example), a traced graph that
@@ -63,13 +63,16 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     lost) raises :class:`CaptureMismatch` before anything is rewritten.  ``synthesize=False``
     turns off reading dense maps off regions by probing.  ``cost_model`` prices regions and
     their merged forms (:class:`repc.passes.cost.MacCost`, multiply-adds, by default; or a
-    :class:`repc.passes.cost.LatencyCost`).
+    :class:`repc.passes.cost.LatencyCost`).  ``confine`` (node name -> the module that computed
+    it, None for its enclosing module's own forward) keeps every region that holds such nodes
+    inside one of those modules: a merge the model's own modules can take, where a wider one
+    could not be swapped in (:func:`repc.preserve.module_scopes`).
     """
     with float64_cache():
-        return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model)
+        return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine)
 
 
-def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model) -> CollapseResult:
+def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine) -> CollapseResult:
     context = PassContext(gm, example_inputs)
     if expected_output is not None:
         traced = next(context.values[n] for n in gm.graph.nodes if n.op == "output")
@@ -83,7 +86,7 @@ def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, co
     matcher = RegionMatcher(gm, facts)
     matcher.run()
     device = _device(gm, example_inputs)
-    return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize, cost_model).run()
+    return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize, cost_model, confine).run()
 
 
 def _device(gm, example_inputs):
@@ -99,8 +102,10 @@ class GraphWriter:
     """Writes the collapsed graph: each region materialized as its merged form or as written."""
 
     def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, device, check: bool, prefix: str,
-                 synthesize: bool = True, cost_model=None):
+                 synthesize: bool = True, cost_model=None, confine: Optional[Dict[str, Optional[str]]] = None):
         self.gm, self.facts, self.matcher = gm, facts, matcher
+        self.confine = confine or {}
+        self._spanning: set = set()  # values refused for spanning the modules they are confined to
         self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
         self.values = facts.values
         self.device, self.check, self.prefix, self.synthesize = device, check, prefix, synthesize
@@ -249,6 +254,19 @@ class GraphWriter:
             return None
         return shallow
 
+    def _modules_spanned(self, expr: Expr) -> str:
+        """Where ``expr``'s region crosses the module scopes it is confined to: the modules (or
+        the enclosing module's own forward) it spans in words; "" where it stays inside one."""
+        if not self.confine:
+            return ""
+        scopes = {self.confine[n.name] for n in expr.region if n.name in self.confine}
+        if not scopes or (len(scopes) == 1 and None not in scopes):
+            return ""
+        named = sorted(s for s in scopes if s is not None)
+        own = ["the forward that calls them" if named else "the forward of the module that encloses it"] \
+            if None in scopes else []
+        return " and ".join(filter(None, [", ".join(named), *own]))
+
     def _slices_one_shared_map(self, expr: Expr) -> bool:
         """A slice of a merged map that several slices read, none of them merged further (a
         fused qkv projection read through ``split`` or ``chunk``): one map then its slices costs
@@ -278,6 +296,14 @@ class GraphWriter:
         computed = self._computed_weights(expr)
         if len(expr.region) < 2 and not computed:
             return False  # a single op as written: nothing to merge
+        spanned = self._modules_spanned(expr)
+        if spanned:
+            if expr.node not in self._spanning:  # (said once per value, not for each smaller form tried)
+                self._spanning.add(expr.node)
+                self._reject(expr, RejectionKind.MODULE_BOUNDARY,
+                             f"merged only inside each module: its region spans {spanned}, and no swap of one "
+                             "of the model's modules expresses a merge across them (graph=True merges it)")
+            return False
         if expr.form is None:
             if expr.pending is None:  # (a layout change nothing undoes is just a layout change)
                 self._reject(expr, RejectionKind.NO_CLOSED_FORM, f"no closed form: {expr.reason}")
