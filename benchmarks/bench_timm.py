@@ -16,7 +16,9 @@ random statistics, which default init would hide folding errors behind), on CPU:
   ``timm.utils.reparameterize_model``'s (all counted alike, on the graph torch.export or fx
   captures: :func:`repc.report.op_counts`);
 * **exact**: max relative error of repc's result against the original on another batch and
-  (where the model allows) another image size;
+  (where the model allows) another image size, below 1e-4 or below the original's own float32
+  rounding error (against the model in float64), which random weights make large in some deep
+  networks;
 * the **front end** and **output** (``module-preserving``: the model's own class) repc gave;
 * **compile time** of ``repc.compile`` with its verification;
 * with ``--rounds``: **latency** of repc's result over the reference's, median of interleaved
@@ -31,7 +33,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -60,13 +62,42 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def counts(model: nn.Module, x: torch.Tensor):
+def counts(models: List[nn.Module], x: torch.Tensor) -> List[Tuple[int, int]]:
+    """(heavy ops, norm layers) of each model, counted alike: on the graphs torch.export (or
+    fx) captures, or where one of them is captured by neither (a forward that branches on
+    sizes, fused by repc in parts), on the ATen ops each runs on ``x``."""
     from repc.capture import trace
     from repc.capture_export import export_graph
     try:
-        return op_counts(export_graph(model, (x,), {}).gm)
-    except Exception:  # (an export guard repc does not write: count on the fx graph)
-        return op_counts(trace(model, example_inputs=(x,)))
+        out = []
+        for model in models:
+            try:
+                out.append(op_counts(export_graph(model, (x,), {}).gm))
+            except Exception:  # (an export guard repc does not write: count on the fx graph)
+                out.append(op_counts(trace(model, example_inputs=(x,))))
+        return out
+    except Exception:
+        return [dispatched_counts(model, x) for model in models]
+
+
+_HEAVY_ATEN = {"convolution", "addmm", "mm", "bmm", "baddbmm"}
+_NORM_ATEN = {"native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+              "native_layer_norm", "native_group_norm"}
+
+
+def dispatched_counts(model: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
+    """(heavy ops, norm layers) among the ATen ops ``model`` runs on ``x``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen: List[str] = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        model(x)
+    return sum(n in _HEAVY_ATEN for n in seen), sum(n in _NORM_ATEN for n in seen)
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -90,14 +121,19 @@ def bench_model(name: str, size: int, rounds: int) -> Dict[str, Any]:
         fused = repc.compile(model, (x,))
         row["compile_s"] = time.perf_counter() - start
     report = fused.repc_report
+    before, after, ref = counts([model, fused, reference], x)
     row.update(front_end=report.front_end, output=report.output, rolled_back=report.rolled_back,
-               before=counts(model, x), repc=counts(fused, x), reference=counts(reference, x))
+               before=before, repc=after, reference=ref)
     other = s if fixed else s + 32
     y = torch.randn(2, 3, other, other, generator=g)
     with torch.no_grad():
-        row["error"] = rel_error(fused(y), model(y))
+        want = model(y)
+        row["error"] = rel_error(fused(y), want)
+        # the original's own float32 rounding (against float64): a random deep network can be
+        # chaotic (ghostnetv3: 0.5), and no float32 form of it agrees more closely than that
+        row["noise"] = rel_error(want.double(), copy.deepcopy(model).double()(y.double()))
     row["as_few"] = row["repc"][0] <= row["reference"][0] and row["repc"][1] <= row["reference"][1]
-    row["exact"] = row["error"] < 1e-4
+    row["exact"] = row["error"] < max(1e-4, row["noise"])
     if rounds:
         with torch.no_grad():
             lat = common.interleaved_medians({"repc": lambda: fused(x), "reference": lambda: reference(x)}, rounds, 3)
@@ -110,7 +146,7 @@ def bench_model(name: str, size: int, rounds: int) -> Dict[str, Any]:
 
 def render(rows: List[Dict[str, Any]]) -> str:
     headers = ["model", "front end", "output", "heavy ops: before -> repc (timm)", "norms: before -> repc (timm)",
-               "max rel. error", "compile s", "repc/timm latency"]
+               "max rel. error (f32 noise)", "compile s", "repc/timm latency"]
     table = []
     for r in rows:
         if "failed" in r:
@@ -119,7 +155,7 @@ def render(rows: List[Dict[str, Any]]) -> str:
         table.append([r["model"], r["front_end"], r["output"],
                       f"{r['before'][0]} -> {r['repc'][0]} ({r['reference'][0]})",
                       f"{r['before'][1]} -> {r['repc'][1]} ({r['reference'][1]})",
-                      f"{r['error']:.1e}", f"{r['compile_s']:.1f}",
+                      f"{r['error']:.1e} ({r['noise']:.0e})", f"{r['compile_s']:.1f}",
                       common.fmt_ratio(r["repc_over_reference"]) if "repc_over_reference" in r else "-"])
     return common.format_table(headers, table)
 

@@ -296,6 +296,13 @@ def test_bench_timm_randomizes_every_parameter_and_bn_statistic():
 
 def test_bench_timm_renders_a_failed_model_as_a_row():
     ok = {"model": "a", "front_end": "fx", "output": "module-preserving", "before": (4, 2), "repc": (2, 0),
-          "reference": (2, 0), "error": 1e-7, "compile_s": 1.0, "repc_over_reference": 0.98}
+          "reference": (2, 0), "error": 1e-7, "noise": 1e-7, "compile_s": 1.0, "repc_over_reference": 0.98}
     table = bench_timm.render([ok, {"model": "b", "failed": "RuntimeError: no"}])
     assert "4 -> 2 (2)" in table and "failed: RuntimeError: no" in table
+
+
+def test_bench_timm_counts_the_aten_ops_a_model_runs_where_no_graph_is_captured():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    model(x)
+    assert bench_timm.dispatched_counts(model, x) == (2, 1)
