@@ -119,7 +119,7 @@ class GraphWriter:
         self.graph = fx.Graph()
         self.namer = AttributeNamer(gm)
         self.env: Dict[fx.Node, fx.Node] = {}
-        self.memo: Dict[int, fx.Node] = {}
+        self.memo: Dict[int, Tuple[Expr, fx.Node]] = {}
         self.counted: set = set()  # nodes whose ops a rewrite's flops_before has counted
         self._merged_inside: Optional[set] = None
         self.result = CollapseResult(gm)
@@ -175,7 +175,7 @@ class GraphWriter:
     # -- materialization ----------------------------------------------------------------------
     def materialize(self, expr: Expr) -> fx.Node:
         if id(expr) in self.memo:
-            return self.memo[id(expr)]
+            return self.memo[id(expr)][1]
         if expr.is_leaf:
             out = self.value_of(expr.node)
         elif self._slices_one_shared_map(expr):
@@ -185,7 +185,7 @@ class GraphWriter:
         else:
             shallow = self._shallower(expr)
             out = self._emit(shallow) if shallow is not None else self._as_written(expr)
-        self.memo[id(expr)] = out
+        self.memo[id(expr)] = (expr, out)  # (kept with it: a freed expr's id is reused by the next one made)
         return out
 
     def _as_written(self, expr: Expr) -> fx.Node:
@@ -262,8 +262,9 @@ class GraphWriter:
         scopes = {self.confine[n.name] for n in expr.region if n.name in self.confine}
         if not scopes or (len(scopes) == 1 and None not in scopes):
             return ""
-        named = sorted(s for s in scopes if s is not None)
-        own = ["the forward that calls them" if named else "the forward of the module that encloses it"] \
+        named = sorted(s for s in scopes if s)
+        own = ["the model's own forward"] if "" in scopes else []
+        own += ["the forward that calls them" if named else "the forward of the module that encloses it"] \
             if None in scopes else []
         return " and ".join(filter(None, [", ".join(named), *own]))
 

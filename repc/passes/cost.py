@@ -142,11 +142,13 @@ def best_cost(expr: Expr, model, matcher: RegionMatcher, memo: Optional[dict] = 
     region tree; a region two operands share counts once)."""
     memo = {} if memo is None else memo
     if id(expr) in memo:
-        return memo[id(expr)]
+        return memo[id(expr)][1]
     best = parts_cost(expr, model, matcher, memo)
     if expr.form is not None and len(expr.region) > 1:
         best = min(best, model.form_cost(expr.form, expr.node, matcher))
-    memo[id(expr)] = best
+    # the expr is kept with its cost: a memo keyed by the id of an expr that was freed (the
+    # shallower forms tried are made and dropped) would give its cost to the next one made there
+    memo[id(expr)] = (expr, best)
     return best
 
 
