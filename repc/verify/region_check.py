@@ -32,10 +32,14 @@ class RegionRunner:
         self.facts, self.matcher = facts, matcher
         self.values = facts.values
         self.interp = fx.Interpreter(gm)
+        self.read_sizes_outside = False  # whether the last run read a size of a value outside the region
 
     def run(self, expr: Expr, sources: Dict[fx.Node, torch.Tensor], exact: bool = False):
         """The region's output on ``sources``.  ``exact``: in float64, each conv/linear/BN through
-        its canonical op (``algebra.apply``) rather than the model's own lower-precision module."""
+        its canonical op (``algebra.apply``) rather than the model's own lower-precision module.
+        Sets :attr:`read_sizes_outside` where the region read the example's sizes of a value
+        outside it (then only the example's sizes fit)."""
+        self.read_sizes_outside = False
         env = dict(sources)
         for node in self.matcher.in_order(expr.region):
             self._provide_inputs(node, env)
@@ -58,8 +62,9 @@ class RegionRunner:
                 env[arg] = self._eval(arg, env)
             elif metadata_read(node) is not None:
                 # the shape of a value outside the region (x.shape of the model's input): the
-                # example's, which fits the trials at the example's sizes (others fail and are skipped)
+                # example's, which fits the example's sizes only
                 env[arg] = self.values[arg]
+                self.read_sizes_outside = True
             else:
                 raise RuntimeError(f"region input {arg.name} is not a source")
 
@@ -145,6 +150,10 @@ class RegionChecker:
                 want = self.runner.run(expr, dict(zip(sources, inputs)))
             except Exception:
                 continue
+            if self.runner.read_sizes_outside:
+                # ``view(B, -1, H, W)`` with B read off the model's input: at another batch it may
+                # still run, folding the batch into the ``-1``, and give no value to compare with
+                return None
             if not isinstance(want, torch.Tensor) or want.dim() != self.values[expr.node].dim():
                 continue
             return f"random {'x'.join(map(str, trial[0]))}", inputs, want
