@@ -185,22 +185,28 @@ def region_paths(source: fx.GraphModule, rewrites, prefix: str, captured, fused:
 
 def module_scopes(source: fx.GraphModule, rewrites, roots, prefix: str, captured,
                   fused: Optional[fx.GraphModule] = None) -> Dict[str, Optional[str]]:
-    """For the regions of the rewrites ``roots`` (ones no swap of a module applies: LeViT's
-    distilled heads averaged in the model's own forward), each region node's name -> the child
-    of the region's module that computed it, None where that module's own forward did.
-    :func:`repc.passes.collapse.collapse` confined to these merges each part inside one child
-    (each head's BatchNorm into its linear), which a swap then applies."""
+    """For the regions of the rewrites ``roots`` (ones no swap of a module applies), each region
+    node's name -> the scope a build confined to them keeps it in
+    (:func:`repc.passes.collapse.collapse`'s ``confine``):
+
+    * a region that reaches out of the module placing it (a layout op of the caller merged in:
+      EfficientViT's ``qkv(feat).view(B, -1, H, W)``, which no swap of the ``qkv`` module
+      gives): that module's nodes keep together, each node outside it in its own module;
+    * a region inside its module whose swap fails, or in the model's own forward (LeViT's
+      distilled heads averaged): each child module's nodes keep together, the module's own
+      nodes (None) join none (each head's BatchNorm then folds into its linear)."""
     chosen = [r for r in rewrites if r.root in roots]
     placed = region_paths(source, chosen, prefix, captured, fused)
     known = source_paths(source, prefix, captured)
     scopes: Dict[str, Optional[str]] = {}
     for r in chosen:
         at = placed[r.root]
-        for node in _region_nodes(source.graph, r.replaced):
-            path = known.get(node)
-            if path is None:
-                continue  # (a node repc's passes made: its neighbours place it)
-            if path == at or not _within(path, at):
+        nodes = [(n, known[n]) for n in _region_nodes(source.graph, r.replaced) if known.get(n) is not None]
+        reaches_out = any(not _within(path, at) for _, path in nodes)
+        for node, path in nodes:  # (a node repc's passes made has no path: its neighbours place it)
+            if reaches_out:
+                scopes[node.name] = at if _within(path, at) else path
+            elif path == at:
                 scopes[node.name] = None
             else:
                 child = (path[len(at) + 1:] if at else path).split(".")[0]
