@@ -358,9 +358,12 @@ def test_a_rank_read_of_a_computed_value_becomes_its_constant_and_an_inputs_stay
     module = RankAssertedNorm().eval()
     x = torch.randn(2, 3, 6, 6)
     gm = fx.symbolic_trace(module)
-    assert detach_metadata_reads(gm, record_values(gm, (x,))) == 2  # y.ndim, y.dim()
+    # y.ndim, y.dim(); then 4 == 4 and the assert of it, which would run on every call
+    assert detach_metadata_reads(gm, record_values(gm, (x,))) == 4
     reads = [n for n in gm.graph.nodes if metadata_read(n) is not None]
     assert [(metadata_read(n), n.args[0].name) for n in reads] == [("dim", "x")]  # an input's rank may change
+    asserts = [n for n in gm.graph.nodes if n.target is torch._assert]
+    assert [n.args[1] for n in asserts] == ["same rank"]  # (4 == x.dim(): x's rank may differ)
     assert list(gm.graph.find_nodes(op="call_module", target="conv"))[0].users.keys() == \
         set(gm.graph.find_nodes(op="call_module", target="bn"))  # the conv is read by the norm alone
     assert torch.equal(gm(x), module(x))

@@ -7,6 +7,7 @@ constants they are, and moves shape reads up to a value no region absorbs;
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Dict, Optional
 
 import torch
@@ -79,8 +80,35 @@ def detach_metadata_reads(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> int
             node.replace_input_with(start, source)
             count += 1
     if count:
+        count += _fold_literal_checks(graph)
         graph.lint()
         gm.recompile()
+    return count
+
+
+_LITERAL_OPS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.not_,
+                operator.and_, operator.or_}
+_ASSERTS = {torch._assert}
+
+
+def _fold_literal_checks(graph: fx.Graph) -> int:
+    """Comparisons whose operands are now literals (``4 == 4``, a rank read made a constant)
+    become their value, and an assert of a literal True goes: a library norm's rank check would
+    else run on every call of the fused model.  Returns how many nodes went."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs or any(isinstance(a, fx.Node) for a in node.args):
+            continue
+        if node.target in _LITERAL_OPS:
+            value = node.target(*node.args)
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+            graph.erase_node(node)
+            count += 1
+        elif node.target in _ASSERTS and node.args and node.args[0] is True and not node.users:
+            graph.erase_node(node)
+            count += 1
     return count
 
 
