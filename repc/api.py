@@ -229,8 +229,9 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             report.nodes_after = report.nodes_before
     if not verify:
         with phases.step("write back into the model's modules"):
-            fused = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs, expected,
-                                       tolerance, phases.enabled)
+            fused, report = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs,
+                                               expected, tolerance, phases.enabled,
+                                               rebuild=lambda scopes: _build(**build, synthesize=True, confine=scopes))
     elif isinstance(fused, fx.GraphModule):
         _write_back(fused, model, report, reference, example_inputs, kwargs, False, modules_only=True)
     else:
@@ -318,23 +319,35 @@ def _copy_failed(result) -> str:
 
 
 def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
-                       expected, tolerance, progress: bool = False) -> nn.Module:
-    """With ``verify=False``: the module-preserving output where it applies and computes the
-    graph's output on the example, else ``fused`` (the whole-model graph) with the reason in
-    ``report.output_note``.  (Verified compiles write back inside their verification.)"""
+                       expected, tolerance, progress: bool = False, rebuild=None):
+    """With ``verify=False``: (the output, its report): the module-preserving copy where it
+    applies and computes the graph's output on the example (built again by ``rebuild(scopes)``
+    with regions kept inside modules where some spanned modules no swap expresses), else
+    ``fused`` (the whole-model graph) with the reason in ``report.output_note``.  (Verified
+    compiles write back inside their verification.)"""
+    def deviates(candidate) -> Optional[float]:
+        with torch.no_grad():
+            dev = deviation(candidate(*args, **kwargs), expected)
+        return dev if dev > (tolerance or dtype_tolerance(output_dtype(expected))) else None
+
     written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph)
     if written is None:
-        return fused
+        return fused, report
+    if written[2] and rebuild is not None:
+        confined = rebuild(written[2])
+        rewritten = _write_back(confined[0], model, confined[1], confined[2], args, kwargs, progress)
+        if rewritten is not None and _left_out(rewritten[1]) < _left_out(written[1]) \
+                and deviates(rewritten[0]) is None:
+            _accept_copy(confined[1], rewritten[1], confined=True)
+            return rewritten[0], confined[1]
     preserved, swaps, _ = written
-    with torch.no_grad():
-        got = preserved(*args, **kwargs)
-    dev = deviation(got, expected)
-    if dev > (tolerance or dtype_tolerance(output_dtype(expected))):
+    dev = deviates(preserved)
+    if dev is not None:
         report.output_note = f"the model with the fused modules swapped in failed verification (deviation " \
                              f"{dev:.3g} on the example); the whole-model graph is returned"
-        return fused
+        return fused, report
     _accept_copy(report, swaps)
-    return preserved
+    return preserved, report
 
 
 def _short_class(module: nn.Module) -> str:

@@ -377,15 +377,16 @@ class DistilledNet(nn.Module):
         return (self.head(x) + self.head_dist(x)) / 2
 
 
-def test_a_region_spanning_the_models_forward_is_merged_inside_each_module_instead():
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_region_spanning_the_models_forward_is_merged_inside_each_module_instead(verify):
     # both heads and their average are one linear map, which no swap of a module expresses: the
     # copy is built again with merges kept inside modules, each head's BatchNorm into its linear
     model = _random_affines(DistilledNet())
     x = torch.randn(2, 3, 8, 8)
-    whole = repc.compile(model, (x,), graph=True)
+    whole = repc.compile(model, (x,), graph=True, verify=verify)
     assert sum(n.op == "call_module" and isinstance(whole.get_submodule(n.target), nn.Linear)
                for n in whole.graph.nodes) == 1, whole.code
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (x,), verify=verify)
     report = fused.repc_report
     assert type(fused) is DistilledNet and report.output == "module-preserving", report
     assert not any(s.becomes == "not applied" for s in report.swaps), report.swaps
