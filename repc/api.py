@@ -150,7 +150,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
     build = dict(model=model, example_inputs=example_inputs, kwargs=kwargs, positional=positional,
                  constants=constants, fixed=fixed, expected=expected, allow_approximate=allow_approximate,
                  approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize,
-                 cost_model=_cost_model(cost, model))
+                 cost_model=_cost_model(cost, model), captures={})
     if not verify:
         with phases.step("capture and fuse"):
             fused, report, reference = _build(**build, synthesize=True)
@@ -371,11 +371,13 @@ def _check_tolerance(tolerance, model: nn.Module, expected) -> None:
 
 
 def _build(model, example_inputs, kwargs, positional, constants, fixed, expected, allow_approximate,
-           approximate_tolerance, synthesize: bool, front_end: str, specialize, cost_model=None, confine=None):
+           approximate_tolerance, synthesize: bool, front_end: str, specialize, cost_model=None, confine=None,
+           captures: Optional[dict] = None):
     """Capture and fuse ``model``: (the fused module, its report, the reference it must equal).
 
     ``positional`` is the example as positional inputs only (None where keyword inputs cannot
-    be passed by position), what the fx front end needs.  ``confine``: see :func:`collapse`."""
+    be passed by position), what the fx front end needs.  ``confine``: see :func:`collapse`.
+    ``captures`` keeps the model's export between builds of one compile (each fuses a fresh copy)."""
     report = Report()
     report.params_before = sum(p.numel() for p in model.parameters())
     traced = dict(model=model, example_inputs=positional, constants=constants, fixed=fixed, expected=expected,
@@ -394,7 +396,7 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
             defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
                         _positional_names(model)[len(example_inputs):]}
             fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize,
-                                   cost_model, confine)
+                                   cost_model, confine, captures)
             if fused is not None:
                 if fx_failed is not None:
                     report.front_ends_declined["fx"] = fx_failed.reason
@@ -421,14 +423,21 @@ def _export_applies(front_end: str, allow_approximate: bool, specialize, args, k
 
 
 def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: Report,
-                   synthesize: bool, cost_model=None, confine=None) -> Optional[nn.Module]:
-    """``model`` captured by ``torch.export`` and fused, with the model's calling convention;
-    None (and the reason in the report) where export does not capture it."""
-    try:
-        captured = export_graph(model, args, kwargs)
-    except Exception as why:  # CaptureError says why; anything else is reported the same way, not raised
-        report.front_ends_declined["torch.export"] = str(why) if isinstance(why, CaptureError) else _short(why)
+                   synthesize: bool, cost_model=None, confine=None, captures: Optional[dict] = None
+                   ) -> Optional[nn.Module]:
+    """``model`` captured by ``torch.export`` (or a fresh copy of its capture in ``captures``)
+    and fused, with the model's calling convention; None (and the reason in the report) where
+    export does not capture it."""
+    captures = {} if captures is None else captures
+    if "export" not in captures:
+        try:
+            captures["export"] = export_graph(model, args, kwargs)
+        except Exception as why:  # CaptureError says why; anything else is reported the same way, not raised
+            captures["export"] = CaptureError(str(why) if isinstance(why, CaptureError) else _short(why))
+    if isinstance(captures["export"], CaptureError):
+        report.front_ends_declined["torch.export"] = str(captures["export"])
         return None
+    captured = captures["export"].fresh()
     report.front_end = "torch.export"
     report.nodes_before = len(captured.gm.graph.nodes)
     try:

@@ -21,6 +21,8 @@ lifted.  This module turns that into the graph the rest of repc reads:
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import inspect
 import math
 import operator
@@ -46,6 +48,12 @@ class ExportedGraph:
     out_spec: Any  # pytree spec of the model's output
     guards: List[Tuple[str, str]]  # export's conditions on the inputs: (code over ``P[i]``, words)
     argument_names: List[str]  # one per positional input, then the keyword inputs' names
+
+    def fresh(self) -> "ExportedGraph":
+        """This capture with a graph of its own to edit (the same tensors and leaf modules): a
+        second build of the model (confined to its modules) need not export it again."""
+        gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph), class_name=type(self.gm).__name__)
+        return dataclasses.replace(self, gm=gm)
 
     def give_signature(self, gm: fx.GraphModule, defaults: Dict[str, Any]) -> None:
         """Give ``gm`` (this capture's flat graph, fused) the model's calling convention.
