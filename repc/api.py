@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import gc
 import inspect
 import numbers
@@ -183,7 +184,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                         if result.ok:
                             _accept_copy(confined[1], rewritten[1], confined=True)
                             return rewritten[0], confined[1], result
-                if written is not None:
+                if written is not None and written[0] is not None:
                     with phases.step("verify"):
                         result = check(written[0], reference)
                     if result.ok:
@@ -272,7 +273,10 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
                                     progress=progress, **source)
     except PreserveError as why:
         report.output_note = str(why)
-        return None
+        # no copy; a build confined to modules may still give one
+        scopes = module_scopes(source["source"], report.rewrites, set(why.left_out), source["prefix"],
+                               source["captured"], fused) if why.left_out else {}
+        return (None, None, scopes) if scopes else None
     except Exception as why:  # a case the write-back does not handle: the graph is still a verified result
         report.output_note = f"the fused graph could not be written back into the model's modules ({_short(why)})"
         return None
@@ -294,9 +298,10 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     return preserved, swaps, scopes
 
 
-def _left_out(swaps) -> int:
-    """How many rewrites the copy leaves out (no swap of a module expresses them)."""
-    return sum(len(s.rewrites) for s in swaps if s.becomes == "not applied")
+def _left_out(swaps) -> float:
+    """How many rewrites the copy leaves out (no swap of a module expresses them); all (inf)
+    where there is no copy (``swaps`` None)."""
+    return math.inf if swaps is None else sum(len(s.rewrites) for s in swaps if s.becomes == "not applied")
 
 
 def _accept_copy(report: Report, swaps, confined: bool = False) -> None:
@@ -341,6 +346,8 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
             _accept_copy(confined[1], rewritten[1], confined=True)
             return rewritten[0], confined[1]
     preserved, swaps, _ = written
+    if preserved is None:
+        return fused, report
     dev = deviates(preserved)
     if dev is not None:
         report.output_note = f"the model with the fused modules swapped in failed verification (deviation " \

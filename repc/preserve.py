@@ -53,7 +53,12 @@ from .report import ModuleSwap
 
 
 class PreserveError(Exception):
-    """The fused graph cannot be written back into the model's own modules."""
+    """The fused graph cannot be written back into the model's own modules; ``left_out``: the
+    rewrites no swap applied (where that is why)."""
+
+    def __init__(self, message: str, left_out: Sequence[str] = ()):
+        super().__init__(message)
+        self.left_out = list(left_out)
 
 
 def common_path(paths: Sequence[str]) -> str:
@@ -377,6 +382,38 @@ def _close(a, b) -> bool:
     return (a - b).abs().max().item() <= tol * max(scale, 1e-30) if a.numel() else True
 
 
+def in_the_layers_own_class(written: Optional[nn.Module], merged: nn.Module) -> nn.Module:
+    """``merged`` (an ``nn.Linear``) held by a copy of the layer the model wrote there (its base
+    layer, for a PEFT adapter wrapper), where that layer is a leaf of another class with one
+    ``weight`` (and a ``bias`` where ``merged`` has one) and the merged weight, as it is or
+    transposed, makes it compute ``merged``'s map on a random probe: GPT-2's ``Conv1D`` (its
+    weight is ``in x out``) stays a ``Conv1D``, so ``save_pretrained`` / ``from_pretrained``
+    round-trip as the plain architecture.  Else ``merged`` itself."""
+    base = written.get_base_layer() if hasattr(written, "get_base_layer") else written
+    if not isinstance(merged, nn.Linear) or base is None or type(base) is type(merged) or list(base.children()):
+        return merged
+    own = dict(base.named_parameters(recurse=False))
+    if "weight" not in own or set(own) - {"weight", "bias"} or ("bias" in own) != (merged.bias is not None):
+        return merged
+    probe = torch.randn(3, merged.in_features, generator=torch.Generator().manual_seed(0)).to(merged.weight)
+    with torch.no_grad():
+        want = merged(probe)
+        for weight in (merged.weight, merged.weight.t()):
+            if weight.shape != own["weight"].shape:
+                continue
+            layer = copy.deepcopy(base)
+            layer.weight.copy_(weight)
+            if merged.bias is not None:
+                layer.bias.copy_(merged.bias)
+            try:
+                got = layer(probe)
+            except Exception:  # (a layer that does not take a (batch, features) input)
+                continue
+            if _close(got, want):
+                return layer.eval()
+    return merged
+
+
 # ----------------------------------------------------------------------------- building the swaps
 
 class _Refused(Exception):
@@ -453,7 +490,7 @@ class Preserver:
         for root, (targets, merged) in chains.items():
             if any(_within(targets[0], d) for d in done):
                 continue  # inside a module replaced as a whole
-            self._set(targets[0], copy.deepcopy(merged))
+            merged = self._set(targets[0], copy.deepcopy(merged))
             for t in targets[1:]:
                 self._set(t, nn.Identity())
             path = common_path(targets)
@@ -467,7 +504,7 @@ class Preserver:
         applied = len(self.regions) - len(left_out)
         if left_out and not applied:
             why = notes.get("", "a region spans the model's own forward")
-            raise PreserveError(f"no module of the model encloses a fused region that can be swapped ({why})")
+            raise PreserveError(f"no module of the model encloses a fused region that can be swapped ({why})", left_out)
         for root in left_out:
             p = self.regions[root]
             chain, why = [], "it spans the model's own forward" if p == "" else ""
@@ -500,13 +537,18 @@ class Preserver:
         if not nodes:
             raise _Refused("none of its ops are in the graph")
         replacement, becomes = self._subgraph(path, module, call, nodes)
-        self._set(path, replacement)
+        placed = self._set(path, replacement)
+        becomes = becomes if placed is replacement else type(placed).__name__
         return ModuleSwap(path, _class_name(module), becomes, self._rewrites_in(path))
 
-    def _set(self, path: str, module: nn.Module) -> None:
+    def _set(self, path: str, module: nn.Module) -> nn.Module:
+        """Put ``module`` at ``path``, in the class of the layer written there where it is a
+        merged linear that layer can hold (:func:`in_the_layers_own_class`); returns what was put."""
         parent, _, name = path.rpartition(".")
         owner = self.copy.get_submodule(parent) if parent else self.copy
+        module = in_the_layers_own_class(getattr(owner, name, None), module)
         setattr(owner, name, module)
+        return module
 
     def _fold_forward(self) -> List[str]:
         """An affine folded forward out of a leaf module ``U`` into the leaves ``D`` that alone
@@ -583,7 +625,8 @@ class Preserver:
                             f"its affine folded forward into {', '.join(d for _, d in members)}")]
         self._set(u, new_u)
         for d, root, module, new_d, becomes_d in built:
-            self._set(d, new_d)
+            placed = self._set(d, new_d)
+            becomes_d = becomes_d if placed is new_d else type(placed).__name__
             swaps.append(ModuleSwap(d, _class_name(module), becomes_d, [root], f"takes {u}'s affine"))
         return swaps
 

@@ -166,22 +166,27 @@ def _lora(name):
         return randomized(peft.get_peft_model(base, config)), make_inputs, field
 
 
-def test_a_fused_peft_lora_model_is_its_base_model_with_merged_linears_and_round_trips(tmp_path):
-    model, make_inputs, field = _lora("bert")
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_a_fused_peft_lora_model_is_its_base_model_with_merged_linears_and_round_trips(name, tmp_path):
+    model, make_inputs, field = _lora(name)
     example = make_inputs(2, 7)
     fused = repc.compile(model, (), example, graph=False)
     report = fused.repc_report
     assert report.output == "module-preserving", report.output_note
-    assert type(fused) is transformers.BertModel  # the base model, as merge_and_unload gives it
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    assert type(fused) is type(merged)  # the base model, as merge_and_unload gives it
     assert not any("lora" in n for n in fused.state_dict())
     assert not any(type(m).__module__.startswith("peft") for m in fused.modules())
-    assert {s.path for s in report.swaps if s.becomes == "Linear"} == \
-        {f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")}
-    merged = copy.deepcopy(model).merge_and_unload().eval()
-    assert fused.state_dict().keys() == merged.state_dict().keys()
+    # each LoRA layer is its base layer again (GPT-2's fan_in_fan_out Conv1D stays a Conv1D)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in merged.modules()]
+    lora_layers = {f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")} \
+        if name == "bert" else {f"h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")}
+    assert lora_layers <= {s.path for s in report.swaps}, report.swaps
+    theirs, ours = merged.state_dict(), fused.state_dict()
+    assert theirs.keys() == ours.keys() and all(theirs[k].shape == ours[k].shape for k in ours)
     assert_same_outputs(fused, merged, make_inputs, field)
     fused.save_pretrained(tmp_path)
-    reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()
+    reloaded = type(merged).from_pretrained(tmp_path).eval()
     assert not any("lora" in n for n in reloaded.state_dict())
     assert_same_outputs(reloaded, fused, make_inputs, field)
     assert_same_outputs(reloaded, model, make_inputs, field)
@@ -203,10 +208,11 @@ def test_a_fused_library_model_keeps_its_class_and_save_pretrained_where_a_swap_
     # a LayerNorm's affine folded into the linears after it: the norm keeps its class (affine 1, 0)
     folded = [s for s in report.swaps if "affine reset" in s.becomes]
     assert folded or name == "bert"
+    # the plain architecture (GPT-2's merged projections stay Conv1D, their weight in x out):
+    # from_pretrained gives the fused model back
     theirs, ours = model.state_dict(), fused.state_dict()
-    fits = theirs.keys() == ours.keys() and all(theirs[k].shape == ours[k].shape for k in ours)
-    assert fits == (name != "gpt2")  # (GPT-2's Conv1D holds its weight transposed: a Linear now)
-    if fits:  # the plain architecture: from_pretrained gives the fused model back
-        reloaded = type(model).from_pretrained(tmp_path).eval()
-        assert_same_outputs(reloaded, fused, make_inputs, field)
-        assert_same_outputs(reloaded, model, make_inputs, field)
+    assert theirs.keys() == ours.keys() and all(theirs[k].shape == ours[k].shape for k in ours)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert_same_outputs(reloaded, fused, make_inputs, field)
+    assert_same_outputs(reloaded, model, make_inputs, field)
