@@ -450,3 +450,28 @@ def test_every_conv_bn_of_a_cascaded_attention_folds_in_its_own_module(front_end
     y = torch.randn(2, 48, 5, 6)
     with torch.no_grad():
         assert _same(fused(y), model(y))
+
+
+class InByOut(nn.Module):
+    """GPT-2's Conv1D: ``x @ weight + bias`` with the weight ``in x out``."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (5, 5)])
+def test_a_merged_linear_is_held_by_the_layer_class_written_there(shape):
+    from repc.preserve import in_the_layers_own_class
+    merged = nn.Linear(shape[0], shape[1])
+    held = in_the_layers_own_class(InByOut(*shape), merged)
+    assert type(held) is InByOut and held.weight.shape == (shape[0], shape[1])  # (square: the probe tells)
+    x = torch.randn(3, shape[0])
+    assert torch.allclose(held(x), merged(x), atol=1e-6)
+    other = InByOut(*shape)
+    other.scale = nn.Parameter(torch.ones(1))  # a third parameter: not a plain weight and bias
+    assert in_the_layers_own_class(other, merged) is merged
+    assert in_the_layers_own_class(nn.Linear(*shape), merged) is merged
