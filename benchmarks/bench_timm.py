@@ -21,8 +21,9 @@ random statistics, which default init would hide folding errors behind), on CPU:
   networks;
 * the **front end** and **output** (``module-preserving``: the model's own class) repc gave;
 * **compile time** of ``repc.compile`` with its verification;
-* with ``--rounds``: **latency** of repc's result over the reference's, median of interleaved
-  rounds (one thread).
+* with ``--rounds``: **latency** of repc's result over the reference's, and over repc's
+  whole-model graph (``graph=True``: what keeping the model's own modules costs), median of
+  interleaved rounds (one thread).
 """
 
 from __future__ import annotations
@@ -135,9 +136,14 @@ def bench_model(name: str, size: int, rounds: int) -> Dict[str, Any]:
     row["as_few"] = row["repc"][0] <= row["reference"][0] and row["repc"][1] <= row["reference"][1]
     row["exact"] = row["error"] < max(1e-4, row["noise"])
     if rounds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = repc.compile(model, (x,), graph=True)  # the whole-model graph, to time the copy against
+        forms = {"repc": lambda: fused(x), "reference": lambda: reference(x), "graph": lambda: graph(x)}
         with torch.no_grad():
-            lat = common.interleaved_medians({"repc": lambda: fused(x), "reference": lambda: reference(x)}, rounds, 3)
+            lat = common.interleaved_medians(forms, rounds, 3)
         row["repc_over_reference"] = common.ratio(lat["repc"].median, lat["reference"].median)
+        row["repc_over_graph"] = common.ratio(lat["repc"].median, lat["graph"].median)
     if not row["as_few"]:
         row["left"] = sorted({f"{r.kind}: {r.reason}"[:120] for r in report.rejected})[:6]
         row["output_note"] = report.output_note
@@ -146,17 +152,18 @@ def bench_model(name: str, size: int, rounds: int) -> Dict[str, Any]:
 
 def render(rows: List[Dict[str, Any]]) -> str:
     headers = ["model", "front end", "output", "heavy ops: before -> repc (timm)", "norms: before -> repc (timm)",
-               "max rel. error (f32 noise)", "compile s", "repc/timm latency"]
+               "max rel. error (f32 noise)", "compile s", "repc/timm latency", "repc/graph latency"]
     table = []
     for r in rows:
         if "failed" in r:
-            table.append([r["model"], "failed: " + r["failed"][:80], "", "", "", "", "", ""])
+            table.append([r["model"], "failed: " + r["failed"][:80], "", "", "", "", "", "", ""])
             continue
         table.append([r["model"], r["front_end"], r["output"],
                       f"{r['before'][0]} -> {r['repc'][0]} ({r['reference'][0]})",
                       f"{r['before'][1]} -> {r['repc'][1]} ({r['reference'][1]})",
                       f"{r['error']:.1e} ({r['noise']:.0e})", f"{r['compile_s']:.1f}",
-                      common.fmt_ratio(r["repc_over_reference"]) if "repc_over_reference" in r else "-"])
+                      common.fmt_ratio(r["repc_over_reference"]) if "repc_over_reference" in r else "-",
+                      common.fmt_ratio(r["repc_over_graph"]) if "repc_over_graph" in r else "-"])
     return common.format_table(headers, table)
 
 
