@@ -37,6 +37,7 @@ import copy
 import inspect
 import operator
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -380,6 +381,19 @@ def _close(a, b) -> bool:
     # match cannot pass, as the copy is verified like the graph
     tol = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}.get(a.dtype, 1e-3)
     return (a - b).abs().max().item() <= tol * max(scale, 1e-30) if a.numel() else True
+
+
+def _module_chain(ops: List[fx.Node], start: Optional[fx.Node]) -> Optional[List[fx.Node]]:
+    """``ops`` where they are calls of modules with plain names, the first on ``start`` and
+    each other on the one before, nothing else reading them; else None."""
+    if start is None or len(ops) < 2 or any(n.op != "call_module" or "." in n.target or n.kwargs for n in ops):
+        return None
+    before = start
+    for n in ops:
+        if n.args != (before,) or (before is not start and len(before.users) != 1):
+            return None
+        before = n
+    return ops
 
 
 def in_the_layers_own_class(written: Optional[nn.Module], merged: nn.Module) -> nn.Module:
@@ -789,6 +803,13 @@ class Preserver:
                 through(next(iter(graph.find_nodes(op="output"))).args[0]) is calls[0]:
             single = gm.get_submodule(calls[0].target)  # the region is one call of the merged module
             return single, type(single).__name__
+        chain = _module_chain(ops, placeholders.get(params[0].name) if params else None)
+        if chain is not None and len(call.args) == 1 and not call.kwargs and len(leaves) == 1 and \
+                through(next(iter(graph.find_nodes(op="output"))).args[0]) is chain[-1]:
+            # module calls in turn, each on the one before (a merged conv, then its activation): a
+            # Sequential of them, which a call costs less Python than a GraphModule's
+            layers = nn.Sequential(OrderedDict((n.target, gm.get_submodule(n.target)) for n in chain))
+            return layers.eval(), f"Sequential ({', '.join(type(m).__name__ for m in layers)})"
         kinds = ", ".join(dict.fromkeys(type(gm.get_submodule(n.target)).__name__ for n in ops
                                         if n.op == "call_module"))
         return gm, f"GraphModule ({len(ops)} ops{': ' + kinds if kinds else ''})"

@@ -475,3 +475,18 @@ def test_a_merged_linear_is_held_by_the_layer_class_written_there(shape):
     other.scale = nn.Parameter(torch.ones(1))  # a third parameter: not a plain weight and bias
     assert in_the_layers_own_class(other, merged) is merged
     assert in_the_layers_own_class(nn.Linear(*shape), merged) is merged
+
+
+def test_a_block_that_becomes_module_calls_in_turn_is_a_sequential_of_them():
+    # a RepVGG block fused: its merged conv, then its activation; as a Sequential its call costs
+    # less Python than a GraphModule's, and its state-dict names stay the block's own
+    model = _random_affines(Net())
+    x = torch.randn(2, 3, 16, 16)
+    fused = repc.compile(model, (x,))
+    for i in range(3):
+        block = fused.stages[i]
+        assert type(block) is nn.Sequential and [type(m) for m in block] == [nn.Conv2d, nn.ReLU], block
+    assert "stages.1.conv.weight" in fused.state_dict()
+    y = torch.randn(1, 3, 20, 12)
+    with torch.no_grad():
+        assert _same(fused(y), model(y))

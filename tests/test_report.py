@@ -64,7 +64,7 @@ def test_a_compiled_model_reports_by_module_with_the_swaps_grouped():
     block_rows = [l for l in lines if l.strip().startswith("0.0–5")]
     assert len(block_rows) == 2  # one rewrite row and one swap row for the six blocks
     assert "×6" in block_rows[0] and "2 conv + 3 BN branches → one 3×3 conv" in block_rows[0]
-    assert "GraphModule (2 ops: Conv2d, ReLU)" in block_rows[1]
+    assert "Sequential (Conv2d, ReLU)" in block_rows[1]
     assert "returned: the model's own class" in text
     assert any("1 -> Conv2d, 2 -> Identity" in l for l in lines)
 
