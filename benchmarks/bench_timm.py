@@ -16,9 +16,9 @@ random statistics, which default init would hide folding errors behind), on CPU:
   ``timm.utils.reparameterize_model``'s (all counted alike, on the graph torch.export or fx
   captures: :func:`repc.report.op_counts`);
 * **exact**: max relative error of repc's result against the original on another batch and
-  (where the model allows) another image size, below 1e-4 or below the original's own float32
-  rounding error (against the model in float64), which random weights make large in some deep
-  networks;
+  (where the model allows) another image size, below 1e-4, or no larger than the original's own
+  float32 rounding error (against the model in float64) or timm's conversion's error, which
+  random weights make large in some deep networks;
 * the **front end** and **output** (``module-preserving``: the model's own class) repc gave;
 * **compile time** of ``repc.compile`` with its verification;
 * with ``--rounds``: **latency** of repc's result over the reference's, and over repc's
@@ -130,11 +130,14 @@ def bench_model(name: str, size: int, rounds: int) -> Dict[str, Any]:
     with torch.no_grad():
         want = model(y)
         row["error"] = rel_error(fused(y), want)
+        row["reference_error"] = rel_error(reference(y), want)
         # the original's own float32 rounding (against float64): a random deep network can be
         # chaotic (ghostnetv3: 0.5), and no float32 form of it agrees more closely than that
         row["noise"] = rel_error(want.double(), copy.deepcopy(model).double()(y.double()))
     row["as_few"] = row["repc"][0] <= row["reference"][0] and row["repc"][1] <= row["reference"][1]
-    row["exact"] = row["error"] < max(1e-4, row["noise"])
+    # as exact as float32 allows: within 1e-4, or no further off than the original's own rounding
+    # or than timm's conversion is (two float32 forms of a chaotic network differ by about that)
+    row["exact"] = row["error"] < max(1e-4, row["noise"], row["reference_error"])
     if rounds:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -152,7 +155,7 @@ def bench_model(name: str, size: int, rounds: int) -> Dict[str, Any]:
 
 def render(rows: List[Dict[str, Any]]) -> str:
     headers = ["model", "front end", "output", "heavy ops: before -> repc (timm)", "norms: before -> repc (timm)",
-               "max rel. error (f32 noise)", "compile s", "repc/timm latency", "repc/graph latency"]
+               "max rel. error (timm's; f32 noise)", "compile s", "repc/timm latency", "repc/graph latency"]
     table = []
     for r in rows:
         if "failed" in r:
@@ -161,7 +164,7 @@ def render(rows: List[Dict[str, Any]]) -> str:
         table.append([r["model"], r["front_end"], r["output"],
                       f"{r['before'][0]} -> {r['repc'][0]} ({r['reference'][0]})",
                       f"{r['before'][1]} -> {r['repc'][1]} ({r['reference'][1]})",
-                      f"{r['error']:.1e} ({r['noise']:.0e})", f"{r['compile_s']:.1f}",
+                      f"{r['error']:.1e} ({r['reference_error']:.0e}; {r['noise']:.0e})", f"{r['compile_s']:.1f}",
                       common.fmt_ratio(r["repc_over_reference"]) if "repc_over_reference" in r else "-",
                       common.fmt_ratio(r["repc_over_graph"]) if "repc_over_graph" in r else "-"])
     return common.format_table(headers, table)

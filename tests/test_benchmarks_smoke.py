@@ -296,7 +296,7 @@ def test_bench_timm_randomizes_every_parameter_and_bn_statistic():
 
 def test_bench_timm_renders_a_failed_model_as_a_row():
     ok = {"model": "a", "front_end": "fx", "output": "module-preserving", "before": (4, 2), "repc": (2, 0),
-          "reference": (2, 0), "error": 1e-7, "noise": 1e-7, "compile_s": 1.0, "repc_over_reference": 0.98}
+          "reference": (2, 0), "error": 1e-7, "reference_error": 1e-7, "noise": 1e-7, "compile_s": 1.0, "repc_over_reference": 0.98}
     table = bench_timm.render([ok, {"model": "b", "failed": "RuntimeError: no"}])
     assert "4 -> 2 (2)" in table and "failed: RuntimeError: no" in table
 
