@@ -55,7 +55,11 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            # off its init by a tenth of its own spread (an absolute 0.1 where it has none: zero
+            # biases, unit norm scales); absolute noise on wide convs' small weights makes deep
+            # networks chaotic (GhostNetV3: float32 and float64 forms 0.8 apart)
+            spread = p.std().item() if p.numel() > 1 else 0.0
+            p.add_(torch.randn(p.shape, generator=g) * 0.1 * (spread if spread > 0 else 1.0))
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
