@@ -206,7 +206,9 @@ def as_float64(t: Optional[Tensor]) -> Optional[Tensor]:
             hit = cache.get(key)
             if hit is not None and hit[0]() is t and hit[1] == version:
                 return hit[2]
-    out = t.detach().to(device="cpu", dtype=torch.float64).clone()
+    out = t.detach().to(device="cpu", dtype=torch.float64)
+    if out.data_ptr() == t.data_ptr():  # (already a float64 CPU tensor: a copy of its own)
+        out = out.clone()
     if cache is not None and t.numel() >= _CACHED_FROM:
         try:
             ref = weakref.ref(t, lambda _, key=key, cache=cache: cache.pop(key, None))
