@@ -97,8 +97,9 @@ def _fold_literal_checks(graph: fx.Graph) -> int:
     else run on every call of the fused model.  Returns how many nodes went."""
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.kwargs or any(isinstance(a, fx.Node) for a in node.args):
-            continue
+        if node.op != "call_function" or node.kwargs or \
+                not all(isinstance(a, (bool, int, float, str)) for a in node.args):
+            continue  # (only Python literals: a node or a tensor stays as it is)
         if node.target in _LITERAL_OPS:
             value = node.target(*node.args)
             for user in list(node.users):
