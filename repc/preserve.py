@@ -396,6 +396,17 @@ def _module_chain(ops: List[fx.Node], start: Optional[fx.Node]) -> Optional[List
     return ops
 
 
+def _as_written_in_place(layer: nn.Module, module: nn.Module, name: str, fresh_input: bool) -> nn.Module:
+    """``layer``, or the module's own child ``name`` where that is the same layer written in place
+    (``nn.ReLU(inplace=True)``, which repc's graph runs out of place) and its input is a value
+    made just before for it alone (``fresh_input``): as the model wrote it, with no new tensor."""
+    written = getattr(module, name, None)
+    if fresh_input and type(written) is type(layer) and getattr(written, "inplace", False) is True \
+            and getattr(layer, "inplace", True) is False and not list(written.parameters()):
+        return written
+    return layer
+
+
 def in_the_layers_own_class(written: Optional[nn.Module], merged: nn.Module) -> nn.Module:
     """``merged`` (an ``nn.Linear``) held by a copy of the layer the model wrote there (its base
     layer, for a PEFT adapter wrapper), where that layer is a leaf of another class with one
@@ -808,7 +819,9 @@ class Preserver:
                 through(next(iter(graph.find_nodes(op="output"))).args[0]) is chain[-1]:
             # module calls in turn, each on the one before (a merged conv, then its activation): a
             # Sequential of them, which a call costs less Python than a GraphModule's
-            layers = nn.Sequential(OrderedDict((n.target, gm.get_submodule(n.target)) for n in chain))
+            layers = nn.Sequential(OrderedDict((n.target, _as_written_in_place(gm.get_submodule(n.target),
+                                                                               module, n.target, i > 0))
+                                               for i, n in enumerate(chain)))
             return layers.eval(), f"Sequential ({', '.join(type(m).__name__ for m in layers)})"
         kinds = ", ".join(dict.fromkeys(type(gm.get_submodule(n.target)).__name__ for n in ops
                                         if n.op == "call_module"))

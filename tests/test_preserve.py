@@ -490,3 +490,27 @@ def test_a_block_that_becomes_module_calls_in_turn_is_a_sequential_of_them():
     y = torch.randn(1, 3, 20, 12)
     with torch.no_grad():
         assert _same(fused(y), model(y))
+
+
+class InPlaceActBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv3, self.conv1, self.act = conv_bn(c, c, 3, padding=1), conv_bn(c, c, 1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.conv3(x) + self.conv1(x))
+
+
+def test_an_activation_the_model_wrote_in_place_runs_in_place_after_its_merged_conv():
+    # repc's graph runs it out of place (a new tensor per call); after the block's merged conv,
+    # whose output only it reads, the swapped-in block runs it as written
+    model = _random_affines(nn.Sequential(InPlaceActBlock(8), InPlaceActBlock(8)))
+    x = torch.randn(2, 8, 10, 10)
+    fused = repc.compile(model, (x,))
+    for block in fused:
+        assert type(block) is nn.Sequential and block.act.inplace is True, block
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))  # the model's own, untouched
+    y = torch.randn(3, 8, 12, 9)
+    before = y.clone()
+    with torch.no_grad():
+        assert _same(fused(y), model(y)) and torch.equal(y, before)  # the input itself is not written
