@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -394,7 +395,7 @@ def bench_model(name: str, args) -> Dict[str, Any]:
     ex_args, ex_kwargs = case.make_inputs(*case.example)
 
     start = time.perf_counter()
-    fused = repc.compile(model, ex_args, ex_kwargs, graph=True)
+    fused = repc.compile(model, ex_args, ex_kwargs)  # the default: the model's own class where it applies
     compile_s = time.perf_counter() - start
     report = fused.repc_report
     # after repc.compile: it registered the dataclass output with pytree, as export needs
@@ -404,7 +405,7 @@ def bench_model(name: str, args) -> Dict[str, Any]:
     exported = program.module()  # the original as torch.export runs it: unfused, no Python of the model's
 
     before = exported_counts(model, ex_args, ex_kwargs)
-    after = op_counts(fused)
+    after = op_counts(fused) if isinstance(fused, fx.GraphModule) else exported_counts(fused, ex_args, ex_kwargs)
     ref = before if reference is model else exported_counts(reference, ex_args, ex_kwargs)
 
     ck_args, ck_kwargs = case.make_inputs(*case.check)
@@ -439,7 +440,7 @@ def bench_model(name: str, args) -> Dict[str, Any]:
     best.setdefault("reference", best["original"])
     timed_shape = [list(v.shape) for v in list(t_args) + list(t_kwargs.values()) if isinstance(v, torch.Tensor)][0]
     return {
-        "model": name, "front_end": report.front_end,
+        "model": name, "front_end": report.front_end, "output": report.output,
         "capture": "in parts" if "parts" in report.front_end else "whole",
         "not_captured": [f"{s.path}: {s.reason}" for s in report.skipped],
         "front_ends_declined": dict(getattr(report, "front_ends_declined", {})),  # e.g. why not torch.export
