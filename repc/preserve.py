@@ -331,16 +331,29 @@ class _Call:
 def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
     """Each submodule's first call on the example (its arguments and output) and how often it ran."""
     calls: Dict[str, _Call] = {}
+    given: Dict[str, Tuple[Any, Any]] = {}
     hooks = []
+
+    def kept(value):
+        # copies: a later in-place op (timm's ReLU(inplace=True) after a BN) would change what
+        # was recorded, and the module's own in-place write its argument
+        return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+
     for name, module in model.named_modules():
         if not name:
             continue
+
+        def before(m, a, k, name=name):
+            if name not in calls and name not in given:
+                given[name] = (kept(tuple(a)), kept(dict(k)))
 
         def hook(m, a, k, out, name=name):
             if name in calls:
                 calls[name].count += 1
             else:
-                calls[name] = _Call(tuple(a), dict(k), out)
+                a, k = given.pop(name, (tuple(a), dict(k)))
+                calls[name] = _Call(a, k, kept(out))
+        hooks.append(module.register_forward_pre_hook(before, with_kwargs=True))
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
