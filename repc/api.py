@@ -172,18 +172,16 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             if not graph and isinstance(fused, fx.GraphModule):
                 with phases.step("write back into the model's modules"):
                     written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled)
-                if written is not None and written[2]:
-                    with phases.step("capture and fuse"):
-                        confined = _build(**build, confine=written[2])
-                    with phases.step("write back into the model's modules"):
-                        rewritten = _write_back(confined[0], model, confined[1], confined[2], example_inputs, kwargs,
-                                                phases.enabled)
-                    if rewritten is not None and _left_out(rewritten[1]) < _left_out(written[1]):
-                        with phases.step("verify"):
-                            result = check(rewritten[0], confined[2])
-                        if result.ok:
-                            _accept_copy(confined[1], rewritten[1], confined=True)
-                            return rewritten[0], confined[1], result
+                with phases.step("capture and fuse"):  # (the write-back of the rebuild counts here)
+                    confined = _confined_copy(written, lambda scopes: _build(**build, confine=scopes), model,
+                                              example_inputs, kwargs, phases.enabled)
+                if confined is not None:
+                    copy_, swaps, confined_report, confined_reference = confined
+                    with phases.step("verify"):
+                        result = check(copy_, confined_reference)
+                    if result.ok:
+                        _accept_copy(confined_report, swaps, confined=True)
+                        return copy_, confined_report, result
                 if written is not None and written[0] is not None:
                     with phases.step("verify"):
                         result = check(written[0], reference)
@@ -298,6 +296,20 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     return preserved, swaps, scopes
 
 
+def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool):
+    """Where the written-back copy (``_write_back``'s result) left regions out that span modules
+    no swap expresses: the model built again by ``rebuild(scopes)`` with those regions kept
+    inside modules, written back, as (copy, swaps, its report, its reference) when it leaves
+    fewer rewrites out; else None.  Not yet verified."""
+    if written is None or not written[2]:
+        return None
+    fused, report, reference = rebuild(written[2])
+    rewritten = _write_back(fused, model, report, reference, args, kwargs, progress)
+    if rewritten is None or _left_out(rewritten[1]) >= _left_out(written[1]):
+        return None
+    return rewritten[0], rewritten[1], report, reference
+
+
 def _left_out(swaps) -> float:
     """How many rewrites the copy leaves out (no swap of a module expresses them); all (inf)
     where there is no copy (``swaps`` None)."""
@@ -338,13 +350,10 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
     written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph)
     if written is None:
         return fused, report
-    if written[2] and rebuild is not None:
-        confined = rebuild(written[2])
-        rewritten = _write_back(confined[0], model, confined[1], confined[2], args, kwargs, progress)
-        if rewritten is not None and _left_out(rewritten[1]) < _left_out(written[1]) \
-                and deviates(rewritten[0]) is None:
-            _accept_copy(confined[1], rewritten[1], confined=True)
-            return rewritten[0], confined[1]
+    confined = _confined_copy(written, rebuild, model, args, kwargs, progress) if rebuild is not None else None
+    if confined is not None and deviates(confined[0]) is None:
+        _accept_copy(confined[2], confined[1], confined=True)
+        return confined[0], confined[2]
     preserved, swaps, _ = written
     if preserved is None:
         return fused, report
