@@ -50,6 +50,25 @@ def test_region_checks_run_on_small_random_maps(monkeypatch):
     assert shapes and set(shapes) == {(2, 4, 7, 7)}
 
 
+def test_region_checks_on_token_sequences_run_on_seven_tokens(monkeypatch):
+    shapes = []
+    run_region = RegionRunner.run
+
+    def recording(self, expr, sources, exact=False):
+        shapes.extend(tuple(v.shape) for v in sources.values())
+        return run_region(self, expr, sources, exact)
+
+    monkeypatch.setattr(RegionRunner, "run", recording)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.Linear(16, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[0].bias.uniform_(-1, 1)
+    fused = repc.compile(model, torch.randn(1, 50, 16), graph=True)
+    assert len(fused.repc_report.rewrites) == 2  # the norm's affine into the first linear; the last two linears
+    assert shapes and all(s[:2] == (2, 7) for s in shapes), shapes
+
+
 def test_non_finite_weights_names_the_tensor_and_the_cause():
     finite = {None: Elementwise(torch.ones(1, 3, 1, 1, dtype=torch.float64), None, (1, 3, 4, 4))}
     assert non_finite_weights(finite, torch.float32) is None
