@@ -24,6 +24,20 @@ def test_identical_models_pass_on_every_variant():
     assert result.skipped == []  # (a map's channels are not varied: merged convs fix them)
 
 
+def test_a_model_of_fixed_sizes_is_checked_once_at_another_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    result = compare(copy.deepcopy(model), model, (torch.randn(1, 3, 6, 6),))
+    # random values at the example's per-sample shape at batch 2 stand for those at batch 1 too
+    assert result.ok and result.checked == ["example", "random 2x3x6x6"]
+    assert result.skipped == ["axis 2 (size 6)", "axis 3 (size 6)"]
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong[2].bias[1] += 1e-2
+    failed = compare(wrong, model, (torch.randn(1, 3, 6, 6),))
+    assert not failed.ok and failed.failing_input == "example"
+
+
 def test_a_wrong_bias_is_caught_and_not_excused_as_rounding_noise():
     model = _model()
     wrong = copy.deepcopy(model)

@@ -248,7 +248,9 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
 
     * ``example``: the example inputs (their reference is left to the caller).
     * ``random <shapes>``: random values at the example's per-sample shapes; at a smaller batch
-      (2 or 1) when the example's batch is larger and the model accepts it.
+      (2 or 1) when the example's batch is larger and the model accepts it.  Left out where the
+      next variant varies the batch alone (the model accepts no other size on any other axis):
+      that one is random values at the example's per-sample shapes already.
     * ``random <shapes>`` again: another batch size and other sizes on every other axis the
       model accepts, all at once, each the cheapest :func:`small_sizes` the model takes.  The
       axes are probed greedily on ``original`` (a smaller batch first, then the largest axes,
@@ -298,7 +300,10 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
     # random values at the example's per-sample shapes, at a smaller batch where one was accepted
     smaller = {t: chosen[t] for t in batch if t in chosen and chosen[t] < t[1]}
     full = probe.run(smaller) if smaller else None
-    if full is None:
+    if full is None and last is not None and all(axis == 0 for axis, _ in chosen):
+        pass  # only the batch varied (a model of fixed sizes): the last variant is random values at
+        # the example's per-sample shapes already, at another batch; no need to run both models twice
+    elif full is None:
         inputs = probe.inputs()
         variants.append(Variant(f"random {probe.shapes(inputs)}", inputs))
     else:

@@ -1,0 +1,197 @@
+"""``repc.compile`` on real-size models against ``torch.export`` of the same model, split by phase.
+
+``bench_compile_time.py`` grows narrow stacks (4 channels on 8x8 maps), where running the model
+costs nothing; ``bench_check_cost.py`` prices the checks on one RepVGG stack.  This script
+compiles models of the sizes users deploy, at batch 1 and their real input sizes:
+
+* ``vit-b``: transformers' ``ViTModel`` at ViT-B/16 (86M parameters, 1x3x224x224; captured by
+  ``torch.export``);
+* ``bert-base``: transformers' ``BertModel`` at BERT-base (110M parameters, 1x128 tokens; export);
+* ``repvgg-a2``: a library-style RepVGG at RepVGG-A2's widths (64 to 1408 channels, 1x3x224x224;
+  captured by fx);
+* ``mobileone-s``: a library-style MobileOne with 3 branches per block at 64 to 512 channels
+  (1x3x224x224; fx).
+
+All parameters and BatchNorm statistics are randomized (:func:`bench_models.randomized`).  Per
+model it reports the parameters, ``torch.export.export`` alone (non-strict; static shapes, and
+with every axis ``Dim.AUTO``, the call repc's capture makes), ``repc.compile`` (with its
+per-region and whole-model checks, the default) and its ratio to each export, the rewrites and
+the output kind, then the compile split into exclusive phases (a phase nested in another is not
+counted in it).  Each time is the median of ``--repeats`` runs, one thread by default.
+
+The machine matters: on a VM whose host backs memory lazily, touching pages the process has
+not used before costs about 10 us each (2.5-3 s per GB), so the compile's peak memory shows up
+as time; the table gives the peak resident memory growth of the compile (``ru_maxrss``).
+
+    .venv/bin/python benchmarks/bench_compile_real.py                 # all four models (~2 minutes)
+    .venv/bin/python benchmarks/bench_compile_real.py --models vit-b --repeats 3
+    .venv/bin/python benchmarks/bench_compile_real.py --quick         # small widths, smoke configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+import repc
+from repc.capture_export import register_output_dataclasses
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
+import bench_common as common  # noqa: E402
+from bench_models import library_mobileone, library_repvgg, randomized  # noqa: E402
+
+# (module, attribute, phase): exclusive times
+PHASES = [
+    ("repc.api", "export_graph", "capture: torch.export"),
+    ("repc.api", "_trace_whole", "capture: fx"),
+    ("repc.passes.manager", "record_values", "record values"),
+    ("repc.passes.collapse", "prepare", "prepare"),
+    ("repc.passes.collapse", "RegionMatcher.run", "match"),
+    ("repc.passes.collapse", "GraphWriter.run", "write fused graph"),
+    ("repc.passes.collapse", "RegionChecker.check", "per-region checks"),
+    ("repc.api", "preserve", "write back into modules"),
+    ("repc.api", "compare", "whole-model check"),
+]
+PHASE_ORDER = [p for _, _, p in PHASES] + ["other"]
+
+
+def _hf(kind: str, quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
+    import transformers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "vit-b":
+            d, layers, heads, ffn, image = (64, 2, 2, 128, 32) if quick else (768, 12, 12, 3072, 224)
+            model = transformers.ViTModel(transformers.ViTConfig(
+                hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
+                image_size=image, patch_size=16))
+            return randomized(model), (torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(0)),)
+        d, layers, heads, ffn, length = (64, 2, 2, 128, 16) if quick else (768, 12, 12, 3072, 128)
+        model = transformers.BertModel(transformers.BertConfig(
+            hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn))
+        ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+        return randomized(model), (ids,)
+
+
+def _repvgg_a2(quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
+    stages = [(8, 1), (16, 2), (32, 2)] if quick else [(96, 2), (192, 4), (384, 14), (1408, 1)]
+    widths, cin = [], 16 if quick else 64
+    for cout, depth in stages:
+        widths += [(cin, cout, 2)] + [(cout, cout, 1)] * (depth - 1)
+        cin = cout
+    size = 32 if quick else 224
+    return randomized(library_repvgg(widths), scale=0.1), (torch.randn(1, 3, size, size),)
+
+
+def _mobileone_s(quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
+    widths = [(8, 16, 2), (16, 16, 1)] if quick else \
+        [(64, 64, 2), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2), (512, 512, 1)]
+    size = 32 if quick else 224
+    return randomized(library_mobileone(widths, branches=3), scale=0.1), (torch.randn(1, 3, size, size),)
+
+
+MODELS: Dict[str, Callable[[bool], Tuple[nn.Module, Tuple[Any, ...]]]] = {
+    "vit-b": lambda q: _hf("vit-b", q),
+    "bert-base": lambda q: _hf("bert-base", q),
+    "repvgg-a2": _repvgg_a2,
+    "mobileone-s": _mobileone_s,
+}
+
+
+def _export_seconds(model: nn.Module, args, dynamic: bool) -> float:
+    from torch.export import Dim
+    shapes = None
+    if dynamic:
+        shapes = tuple({i: Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None for a in args)
+    start = time.perf_counter()
+    torch.export.export(model, args, strict=False, dynamic_shapes=shapes)
+    return time.perf_counter() - start
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(name: str, repeats: int, quick: bool) -> Dict[str, Any]:
+    model, args = MODELS[name](quick)
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        out = model(*args)  # warm: lazy initialisation inside torch and the model is not timed
+    register_output_dataclasses(out)  # (the library nets return a dataclass, which export must flatten)
+    static = statistics.median(_export_seconds(model, args, False) for _ in range(repeats))
+    dynamic = statistics.median(_export_seconds(model, args, True) for _ in range(repeats))
+    runs = []
+    for _ in range(repeats):
+        gc.collect()
+        timer = common.PhaseTimer()
+        rss_before = _max_rss_mb()
+        with timer.instrument(PHASES):
+            start = time.perf_counter()
+            fused = repc.compile(model, args)
+            total = time.perf_counter() - start
+        phases = dict(timer.wall)
+        phases["other"] = total - sum(phases.values())
+        runs.append(dict(total=total, phases=phases, peak_growth_mb=_max_rss_mb() - rss_before,
+                         missing=list(timer.missing)))
+        report = fused.repc_report
+        del fused
+    runs.sort(key=lambda r: r["total"])
+    median = runs[len(runs) // 2]
+    return dict(model=name, params=params, export_static_s=static, export_dynamic_s=dynamic,
+                compile_s=median["total"], phases=median["phases"], peak_growth_mb=median["peak_growth_mb"],
+                rewrites=len(report.rewrites), output=report.output, front_end=report.front_end,
+                verified=bool(report.verification and report.verification.ok), missing_hooks=median["missing"])
+
+
+def render(results: List[Dict[str, Any]]) -> str:
+    rows = [[r["model"], f"{r['params'] / 1e6:.1f}M", r["front_end"], f"{r['export_static_s']:.2f}",
+             f"{r['export_dynamic_s']:.2f}", f"{r['compile_s']:.2f}",
+             f"{r['compile_s'] / r['export_static_s']:.1f}x", f"{r['compile_s'] / r['export_dynamic_s']:.1f}x",
+             str(r["rewrites"]), r["output"], "yes" if r["verified"] else "NO", f"{r['peak_growth_mb']:.0f}"]
+            for r in results]
+    table = common.format_table(["model", "params", "front end", "export s", "export AUTO s", "repc s",
+                                 "repc/export", "repc/export AUTO", "rewrites", "output", "verified",
+                                 "peak +MB"], rows)
+    phase_rows = [[p] + [f"{r['phases'].get(p, 0.0):.2f}" for r in results] for p in PHASE_ORDER]
+    phases = common.format_table(["phase (s)"] + [r["model"] for r in results], phase_rows)
+    ratios = [r["compile_s"] / r["export_static_s"] for r in results]
+    summary = f"repc.compile / torch.export (static): median {statistics.median(ratios):.1f}x, " \
+              f"worst {max(ratios):.1f}x (target: median <= 2.5x)"
+    return "\n\n".join([table, phases, summary])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--repeats", type=int, default=1, help="runs per model; the median is reported")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="small widths: a smoke configuration")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    logging.getLogger("torch._export").setLevel(logging.ERROR)  # (its notes on axes it specialized)
+    results = [bench(name, args.repeats, args.quick) for name in args.models]
+    print(common.machine_note(args.threads))
+    print(render(results))
+    if args.json:
+        common.write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
