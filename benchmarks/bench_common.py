@@ -233,3 +233,24 @@ def write_json(path: str, data: Any) -> None:
 
 def fmt_ratio(x: float) -> str:
     return "n/a" if x != x else f"{x:.2f}x"
+
+
+# ----------------------------------------------------------------------------- models
+
+def randomized_relative(model: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
+    """Every parameter moved off its init by a tenth of its own spread, every BatchNorm given
+    random statistics near the init's; eval mode.  Keeps a deep network's function of order one
+    (absolute noise on small weights makes it chaotic)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            # off its init by a tenth of its own spread (an absolute 0.1 where it has none: zero
+            # biases, unit norm scales); absolute noise on wide convs' small weights makes deep
+            # networks chaotic (GhostNetV3: float32 and float64 forms 0.8 apart)
+            spread = p.std().item() if p.numel() > 1 else 0.0
+            p.add_(torch.randn(p.shape, generator=g) * 0.1 * (spread if spread > 0 else 1.0))
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()

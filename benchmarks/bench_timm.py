@@ -51,22 +51,6 @@ MODELS = ["repvgg_a0", "repvgg_b1g4", "repvgg_d2se", "mobileone_s0", "mobileone_
           "hgnetv2_b0", "ghostnetv3_050", "tiny_vit_5m_224", "mobilenetv4_conv_small", "starnet_s050", "gernet_s"]
 
 
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            # off its init by a tenth of its own spread (an absolute 0.1 where it has none: zero
-            # biases, unit norm scales); absolute noise on wide convs' small weights makes deep
-            # networks chaotic (GhostNetV3: float32 and float64 forms 0.8 apart)
-            spread = p.std().item() if p.numel() > 1 else 0.0
-            p.add_(torch.randn(p.shape, generator=g) * 0.1 * (spread if spread > 0 else 1.0))
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
-
 def counts(models: List[nn.Module], x: torch.Tensor) -> List[Tuple[int, int]]:
     """(heavy ops, norm layers) of each model, counted alike: on the graphs torch.export (or
     fx) captures, or where one of them is captured by neither (a forward that branches on
@@ -113,7 +97,7 @@ def bench_model(name: str, size: int, rounds: int) -> Dict[str, Any]:
     import timm
     from timm.utils.model import reparameterize_model
     row: Dict[str, Any] = {"model": name}
-    model = randomized(timm.create_model(name, pretrained=False, num_classes=10))
+    model = common.randomized_relative(timm.create_model(name, pretrained=False, num_classes=10))
     fixed = getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False) or \
         name.startswith(("levit", "tiny_vit", "efficientvit_m"))
     s = model.pretrained_cfg["input_size"][-1] if fixed else size

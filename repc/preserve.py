@@ -330,6 +330,11 @@ class _Call:
 
 def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
     """Each submodule's first call on the example (its arguments and output) and how often it ran."""
+    return run_recording_calls(model, args, kwargs)[1]
+
+
+def run_recording_calls(model: nn.Module, args, kwargs) -> Tuple[Any, Dict[str, _Call]]:
+    """``model``'s output on the example (without grad) and :func:`record_calls`' record, in one run."""
     calls: Dict[str, _Call] = {}
     given: Dict[str, Tuple[Any, Any]] = {}
     hooks = []
@@ -357,11 +362,11 @@ def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            output = model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return calls
+    return output, calls
 
 
 def graph_values(gm: fx.GraphModule, flat_inputs) -> Dict[fx.Node, Any]:
@@ -470,11 +475,13 @@ class Preserver:
     """Writes a fused graph back into a copy of the model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, fused: fx.GraphModule, source: fx.GraphModule, captured, flat_inputs,
-                 args, kwargs, rewrites, prefix: str = "", progress: bool = False):
+                 args, kwargs, rewrites, prefix: str = "", progress: bool = False, calls=None):
         self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
         self.progress = progress
-        self.copy = copy.deepcopy(model)
-        self.calls = record_calls(self.copy, args, kwargs)
+        # the copy's parameters are the model's own until the swaps are done (:func:`preserve`
+        # copies those still shared then: most are replaced by fused ones, which need no copy)
+        self.copy = copy.deepcopy(model, {id(p): p for p in model.parameters()})
+        self.calls = record_calls(self.copy, args, kwargs) if calls is None else calls
         self.values = graph_values(fused, flat_inputs)
         self.tags, self.owners = tag_nodes(fused, source, rewrites, prefix, captured)
         self.known = source_paths(source, prefix, captured)
@@ -940,8 +947,30 @@ def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
 
 
 def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
-             progress: bool = False):
+             progress: bool = False, calls=None):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
+
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
-    before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take."""
-    return Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix, progress).run()
+    before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take; ``calls`` the
+    model's module calls on the example where already recorded (:func:`run_recording_calls`)."""
+    preserved, swaps = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix,
+                                 progress, calls).run()
+    own_copies(preserved, model)  # (the parameters of the modules kept as written)
+    return preserved, swaps
+
+
+def own_copies(fused: nn.Module, model: nn.Module) -> None:
+    """Replace every module, parameter and buffer ``fused`` still shares with ``model`` by a copy."""
+    shared_modules = {id(m) for m in model.modules()}
+    shared_tensors = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    memo = {}
+    for name, mod in list(fused.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if id(child) in shared_modules:
+                setattr(mod, child_name, copy.deepcopy(child, memo))
+    for mod in fused.modules():
+        for tensors in (mod._parameters, mod._buffers):
+            for key, t in list(tensors.items()):
+                if t is not None and id(t) in shared_tensors:
+                    tensors[key] = copy.deepcopy(t, memo)
+

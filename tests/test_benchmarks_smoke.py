@@ -35,6 +35,7 @@ bench_models = _load("bench_models")
 bench_cost_model = _load("bench_cost_model")
 bench_heavy_ops = _load("bench_heavy_ops")
 bench_timm = _load("bench_timm")
+bench_compile_real = _load("bench_compile_real")
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import bench_common from beside them, as this does
 import bench_common as common  # noqa: E402
 
@@ -112,6 +113,20 @@ def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, 
         assert r["heavy"]["after"] <= r["heavy"]["reference"] < r["heavy"]["before"]
         assert r["norms"]["after"] <= r["norms"]["reference"]
         assert r["compile_s"] > 0 and r["export_s"] > 0 and r["repc_over_reference"] > 0
+
+
+def test_compile_real_quick_compiles_each_model_in_its_own_process_split_by_phase(tmp_path, capsys):
+    out = tmp_path / "real.json"
+    assert bench_compile_real.main(["--quick", "--models", "vit-b", "repvgg-a2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "repc/export" in printed and "whole-model check" in printed and "target: median <= 2.5x" in printed
+    results = json.loads(out.read_text())
+    assert [r["model"] for r in results] == ["vit-b", "repvgg-a2"]
+    assert [r["front_end"] for r in results] == ["torch.export", "fx"]
+    for r in results:
+        assert r["verified"] and r["rewrites"] > 0 and not r["missing_hooks"]
+        assert sum(r["phases"].values()) == pytest.approx(r["compile_s"], rel=1e-6)
+        assert r["phases"]["whole-model check"] > 0 and r["export_static_s"] > 0
 
 
 def test_cost_model_quick_compares_each_way_of_merging_with_the_clock(tmp_path, capsys, one_thread, monkeypatch):
@@ -286,10 +301,10 @@ def test_bench_timm_says_where_timm_is_missing_and_exits_2(capsys, monkeypatch):
     assert "timm is not installed" in capsys.readouterr().out
 
 
-def test_bench_timm_randomizes_every_parameter_and_bn_statistic():
+def test_randomized_relative_moves_every_parameter_and_bn_statistic():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     fresh = [t.clone() for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    bench_timm.randomized(model)
+    common.randomized_relative(model)
     moved = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
     assert not model.training and all(not torch.equal(a, b) for a, b in zip(fresh, moved))
 
