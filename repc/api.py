@@ -22,8 +22,7 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import (PreserveError, base_of_peft, module_scopes, own_copies, preserve, region_paths,
-                       run_recording_calls, snapshot)
+from .preserve import PreserveError, base_of_peft, module_scopes, own_copies, preserve, region_paths, snapshot
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .verify.check import compare, deviation, output_dtype, tolerance as dtype_tolerance
@@ -138,10 +137,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             f"the model is in training mode ({', '.join(training[:3])}{'...' if len(training) > 3 else ''}): "
             "call model.eval() first; merging BatchNorm is only valid with its running statistics")
     try:
-        # each module's first call is recorded on the way, for the module-preserving output
         with torch.no_grad():
-            expected, calls = (model(*example_inputs, **kwargs), None) if graph else \
-                run_recording_calls(model, example_inputs, kwargs)
+            expected = model(*example_inputs, **kwargs)
     except Exception as why:
         raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
 
@@ -174,11 +171,10 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             modules no swap expresses), else the graph (one whole-model check where a copy passes)."""
             if not graph and isinstance(fused, fx.GraphModule):
                 with phases.step("write back into the model's modules"):
-                    written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled,
-                                          calls=calls)
+                    written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled)
                 with phases.step("capture and fuse"):  # (the write-back of the rebuild counts here)
                     confined = _confined_copy(written, lambda scopes: _build(**build, confine=scopes), model,
-                                              example_inputs, kwargs, phases.enabled, calls)
+                                              example_inputs, kwargs, phases.enabled)
                 if confined is not None:
                     copy_, swaps, confined_report, confined_reference = confined
                     with phases.step("verify"):
@@ -234,8 +230,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         with phases.step("write back into the model's modules"):
             fused, report = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs,
                                                expected, tolerance, phases.enabled,
-                                               rebuild=lambda scopes: _build(**build, synthesize=True, confine=scopes),
-                                               calls=calls)
+                                               rebuild=lambda scopes: _build(**build, synthesize=True, confine=scopes))
     elif isinstance(fused, fx.GraphModule):
         _write_back(fused, model, report, reference, example_inputs, kwargs, False, modules_only=True)
     else:
@@ -250,13 +245,12 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
 
 
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,
-                progress: bool = False, modules_only: bool = False, calls=None):
+                progress: bool = False, modules_only: bool = False):
     """The module-preserving copy of the model with ``fused``'s regions swapped in, not yet
     verified, its swaps, and the module scopes of the regions no swap applied (for a build
     confined to them: :func:`module_scopes`; empty where all applied); None (and the reason in
     ``report.output_note``) where it does not apply.  Names each rewrite's module in the report
-    either way (``modules_only``: only that).  ``calls``: the model's module calls on the example,
-    where already recorded (:func:`repc.preserve.run_recording_calls`)."""
+    either way (``modules_only``: only that)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
     if source is not None:  # each rewrite's module, for the report (whichever output is returned)
@@ -274,7 +268,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         return None
     try:
         preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites,
-                                    progress=progress, calls=calls, **source)
+                                    progress=progress, **source)
     except PreserveError as why:
         report.output_note = str(why)
         # no copy; a build confined to modules may still give one
@@ -302,7 +296,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     return preserved, swaps, scopes
 
 
-def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool, calls=None):
+def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool):
     """Where the written-back copy (``_write_back``'s result) left regions out that span modules
     no swap expresses: the model built again by ``rebuild(scopes)`` with those regions kept
     inside modules, written back, as (copy, swaps, its report, its reference) when it leaves
@@ -310,7 +304,7 @@ def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: b
     if written is None or not written[2]:
         return None
     fused, report, reference = rebuild(written[2])
-    rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, calls=calls)
+    rewritten = _write_back(fused, model, report, reference, args, kwargs, progress)
     if rewritten is None or _left_out(rewritten[1]) >= _left_out(written[1]):
         return None
     return rewritten[0], rewritten[1], report, reference
@@ -342,7 +336,7 @@ def _copy_failed(result) -> str:
 
 
 def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
-                       expected, tolerance, progress: bool = False, rebuild=None, calls=None):
+                       expected, tolerance, progress: bool = False, rebuild=None):
     """With ``verify=False``: (the output, its report): the module-preserving copy where it
     applies and computes the graph's output on the example (built again by ``rebuild(scopes)``
     with regions kept inside modules where some spanned modules no swap expresses), else
@@ -353,10 +347,10 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
             dev = deviation(candidate(*args, **kwargs), expected)
         return dev if dev > (tolerance or dtype_tolerance(output_dtype(expected))) else None
 
-    written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph, calls=calls)
+    written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph)
     if written is None:
         return fused, report
-    confined = _confined_copy(written, rebuild, model, args, kwargs, progress, calls) if rebuild is not None else None
+    confined = _confined_copy(written, rebuild, model, args, kwargs, progress) if rebuild is not None else None
     if confined is not None and deviates(confined[0]) is None:
         _accept_copy(confined[2], confined[1], confined=True)
         return confined[0], confined[2]

@@ -330,11 +330,6 @@ class _Call:
 
 def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
     """Each submodule's first call on the example (its arguments and output) and how often it ran."""
-    return run_recording_calls(model, args, kwargs)[1]
-
-
-def run_recording_calls(model: nn.Module, args, kwargs) -> Tuple[Any, Dict[str, _Call]]:
-    """``model``'s output on the example (without grad) and :func:`record_calls`' record, in one run."""
     calls: Dict[str, _Call] = {}
     given: Dict[str, Tuple[Any, Any]] = {}
     hooks = []
@@ -362,11 +357,11 @@ def run_recording_calls(model: nn.Module, args, kwargs) -> Tuple[Any, Dict[str, 
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            output = model(*args, **kwargs)
+            model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return output, calls
+    return calls
 
 
 def graph_values(gm: fx.GraphModule, flat_inputs) -> Dict[fx.Node, Any]:
@@ -475,13 +470,13 @@ class Preserver:
     """Writes a fused graph back into a copy of the model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, fused: fx.GraphModule, source: fx.GraphModule, captured, flat_inputs,
-                 args, kwargs, rewrites, prefix: str = "", progress: bool = False, calls=None):
+                 args, kwargs, rewrites, prefix: str = "", progress: bool = False):
         self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
         self.progress = progress
         # the copy's parameters are the model's own until the swaps are done (:func:`preserve`
         # copies those still shared then: most are replaced by fused ones, which need no copy)
         self.copy = copy.deepcopy(model, {id(p): p for p in model.parameters()})
-        self.calls = record_calls(self.copy, args, kwargs) if calls is None else calls
+        self.calls = record_calls(self.copy, args, kwargs)
         self.values = graph_values(fused, flat_inputs)
         self.tags, self.owners = tag_nodes(fused, source, rewrites, prefix, captured)
         self.known = source_paths(source, prefix, captured)
@@ -947,14 +942,13 @@ def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
 
 
 def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
-             progress: bool = False, calls=None):
+             progress: bool = False):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
 
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
-    before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take; ``calls`` the
-    model's module calls on the example where already recorded (:func:`run_recording_calls`)."""
+    before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take."""
     preserved, swaps = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix,
-                                 progress, calls).run()
+                                 progress).run()
     own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps
 
