@@ -42,7 +42,7 @@ import bench_common as common  # noqa: E402
 # (module, attribute, phase): exclusive times, so a check inside writing counts as a check
 PHASES = [
     ("repc.api", "_trace_whole", "capture + prepare + match"),
-    ("repc.passes.manager", "record", "capture + prepare + match"),
+    ("repc.passes.manager", "record_values", "capture + prepare + match"),
     ("repc.passes.collapse", "RegionMatcher.run", "capture + prepare + match"),
     ("repc.passes.collapse", "GraphWriter.run", "capture + prepare + match"),
     ("repc.passes.collapse", "RegionChecker.check", "per-region checks"),

@@ -68,7 +68,7 @@ PHASES = [
     ("repc.api", "copy.deepcopy", "copy model"),
     ("repc.api", "_trace_whole", "trace"),
     ("repc.passes.prepare", "functionalize_inplace", "functionalize"),
-    ("repc.passes.manager", "record", "shape prop + record"),
+    ("repc.passes.manager", "record_values", "shape prop + record"),
     ("repc.passes.prepare", "split_norm_affine", "split norms"),
     ("repc.passes.collapse", "RegionMatcher.run", "matching"),
     ("repc.passes.collapse", "GraphWriter.run", "writing"),

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch.fx as fx
 
 from ..graph_predicates import short_error
-from .record import Recording, record
+from .record import record_values
 
 
 class PassError(RuntimeError):
@@ -36,24 +36,20 @@ class PassContext:
         self.gm = gm
         self.example_inputs = example_inputs
         self._values = values
-        self._recording: Optional[Recording] = None  # the last one, while the graph is as it was then
-        self._previous: Optional[Recording] = None  # the last one, after an edit
         self.recordings = 0  # how many times the values were recorded (compile-time accounting)
 
     @property
     def values(self) -> Dict[fx.Node, Any]:
         """Every node's value on the example inputs (and its ``tensor_meta``), recorded again
-        if the graph changed since (only the nodes the edits made or rewired are run again)."""
+        if the graph changed since."""
         if self._values is None:
-            self._recording = record(self.gm, self.example_inputs, self._previous)
-            self._values, self._previous = self._recording.values, None
+            self._values = record_values(self.gm, self.example_inputs)
             self.recordings += 1
         return self._values
 
     def changed(self) -> None:
-        """The graph was edited (by a pass that preserves values): the recorded values no longer
-        describe it, but those of the nodes it left as they were still hold."""
-        self._previous, self._recording, self._values = self._recording, None, None
+        """The graph was edited: the recorded values no longer describe it."""
+        self._values = None
 
 
 @dataclass(frozen=True)

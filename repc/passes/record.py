@@ -6,8 +6,7 @@ value); :class:`ValueRecorder` keeps recorded values right in graphs that still 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,22 +24,15 @@ class ValueRecorder(ShapeProp):
     the written tensor's storage are replaced by copies.
     """
 
-    def __init__(self, gm, previous: Optional["Recording"] = None):
+    def __init__(self, gm):
         super().__init__(gm)
         self.values: Dict[fx.Node, Any] = {}
-        self.modules = dict(gm.named_modules())
-        self._writes = {n for n in gm.graph.nodes if writes_in_place(n, self.modules)
+        modules = dict(gm.named_modules())
+        self._writes = {n for n in gm.graph.nodes if writes_in_place(n, modules)
                         and n.args and isinstance(n.args[0], fx.Node)}
         self._by_storage: Dict[int, List[fx.Node]] = {}  # recorded tensors by storage, where writes exist
-        # (a graph that writes in place is run whole: a kept value could be one a write changes)
-        self.previous = previous if previous is not None and not self._writes else None
-        self.kept = 0  # nodes whose previous value was kept
 
     def run_node(self, n):
-        if self.previous is not None and self.previous.still_computes(n, self.modules):
-            self.values[n] = self.previous.values[n]
-            self.kept += 1
-            return self.values[n]
         if n in self._writes:
             written = self.env.get(n.args[0])
             if isinstance(written, torch.Tensor):
@@ -63,42 +55,10 @@ def _copy_tensor(value):
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-@dataclass
-class Recording:
-    """Recorded values and, per node, the call that computed it: its op, target, argument
-    objects (fx gives a node new ones whenever an edit rewires it) and called module."""
-    values: Dict[fx.Node, Any]
-    calls: Dict[fx.Node, Tuple[Any, ...]]
-
-    def still_computes(self, node: fx.Node, modules: Dict[str, Any]) -> bool:
-        """Whether ``node`` is a node recorded here whose call is unchanged (attribute reads and
-        placeholders are read again: cheap, and an attribute may have been replaced)."""
-        call = self.calls.get(node)
-        return call is not None and node.op not in ("placeholder", "get_attr") and _same_call(call, _call(node, modules))
-
-
-def _call(node: fx.Node, modules: Dict[str, Any]) -> Tuple[Any, ...]:
-    return node.op, node.target, node.args, node.kwargs, modules.get(node.target) if node.op == "call_module" else None
-
-
-def _same_call(a: Tuple[Any, ...], b: Tuple[Any, ...]) -> bool:
-    op_a, target_a, *objects_a = a
-    op_b, target_b, *objects_b = b
-    return op_a == op_b and target_a == target_b and all(x is y for x, y in zip(objects_a, objects_b))
-
-
-def record_values(gm: fx.GraphModule, example_inputs: Tuple[Any, ...],
-                  previous: Optional[Recording] = None) -> Dict[fx.Node, Any]:
-    """Every node's value (and ``tensor_meta``) on the example inputs; with ``previous`` (the
-    recording before a value-preserving edit), only the nodes made or rewired since are run."""
-    return record(gm, example_inputs, previous).values
-
-
-def record(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], previous: Optional[Recording] = None) -> Recording:
-    """:func:`record_values` with the calls it recorded, for the next incremental recording."""
+def record_values(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Dict[fx.Node, Any]:
+    """Every node's value (and ``tensor_meta``) on the example inputs."""
     # real tensors, even when called from inside a dynamo backend (no ambient fake mode)
     with torch._guards.tracing(None), torch.no_grad():
-        recorder = ValueRecorder(gm, previous)
+        recorder = ValueRecorder(gm)
         recorder.propagate(*example_inputs)
-    modules = recorder.modules
-    return Recording(recorder.values, {n: _call(n, modules) for n in recorder.values})
+    return recorder.values
