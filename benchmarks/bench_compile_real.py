@@ -24,7 +24,9 @@ runs in a fresh process, as a user compiles it.
 
 The machine matters: on a VM whose host backs memory lazily, touching pages the process has
 not used before costs about 10 us each (2.5-3 s per GB), so the compile's peak memory shows up
-as time; the table gives the peak resident memory growth of the compile (``ru_maxrss``).
+as time; the table gives the peak resident memory growth of the compile (``ru_maxrss``).  Models
+run ``--pause`` seconds apart: a model compiled right after another reuses the pages that one
+freed before the VM hands them back, and looks cheaper (RepVGG-A2: 1.7-3.5 s depending on it).
 
     .venv/bin/python benchmarks/bench_compile_real.py                 # all four models (~2 minutes)
     .venv/bin/python benchmarks/bench_compile_real.py --models vit-b --repeats 3
@@ -186,6 +188,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="small widths: a smoke configuration")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--pause", type=float, default=10.0,
+                   help="seconds between models (default 10): a VM returns a process's freed memory to its host "
+                        "after a few seconds; without the pause a model compiles on pages the last one touched")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -209,7 +214,11 @@ def main(argv=None) -> int:
     if args.child:  # one model in this process: what the parent runs in a fresh process per model
         common.write_json(args.json, bench(args.models[0], args.repeats, args.quick))
         return 0
-    results = [_in_fresh_process(name, args) for name in args.models]
+    results = []
+    for i, name in enumerate(args.models):
+        if i:
+            time.sleep(args.pause)
+        results.append(_in_fresh_process(name, args))
     print(common.machine_note(args.threads))
     print(render(results))
     if args.json:

@@ -117,7 +117,7 @@ def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, 
 
 def test_compile_real_quick_compiles_each_model_in_its_own_process_split_by_phase(tmp_path, capsys):
     out = tmp_path / "real.json"
-    assert bench_compile_real.main(["--quick", "--models", "vit-b", "repvgg-a2", "--json", str(out)]) == 0
+    assert bench_compile_real.main(["--quick", "--models", "vit-b", "repvgg-a2", "--pause", "0", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "repc/export" in printed and "whole-model check" in printed and "target: median <= 2.5x" in printed
     results = json.loads(out.read_text())
