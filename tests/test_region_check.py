@@ -35,7 +35,8 @@ def test_a_merged_op_giving_nan_where_the_region_is_finite_is_rolled_back(monkey
                and "where the region as written is finite" in r.reason for r in report.rejected), str(report)
 
 
-def test_region_checks_run_on_small_random_maps(monkeypatch):
+def _recorded_region_shapes(monkeypatch):
+    """The shapes of the source values every region check runs its region on, as they come."""
     shapes = []
     run_region = RegionRunner.run
 
@@ -44,6 +45,11 @@ def test_region_checks_run_on_small_random_maps(monkeypatch):
         return run_region(self, expr, sources, exact)
 
     monkeypatch.setattr(RegionRunner, "run", recording)
+    return shapes
+
+
+def test_region_checks_run_on_small_random_maps(monkeypatch):
+    shapes = _recorded_region_shapes(monkeypatch)
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 4))).eval()
     fused = repc.compile(model, torch.randn(1, 4, 32, 32), graph=True)
     assert len(fused.repc_report.rewrites) == 2
@@ -51,14 +57,7 @@ def test_region_checks_run_on_small_random_maps(monkeypatch):
 
 
 def test_region_checks_on_token_sequences_run_on_seven_tokens(monkeypatch):
-    shapes = []
-    run_region = RegionRunner.run
-
-    def recording(self, expr, sources, exact=False):
-        shapes.extend(tuple(v.shape) for v in sources.values())
-        return run_region(self, expr, sources, exact)
-
-    monkeypatch.setattr(RegionRunner, "run", recording)
+    shapes = _recorded_region_shapes(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.Linear(16, 8)).eval()
     with torch.no_grad():
