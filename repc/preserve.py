@@ -944,7 +944,6 @@ def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
 def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
              progress: bool = False):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
-
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
     before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take."""
     preserved, swaps = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix,
@@ -953,16 +952,16 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
     return preserved, swaps
 
 
-def own_copies(fused: nn.Module, model: nn.Module) -> None:
-    """Replace every module, parameter and buffer ``fused`` still shares with ``model`` by a copy."""
+def own_copies(result: nn.Module, model: nn.Module) -> None:
+    """Replace every module, parameter and buffer ``result`` still shares with ``model`` by a copy."""
     shared_modules = {id(m) for m in model.modules()}
     shared_tensors = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     memo = {}
-    for name, mod in list(fused.named_modules()):
+    for name, mod in list(result.named_modules()):
         for child_name, child in list(mod.named_children()):
             if id(child) in shared_modules:
                 setattr(mod, child_name, copy.deepcopy(child, memo))
-    for mod in fused.modules():
+    for mod in result.modules():
         for tensors in (mod._parameters, mod._buffers):
             for key, t in list(tensors.items()):
                 if t is not None and id(t) in shared_tensors:

@@ -300,14 +300,14 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
     # random values at the example's per-sample shapes, at a smaller batch where one was accepted
     smaller = {t: chosen[t] for t in batch if t in chosen and chosen[t] < t[1]}
     full = probe.run(smaller) if smaller else None
-    if full is None and last is not None and all(axis == 0 for axis, _ in chosen):
-        pass  # only the batch varied (a model of fixed sizes): the last variant is random values at
-        # the example's per-sample shapes already, at another batch; no need to run both models twice
-    elif full is None:
+    # (where only the batch varied, a model of fixed sizes, the last variant is random values at
+    # the example's per-sample shapes already: both models need not run on them twice)
+    batch_only = last is not None and all(axis == 0 for axis, _ in chosen)
+    if full is not None:
+        variants.append(Variant(f"random {probe.shapes(full[0])}", *full))
+    elif not batch_only:
         inputs = probe.inputs()
         variants.append(Variant(f"random {probe.shapes(inputs)}", inputs))
-    else:
-        variants.append(Variant(f"random {probe.shapes(full[0])}", *full))
     if last is not None:
         variants.append(Variant(f"random {probe.shapes(last[0])}", *last))
     return variants
