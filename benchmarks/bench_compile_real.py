@@ -57,7 +57,7 @@ from repc.capture_export import register_output_dataclasses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
 import bench_common as common  # noqa: E402
-from bench_models import library_mobileone, library_repvgg  # noqa: E402
+from bench_models import export_alone, library_mobileone, library_repvgg  # noqa: E402
 
 randomized = common.randomized_relative
 
@@ -119,12 +119,13 @@ MODELS: Dict[str, Callable[[bool], Tuple[nn.Module, Tuple[Any, ...]]]] = {
 
 
 def _export_seconds(model: nn.Module, args, dynamic: bool) -> float:
-    from torch.export import Dim
-    shapes = None
-    if dynamic:
-        shapes = tuple({i: Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None for a in args)
+    """Seconds of ``torch.export.export`` (non-strict): static, or ``dynamic`` as repc's capture
+    calls it (:func:`bench_models.export_alone`, every axis ``Dim.AUTO``)."""
     start = time.perf_counter()
-    torch.export.export(model, args, strict=False, dynamic_shapes=shapes)
+    if dynamic:
+        export_alone(model, args, {})
+    else:
+        torch.export.export(model, args, strict=False)
     return time.perf_counter() - start
 
 
