@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import gc
+import warnings
 import inspect
 import numbers
 from typing import Any, Dict, Optional, Tuple
@@ -22,10 +23,12 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import PreserveError, base_of_peft, module_scopes, own_copies, preserve, region_paths, snapshot
+from .preserve import (PreserveError, base_of_peft, module_scopes, own_copies, preserve, region_paths, snapshot,
+                       varying_scopes)
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
-from .verify.check import compare, deviation, output_dtype, tolerance as dtype_tolerance
+from .verify.calls import canonical_calls, observe
+from .verify.check import compare, compare_calls, deviation, output_dtype, tolerance as dtype_tolerance
 
 
 class ReparamError(ValueError):
@@ -143,6 +146,13 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
 
     register_output_dataclasses(expected)  # so that captures and checks see into ``Output(logits=...)``
+    # the model run on the calls users make (masks all ones or padded, inputs left out, other
+    # sizes): the references of the check, and the modules called otherwise there, whose forward
+    # placement never replaces by a graph traced on the example's branch
+    try:
+        observed = observe(model, canonical_calls(model, example_inputs, kwargs), expected)
+    except Exception as why:
+        raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
     if tolerance is not None:
         _check_tolerance(tolerance, model, expected)
     positional = _as_positional(model, example_inputs, kwargs)
@@ -151,7 +161,9 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
     build = dict(model=model, example_inputs=example_inputs, kwargs=kwargs, positional=positional,
                  constants=constants, fixed=fixed, expected=expected, allow_approximate=allow_approximate,
                  approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize,
-                 cost_model=_cost_model(cost, model), captures={})
+                 cost_model=_cost_model(cost, model), captures={},
+                 varying={} if graph else observed.varying)
+    varying = observed.varying
     if not verify:
         with phases.step("capture and fuse"):
             fused, report, reference = _build(**build, synthesize=True)
@@ -160,10 +172,15 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         # the inputs held as given: the specialized positions, or among flat leaves the non-tensors
         held = fixed if not kwargs else {i for i, v in enumerate(check_inputs) if not isinstance(v, torch.Tensor)}
 
-        def check(fused, reference):
+        def check(fused, reference, whole_graph: bool = False):
             # the original's output on the example is `expected`, computed above: not run again
-            return compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, held,
-                           expected=expected if reference is model else None)
+            result = compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, held,
+                             expected=expected if reference is model else None)
+            if reference is not model:
+                return result  # (expert averaging: the reference is the averaged graph)
+            # then the calls users make, whose references were computed above (a whole-model graph
+            # asked for takes every input of the example: calls that leave one out are skipped)
+            return compare_calls(fused, model, observed.calls, result, tolerance, structure_kept=whole_graph)
 
         def verified_output(fused, report, reference, build):
             """The output to return, verified, with its report: the module-preserving copy where it
@@ -171,10 +188,11 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             modules no swap expresses), else the graph (one whole-model check where a copy passes)."""
             if not graph and isinstance(fused, fx.GraphModule):
                 with phases.step("write back into the model's modules"):
-                    written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled)
+                    written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled,
+                                          varying=varying)
                 with phases.step("capture and fuse"):  # (the write-back of the rebuild counts here)
                     confined = _confined_copy(written, lambda scopes: _build(**build, confine=scopes), model,
-                                              example_inputs, kwargs, phases.enabled)
+                                              example_inputs, kwargs, phases.enabled, varying)
                 if confined is not None:
                     copy_, swaps, confined_report, confined_reference = confined
                     with phases.step("verify"):
@@ -190,7 +208,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                         return written[0], report, result
                     report.output_note = _copy_failed(result)
             with phases.step("verify"):
-                return fused, report, check(fused, reference)
+                return fused, report, check(fused, reference, whole_graph=graph)
 
         def verified_build(build):
             with phases.step("capture and fuse"):
@@ -230,7 +248,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         with phases.step("write back into the model's modules"):
             fused, report = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs,
                                                expected, tolerance, phases.enabled,
-                                               rebuild=lambda scopes: _build(**build, synthesize=True, confine=scopes))
+                                               rebuild=lambda scopes: _build(**build, synthesize=True, confine=scopes),
+                                               varying=varying)
     elif isinstance(fused, fx.GraphModule):
         _write_back(fused, model, report, reference, example_inputs, kwargs, False, modules_only=True)
     else:
@@ -240,17 +259,46 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
     report.params_after = sum(p.numel() for p in fused.parameters()) + \
         sum(b.numel() for n, b in fused.named_buffers()
             if n.rsplit(".", 1)[-1] not in original_buffers and b.is_floating_point())
+    _say_if_unchanged(report)
     fused.repc_report = report
     return fused.eval()  # like the model: new GraphModules start in training mode
 
 
+class UnchangedWarning(UserWarning):
+    """repc returns the model's function unmerged: every rewrite rolled back, or the model not
+    captured as a whole and nothing merged in its parts."""
+
+
+def _say_if_unchanged(report: Report) -> None:
+    """A result that merges nothing because something failed is said so (``report.output`` is
+    then "unchanged", and a warning names the cause), never returned as if it were fused."""
+    if report.rolled_back:
+        v = report.verification
+        why = f"verification failed on the {v.failing_input} input" if v is not None and v.failing_input else \
+            "verification failed"
+        if v is not None and v.error:
+            why += f" ({v.error.splitlines()[0][:200]})"
+    elif not report.rewrites and any(s.path == "<model>" for s in report.skipped):
+        why = "the model could not be captured as a whole (" + \
+              next(s.reason for s in report.skipped if s.path == "<model>").splitlines()[0][:200] + ")"
+        declined = "; ".join(f"{k}: {v.splitlines()[0][:200]}" for k, v in report.front_ends_declined.items())
+        why += f"; {declined}" if declined else ""
+    else:
+        return
+    report.output = "unchanged"
+    report.output_note = why
+    warnings.warn(f"repc: the model is returned unchanged (a copy, nothing merged): {why}", UnchangedWarning,
+                  stacklevel=3)
+
+
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,
-                progress: bool = False, modules_only: bool = False):
+                progress: bool = False, modules_only: bool = False, varying: Optional[Dict[str, str]] = None):
     """The module-preserving copy of the model with ``fused``'s regions swapped in, not yet
     verified, its swaps, and the module scopes of the regions no swap applied (for a build
     confined to them: :func:`module_scopes`; empty where all applied); None (and the reason in
     ``report.output_note``) where it does not apply.  Names each rewrite's module in the report
-    either way (``modules_only``: only that)."""
+    either way (``modules_only``: only that).  ``varying``: the modules called otherwise on the
+    calls users make (:func:`repc.verify.calls.observe`), whose forward is not replaced."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
     if source is not None:  # each rewrite's module, for the report (whichever output is returned)
@@ -268,7 +316,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         return None
     try:
         preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites,
-                                    progress=progress, **source)
+                                    progress=progress, varying=varying, **source)
     except PreserveError as why:
         report.output_note = str(why)
         # no copy; a build confined to modules may still give one
@@ -296,7 +344,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     return preserved, swaps, scopes
 
 
-def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool):
+def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool, varying=None):
     """Where the written-back copy (``_write_back``'s result) left regions out that span modules
     no swap expresses: the model built again by ``rebuild(scopes)`` with those regions kept
     inside modules, written back, as (copy, swaps, its report, its reference) when it leaves
@@ -304,7 +352,7 @@ def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: b
     if written is None or not written[2]:
         return None
     fused, report, reference = rebuild(written[2])
-    rewritten = _write_back(fused, model, report, reference, args, kwargs, progress)
+    rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, varying=varying)
     if rewritten is None or _left_out(rewritten[1]) >= _left_out(written[1]):
         return None
     return rewritten[0], rewritten[1], report, reference
@@ -336,7 +384,7 @@ def _copy_failed(result) -> str:
 
 
 def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
-                       expected, tolerance, progress: bool = False, rebuild=None):
+                       expected, tolerance, progress: bool = False, rebuild=None, varying=None):
     """With ``verify=False``: (the output, its report): the module-preserving copy where it
     applies and computes the graph's output on the example (built again by ``rebuild(scopes)``
     with regions kept inside modules where some spanned modules no swap expresses), else
@@ -347,10 +395,11 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
             dev = deviation(candidate(*args, **kwargs), expected)
         return dev if dev > (tolerance or dtype_tolerance(output_dtype(expected))) else None
 
-    written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph)
+    written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph, varying=varying)
     if written is None:
         return fused, report
-    confined = _confined_copy(written, rebuild, model, args, kwargs, progress) if rebuild is not None else None
+    confined = _confined_copy(written, rebuild, model, args, kwargs, progress, varying) if rebuild is not None \
+        else None
     if confined is not None and deviates(confined[0]) is None:
         _accept_copy(confined[2], confined[1], confined=True)
         return confined[0], confined[2]
@@ -388,17 +437,19 @@ def _check_tolerance(tolerance, model: nn.Module, expected) -> None:
 
 def _build(model, example_inputs, kwargs, positional, constants, fixed, expected, allow_approximate,
            approximate_tolerance, synthesize: bool, front_end: str, specialize, cost_model=None, confine=None,
-           captures: Optional[dict] = None):
+           captures: Optional[dict] = None, varying: Optional[Dict[str, str]] = None):
     """Capture and fuse ``model``: (the fused module, its report, the reference it must equal).
 
     ``positional`` is the example as positional inputs only (None where keyword inputs cannot
-    be passed by position), what the fx front end needs.  ``confine``: see :func:`collapse`.
+    be passed by position), what the fx front end needs.  ``confine``: see :func:`collapse`;
+    ``varying``: the modules called otherwise on the calls users make, which no region spans
+    (:func:`repc.preserve.varying_scopes`).
     ``captures`` keeps the model's export between builds of one compile (each fuses a fresh copy)."""
     report = Report()
     report.params_before = sum(p.numel() for p in model.parameters())
     traced = dict(model=model, example_inputs=positional, constants=constants, fixed=fixed, expected=expected,
                   allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance,
-                  synthesize=synthesize, report=report, cost_model=cost_model, confine=confine)
+                  synthesize=synthesize, report=report, cost_model=cost_model, confine=confine, varying=varying)
     with torch.no_grad():
         if front_end != "export" and positional is not None:
             # fx first where it captures the whole model: its graph keeps the model's modules
@@ -412,7 +463,7 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
             defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
                         _positional_names(model)[len(example_inputs):]}
             fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize,
-                                   cost_model, confine, captures)
+                                   cost_model, confine, captures, varying)
             if fused is not None:
                 if fx_failed is not None:
                     report.front_ends_declined["fx"] = fx_failed.reason
@@ -439,8 +490,8 @@ def _export_applies(front_end: str, allow_approximate: bool, specialize, args, k
 
 
 def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: Report,
-                   synthesize: bool, cost_model=None, confine=None, captures: Optional[dict] = None
-                   ) -> Optional[nn.Module]:
+                   synthesize: bool, cost_model=None, confine=None, captures: Optional[dict] = None,
+                   varying=None) -> Optional[nn.Module]:
     """``model`` captured by ``torch.export`` (or a fresh copy of its capture in ``captures``)
     and fused, with the model's calling convention; None (and the reason in the report) where
     export does not capture it."""
@@ -456,18 +507,16 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     captured = captures["export"].fresh()
     report.front_end = "torch.export"
     report.nodes_before = len(captured.gm.graph.nodes)
+    from .capture_export import _argument_names
+    prefix = "model." if _argument_names(model, args, kwargs) is None else ""  # (export wrapped the model)
     try:
         fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(expected)), synthesize,
-                             cost_model, confine)
+                             cost_model, confine, varying, prefix)
     except CaptureMismatch as why:
         report.front_ends_declined["torch.export"] = str(why)
         report.front_end, report.nodes_before = "", 0
         return None
     captured.give_signature(fused, defaults)
-    if "repc_source" in fused.meta:
-        from .capture_export import _argument_names
-        wrapped = _argument_names(model, args, kwargs) is None
-        fused.meta["repc_source"]["prefix"] = "model." if wrapped else ""
     report.specialized = {name: _brief(value) for name, value in constants.items()}
     own_copies(fused, model)
     return fused
@@ -475,7 +524,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
 
 def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
                   synthesize: bool, report: Report, parts: bool = True, whole: bool = True, cost_model=None,
-                  confine=None):
+                  confine=None, varying=None):
     """The fx front end: ``model`` traced as a whole (``whole``; its failure is the last
     ``<model>`` entry of ``report.skipped``), or in parts where it does not trace (``parts``;
     None without)."""
@@ -493,7 +542,7 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
     if gm is not None:
         try:
             fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected,
-                                 synthesize, cost_model, confine)
+                                 synthesize, cost_model, confine, varying)
         except CaptureMismatch as why:
             report.skipped.append(SkippedPart("<model>", str(why)))
             report.nodes_before = 0
@@ -684,21 +733,28 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
 
 
 def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None, synthesize=True,
-                 cost_model=None, confine=None) -> nn.Module:
+                 cost_model=None, confine=None, varying=None, prefix: str = "") -> nn.Module:
     captured = snapshot(gm)
+    # no region spans a module called otherwise on the calls users make (nor one that encloses
+    # it): its forward stays the model's code, which takes other branches there than on the example
+    scopes = (lambda prepared: varying_scopes(prepared, captured, varying, prefix)) if varying else None
     result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize, cost_model=cost_model,
-                      confine=confine)
+                      confine=confine, scopes=scopes)
     # the collapse's web of graphs, recorded values and float64 weights is garbage now, but in
     # cycles (the collector is off during a compile): freed here, so that what comes next reuses
     # that memory rather than touching fresh pages (which cost ~10 us each on a VM)
     gc.collect(0)
     report.rewrites.extend(result.rewrites)
     report.rejected.extend(result.rejections)
+    report.rejected.extend(Rejection(path or "<model>", f"no merge spans its own code: it is called with other "
+                                                        f"arguments on the {call} input, where its caller takes "
+                                                        "another branch", RejectionKind.MODULE_BOUNDARY)
+                           for path, call in sorted((varying or {}).items()))
     # what the module-preserving output is read from: the captured graph its rewrites name, the
     # names of its nodes before repc's passes, the inputs its placeholders take, the wrapper
-    # prefix of its module paths (set by the caller)
+    # prefix of its module paths
     result.module.meta["repc_source"] = dict(source=gm, captured=captured, flat_inputs=tuple(example_inputs),
-                                             prefix="")
+                                             prefix=prefix)
     return result.module
 
 

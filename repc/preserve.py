@@ -145,8 +145,9 @@ def _strip(path: Optional[str], prefix: str) -> Optional[str]:
 
 def source_paths(source: fx.GraphModule, prefix: str, captured: Dict[str, CapturedNode]) -> Dict[fx.Node, Optional[str]]:
     """The module path of every node of the graph the rewrites name.  A node repc's passes made
-    (a norm's core split from its affine, a scale moved) has the path of the captured node it
-    took the place of (one that is gone and read the same values), else its first input's."""
+    has the path its pass gave it (:func:`repc.passes.editing.took_place_of`), else (a norm's
+    core split from its affine, a scale moved) the path of the captured node it took the place of
+    (one that is gone and read the same values), else its first input's."""
     paths: Dict[fx.Node, Optional[str]] = {}
     present = {n.name for n in source.graph.nodes}
     gone: Dict[str, List[str]] = {}  # input name -> paths of the captured nodes that read it and are gone
@@ -156,14 +157,12 @@ def source_paths(source: fx.GraphModule, prefix: str, captured: Dict[str, Captur
                 gone.setdefault(i, []).append(c.path)
     for node in source.graph.nodes:
         c = captured.get(node.name)
-        path = c.path if c is not None else None
+        path = c.path if c is not None else node_path(node) if node.meta.get("nn_module_stack") else None
         if path is None:
             data = [a for a in node.all_input_nodes if a.op != "get_attr"]
             took = [p for a in data for p in gone.get(a.name, ())]
             path = took[0] if took else next((paths[a] for a in data if paths.get(a) is not None), None)
-            paths[node] = path
-        else:
-            paths[node] = path
+        paths[node] = path
     return {n: _strip(p, prefix) for n, p in paths.items()}
 
 
@@ -217,6 +216,30 @@ def module_scopes(source: fx.GraphModule, rewrites, roots, prefix: str, captured
             else:
                 child = (path[len(at) + 1:] if at else path).split(".")[0]
                 scopes[node.name] = f"{at}.{child}" if at else child
+    return scopes
+
+
+def varying_scopes(gm: fx.GraphModule, captured: Dict[str, CapturedNode], varying: Dict[str, str],
+                   prefix: str = "") -> Dict[str, Optional[str]]:
+    """The scopes (for :func:`repc.passes.collapse.collapse`) that keep every region out of the
+    forward of the modules in ``varying`` (called with other arguments on the calls users make:
+    their caller's code takes another branch there, so their forward stays the model's code) and
+    of every module enclosing one (whose code decides how to call it).  Each node of ``gm`` (the
+    prepared graph: a node repc's passes made has the path of the one it took the place of,
+    :func:`source_paths`) under such a module keeps to the child of the deepest one enclosing it
+    (a LoRA merge stays in its layer's ``mlp``); a node of such a module's own forward (a
+    residual add) joins no region."""
+    tainted = {""} if varying else set()
+    for path in varying:
+        parts = path.split(".") if path else []
+        tainted.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    scopes: Dict[str, Optional[str]] = {}
+    for node, path in source_paths(gm, prefix, captured).items():
+        if path is None or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        parts = path.split(".") if path else []
+        depth = max(i for i in range(len(parts) + 1) if ".".join(parts[:i]) in tainted)
+        scopes[node.name] = None if depth == len(parts) else ".".join(parts[:depth + 1])
     return scopes
 
 
@@ -470,8 +493,10 @@ class Preserver:
     """Writes a fused graph back into a copy of the model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, fused: fx.GraphModule, source: fx.GraphModule, captured, flat_inputs,
-                 args, kwargs, rewrites, prefix: str = "", progress: bool = False):
+                 args, kwargs, rewrites, prefix: str = "", progress: bool = False,
+                 varying: Optional[Dict[str, str]] = None):
         self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
+        self.varying = dict(varying or {})
         self.progress = progress
         # the copy's parameters are the model's own until the swaps are done (:func:`preserve`
         # copies those still shared then: most are replaced by fused ones, which need no copy)
@@ -567,6 +592,7 @@ class Preserver:
 
     def _swap(self, path: str) -> ModuleSwap:
         module = self.copy.get_submodule(path)
+        self._refuse_varying(path)
         call = self.calls.get(path)
         if call is None:
             raise _Refused("not called on the example")
@@ -580,6 +606,14 @@ class Preserver:
         placed = self._set(path, replacement)
         becomes = becomes if placed is replacement else type(placed).__name__
         return ModuleSwap(path, _class_name(module), becomes, self._rewrites_in(path))
+
+    def _refuse_varying(self, *paths: str) -> None:
+        """A module called with other arguments on one of the calls users make (``None`` for a
+        mask that is all ones) runs another branch of its caller's code there: a graph traced
+        on the example's is not its forward."""
+        for path in paths:
+            if path in self.varying:
+                raise _Refused(f"called with other arguments on the {self.varying[path]} input")
 
     def _set(self, path: str, module: nn.Module) -> nn.Module:
         """Put ``module`` at ``path``, in the class of the layer written there where it is a
@@ -637,6 +671,7 @@ class Preserver:
 
     def _fold_group(self, u: str, members: List[Tuple[str, str]]) -> List[ModuleSwap]:
         calls = {p: self.calls.get(p) for p in [u] + [d for _, d in members]}
+        self._refuse_varying(*calls)
         if any(c is None or c.count != 1 for c in calls.values()):
             raise _Refused("a module is not called once")
         roots = {root for root, _ in members}
@@ -685,7 +720,7 @@ class Preserver:
         if len(mine) != 1 or mine[0].op != "call_module" or len(mine[0].args) != 1:
             return None
         targets = [n.target for n in chain]
-        if any(self.calls.get(t) is None or self.calls[t].count != 1 for t in targets):
+        if any(self.calls.get(t) is None or self.calls[t].count != 1 or t in self.varying for t in targets):
             return None
         merged = mine[0]
         first, last = self.calls[targets[0]], self.calls[targets[-1]]
@@ -777,7 +812,9 @@ class Preserver:
         leaves, spec = pytree.tree_flatten(call.output)
         if not _builtin(spec):
             raise _Refused(f"it returns a {type(call.output).__name__}")
-        read_outside = [n for n in nodes if any(u not in inside for u in n.users)]
+        # (a cast that changes nothing, read outside too: the caller's code reads the value it
+        # already holds, the very tensor the cast returned on the example)
+        read_outside = [n for n in nodes if any(u not in inside for u in n.users) and not self._alias(n)]
         candidates = read_outside + [n for n in reversed(nodes) if n not in read_outside]
         out_nodes = []
         for leaf in leaves:
@@ -841,6 +878,12 @@ class Preserver:
         kinds = ", ".join(dict.fromkeys(type(gm.get_submodule(n.target)).__name__ for n in ops
                                         if n.op == "call_module"))
         return gm, f"GraphModule ({len(ops)} ops{': ' + kinds if kinds else ''})"
+
+    def _alias(self, node: fx.Node) -> bool:
+        """``node`` returned its input itself on the example (a ``to`` to the dtype it has)."""
+        return node.op in ("call_function", "call_method") and bool(node.args) and \
+            isinstance(node.args[0], fx.Node) and _target_name(node) in ("to", "type", "contiguous", "alias") and \
+            isinstance(self.values.get(node), torch.Tensor) and self.values.get(node) is self.values.get(node.args[0])
 
     def _attribute(self, target: str, path: str, attributes: Dict[str, Any], names: Dict[str, str]) -> str:
         """The sub-graph's name for the fused graph's attribute ``target``: its path below the
@@ -942,12 +985,14 @@ def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
 
 
 def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
-             progress: bool = False):
+             progress: bool = False, varying: Optional[Dict[str, str]] = None):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
-    before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take."""
+    before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take.  ``varying``: the
+    modules called with other arguments on the calls users make (path -> that call's name),
+    which are not replaced: their caller's code takes another branch there than on the example."""
     preserved, swaps = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix,
-                                 progress).run()
+                                 progress, varying).run()
     own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps
 

@@ -105,7 +105,8 @@ class Report:
     specialized: Dict[str, str] = field(default_factory=dict)  # forward arguments fixed to a value
     front_end: str = ""  # what captured the model: "torch.export", "fx", "fx (in parts)"
     front_ends_declined: Dict[str, str] = field(default_factory=dict)  # front end -> why it was not used
-    output: str = "graph"  # what was returned: "module-preserving" (the model's own class) or "graph"
+    output: str = "graph"  # what was returned: "module-preserving" (the model's own class), "graph" or
+    # "unchanged" (a copy of the model: nothing could be merged, output_note says why)
     output_note: str = ""  # why the graph was returned where the module-preserving output was asked for
     swaps: List[ModuleSwap] = field(default_factory=list)  # the modules replaced in the module-preserving output
 
@@ -168,6 +169,8 @@ class Report:
             if not any(row[4] for row in rows[1:]):
                 rows = [row[:4] for row in rows]
             return lines + ["  " + line for line in format_table(rows)]
+        if self.output == "unchanged":
+            return [f"  returned: the model unchanged, nothing merged ({self.output_note})"]
         if self.output == "graph" and self.output_note:
             return [f"  returned: the whole-model graph (a torch.fx.GraphModule): {self.output_note}"]
         what = "the model's own class" if self.output == "module-preserving" else "the whole-model graph"

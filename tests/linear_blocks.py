@@ -781,3 +781,45 @@ def called_modules(module: nn.Module, kind=nn.Linear) -> list:
         mods = dict(gm.named_modules())
         out += [mods[n.target] for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], kind)]
     return out
+
+
+class MaskedLayer(nn.Module):
+    """A token layer taking an optional mask, as transformers' layers do: ``None`` skips it."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.proj = LoRALinear(d, d, r=2)
+
+    def forward(self, x, mask=None):
+        h = x + self.proj(self.norm(x))
+        if mask is not None:
+            h = h * mask[..., None]
+        return h
+
+
+class MaskedTokenModel(nn.Module):
+    """Token ids and an optional 0/1 mask, in transformers' idiom: where the mask is all ones (and
+    while not traced) the layers are given no mask, so that they skip it."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(MaskedLayer(d) for _ in range(layers))
+
+    def forward(self, input_ids, attention_mask=None):
+        mask = attention_mask
+        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
+            mask = None
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def masked_token_example(batch: int = 2, length: int = 6, vocab: int = 20):
+    """Ids and a mask whose last row is right-padded."""
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch + length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length * 2 // 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

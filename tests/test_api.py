@@ -295,3 +295,27 @@ def test_the_cost_model_is_chosen_by_name(monkeypatch):
     assert kernels(fused) == [(5, 5)] and fused.repc_report.verification.ok
     with pytest.raises(repc.ReparamError, match="cost must be one of macs, latency, measure"):
         repc.compile(model, x, cost="flops")
+
+
+def test_a_layer_called_without_its_mask_on_other_inputs_keeps_its_forward_and_its_merges_hold_there():
+    # transformers' idiom: the layers get no mask where it is all ones; a layer replaced by a graph
+    # traced with the example's padded mask would crash (or compute with that mask) there
+    from linear_blocks import MaskedTokenModel, masked_token_example
+    from linear_blocks import randomize as randomize_tokens
+    torch.manual_seed(0)
+    model = randomize_tokens(MaskedTokenModel())
+    with torch.no_grad():
+        for p in model.parameters():  # (unit norms and zero biases hide folding errors)
+            p.add_(torch.randn_like(p) * 0.3)
+    example = masked_token_example(2, 6)
+    fused = repc.compile(model, (), example)
+    report = fused.repc_report
+    assert type(fused) is MaskedTokenModel and report.output == "module-preserving"
+    assert all(type(layer) is type(model.layers[0]) for layer in fused.layers)
+    assert all(type(layer.proj) is nn.Linear for layer in fused.layers)  # each LoRA merged in its module
+    assert {"all-ones mask", "left-padded mask", "without attention_mask"} <= set(report.verification.inputs_checked)
+    ids = example["input_ids"]
+    for kwargs in (example, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": ids},
+                   masked_token_example(3, 5)):
+        with torch.no_grad():
+            assert (fused(**kwargs) - model(**kwargs)).abs().max() < 1e-5

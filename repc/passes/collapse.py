@@ -55,7 +55,8 @@ class CaptureMismatch(Exception):
 
 def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool = True,
              prefix: str = "", expected_output: Any = None, synthesize: bool = True,
-             cost_model=None, confine: Optional[Dict[str, Optional[str]]] = None) -> CollapseResult:
+             cost_model=None, confine: Optional[Dict[str, Optional[str]]] = None,
+             scopes=None) -> CollapseResult:
     """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule.
 
     With ``expected_output`` (the model's own output on the example), a traced graph that
@@ -66,13 +67,18 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     :class:`repc.passes.cost.LatencyCost`).  ``confine`` (node name -> the module that computed
     it, None for its enclosing module's own forward) keeps every region that holds such nodes
     inside one of those modules: a merge the model's own modules can take, where a wider one
-    could not be swapped in (:func:`repc.preserve.module_scopes`).
+    could not be swapped in (:func:`repc.preserve.module_scopes`).  ``scopes``: a function of the
+    prepared graph giving more such names and scopes (:func:`repc.preserve.varying_scopes`),
+    where the nodes the preparation made are known, across which the matcher builds no region;
+    ``confine`` takes precedence over them.
     """
     with float64_cache():
-        return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine)
+        return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine,
+                         scopes)
 
 
-def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine) -> CollapseResult:
+def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine,
+              scopes=None) -> CollapseResult:
     context = PassContext(gm, example_inputs)
     if expected_output is not None:
         traced = next(context.values[n] for n in gm.graph.nodes if n.op == "output")
@@ -83,7 +89,11 @@ def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, co
                                   "tensor, or state the trace does not see)")
     prepare(context)
     facts = GraphFacts(gm, context.values)
-    matcher = RegionMatcher(gm, facts)
+    # the scopes of modules called otherwise keep regions from forming across them at all; a
+    # confined rebuild's refuse a region that spans them (and say so), trying a shallower one
+    kept = scopes(gm) if scopes is not None else {}
+    confine = {**kept, **(confine or {})} or None
+    matcher = RegionMatcher(gm, facts, kept)
     matcher.run()
     device = _device(gm, example_inputs)
     return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize, cost_model, confine).run()

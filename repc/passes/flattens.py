@@ -16,7 +16,7 @@ from ..graph_predicates import target_name
 from ..meanings import AffineCall, Layout
 from ..ops import Linear
 from ..vocabulary import constant_facts, describe
-from .editing import buffer_node
+from .editing import buffer_node, took_place_of
 
 
 _FLATTENS = {"view", "reshape", "flatten"}
@@ -65,6 +65,7 @@ def push_linears_before_flattens(gm: fx.GraphModule, values: Dict[fx.Node, Any])
             bias = None if op.bias is None else buffer_node(gm, graph, op.bias, dtype)
             mapped = graph.call_function(F.linear, (h, weight, bias))
             flattened = graph.call_function(torch.flatten, (mapped, 0, -2))
+        took_place_of(node, mapped, flattened)
         node.replace_all_uses_with(flattened)
         graph.erase_node(node)
         if not flat.users:

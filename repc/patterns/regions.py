@@ -69,8 +69,11 @@ class Expr:
 class RegionMatcher:
     """Builds an :class:`Expr` for every node of a shape-annotated graph."""
 
-    def __init__(self, gm: fx.GraphModule, facts: GraphFacts):
+    def __init__(self, gm: fx.GraphModule, facts: GraphFacts, scopes: Optional[Dict[str, Optional[str]]] = None):
         self.gm = gm
+        # node name -> the module scope its region must keep to (None: it joins no region); a
+        # node without one goes with its neighbours
+        self.scopes = scopes or {}
         self.facts = facts
         self.exprs: Dict[fx.Node, Expr] = {}
         self.opaque: Dict[fx.Node, Opaque] = {}  # nodes without a meaning, and why
@@ -204,7 +207,8 @@ class RegionMatcher:
                 inside = src in expr.region  # computed by an operand's region: must be pulled in
                 if inner is None or inner.is_leaf or inner.form is None or (src in self.absorbed and not inside):
                     continue
-                if not all(u in expr.region for u in effective_users(src)) or self._stays_in_place(src):
+                if not all(u in expr.region for u in effective_users(src)) or self._stays_in_place(src) \
+                        or not self._same_scope(src, expr.node):
                     continue
                 try:
                     pulled = compose_form(inner.form, expr.form[src])
@@ -387,9 +391,15 @@ class RegionMatcher:
         mutation): the value is computed where it is written, never moved into a later region."""
         return node in self.pinned or any(a in self.pinned for a in node.all_input_nodes)
 
+    def _same_scope(self, a: fx.Node, b: fx.Node) -> bool:
+        """``a`` and ``b`` may share a region: in the same scope, or either without one."""
+        if a.name not in self.scopes or b.name not in self.scopes:
+            return True
+        return self.scopes[a.name] is not None and self.scopes[a.name] == self.scopes[b.name]
+
     def _absorbable(self, arg: fx.Node, parent: fx.Node) -> bool:
         """``arg`` may live inside ``parent``'s region: nothing else reads it."""
-        if self._stays_in_place(arg):
+        if self._stays_in_place(arg) or not self._same_scope(arg, parent):
             return False
         occurrences = []
         fx.node.map_arg((parent.args, parent.kwargs),

@@ -451,3 +451,41 @@ def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...]
                 return failed
     return CheckResult(True, state["worst"], state["tol"] if state["tol"] is not None else 1e-4, checked, skipped,
                        within_noise=within_noise)
+
+
+def compare_calls(fused: Callable, original: torch.nn.Module, calls, result: CheckResult,
+                  tol: Optional[float] = None, structure_kept: bool = False) -> CheckResult:
+    """``result`` (a passed :func:`compare`) extended by the calls users make
+    (:func:`repc.verify.calls.canonical_calls`, the original's outputs already computed): each
+    run on ``fused`` and compared like the check's inputs, rounding-noise floor included.
+    ``structure_kept``: ``fused`` takes exactly the example's inputs (a whole-model graph), so
+    calls that leave an input out are skipped, saying so."""
+    if not result.ok:
+        return result
+    checked, skipped, within_noise = list(result.checked), list(result.skipped), list(result.within_noise)
+    worst = result.max_deviation
+    copies: List[torch.nn.Module] = []
+    for call in calls[1:]:
+        if structure_kept and call.omits:
+            skipped.append(f"{call.name} (the graph takes every input of the example)")
+            continue
+        this_tol = tol if tol is not None else tolerance(output_dtype(call.reference))
+        with torch.no_grad():
+            try:
+                got = quiet_call(lambda *a: fused(*a, **call.kwargs), call.args)
+            except Exception as why:
+                return CheckResult(False, float("inf"), this_tol, checked, skipped, call.name,
+                                   f"{type(why).__name__}: {why}", within_noise)
+            dev = deviation(got, call.reference)
+            accepted = dev <= this_tol
+            if not accepted and tol is None and dev != float("inf"):
+                copies = copies or perturbed_copies(original)
+                noise = max(deviation(c(*call.args, **call.kwargs), call.reference) for c in copies)
+                accepted = dev <= NOISE_FACTOR * noise
+                if accepted:
+                    within_noise.append(call.name)
+        worst = max(worst, dev)
+        checked.append(call.name)
+        if not accepted:
+            return CheckResult(False, worst, this_tol, checked, skipped, call.name, None, within_noise)
+    return CheckResult(True, worst, result.tolerance, checked, skipped, within_noise=within_noise)

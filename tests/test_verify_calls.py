@@ -1,0 +1,55 @@
+"""The calls users make (repc/verify/calls.py): masks all ones or padded, inputs left out, other
+sizes; and the modules whose calls differ between them."""
+
+import torch
+import torch.nn as nn
+
+from linear_blocks import MaskedTokenModel, masked_token_example, randomize
+from repc.verify.calls import call_structure, canonical_calls, observe
+
+
+def test_token_inputs_get_the_mask_patterns_an_input_left_out_and_other_sizes():
+    example = masked_token_example(2, 6)
+    calls = canonical_calls(MaskedTokenModel(), (), example)
+    by_name = {c.name: c for c in calls}
+    assert calls[0].name == "example" and calls[0].kwargs is not None
+    ones = by_name["all-ones mask"].kwargs["attention_mask"]
+    assert bool((ones == 1).all()) and ones.dtype == example["attention_mask"].dtype
+    right, left = by_name["right-padded mask"].kwargs["attention_mask"], by_name["left-padded mask"].kwargs["attention_mask"]
+    assert bool(right[0].all()) and right[1, -1] == 0 and right[1, 0] == 1
+    assert bool(left[0].all()) and left[1, 0] == 0 and left[1, -1] == 1
+    assert torch.equal(by_name["right-padded mask"].kwargs["input_ids"], example["input_ids"])
+    left_out = by_name["without attention_mask"]
+    assert set(left_out.kwargs) == {"input_ids"} and left_out.omits == ("attention_mask",)
+    resized = next(c for c in calls if c.name.startswith("batch 3, length 5"))
+    assert resized.kwargs["input_ids"].shape == (3, 5) and bool(resized.kwargs["attention_mask"].all())
+    assert int(resized.kwargs["input_ids"].max()) <= int(example["input_ids"].max())
+
+
+def test_a_model_of_float_inputs_gets_the_example_alone():
+    calls = canonical_calls(nn.Linear(4, 4), (torch.randn(2, 4),), {})
+    assert [c.name for c in calls] == ["example"]
+
+
+def test_observe_finds_the_modules_called_otherwise_and_keeps_the_references():
+    model = randomize(MaskedTokenModel())
+    example = masked_token_example(2, 6)
+    with torch.no_grad():
+        expected = model(**example)
+        seen = observe(model, canonical_calls(model, (), example), expected)
+    # an all-ones mask reaches the layers as None; the root is called without the mask once
+    assert seen.varying["layers.0"] == "all-ones mask" and "layers.1" in seen.varying
+    assert "" in seen.varying
+    assert not any(p.startswith(("embed", "layers.0.proj", "layers.0.norm")) for p in seen.varying)
+    assert seen.calls[0].reference is expected
+    with torch.no_grad():
+        for call in seen.calls[1:]:
+            assert torch.equal(call.reference, model(*call.args, **call.kwargs))
+
+
+def test_call_structure_tells_none_from_a_tensor_and_flags_apart_but_not_sizes():
+    x = torch.randn(2, 3)
+    assert call_structure((x,), {"mask": None}) != call_structure((x,), {"mask": x})
+    assert call_structure((x,), {"flag": True}) != call_structure((x,), {"flag": False})
+    assert call_structure((x, 3), {}) == call_structure((torch.randn(5, 7), 4), {})
+    assert call_structure((x,), {}) != call_structure((x.long(),), {})
