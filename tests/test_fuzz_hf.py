@@ -1,0 +1,32 @@
+"""The transformers x PEFT differential fuzzer's quick profile (tests/fuzz_hf.py): repc's default
+result against the unfused model on the inputs users feed (masks all ones or padded on either
+side, no mask, other batch sizes and lengths).  The slow profile is run by hand:
+``python tests/fuzz_hf.py --count 1000 --seed S``."""
+
+import warnings
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from fuzz_hf import CASES_QUICK, HFCase, run_case  # noqa: E402
+
+# configurations the issue tracker found miscompiled (verified, wrong on an all-ones mask or no
+# mask) or crashing (BERT-family layers given None for an all-ones mask), kept as regressions
+REGRESSIONS = [
+    HFCase("mistral", "lora", "all", "sdpa", False, 11),
+    HFCase("qwen2", "ia3", "all", "sdpa", False, 12),
+    HFCase("gpt_neox", "vera", "mlp", "sdpa", False, 13),
+    HFCase("distilbert", "lora", "attention", "eager", False, 14),
+]
+
+
+@pytest.mark.parametrize("case", CASES_QUICK + REGRESSIONS, ids=repr)
+def test_the_default_result_computes_the_model_on_the_inputs_users_feed(case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_case(case)
+    assert result.outcome in ("exact", "rolled back"), result.detail
+    if result.outcome == "rolled back":
+        assert "rolled back" in result.detail  # (said in the report, and warned: repc.UnchangedWarning)
