@@ -27,6 +27,7 @@ from .preserve import (PreserveError, base_of_peft, module_scopes, own_copies, p
                        varying_scopes)
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
+from .values import without_opaque
 from .verify.calls import canonical_calls, observe
 from .verify.check import compare, compare_calls, deviation, output_dtype, tolerance as dtype_tolerance
 
@@ -498,7 +499,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     captures = {} if captures is None else captures
     if "export" not in captures:
         try:
-            captures["export"] = export_graph(model, args, kwargs)
+            captures["export"] = export_graph(model, args, kwargs, expected)
         except Exception as why:  # CaptureError says why; anything else is reported the same way, not raised
             captures["export"] = CaptureError(str(why) if isinstance(why, CaptureError) else _short(why))
     if isinstance(captures["export"], CaptureError):
@@ -507,11 +508,10 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     captured = captures["export"].fresh()
     report.front_end = "torch.export"
     report.nodes_before = len(captured.gm.graph.nodes)
-    from .capture_export import _argument_names
-    prefix = "model." if _argument_names(model, args, kwargs) is None else ""  # (export wrapped the model)
+    prefix = captured.prefix
     try:
-        fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(expected)), synthesize,
-                             cost_model, confine, varying, prefix)
+        fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(without_opaque(expected))),
+                             synthesize, cost_model, confine, varying, prefix)
     except CaptureMismatch as why:
         report.front_ends_declined["torch.export"] = str(why)
         report.front_end, report.nodes_before = "", 0

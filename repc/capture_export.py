@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 from .aten import lower_aten
 from .capture import CaptureError
 from .graph_predicates import fetch_attr, short_error
+from .values import has_opaque, without_opaque
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ExportedGraph:
     out_spec: Any  # pytree spec of the model's output
     guards: List[Tuple[str, str]]  # export's conditions on the inputs: (code over ``P[i]``, words)
     argument_names: List[str]  # one per positional input, then the keyword inputs' names
+    prefix: str = ""  # the name of the model in its nodes' module paths where export was given a wrapper
 
     def fresh(self) -> "ExportedGraph":
         """This capture with a graph of its own to edit (the same tensors and leaf modules): a
@@ -100,12 +102,13 @@ class _Called(nn.Module):
     """``model(*args, **kwargs)`` with ``args`` and ``kwargs`` as two plain inputs: how a forward
     that takes ``*args, **kwargs`` (a PEFT wrapper) is exported with dynamic shapes."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, plain_output: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.plain_output = model, plain_output
 
     def forward(self, args, kwargs):
-        return self.model(*args, **kwargs)
+        out = self.model(*args, **kwargs)
+        return without_opaque(out) if self.plain_output else out
 
 
 GUARD_WORDS = "repc: the fused graph holds only where"  # how a failed guard of an exported graph begins
@@ -125,12 +128,19 @@ def export_program(model: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dic
     return torch.export.export(model, tuple(args), kwargs, strict=False)
 
 
-def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> ExportedGraph:
-    """Capture ``model`` on ``(args, kwargs)`` through ``torch.export``; :class:`CaptureError` says why not."""
+def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any = None
+                 ) -> ExportedGraph:
+    """Capture ``model`` on ``(args, kwargs)`` through ``torch.export``; :class:`CaptureError` says why not.
+
+    ``output``, the model's output on them where the caller has it: where it holds objects
+    export takes no output of (a decoder's key/value cache), the graph is captured with those
+    set to None (:func:`repc.values.without_opaque`): it computes the rest, and is not the
+    model's function as a whole (its output differs there, so no check passes it as one)."""
     leaves, in_spec = pytree.tree_flatten((args, kwargs))  # non-tensor leaves: export guards their value
     names = _argument_names(model, args, kwargs)
-    wrapped = names is None
-    exported = _Called(model) if wrapped else model
+    plain_output = has_opaque(output)
+    wrapped = names is None or plain_output
+    exported = _Called(model, plain_output) if wrapped else model
     ep, first_error = None, None
     for example_args, example_kwargs in _examples(args, kwargs):
         if wrapped:
@@ -157,7 +167,7 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
         node.meta.pop("val", None)
     if names is None:
         names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
-    return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names)
+    return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names, prefix)
 
 
 def register_output_dataclasses(output: Any) -> List[type]:

@@ -51,6 +51,7 @@ from .graph_predicates import IDENTITY_MODULES, fetch_attr
 from .passes.collapse import EMITTED_FOR
 from .progress import counter, each
 from .report import ModuleSwap
+from .values import is_opaque
 
 
 class PreserveError(Exception):
@@ -598,6 +599,9 @@ class Preserver:
             raise _Refused("not called on the example")
         if call.count != 1:
             raise _Refused(f"called {call.count} times on the example")
+        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if is_opaque(v)), None)
+        if given is not None:  # (a decoder layer's key/value cache: a graph would not update it)
+            raise _Refused(f"it is given a {type(given).__name__}, which its forward may update in place")
         nodes = [n for n in self.fused.graph.nodes if n in self.tags and _within(self.tags[n], path)
                  and n.op != "get_attr"]
         if not nodes:

@@ -319,3 +319,28 @@ def test_a_layer_called_without_its_mask_on_other_inputs_keeps_its_forward_and_i
                    masked_token_example(3, 5)):
         with torch.no_grad():
             assert (fused(**kwargs) - model(**kwargs)).abs().max() < 1e-5
+
+
+class _KeywordsOnlyBranchy(nn.Module):
+    """Keyword inputs only, and a branch on the data: neither front end captures it whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, **inputs):
+        x = inputs["x"]
+        y = self.bn(self.conv(x))
+        return y if x.sum() > 0 else -y
+
+
+def test_a_model_that_cannot_be_captured_comes_back_unchanged_with_a_warning():
+    model = randomize_bn(_KeywordsOnlyBranchy()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(repc.UnchangedWarning, match="returned unchanged"):
+        fused = repc.compile(model, (), {"x": x})
+    report = fused.repc_report
+    assert report.output == "unchanged" and not report.rewrites and "captured" in report.output_note
+    assert "returned: the model unchanged" in str(report)
+    with torch.no_grad():
+        assert torch.equal(fused(x=x), model(x=x)) and torch.equal(fused(x=-x), model(x=-x))

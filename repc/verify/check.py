@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..values import is_opaque, object_state
+
 TOLERANCE = {
     torch.float64: 1e-9,
     torch.float32: 1e-4,
@@ -64,9 +66,23 @@ def deviation(fused: Any, original: Any) -> float:
                 return float("inf")  # NaN or Inf where the original is finite
             scale = max(float(y64.abs().max()), torch.finfo(y.dtype).eps)
             worst = max(worst, float((x64 - y64).abs().max()) / scale)
+        elif is_opaque(y):  # (a cache object: compared by the tensors it holds)
+            if type(x) is not type(y):
+                return float("inf")
+            worst = max(worst, deviation(object_state(x), object_state(y)))
+            if worst == float("inf"):
+                return worst
         elif x != y:
             return float("inf")
     return worst
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether two outputs have the same containers, keys and leaf kinds (tensor or not)."""
+    leaves_a, spec_a = tree_flatten(_plain_containers(a))
+    leaves_b, spec_b = tree_flatten(_plain_containers(b))
+    return spec_a == spec_b and all(isinstance(x, torch.Tensor) == isinstance(y, torch.Tensor)
+                                    for x, y in zip(leaves_a, leaves_b))
 
 
 def non_finite(out: Any) -> Optional[str]:
@@ -423,6 +439,9 @@ def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...]
             error = f"the original produces {non_finite(ref)} there, and the result does not match them"
         elif dev == float("inf") and non_finite(got) is not None:
             error = f"the result produces {non_finite(got)} where the original is finite"
+        elif dev == float("inf") and not same_structure(got, ref):
+            error = "the result's output is not structured as the original's (the whole-model graph computes " \
+                    "no object its output holds, such as a cache)"
         return CheckResult(False, state["worst"], this_tol, checked, skipped, name, error, within_noise=within_noise)
 
     with torch.no_grad():
