@@ -25,8 +25,12 @@ modules repc did not touch) as it was.
   and outputs, recorded with hooks on the example, are matched by value with the graph's values
   there (a size read from an input is read again inside).  Where that fails (a module called
   twice, an input the graph does not hold, an output computed elsewhere), the parent is tried
-  instead; the root itself is never replaced (:class:`PreserveError`: the caller then returns
-  the whole-model graph).
+  instead, up to the model itself, whose ``forward`` then becomes the fused graph (an instance
+  attribute: its class, methods, attributes, hooks and the modules the graph still calls stay).
+* A module called with other arguments on the calls users make (``varying``: a layer given
+  ``None`` for an all-ones mask), or given an object its forward may update (a cache), is never
+  replaced: its caller's code takes another branch there, or its update would be lost.
+  Regions that no swap places are left out (:class:`PreserveError` where none is placed).
 
 The caller verifies the result as a whole, as it verifies the graph.
 """
@@ -364,9 +368,6 @@ def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
         return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
     for name, module in model.named_modules():
-        if not name:
-            continue
-
         def before(m, a, k, name=name):
             if name not in calls and name not in given:
                 given[name] = (kept(tuple(a)), kept(dict(k)))
@@ -537,13 +538,16 @@ class Preserver:
         while pending:
             bar.update(1)
             path = pending.pop(0)
-            if any(_within(path, d) for d in done) or path == "":
-                continue  # (the model itself is never replaced: its regions are left out, below)
+            if any(_within(path, d) for d in done if d):
+                continue
             try:
                 swap = self._swap(path)
             except _Refused as why:
-                parent = _parent(path)
                 refused[path] = str(why)
+                if path == "":
+                    notes[""] = notes.get("", str(why))
+                    continue
+                parent = _parent(path)
                 notes[parent] = f"{path}: {why}"
                 pending.append(parent)
                 bar.total = getattr(bar, "total", 0) + 1
@@ -552,9 +556,11 @@ class Preserver:
             swap.note = notes.get(path, "")
             done = [d for d in done if not _within(d, path)] + [path]
             self.swaps = [s for s in self.swaps if not _within(s.path, path)] + [swap]
+            if path == "":
+                break  # (the model's forward is its whole graph now)
         bar.close()
         for root, (targets, merged) in chains.items():
-            if any(_within(targets[0], d) for d in done):
+            if any(_within(targets[0], d) for d in done):  # ("" is the model: its forward replaced)
                 continue  # inside a module replaced as a whole
             merged = self._set(targets[0], copy.deepcopy(merged))
             for t in targets[1:]:
@@ -566,7 +572,7 @@ class Preserver:
                                          + ", ".join(f"{t} -> Identity" for t in targets[1:]), [root]))
         # a region no module of the model encloses as a swap: left out, its modules as written
         left_out = [root for root, p in self.regions.items()
-                    if root not in chains and not any(_within(p, d) for d in done if d)]
+                    if root not in chains and not any(_within(p, d) for d in done)]
         applied = len(self.regions) - len(left_out)
         if left_out and not applied:
             why = notes.get("", "a region spans the model's own forward")
@@ -592,6 +598,8 @@ class Preserver:
         return [root for root, p in self.regions.items() if _within(p, path)]
 
     def _swap(self, path: str) -> ModuleSwap:
+        if path == "":
+            return self._swap_forward_of_model()
         module = self.copy.get_submodule(path)
         self._refuse_varying(path)
         call = self.calls.get(path)
@@ -610,6 +618,30 @@ class Preserver:
         placed = self._set(path, replacement)
         becomes = becomes if placed is replacement else type(placed).__name__
         return ModuleSwap(path, _class_name(module), becomes, self._rewrites_in(path))
+
+    def _swap_forward_of_model(self) -> ModuleSwap:
+        """The model's own forward replaced by the fused graph (a region spans it: RepVGG's branches
+        summed in the model's forward): the model keeps its class, attributes, methods, hooks and
+        the modules the graph still calls (the same objects); the graph is its ``forward``, the
+        merged modules its children under ``fused``, and the modules merged away are dropped."""
+        self._refuse_varying("")
+        call = self.calls.get("")
+        if call is None:
+            raise _Refused("the model's own call was not recorded")
+        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if is_opaque(v)), None)
+        if given is not None:
+            raise _Refused(f"it is given a {type(given).__name__}, which its forward may update in place")
+        nodes = [n for n in self.fused.graph.nodes if n in self.tags and n.op != "get_attr"]
+        gm, becomes = self._subgraph("", self.copy, call, nodes, into=self.copy)
+        used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+        for name, module in list(self.copy.named_modules()):
+            # a leaf of the model the graph no longer reads (a BN folded into its conv): dropped
+            if name and not any(True for _ in module.children()) and \
+                    not any(_within(u, name) or _within(name, u) for u in used):
+                parent, _, leaf = name.rpartition(".")
+                delattr(self.copy.get_submodule(parent) if parent else self.copy, leaf)
+        object.__setattr__(self.copy, "forward", gm)  # (an instance attribute: the class keeps its own)
+        return ModuleSwap("<model>", _class_name(self.copy), f"forward: {becomes}", self._rewrites_in(""))
 
     def _refuse_varying(self, *paths: str) -> None:
         """A module called with other arguments on one of the calls users make (``None`` for a
@@ -734,11 +766,14 @@ class Preserver:
         return targets, self.fused.get_submodule(merged.target)
 
     def _subgraph(self, path: str, module: nn.Module, call: _Call, nodes: List[fx.Node],
-                  given_inputs: Optional[Dict[fx.Node, int]] = None, given_output: Optional[fx.Node] = None):
+                  given_inputs: Optional[Dict[fx.Node, int]] = None, given_output: Optional[fx.Node] = None,
+                  into: Optional[nn.Module] = None):
         """``module``'s part of the fused graph (``nodes``) as a GraphModule taking its forward's
         arguments.  ``given_inputs`` (node -> argument position) and ``given_output`` are read as
         they are, not matched by value (an affine folded forward changes the value between two
-        modules, both swapped)."""
+        modules, both swapped).  ``into``: the graph's modules and tensors are those of this
+        module (the model, whose forward the graph becomes): its own where the fused graph
+        holds them unchanged, the merged ones installed on it under ``fused``."""
         inside = set(nodes)
         given_inputs = given_inputs or {}
         params = _forward_parameters(module)
@@ -812,6 +847,16 @@ class Preserver:
             if node.op == "call_module":
                 new.target = self._attribute(node.target, path, attributes, names)
             env[node] = new
+        if into is not None:  # the model's own modules and tensors where unchanged, else installed
+            for name, value in list(attributes.items()):
+                own = _fetch_or_none(into, name)
+                if own is None or not _same_content(own, value):
+                    renamed = "fused." + name.replace(".", "_")
+                    for n in graph.nodes:
+                        if n.op in ("call_module", "get_attr") and n.target == name:
+                            n.target = renamed
+                    _install(into, renamed, value)
+                attributes.pop(name)
         # the outputs: the forward's output leaves, each a graph value (read outside, or the last one equal)
         leaves, spec = pytree.tree_flatten(call.output)
         if not _builtin(spec):
@@ -842,7 +887,7 @@ class Preserver:
             raise _Refused(f"{missing.name}, computed inside it, is read outside it")
         graph.output(pytree.tree_unflatten(out_nodes, spec))
         _drop_unread(graph)
-        root = nn.Module()
+        root = nn.Module() if into is None else into
         for target, value in attributes.items():
             _install(root, target, value)
         gm = fx.GraphModule(root, graph, class_name=f"Fused{type(module).__name__}")
@@ -897,6 +942,8 @@ class Preserver:
         value = fetch_attr(self.fused, target)
         if path and target.startswith(path + "."):
             name = target[len(path) + 1:]
+        elif not path and _fetch_or_none(self.copy, target) is not None:
+            name = target  # (the model's own, where the graph becomes the model's forward)
         else:
             kind = _KINDS.get(type(value).__name__, type(value).__name__.lower()) if isinstance(value, nn.Module) else \
                 ("scale" if target.endswith("scale") else "shift" if target.endswith("shift")
@@ -952,6 +999,24 @@ def _class_name(module: nn.Module) -> str:
     cls = type(module)
     package = cls.__module__.split(".")[0]
     return cls.__qualname__ if package == "torch" else f"{package}.{cls.__qualname__}"
+
+
+def _fetch_or_none(root: nn.Module, target: str):
+    try:
+        return fetch_attr(root, target)
+    except AttributeError:
+        return None
+
+
+def _same_content(a, b) -> bool:
+    """Two modules (or tensors) of one class holding equal tensors: the fused graph's copy of a
+    module of the model it left as it was."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if type(a) is not type(b) or not isinstance(a, nn.Module):
+        return False
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(_same_content(mine[k], theirs[k]) for k in mine)
 
 
 def _install(root: nn.Module, target: str, value) -> None:

@@ -379,9 +379,9 @@ class DistilledNet(nn.Module):
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_a_region_spanning_the_models_forward_is_merged_inside_each_module_instead(verify):
-    # both heads and their average are one linear map, which no swap of a module expresses: the
-    # copy is built again with merges kept inside modules, each head's BatchNorm into its linear
+def test_a_region_spanning_the_models_forward_replaces_its_forward_and_the_model_keeps_its_class(verify):
+    # both heads and their average are one linear map, in the model's own forward: the model's
+    # forward becomes its graph (one linear), as graph=True merges it
     model = _random_affines(DistilledNet())
     x = torch.randn(2, 3, 8, 8)
     whole = repc.compile(model, (x,), graph=True, verify=verify)
@@ -390,15 +390,54 @@ def test_a_region_spanning_the_models_forward_is_merged_inside_each_module_inste
     fused = repc.compile(model, (x,), verify=verify)
     report = fused.repc_report
     assert type(fused) is DistilledNet and report.output == "module-preserving", report
-    assert not any(s.becomes == "not applied" for s in report.swaps), report.swaps
-    assert "merged inside each module" in report.output_note, report.output_note
-    assert any(r.kind is repc.api.RejectionKind.MODULE_BOUNDARY and "head_dist" in r.reason for r in report.rejected)
+    assert [s.path for s in report.swaps] == ["<model>"] and report.swaps[0].becomes.startswith("forward: ")
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in fused.modules()), fused
-    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 2
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1
     for shape in ((1, 3, 8, 8), (3, 3, 12, 10)):
         y = torch.randn(shape)
         with torch.no_grad():
             assert _same(fused(y), model(y)) and _same(whole(y), model(y))
+
+
+class BranchesInTheModelsForward(nn.Module):
+    """RepVGG's block written as a model: the branches summed in the model's own forward."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.bn_identity, self.act = nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        self.name = "rep"
+
+    def forward(self, x):
+        return self.act(self.bn3(self.conv3(x)) + self.bn1(self.conv1(x)) + self.bn_identity(x))
+
+    def describe(self):
+        return f"{self.name}: {len(list(self.children()))} children"
+
+
+def test_branches_summed_in_the_models_own_forward_merge_by_default_and_the_result_keeps_its_class(tmp_path):
+    model = _random_affines(BranchesInTheModelsForward())
+    hooked = []
+    hook = model.register_forward_hook(lambda m, a, out: hooked.append(out.shape))
+    x = torch.randn(2, 4, 8, 8)
+    fused = repc.compile(model, (x,))
+    hook.remove()
+    assert type(fused) is BranchesInTheModelsForward and fused.repc_report.output == "module-preserving"
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].kernel_size == (3, 3)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert fused.describe().startswith("rep: ") and fused.name == "rep"  # methods and attributes stay
+    y = torch.randn(3, 4, 9, 7)
+    with torch.no_grad():
+        assert _same(fused(y), model(y))
+        assert hooked[-1] == (3, 4, 9, 7)  # (the model's own hooks run on the result too)
+        fused._forward_hooks.clear()  # (a lambda: not picklable)
+        torch.save(fused, tmp_path / "fused.pt")
+        reloaded = torch.load(tmp_path / "fused.pt", weights_only=False)
+        assert type(reloaded) is BranchesInTheModelsForward and _same(reloaded(y), model(y))
+        assert _same(copy.deepcopy(fused)(y), model(y))
+    assert sum(p.numel() for p in fused.parameters()) == 4 * 4 * 9 + 4
 
 
 class ConvNorm(nn.Sequential):
