@@ -333,15 +333,16 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         for s in swaps:
             s.path = s.path[len(at) + 1:] if s.path.startswith(at + ".") else s.path
             s.note = s.note.replace(at + ".", "")
-        left = sorted({_short_class(m) for m in base.modules() if type(m).__module__.split(".")[0] == "peft"})
-        if left:
-            report.output_note = f"the merged base model would still hold {', '.join(left)} layers: the LoRA " \
-                                 "merge crosses module boundaries no swap expresses; the whole-model graph is returned"
-            return None
-        preserved = base.eval()
     left_out = {root for s in swaps if s.becomes == "not applied" for root in s.rewrites}
     scopes = module_scopes(source["source"], report.rewrites, left_out, source["prefix"], source["captured"], fused) \
         if left_out else {}
+    if base is not None:
+        left = sorted({_short_class(m) for m in base.modules() if type(m).__module__.split(".")[0] == "peft"})
+        if left:  # the PEFT model itself then, with the merges that apply (not a base model with adapters)
+            report.output_note = f"{', '.join(left)} layers not merged (no swap of a module expresses their " \
+                                 "merge): the PEFT model is returned with the merges that apply"
+        else:
+            preserved = base.eval()
     return preserved, swaps, scopes
 
 
@@ -746,10 +747,8 @@ def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=No
     gc.collect(0)
     report.rewrites.extend(result.rewrites)
     report.rejected.extend(result.rejections)
-    report.rejected.extend(Rejection(path or "<model>", f"no merge spans its own code: it is called with other "
-                                                        f"arguments on the {call} input, where its caller takes "
-                                                        "another branch", RejectionKind.MODULE_BOUNDARY)
-                           for path, call in sorted((varying or {}).items()))
+    report.rejected.extend(Rejection(path or "<model>", f"no merge spans its own code: it is {why}",
+                                     RejectionKind.MODULE_BOUNDARY) for path, why in sorted((varying or {}).items()))
     # what the module-preserving output is read from: the captured graph its rewrites name, the
     # names of its nodes before repc's passes, the inputs its placeholders take, the wrapper
     # prefix of its module paths

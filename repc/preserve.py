@@ -55,7 +55,7 @@ from .graph_predicates import IDENTITY_MODULES, fetch_attr
 from .passes.collapse import EMITTED_FOR
 from .progress import counter, each
 from .report import ModuleSwap
-from .values import is_opaque
+from .values import holds_state
 
 
 class PreserveError(Exception):
@@ -95,7 +95,7 @@ def node_path(node: fx.Node, prefix: str = "", captured=frozenset()) -> Optional
     ``prefix`` is a wrapper's name for the model, stripped."""
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
+        path = _without_slices(list(stack.values())[-1][0])
     elif node.op == "call_module" and node.name in captured:
         path = node.target
     elif node.name in captured:
@@ -103,6 +103,20 @@ def node_path(node: fx.Node, prefix: str = "", captured=frozenset()) -> Optional
     else:
         return None
     return _strip(path, prefix)
+
+
+_SLICE = re.compile(r"\.slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)\.(\d+)")
+
+
+def _without_slices(path: str) -> str:
+    """A module path as export records one reached through a slice of a container
+    (``layers.slice(None, 2, None).0``, from ``self.layers[:n]``): the item's own path (``layers.0``)."""
+    def item(m):
+        start, step = int(m.group(1)) if m.group(1) != "None" else 0, int(m.group(3)) if m.group(3) != "None" else 1
+        if start < 0:
+            return m.group(0)  # (from the end: the container's length is not known here)
+        return f".{start + int(m.group(4)) * step}"
+    return _SLICE.sub(item, path)
 
 
 # ----------------------------------------------------------------------------- regions and tags
@@ -253,6 +267,7 @@ _LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "
 
 
 _IDENTITY_NAMES = {"identity", "dropout", "alias", "detach", "clone"}
+_CASTS = {"to", "type", "float", "_to_copy", "type_as"}
 
 
 def _is_identity_op(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -262,6 +277,10 @@ def _is_identity_op(node: fx.Node, gm: fx.GraphModule) -> bool:
         return isinstance(module, nn.Identity) or (isinstance(module, IDENTITY_MODULES) and not module.training)
     if node.op == "call_function" and _target_name(node) == "dropout":
         return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False
+    if node.op in ("call_function", "call_method") and _target_name(node) in _CASTS and node.args and \
+            isinstance(node.args[0], fx.Node):  # a cast to the dtype the value has (a norm's ``.to(float32)``)
+        dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+        return dtype is not None and dtype == getattr(node.args[0].meta.get("tensor_meta"), "dtype", None)
     return node.op in ("call_function", "call_method") and _target_name(node) in _IDENTITY_NAMES - {"dropout"}
 
 
@@ -607,7 +626,7 @@ class Preserver:
             raise _Refused("not called on the example")
         if call.count != 1:
             raise _Refused(f"called {call.count} times on the example")
-        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if is_opaque(v)), None)
+        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if holds_state(v)), None)
         if given is not None:  # (a decoder layer's key/value cache: a graph would not update it)
             raise _Refused(f"it is given a {type(given).__name__}, which its forward may update in place")
         nodes = [n for n in self.fused.graph.nodes if n in self.tags and _within(self.tags[n], path)
@@ -628,7 +647,7 @@ class Preserver:
         call = self.calls.get("")
         if call is None:
             raise _Refused("the model's own call was not recorded")
-        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if is_opaque(v)), None)
+        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if holds_state(v)), None)
         if given is not None:
             raise _Refused(f"it is given a {type(given).__name__}, which its forward may update in place")
         nodes = [n for n in self.fused.graph.nodes if n in self.tags and n.op != "get_attr"]
@@ -649,7 +668,7 @@ class Preserver:
         on the example's is not its forward."""
         for path in paths:
             if path in self.varying:
-                raise _Refused(f"called with other arguments on the {self.varying[path]} input")
+                raise _Refused(self.varying[path])
 
     def _set(self, path: str, module: nn.Module) -> nn.Module:
         """Put ``module`` at ``path``, in the class of the layer written there where it is a
@@ -910,13 +929,14 @@ class Preserver:
             return n
 
         calls = [n for n in ops if not no_op(n)]
-        if len(calls) == 1 and calls[0].op == "call_module" and len(leaves) == 1 and not calls[0].kwargs and \
+        # (the model's forward, ``into``, is always the graph: its modules are the model's children)
+        if into is None and len(calls) == 1 and calls[0].op == "call_module" and len(leaves) == 1 and not calls[0].kwargs and \
                 len(calls[0].args) == 1 and through(calls[0].args[0]) is placeholders.get(params[0].name) and \
                 through(next(iter(graph.find_nodes(op="output"))).args[0]) is calls[0]:
             single = gm.get_submodule(calls[0].target)  # the region is one call of the merged module
             return single, type(single).__name__
         chain = _module_chain(ops, placeholders.get(params[0].name) if params else None)
-        if chain is not None and len(call.args) == 1 and not call.kwargs and len(leaves) == 1 and \
+        if into is None and chain is not None and len(call.args) == 1 and not call.kwargs and len(leaves) == 1 and \
                 through(next(iter(graph.find_nodes(op="output"))).args[0]) is chain[-1]:
             # module calls in turn, each on the one before (a merged conv, then its activation): a
             # Sequential of them, which a call costs less Python than a GraphModule's
@@ -1058,8 +1078,8 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
     before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take.  ``varying``: the
-    modules called with other arguments on the calls users make (path -> that call's name),
-    which are not replaced: their caller's code takes another branch there than on the example."""
+    modules whose forward stays the model's code (path -> why: called otherwise on the calls
+    users make, or given a cache), which are not replaced."""
     preserved, swaps = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix,
                                  progress, varying).run()
     own_copies(preserved, model)  # (the parameters of the modules kept as written)

@@ -5,7 +5,7 @@ update it in place in every layer.  ``torch.export`` takes no such object in an 
 cannot flatten it, and a graph traced through a forward that updates one does not update it.
 
 * :func:`is_opaque` -- a value pytree sees as a leaf that is not a tensor, a number, a string,
-  ``None`` or a type.
+  ``None`` or a type; :func:`holds_state`, such a value that is no module or function (a cache).
 * :func:`without_opaque` -- a model's output with such values set to ``None`` (what repc
   captures: the ops that compute the rest).
 * :func:`object_state` -- such a value as the plain data of its attributes, nested objects
@@ -24,6 +24,12 @@ _PLAIN = (torch.Tensor, int, float, bool, str, complex, type(None), type, torch.
 
 def is_opaque(value: Any) -> bool:
     return not isinstance(value, _PLAIN)
+
+
+def holds_state(value: Any) -> bool:
+    """An opaque value a forward may update in place (a cache): not a module or a function,
+    which a forward is given to call (PEFT's DoRA layer is given its LoRA layers)."""
+    return is_opaque(value) and not isinstance(value, torch.nn.Module) and not callable(value)
 
 
 def has_opaque(tree: Any) -> bool:

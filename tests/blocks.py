@@ -365,3 +365,27 @@ def rel_dev(got, want) -> float:
         return max(rel_dev(g, w) for g, w in zip(got, want))
     assert got.shape == want.shape, (got.shape, want.shape)
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))
+
+
+_RUN_KINDS = {F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.linear: "linear", F.batch_norm: "bn",
+              F.layer_norm: "ln", torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.bmm: "matmul"}
+
+
+def ops_run(module: nn.Module, *inputs, **kwargs):
+    """How many convs, linears, BatchNorms, LayerNorms and matmuls ``module`` runs on the inputs,
+    however it is written (modules, functions, a graph as its forward): counted as they run."""
+    from collections import Counter
+    from torch.overrides import TorchFunctionMode
+
+    counts = Counter()
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kind = _RUN_KINDS.get(func)
+            if kind is not None:
+                counts[kind] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        module(*inputs, **kwargs)
+    return counts

@@ -36,6 +36,7 @@ bench_cost_model = _load("bench_cost_model")
 bench_heavy_ops = _load("bench_heavy_ops")
 bench_timm = _load("bench_timm")
 bench_compile_real = _load("bench_compile_real")
+bench_llm_merge = _load("bench_llm_merge")
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import bench_common from beside them, as this does
 import bench_common as common  # noqa: E402
 
@@ -127,6 +128,18 @@ def test_compile_real_quick_compiles_each_model_in_its_own_process_split_by_phas
         assert r["verified"] and r["rewrites"] > 0 and not r["missing_hooks"]
         assert sum(r["phases"].values()) == pytest.approx(r["compile_s"], rel=1e-6)
         assert r["phases"]["whole-model check"] > 0 and r["export_static_s"] > 0
+
+
+def test_llm_merge_quick_runs_each_merge_in_its_own_process(tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "llm.json"
+    bench_llm_merge.main(["--quick", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "repc/export time" in printed and "peft s / +GiB" in printed
+    results = json.loads(out.read_text())["quick"]
+    assert set(results) == {"peft", "export", "repc"}
+    for run in results.values():
+        assert run["seconds"] > 0 and run["params"] == results["repc"]["params"] > 0
 
 
 def test_cost_model_quick_compares_each_way_of_merging_with_the_clock(tmp_path, capsys, one_thread, monkeypatch):

@@ -995,3 +995,20 @@ def test_a_pooling_window_read_from_the_input_size_is_reported_plainly():
     reasons = [r.reason for r in fused.repc_report.rejected]
     assert any("pooling window computed from the input's size" in r for r in reasons), reasons
     assert not any("not understood" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_the_default_output_runs_the_ops_of_the_whole_model_graph(name):
+    # the model's own class (its forward the fused graph where the branches sum there): no more
+    # convs or BatchNorms than graph=True
+    from blocks import ops_run
+    factory, shape = BLOCKS[name]
+    torch.manual_seed(0)
+    model = randomize(factory())
+    x = torch.randn(shape)
+    fused, whole = repc.compile(model, (x,)), repc.compile(model, (x,), graph=True)
+    assert type(fused) is type(model) and fused.repc_report.output == "module-preserving", fused.repc_report
+    assert ops_run(fused, x) == ops_run(whole, x) == Counter(conv=1), fused.repc_report
+    with torch.no_grad():
+        y = torch.randn((shape[0] + 1,) + tuple(shape[1:]))
+        assert rel_dev(fused(y), model(y)) <= REL_TOL

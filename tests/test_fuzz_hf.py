@@ -19,6 +19,12 @@ REGRESSIONS = [
     HFCase("qwen2", "ia3", "all", "sdpa", False, 12),
     HFCase("gpt_neox", "vera", "mlp", "sdpa", False, 13),
     HFCase("distilbert", "lora", "attention", "eager", False, 14),
+    # found by the slow profile: a region through a decoder layer's residual add and the next
+    # layer's no-op cast (eager attention); export's paths through `self.layers[:n]` (VeRA); a
+    # PEFT layer that does not merge (DoRA on a bias-free base) with the cache on
+    HFCase("qwen2", "ia3", "attention", "eager", False, 61525),
+    HFCase("gemma", "vera", "mlp", "sdpa", False, 10353),
+    HFCase("mistral", "dora", "all", "eager", True, 55130),
 ]
 
 
@@ -27,6 +33,4 @@ def test_the_default_result_computes_the_model_on_the_inputs_users_feed(case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_case(case)
-    assert result.outcome in ("exact", "rolled back"), result.detail
-    if result.outcome == "rolled back":
-        assert "rolled back" in result.detail  # (said in the report, and warned: repc.UnchangedWarning)
+    assert result.outcome == "exact", result.detail

@@ -656,3 +656,41 @@ def test_a_projection_read_through_slices_counts_its_multiply_adds_once_in_the_s
     assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1
     ln_affine = 2 * x.numel()  # a multiply and an add per element
     assert report.flops_saved == ln_affine, (report.flops_saved, ln_affine)
+
+
+LINEAR_BLOCKS = {
+    "lora": lambda: lb.LoRALinear(16, 24),
+    "functional_lora": lambda: lb.FunctionalLoRA(16, 24),
+    "peft_lora": lambda: lb.PeftLoRALinear(),
+    "glora": lambda: lb.GLoRALinear(16, 24),
+    "adapter": lambda: lb.LinearAdapter(16),
+    "adapted_linear": lambda: lb.AdaptedLinear(),
+    "compactors": lambda: lb.CompactedLinear(d_student_in=16),
+    "linear_chain": lambda: lb.LinearChain(16, 16, 16),
+    "ln_linear": lambda: lb.LNLinear(),
+    "repq_scaled_ln": lambda: lb.RepQScaledLN(),
+    "token_linear_bn": lambda: lb.TokenLinearBN(),
+    "residual_linear_stack": lambda: lb.ResidualLinearStack(),
+    "stack_mean_experts": lambda: lb.StackMeanExperts(16),
+    "sum_div_experts": lambda: lb.SumDivExperts(16),
+    "gated_experts": lambda: lb.GatedExperts(16),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_BLOCKS))
+def test_the_default_output_runs_the_ops_of_the_whole_model_graph(name):
+    # blocks compiled on their own, their branches summed in their own forward: the model's own
+    # class comes back, running no more linears, norms or matmuls than graph=True
+    from blocks import ops_run
+    torch.manual_seed(0)
+    model = randomize(LINEAR_BLOCKS[name]())
+    with torch.no_grad():
+        for p in model.parameters():  # (unit norms and zero biases hide folding errors)
+            p.add_(torch.randn_like(p) * 0.2)
+    x = tokens()
+    fused, whole = repc.compile(model, (x,)), repc.compile(model, (x,), graph=True)
+    assert type(fused) is type(model) and fused.repc_report.output == "module-preserving", fused.repc_report
+    assert ops_run(fused, x) == ops_run(whole, x), fused.repc_report
+    y = tokens(b=3, n=7)
+    with torch.no_grad():
+        assert lb.rel_dev(fused(y), model(y)) <= 1e-5

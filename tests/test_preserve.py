@@ -582,3 +582,11 @@ def test_a_conv_bn_chain_before_an_in_place_activation_is_swapped_as_a_chain():
     y = torch.randn(3, 3, 11, 7)
     with torch.no_grad():
         assert _same(fused(y), model(y))
+
+
+def test_module_paths_through_a_slice_of_a_container_are_the_items_own():
+    # export records `self.layers[:n]` as `layers.slice(None, n, None).i`
+    from repc.preserve import _without_slices
+    assert _without_slices("model.layers.slice(None, 2, None).1.mlp") == "model.layers.1.mlp"
+    assert _without_slices("blocks.slice(2, None, 3).1.attn") == "blocks.5.attn"
+    assert _without_slices("blocks.slice(-2, None, None).0") == "blocks.slice(-2, None, None).0"  # (length unknown)

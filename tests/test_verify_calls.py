@@ -21,9 +21,17 @@ def test_token_inputs_get_the_mask_patterns_an_input_left_out_and_other_sizes():
     assert torch.equal(by_name["right-padded mask"].kwargs["input_ids"], example["input_ids"])
     left_out = by_name["without attention_mask"]
     assert set(left_out.kwargs) == {"input_ids"} and left_out.omits == ("attention_mask",)
-    resized = next(c for c in calls if c.name.startswith("batch 3, length 5"))
+    resized = next(c for c in calls if c.name == "batch 3, length 5, random ids")
     assert resized.kwargs["input_ids"].shape == (3, 5) and bool(resized.kwargs["attention_mask"].all())
     assert int(resized.kwargs["input_ids"].max()) <= int(example["input_ids"].max())
+
+
+def test_segment_ids_of_zeros_are_not_a_mask_and_keep_their_range():
+    example = dict(masked_token_example(2, 6), token_type_ids=torch.zeros(2, 6, dtype=torch.long))
+    calls = {c.name: c for c in canonical_calls(MaskedTokenModel(), (), example)}
+    assert torch.equal(calls["all-ones mask"].kwargs["token_type_ids"], example["token_type_ids"])
+    resized = calls["batch 3, length 5, random ids"].kwargs
+    assert resized["token_type_ids"].shape == (3, 5) and not resized["token_type_ids"].any()
 
 
 def test_a_model_of_float_inputs_gets_the_example_alone():
@@ -38,7 +46,8 @@ def test_observe_finds_the_modules_called_otherwise_and_keeps_the_references():
         expected = model(**example)
         seen = observe(model, canonical_calls(model, (), example), expected)
     # an all-ones mask reaches the layers as None; the root is called without the mask once
-    assert seen.varying["layers.0"] == "all-ones mask" and "layers.1" in seen.varying
+    assert seen.varying["layers.0"] == "called with other arguments on the all-ones mask input"
+    assert "layers.1" in seen.varying
     assert "" in seen.varying
     assert not any(p.startswith(("embed", "layers.0.proj", "layers.0.norm")) for p in seen.varying)
     assert seen.calls[0].reference is expected
@@ -53,3 +62,38 @@ def test_call_structure_tells_none_from_a_tensor_and_flags_apart_but_not_sizes()
     assert call_structure((x,), {"flag": True}) != call_structure((x,), {"flag": False})
     assert call_structure((x, 3), {}) == call_structure((torch.randn(5, 7), 4), {})
     assert call_structure((x,), {}) != call_structure((x.long(),), {})
+
+
+class _Cache:
+    """A key/value cache as decoders hold one: a plain object their layers append to."""
+
+    def __init__(self):
+        self.keys = []
+
+
+class _CachingLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, cache, helper):
+        cache.keys.append(self.proj(x))
+        return helper(x) + cache.keys[-1]
+
+
+class _CachingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.helper = _CachingLayer(), nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        return self.layer(x if mask is None else x * mask[..., None], _Cache(), self.helper)
+
+
+def test_a_module_given_an_object_it_may_update_keeps_its_forward_but_not_one_given_a_module():
+    model = _CachingModel().eval()
+    example = {"x": torch.randn(2, 3, 4), "mask": torch.ones(2, 3, dtype=torch.long)}
+    with torch.no_grad():
+        seen = observe(model, canonical_calls(model, (), example), model(**example))
+    assert seen.varying["layer"] == "given a _Cache, which its forward may update in place"
+    assert "layer.proj" not in seen.varying and "helper" not in seen.varying

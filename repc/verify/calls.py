@@ -12,8 +12,8 @@ branches:
   padding (row ``i`` of a batch of ``B`` loses ``i * T // (2 B)`` positions or more, row 0 none);
 * every keyword input the forward has a default for (or takes through ``**kwargs``) left out,
   one at a time;
-* another batch size and sequence length at once, token ids drawn across ``[0, max]`` of the
-  example's, masks all ones.
+* another batch size and sequence length at once, each input of token ids (or segment ids)
+  drawn across ``[0, max]`` of the example's, masks all ones.
 
 :func:`observe` runs the original model on them with hooks on every module, keeps its outputs
 (the references of the check) and the *structure* of each module's calls: which arguments were
@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..values import holds_state
+
 
 @dataclass
 class Call:
@@ -44,9 +46,10 @@ class Call:
 
 
 def _is_mask(t: Any) -> bool:
+    """0/1 integers or bools over two or more axes, some of them 1 (all zeros: segment ids)."""
     if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.is_floating_point() or t.is_complex() or not t.numel():
         return False
-    return bool(((t == 0) | (t == 1)).all())
+    return bool(((t == 0) | (t == 1)).all()) and bool(t.any())
 
 
 def _is_ids(t: Any) -> bool:
@@ -86,9 +89,9 @@ _UNSIZED = object()
 
 
 def _resized(t: Any, batch: int, new_batch: int, length: Optional[int], new_length: Optional[int],
-             high: int, gen: torch.Generator) -> Any:
+             gen: torch.Generator) -> Any:
     """``t`` at another batch (axis 0) and length (axis 1 where it has the token length), ids
-    drawn in ``[0, high]``, masks all ones, other values drawn at random."""
+    drawn in ``[0, max]`` of their own, masks all ones, other values drawn at random."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
     shape = list(t.shape)
@@ -101,7 +104,7 @@ def _resized(t: Any, batch: int, new_batch: int, length: Optional[int], new_leng
     if _is_mask(t):
         return torch.ones(shape, dtype=t.dtype, device=t.device)
     if _is_ids(t):
-        return torch.randint(0, high + 1, shape, generator=gen, dtype=torch.int64).to(t.dtype).to(t.device)
+        return torch.randint(0, int(t.max()) + 1, shape, generator=gen, dtype=torch.int64).to(t.dtype).to(t.device)
     if t.is_floating_point():
         return (torch.randn(shape, generator=gen, dtype=torch.float64) * t.double().std().nan_to_num(1.0)
                 + t.double().mean().nan_to_num(0.0)).to(t.dtype).to(t.device)
@@ -130,12 +133,11 @@ def canonical_calls(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, A
     if tokens:
         batch, length = tokens[0].shape[0], tokens[0].shape[1]
         new_length = length - 1 if length > 2 else length + 1
-        high = max([int(t.max()) for t in ids], default=1)
         gen = torch.Generator().manual_seed(seed)
         resized = _map_inputs(args, kwargs, lambda v: pytree.tree_map(
-            lambda t: _resized(t, batch, batch + 1, length, new_length, high, gen), v))
+            lambda t: _resized(t, batch, batch + 1, length, new_length, gen), v))
         if not any(v is _UNSIZED for v in pytree.tree_leaves(resized)):
-            calls.append(Call(f"batch {batch + 1}, length {new_length}, ids across [0, {high}]", *resized))
+            calls.append(Call(f"batch {batch + 1}, length {new_length}, random ids", *resized))
     return calls
 
 
@@ -157,7 +159,9 @@ def call_structure(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
 @dataclass
 class Observation:
     """The original model run on the canonical calls: each call with its output, and the modules
-    whose calls differ in structure between them (path -> the first call where they do)."""
+    whose forward stays the model's code (path -> why): their calls differ in structure between
+    them (the first call where they do), or they are given an object they may update in place (a
+    decoder layer's key/value cache, which a graph of their forward would not update)."""
     calls: List[Call]
     varying: Dict[str, str] = field(default_factory=dict)
 
@@ -172,9 +176,14 @@ def observe(model: nn.Module, calls: List[Call], expected: Any) -> Observation:
     structures: List[Dict[str, List[Any]]] = []
     hooks = []
     current: Dict[str, List[Any]] = {}
+    given: Dict[str, str] = {}  # path -> the type of an object it is given (a cache it may update)
     for name, module in model.named_modules():
         def before(m, a, k, name=name):
             current.setdefault(name, []).append(call_structure(a, k))
+            if name not in given:
+                opaque = next((v for v in pytree.tree_leaves((a, k)) if holds_state(v)), None)
+                if opaque is not None:
+                    given[name] = type(opaque).__name__
         hooks.append(module.register_forward_pre_hook(before, with_kwargs=True))
     kept = []
     try:
@@ -194,10 +203,10 @@ def observe(model: nn.Module, calls: List[Call], expected: Any) -> Observation:
     finally:
         for h in hooks:
             h.remove()
-    varying: Dict[str, str] = {}
+    varying = {path: f"given a {kind}, which its forward may update in place" for path, kind in given.items()}
     first = structures[0]
     for call, seen in zip(kept[1:], structures[1:]):
         for path in set(first) | set(seen):
             if path not in varying and first.get(path) != seen.get(path):
-                varying[path] = call.name
+                varying[path] = f"called with other arguments on the {call.name} input"
     return Observation(kept, varying)
