@@ -148,8 +148,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
 
     register_output_dataclasses(expected)  # so that captures and checks see into ``Output(logits=...)``
     # the model run on the calls users make (masks all ones or padded, inputs left out, other
-    # sizes): the references of the check, and the modules called otherwise there, whose forward
-    # placement never replaces by a graph traced on the example's branch
+    # sizes): the references of the check, and the modules whose forward stays the model's code
+    # (called otherwise there, or given a cache they update), which no region spans
     try:
         observed = observe(model, canonical_calls(model, example_inputs, kwargs), expected)
     except Exception as why:
@@ -298,8 +298,8 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     verified, its swaps, and the module scopes of the regions no swap applied (for a build
     confined to them: :func:`module_scopes`; empty where all applied); None (and the reason in
     ``report.output_note``) where it does not apply.  Names each rewrite's module in the report
-    either way (``modules_only``: only that).  ``varying``: the modules called otherwise on the
-    calls users make (:func:`repc.verify.calls.observe`), whose forward is not replaced."""
+    either way (``modules_only``: only that).  ``varying``: the modules whose forward stays the
+    model's code (:func:`repc.verify.calls.observe`), which are not replaced."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
     if source is not None:  # each rewrite's module, for the report (whichever output is returned)
@@ -444,7 +444,7 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
 
     ``positional`` is the example as positional inputs only (None where keyword inputs cannot
     be passed by position), what the fx front end needs.  ``confine``: see :func:`collapse`;
-    ``varying``: the modules called otherwise on the calls users make, which no region spans
+    ``varying``: the modules whose forward stays the model's code, which no region spans
     (:func:`repc.preserve.varying_scopes`).
     ``captures`` keeps the model's export between builds of one compile (each fuses a fresh copy)."""
     report = Report()
@@ -736,8 +736,8 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
 def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None, synthesize=True,
                  cost_model=None, confine=None, varying=None, prefix: str = "") -> nn.Module:
     captured = snapshot(gm)
-    # no region spans a module called otherwise on the calls users make (nor one that encloses
-    # it): its forward stays the model's code, which takes other branches there than on the example
+    # no region spans a module whose forward stays the model's code (called otherwise on the calls
+    # users make, or given a cache), nor one that encloses it
     scopes = (lambda prepared: varying_scopes(prepared, captured, varying, prefix)) if varying else None
     result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize, cost_model=cost_model,
                       confine=confine, scopes=scopes)

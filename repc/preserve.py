@@ -49,6 +49,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from .graph_predicates import IDENTITY_MODULES, fetch_attr
@@ -241,9 +242,9 @@ def module_scopes(source: fx.GraphModule, rewrites, roots, prefix: str, captured
 def varying_scopes(gm: fx.GraphModule, captured: Dict[str, CapturedNode], varying: Dict[str, str],
                    prefix: str = "") -> Dict[str, Optional[str]]:
     """The scopes (for :func:`repc.passes.collapse.collapse`) that keep every region out of the
-    forward of the modules in ``varying`` (called with other arguments on the calls users make:
-    their caller's code takes another branch there, so their forward stays the model's code) and
-    of every module enclosing one (whose code decides how to call it).  Each node of ``gm`` (the
+    forward of the modules in ``varying`` (whose forward stays the model's code: called with other
+    arguments on the calls users make, their caller's code takes another branch there; given a
+    cache, they update it) and of every module enclosing one (whose code decides how to call it).  Each node of ``gm`` (the
     prepared graph: a node repc's passes made has the path of the one it took the place of,
     :func:`source_paths`) under such a module keeps to the child of the deepest one enclosing it
     (a LoRA merge stays in its layer's ``mlp``); a node of such a module's own forward (a
@@ -498,6 +499,22 @@ def in_the_layers_own_class(written: Optional[nn.Module], merged: nn.Module) -> 
 
 # ----------------------------------------------------------------------------- building the swaps
 
+def _merged_away_name(module: nn.Module) -> str:
+    return "Identity" if isinstance(module, nn.Identity) else f"{type(module).__name__} (identity statistics)"
+
+
+def _refuse_given_state(call: "_Call") -> None:
+    """A module given an object its forward may update (a decoder layer's key/value cache): a
+    graph of its forward would not update it (the calls users make say so before the build where
+    there are several; this holds where the example is the only one)."""
+    given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if holds_state(v)), None)
+    if given is not None:
+        raise _Refused(f"it is given a {type(given).__name__}, which its forward may update in place")
+
+
+_RENAMES = "a graph in its place would rename its parameters in the checkpoint save_pretrained writes"
+
+
 class _Refused(Exception):
     """This module cannot be swapped (the reason goes to its parent's note)."""
 
@@ -518,6 +535,9 @@ class Preserver:
                  varying: Optional[Dict[str, str]] = None):
         self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
         self.varying = dict(varying or {})
+        # a model saved by parameter names (transformers' save_pretrained, reloaded by its class):
+        # a module in its place must keep its parameters' names, or the checkpoint reloads wrong
+        self.checkpointed = callable(getattr(model, "save_pretrained", None))
         self.progress = progress
         # the copy's parameters are the model's own until the swaps are done (:func:`preserve`
         # copies those still shared then: most are replaced by fused ones, which need no copy)
@@ -581,14 +601,20 @@ class Preserver:
         for root, (targets, merged) in chains.items():
             if any(_within(targets[0], d) for d in done):  # ("" is the model: its forward replaced)
                 continue  # inside a module replaced as a whole
+            had_bias = getattr(self.copy.get_submodule(targets[0]), "bias", None) is not None
             merged = self._set(targets[0], copy.deepcopy(merged))
-            for t in targets[1:]:
-                self._set(t, nn.Identity())
+            after = [self._set(t, self._merged_away(self.copy.get_submodule(t))) for t in targets[1:]]
+            if not had_bias and getattr(merged, "bias", None) is not None and isinstance(after[-1], _BatchNorm):
+                # (the architecture's conv has no bias: the shift goes to the BatchNorm's, which it has)
+                with torch.no_grad():
+                    after[-1].bias.copy_(merged.bias)
+                merged.register_parameter("bias", None)
             path = common_path(targets)
             module = self.copy.get_submodule(path) if path else self.copy
             self.swaps.append(ModuleSwap(path or "<model>", _class_name(module),
                                          f"{targets[0]} -> {type(merged).__name__}, "
-                                         + ", ".join(f"{t} -> Identity" for t in targets[1:]), [root]))
+                                         + ", ".join(f"{t} -> {_merged_away_name(m)}"
+                                                     for t, m in zip(targets[1:], after)), [root]))
         # a region no module of the model encloses as a swap: left out, its modules as written
         left_out = [root for root, p in self.regions.items()
                     if root not in chains and not any(_within(p, d) for d in done)]
@@ -626,14 +652,14 @@ class Preserver:
             raise _Refused("not called on the example")
         if call.count != 1:
             raise _Refused(f"called {call.count} times on the example")
-        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if holds_state(v)), None)
-        if given is not None:  # (a decoder layer's key/value cache: a graph would not update it)
-            raise _Refused(f"it is given a {type(given).__name__}, which its forward may update in place")
+        _refuse_given_state(call)
         nodes = [n for n in self.fused.graph.nodes if n in self.tags and _within(self.tags[n], path)
                  and n.op != "get_attr"]
         if not nodes:
             raise _Refused("none of its ops are in the graph")
         replacement, becomes = self._subgraph(path, module, call, nodes)
+        if self.checkpointed and isinstance(replacement, (fx.GraphModule, nn.Sequential)):
+            raise _Refused(_RENAMES)
         placed = self._set(path, replacement)
         becomes = becomes if placed is replacement else type(placed).__name__
         return ModuleSwap(path, _class_name(module), becomes, self._rewrites_in(path))
@@ -644,12 +670,12 @@ class Preserver:
         the modules the graph still calls (the same objects); the graph is its ``forward``, the
         merged modules its children under ``fused``, and the modules merged away are dropped."""
         self._refuse_varying("")
+        if self.checkpointed:
+            raise _Refused(_RENAMES)
         call = self.calls.get("")
         if call is None:
             raise _Refused("the model's own call was not recorded")
-        given = next((v for v in pytree.tree_leaves((call.args, call.kwargs)) if holds_state(v)), None)
-        if given is not None:
-            raise _Refused(f"it is given a {type(given).__name__}, which its forward may update in place")
+        _refuse_given_state(call)
         nodes = [n for n in self.fused.graph.nodes if n in self.tags and n.op != "get_attr"]
         gm, becomes = self._subgraph("", self.copy, call, nodes, into=self.copy)
         used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
@@ -662,10 +688,25 @@ class Preserver:
         object.__setattr__(self.copy, "forward", gm)  # (an instance attribute: the class keeps its own)
         return ModuleSwap("<model>", _class_name(self.copy), f"forward: {becomes}", self._rewrites_in(""))
 
+    def _merged_away(self, module: nn.Module) -> nn.Module:
+        """What takes the place of a leaf merged into the one before it: ``nn.Identity``; in a
+        model saved by parameter names, a BatchNorm that computes the identity (mean 0, variance
+        1 - eps, weight 1, bias 0), so that its checkpoint keys stay and reload to that."""
+        if not (self.checkpointed and isinstance(module, _BatchNorm)):
+            return nn.Identity()
+        identity = copy.deepcopy(module)
+        with torch.no_grad():
+            identity.running_mean.zero_()
+            identity.running_var.fill_(1.0 - identity.eps)
+            if identity.affine:
+                identity.weight.fill_(1.0)
+                identity.bias.zero_()
+        return identity
+
     def _refuse_varying(self, *paths: str) -> None:
-        """A module called with other arguments on one of the calls users make (``None`` for a
-        mask that is all ones) runs another branch of its caller's code there: a graph traced
-        on the example's is not its forward."""
+        """A module whose forward stays the model's code (:func:`repc.verify.calls.observe`): called
+        with other arguments on one of the calls users make (``None`` for a mask that is all
+        ones), it runs another branch of its caller's code there; given a cache, it updates it."""
         for path in paths:
             if path in self.varying:
                 raise _Refused(self.varying[path])
@@ -777,6 +818,9 @@ class Preserver:
         targets = [n.target for n in chain]
         if any(self.calls.get(t) is None or self.calls[t].count != 1 or t in self.varying for t in targets):
             return None
+        if self.checkpointed and not all(isinstance(self.copy.get_submodule(t), _BatchNorm) and
+                                         self.copy.get_submodule(t).affine for t in targets[1:]):
+            return None  # (what would take their place has none of their parameters: see _merged_away)
         merged = mine[0]
         first, last = self.calls[targets[0]], self.calls[targets[-1]]
         if not (first.args and _close(self.values.get(merged.args[0]), first.args[0])
@@ -930,8 +974,8 @@ class Preserver:
 
         calls = [n for n in ops if not no_op(n)]
         # (the model's forward, ``into``, is always the graph: its modules are the model's children)
-        if into is None and len(calls) == 1 and calls[0].op == "call_module" and len(leaves) == 1 and not calls[0].kwargs and \
-                len(calls[0].args) == 1 and through(calls[0].args[0]) is placeholders.get(params[0].name) and \
+        if into is None and len(calls) == 1 and calls[0].op == "call_module" and len(leaves) == 1 and \
+                not calls[0].kwargs and len(calls[0].args) == 1 and through(calls[0].args[0]) is placeholders.get(params[0].name) and \
                 through(next(iter(graph.find_nodes(op="output"))).args[0]) is calls[0]:
             single = gm.get_submodule(calls[0].target)  # the region is one call of the merged module
             return single, type(single).__name__

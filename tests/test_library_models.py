@@ -282,3 +282,23 @@ def test_a_lora_llama_with_its_cache_on_merges_and_generates_as_before():
         assert len(got.past_key_values.layers) == len(want.past_key_values.layers)
         generated = fused.generate(**example, max_new_tokens=5, do_sample=False)
         assert torch.equal(generated, model.generate(**example, max_new_tokens=5, do_sample=False))
+
+
+def test_a_lora_on_berts_dense_layers_saves_a_checkpoint_that_reloads_to_the_fused_outputs(tmp_path):
+    # LoRA on attention.output.dense: a graph in place of BertSelfOutput (dense, dropout, LayerNorm
+    # of the residual sum) would rename dense.* and LayerNorm.* in the checkpoint
+    base, _, make_inputs, field = bert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomized(peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["query", "value", "dense"])))
+    example = _padded_tokens(2, 9, pad_from=6)
+    example["input_ids"] = example["input_ids"] % 50
+    fused = repc.compile(model, (), example)
+    assert type(fused) is transformers.BertModel and fused.repc_report.output == "module-preserving"
+    fused.save_pretrained(tmp_path)
+    reloaded, info = transformers.BertModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for kwargs in (example, {"input_ids": example["input_ids"]}):
+        with torch.no_grad():
+            got, want = reloaded.eval()(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state
+        assert (got - want).abs().max() / want.abs().max() < 1e-5

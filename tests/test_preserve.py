@@ -590,3 +590,35 @@ def test_module_paths_through_a_slice_of_a_container_are_the_items_own():
     assert _without_slices("model.layers.slice(None, 2, None).1.mlp") == "model.layers.1.mlp"
     assert _without_slices("blocks.slice(2, None, 3).1.attn") == "blocks.5.attn"
     assert _without_slices("blocks.slice(-2, None, None).0") == "blocks.slice(-2, None, None).0"  # (length unknown)
+
+
+def test_a_bn_folded_into_a_bias_free_conv_of_a_checkpointed_model_reloads_to_the_fused_outputs(tmp_path):
+    # a model saved by parameter names: the conv keeps no bias (its architecture has none), the
+    # BatchNorm stays with identity statistics and carries the shift, so from_pretrained gives it back
+    transformers = pytest.importorskip("transformers")
+
+    class TinyConfig(transformers.PretrainedConfig):
+        model_type = "repc-tiny-conv"
+
+    class TinyConv(transformers.PreTrainedModel):
+        config_class = TinyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.act, self.head = nn.ReLU(), nn.Conv2d(8, 4, 1)
+            self.post_init()
+
+        def forward(self, pixel_values):
+            return self.head(self.act(self.bn(self.conv(pixel_values))))
+
+    model = _random_affines(TinyConv(TinyConfig()))
+    x = torch.randn(2, 3, 8, 8)
+    fused = repc.compile(model, (x,))
+    assert type(fused) is TinyConv and fused.conv.bias is None and isinstance(fused.bn, nn.BatchNorm2d)
+    fused.save_pretrained(tmp_path)
+    reloaded, info = TinyConv.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    y = torch.randn(3, 3, 9, 7)
+    with torch.no_grad():
+        assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
