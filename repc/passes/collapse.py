@@ -89,8 +89,9 @@ def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, co
                                   "tensor, or state the trace does not see)")
     prepare(context)
     facts = GraphFacts(gm, context.values)
-    # the scopes of modules called otherwise keep regions from forming across them at all; a
-    # confined rebuild's refuse a region that spans them (and say so), trying a shallower one
+    # the scopes of the modules whose forward stays the model's code keep regions from forming
+    # across them at all; a confined rebuild's scopes refuse a region that spans them (and say
+    # so), trying a shallower one
     kept = scopes(gm) if scopes is not None else {}
     confine = {**kept, **(confine or {})} or None
     matcher = RegionMatcher(gm, facts, kept)
