@@ -503,6 +503,32 @@ def _merged_away_name(module: nn.Module) -> str:
     return "Identity" if isinstance(module, nn.Identity) else f"{type(module).__name__} (identity statistics)"
 
 
+class GraphForward:
+    """A module's ``forward`` (an instance attribute) run as the code of an fx graph over the
+    module's own attributes: they are read at each call, so ``.to()``, ``.half()`` and
+    ``load_state_dict`` on the module reach what it computes with.  It keeps the graph's Python
+    source (as a ``GraphModule`` pickles itself), so it pickles and deep-copies with its module."""
+
+    def __init__(self, owner: nn.Module, graph: fx.Graph):
+        from torch.fx.graph_module import _format_import_block
+        from torch.package import sys_importer
+        code = graph.python_code(root_module="self")
+        self.owner, self.source = owner, _format_import_block(code.globals, sys_importer) + code.src
+        self._function = None
+
+    def __call__(self, *args, **kwargs):
+        if self._function is None:
+            from torch.fx.graph_module import _forward_from_src
+            self._function = _forward_from_src(self.source, {})
+        return self._function(self.owner, *args, **kwargs)
+
+    def __getstate__(self):
+        return {"owner": self.owner, "source": self.source}
+
+    def __setstate__(self, state):
+        self.owner, self.source, self._function = state["owner"], state["source"], None
+
+
 def _refuse_given_state(call: "_Call") -> None:
     """A module given an object its forward may update (a decoder layer's key/value cache): a
     graph of its forward would not update it (the calls users make say so before the build where
@@ -668,7 +694,8 @@ class Preserver:
         """The model's own forward replaced by the fused graph (a region spans it: RepVGG's branches
         summed in the model's forward): the model keeps its class, attributes, methods, hooks and
         the modules the graph still calls (the same objects); the graph is its ``forward``, the
-        merged modules its children under ``fused``, and the modules merged away are dropped."""
+        merged modules its children under ``fused``, and the modules merged away are dropped
+        (:class:`GraphForward`)."""
         self._refuse_varying("")
         if self.checkpointed:
             raise _Refused(_RENAMES)
@@ -685,8 +712,9 @@ class Preserver:
                     not any(_within(u, name) or _within(name, u) for u in used):
                 parent, _, leaf = name.rpartition(".")
                 delattr(self.copy.get_submodule(parent) if parent else self.copy, leaf)
-        object.__setattr__(self.copy, "forward", gm)  # (an instance attribute: the class keeps its own)
-        return ModuleSwap("<model>", _class_name(self.copy), f"forward: {becomes}", self._rewrites_in(""))
+        object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph))  # (the class keeps its own)
+        becomes = "forward: " + becomes.replace("GraphModule", "its graph", 1)
+        return ModuleSwap("<model>", _class_name(self.copy), becomes, self._rewrites_in(""))
 
     def _merged_away(self, module: nn.Module) -> nn.Module:
         """What takes the place of a leaf merged into the one before it: ``nn.Identity``; in a

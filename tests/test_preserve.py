@@ -437,6 +437,8 @@ def test_branches_summed_in_the_models_own_forward_merge_by_default_and_the_resu
         reloaded = torch.load(tmp_path / "fused.pt", weights_only=False)
         assert type(reloaded) is BranchesInTheModelsForward and _same(reloaded(y), model(y))
         assert _same(copy.deepcopy(fused)(y), model(y))
+        # the graph reads the model's own attributes at each call: a conversion of the model reaches it
+        assert _same(copy.deepcopy(fused).double()(y.double()), copy.deepcopy(model).double()(y.double()))
     assert sum(p.numel() for p in fused.parameters()) == 4 * 4 * 9 + 4
 
 
