@@ -577,7 +577,7 @@ class Preserver:
         placed = region_paths(source, rewrites, prefix, captured, fused)
         # a rewrite that saves no multiply-adds and no parameters (an eval-mode dropout dropped from
         # a linear and its residual add) leaves its modules as they were: the same ops, the model's code
-        self.unchanged = {r.root: placed[r.root] for r in rewrites if not _pays(r)}
+        self.unchanged = {r.root: placed[r.root] for r in rewrites if not r.saves}
         self.regions = {root: path for root, path in placed.items() if root not in self.unchanged}
         self.order = {n: i for i, n in enumerate(fused.graph.nodes)}
         self.swaps: List[ModuleSwap] = []
@@ -1078,12 +1078,6 @@ def _ancestors(node: fx.Node) -> set:
             seen.add(n)
             todo.extend(n.all_input_nodes)
     return seen
-
-
-def _pays(rewrite) -> bool:
-    """Whether a rewrite saves multiply-adds or parameters, or folds weights computed at each call."""
-    return rewrite.flops_after < rewrite.flops_before - rewrite.shared_flops or \
-        rewrite.params_after < rewrite.params_before or "fold-parameters" in rewrite.rule or not rewrite.exact
 
 
 def _class_name(module: nn.Module) -> str:

@@ -47,7 +47,7 @@ class MergeKind(str, enum.Enum):
 class RejectionKind(str, enum.Enum):
     """Why the collapse pass left a region as written."""
     CUT = "cut"  # the region stopped below this value: an operand could not join
-    DATA_GATE = "data gate"  # a product of two activations: a router or gate from the data
+    DATA_GATE = "data gate"  # a product of two activations: a gate, a router, an attention product
     STOPS_REGION = "stops a region"  # an op outside the vocabulary reads an affine region
     NO_CLOSED_FORM = "no closed form"  # the region has no exact merged form
     NON_FINITE = "non-finite"  # the merged weights would hold NaN or Inf

@@ -50,6 +50,14 @@ class Rewrite:
         self.exact, self.max_deviation, self.shape_specialized, self.module = exact, max_deviation, \
             shape_specialized, module
 
+    @property
+    def saves(self) -> bool:
+        """Whether it saves multiply-adds or parameters, folds weights computed at each call, or
+        approximates (averaged experts); else it only rewrites ops in place of as many (a cast
+        merged into a multiply), and the module-preserving output keeps its modules as written."""
+        return self.macs_after < self.macs_before - self.shared_macs or self.params_after < self.params_before \
+            or "fold-parameters" in self.rule or not self.exact
+
     # the former names (multiply-adds all along)
     flops_before = property(lambda self: self.macs_before, lambda self, v: setattr(self, "macs_before", v))
     flops_after = property(lambda self: self.macs_after, lambda self, v: setattr(self, "macs_after", v))
@@ -177,7 +185,9 @@ class Report:
         return [f"  returned: {what}" + (f" ({self.output_note})" if self.output_note else "")] if self.rewrites else []
 
     def __str__(self) -> str:
-        lines = [f"repc: {len(self.rewrites)} rewrite(s); graph nodes {self.nodes_before} -> {self.nodes_after}; "
+        idle = sum(not r.saves for r in self.rewrites)
+        lines = [f"repc: {len(self.rewrites) - idle} rewrite(s)" + (f" (and {idle} that save nothing)" if idle else "")
+                 + f"; graph nodes {self.nodes_before} -> {self.nodes_after}; "
                  f"parameters {self.params_before:,} -> {self.params_after:,}; "
                  f"multiply-adds saved {self.macs_saved:,}"
                  + (f"; captured by {self.front_end}" if self.front_end else "")]

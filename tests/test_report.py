@@ -102,3 +102,11 @@ def test_progress_bars_are_off_without_a_terminal_or_when_asked(monkeypatch, cap
     phases.close()
     assert "phases" in terminal.getvalue()
     assert list(progress.each([1, 2, 3], False, "x")) == [1, 2, 3]
+
+
+def test_a_rewrite_that_saves_nothing_is_not_counted_as_one():
+    saving = Rewrite("compose", "bn", ["conv (Conv2d)", "bn (BatchNorm2d)"], ["Conv2d(3->8, k=1x1)"], 56, 32, 24, 24)
+    idle = Rewrite("compose", "to_5", ["mul_1 (mul)", "to_5 (to)"], ["mul"], 0, 0, 64, 64)
+    assert saving.saves and not idle.saves
+    report = Report(rewrites=[saving, idle])
+    assert str(report).startswith("repc: 1 rewrite(s) (and 1 that save nothing);")

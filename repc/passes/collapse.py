@@ -143,7 +143,8 @@ class GraphWriter:
         for node, why in self.matcher.opaque.items():
             if why.kind is OpaqueKind.PRODUCT_OF_ACTIVATIONS:
                 self._reject(self.exprs[node], RejectionKind.DATA_GATE,
-                             f"{why}: a gate computed from the data (a router) is not linear")
+                             f"{why}: both factors are computed from the input (a gate, a router, an "
+                             "attention product), so their product is not linear in it")
             elif self._borders_region(node) and (why.kind is not OpaqueKind.UNKNOWN_OP
                                                  or any(isinstance(self.exprs[u].meaning, Combine) for u in node.users)):
                 self._reject(self.exprs[node], RejectionKind.STOPS_REGION, f"stops a region: {why}")
