@@ -61,7 +61,7 @@ def _padded(mask: torch.Tensor, side: str) -> torch.Tensor:
     """All ones but the last (``side="right"``) or first (else) positions of rows 1.. along axis 1."""
     out = torch.ones_like(mask)
     rows, length = mask.shape[0], mask.shape[1]
-    for i in range(1, rows):
+    for i in range(1, rows if length > 1 else 0):  # (never a row masked whole)
         cut = max(1, min(length - 1, (i * length) // (2 * rows) + 1))
         if side == "right":
             out[i, length - cut:] = 0
