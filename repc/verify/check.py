@@ -77,6 +77,20 @@ def deviation(fused: Any, original: Any) -> float:
     return worst
 
 
+def _why_infinite(got: Any, ref: Any, dev: float) -> Optional[str]:
+    """Why a result is infinitely far from the original (None where it is not)."""
+    if dev != float("inf"):
+        return None
+    if non_finite(ref) is not None:
+        return f"the original produces {non_finite(ref)} there, and the result does not match them"
+    if non_finite(got) is not None:
+        return f"the result produces {non_finite(got)} where the original is finite"
+    if not same_structure(got, ref):
+        return "the result's output is not structured as the original's (the whole-model graph computes " \
+               "no object its output holds, such as a cache)"
+    return None
+
+
 def same_structure(a: Any, b: Any) -> bool:
     """Whether two outputs have the same containers, keys and leaf kinds (tensor or not)."""
     leaves_a, spec_a = tree_flatten(_plain_containers(a))
@@ -434,15 +448,8 @@ def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...]
         checked.append(name)
         if accepted:
             return None
-        error = None
-        if dev == float("inf") and non_finite(ref) is not None:
-            error = f"the original produces {non_finite(ref)} there, and the result does not match them"
-        elif dev == float("inf") and non_finite(got) is not None:
-            error = f"the result produces {non_finite(got)} where the original is finite"
-        elif dev == float("inf") and not same_structure(got, ref):
-            error = "the result's output is not structured as the original's (the whole-model graph computes " \
-                    "no object its output holds, such as a cache)"
-        return CheckResult(False, state["worst"], this_tol, checked, skipped, name, error, within_noise=within_noise)
+        return CheckResult(False, state["worst"], this_tol, checked, skipped, name, _why_infinite(got, ref, dev),
+                           within_noise=within_noise)
 
     with torch.no_grad():
         if expected is None:
@@ -506,5 +513,6 @@ def compare_calls(fused: Callable, original: torch.nn.Module, calls, result: Che
         worst = max(worst, dev)
         checked.append(call.name)
         if not accepted:
-            return CheckResult(False, worst, this_tol, checked, skipped, call.name, None, within_noise)
+            return CheckResult(False, worst, this_tol, checked, skipped, call.name, _why_infinite(got, call.reference,
+                                                                                                    dev), within_noise)
     return CheckResult(True, worst, result.tolerance, checked, skipped, within_noise=within_noise)
