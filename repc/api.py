@@ -140,20 +140,15 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         raise ReparamError(
             f"the model is in training mode ({', '.join(training[:3])}{'...' if len(training) > 3 else ''}): "
             "call model.eval() first; merging BatchNorm is only valid with its running statistics")
+    # the model run on the example and the calls users make (masks all ones or padded, inputs
+    # left out, other sizes): the references of the check, and the modules whose forward stays
+    # the model's code (called otherwise there, or given a cache they update), which no region spans
     try:
-        with torch.no_grad():
-            expected = model(*example_inputs, **kwargs)
+        observed = observe(model, canonical_calls(model, example_inputs, kwargs))
     except Exception as why:
         raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
-
+    expected = observed.calls[0].reference
     register_output_dataclasses(expected)  # so that captures and checks see into ``Output(logits=...)``
-    # the model run on the calls users make (masks all ones or padded, inputs left out, other
-    # sizes): the references of the check, and the modules whose forward stays the model's code
-    # (called otherwise there, or given a cache they update), which no region spans
-    try:
-        observed = observe(model, canonical_calls(model, example_inputs, kwargs), expected)
-    except Exception as why:
-        raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
     if tolerance is not None:
         _check_tolerance(tolerance, model, expected)
     positional = _as_positional(model, example_inputs, kwargs)

@@ -166,12 +166,13 @@ class Observation:
     varying: Dict[str, str] = field(default_factory=dict)
 
 
-def observe(model: nn.Module, calls: List[Call], expected: Any) -> Observation:
-    """Run ``model`` on ``calls`` (the first is the example, whose output ``expected`` is already
-    known, and is run again only where there are others, for the structure of its module calls);
-    calls the model itself refuses are dropped."""
-    calls[0].reference = expected
+def observe(model: nn.Module, calls: List[Call]) -> Observation:
+    """Run ``model`` on ``calls`` (the first is the example: the model failing on it raises; its
+    module calls are recorded only where there are other calls to compare them with); calls the
+    model itself refuses are dropped."""
     if len(calls) == 1:
+        with torch.no_grad():
+            calls[0].reference = model(*calls[0].args, **calls[0].kwargs)
         return Observation(calls)
     structures: List[Dict[str, List[Any]]] = []
     hooks = []
@@ -196,8 +197,7 @@ def observe(model: nn.Module, calls: List[Call], expected: Any) -> Observation:
                     if i == 0:
                         raise
                     continue  # the model itself does not take this call
-                if i:
-                    call.reference = out
+                call.reference = out
                 structures.append(current)
                 kept.append(call)
     finally:
