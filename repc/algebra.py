@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .ops import AffineOp, Conv, Dense, Elementwise, Linear, NotMergeable, Padding
+from .ops import AffineOp, Conv, Dense, Elementwise, Float64Field, Linear, NotMergeable, Padding
 from .reasons import MergeKind
 
 F64 = torch.float64
@@ -166,7 +166,7 @@ def constant_like(first: AffineOp, constant: Elementwise) -> AffineOp:
         return first.replace(weight=torch.zeros_like(first.weight), bias=t)
     if isinstance(first, Linear):
         _, t = constant.channel_vectors(-1)
-        return Linear(torch.zeros_like(first.weight), t)
+        return Linear(torch.zeros(first.weight_shape, dtype=F64), t)
     raise NotMergeable(MergeKind.NO_CLOSED_FORM, "a constant after this op")
 
 
@@ -183,7 +183,7 @@ def scale_conv_outputs(conv: Conv, scale: Tensor, shift: Tensor) -> Conv:
     """Per-output-channel ``conv(x) * s + t``: ``W'[o] = s[o] W[o]``, ``b' = s b + t``."""
     if scale.numel() != conv.out_channels:
         raise NotMergeable(MergeKind.SHAPES_DIFFER, "per-channel scale does not match the conv's output channels")
-    w = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
+    w = conv.weight * scale.reshape((-1,) + (1,) * (len(conv.weight_shape) - 1))
     b = shift if conv.bias is None else conv.bias * scale + shift
     return conv.replace(weight=w, bias=b)
 
@@ -319,7 +319,7 @@ def add(a: AffineOp, b: AffineOp) -> AffineOp:
                 return add_bias(a, b.channel_vectors(-1)[1])
             b = elementwise_as_linear(b)
     if isinstance(a, Linear) and isinstance(b, Linear):
-        if a.weight.shape != b.weight.shape:
+        if a.weight_shape != b.weight_shape:
             raise NotMergeable(MergeKind.SHAPES_DIFFER, "linear maps of different shapes")
         return Linear(a.weight + b.weight, _add_optional(a.bias, b.bias))
     if isinstance(a, Conv) and isinstance(b, Conv):
@@ -336,7 +336,7 @@ def add_elementwise(a: Elementwise, b: Elementwise) -> Elementwise:
 
 def add_bias(op, shift: Tensor):
     """``op(x) + t`` for a per-output-channel constant ``t``: the bias grows by ``t``."""
-    return op.replace(bias=_add_optional(op.bias, shift)) if isinstance(op, Conv) else Linear(op.weight, _add_optional(op.bias, shift))
+    return op.replace(bias=_add_optional(op.bias, shift))
 
 
 def _add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -467,8 +467,9 @@ def _stack(ops, build):
 
 def select_outputs(op: AffineOp, start: int, stop: int) -> AffineOp:
     """Output channels ``start:stop`` of a conv or linear map (rows of its weight and bias)."""
-    if isinstance(op, Linear):
-        return Linear(op.weight[start:stop], None if op.bias is None else op.bias[start:stop])
+    if isinstance(op, Linear):  # (views of the tensors it holds, read in float64 where used)
+        w, b = Float64Field.stored(op, "weight"), Float64Field.stored(op, "bias")
+        return op.replace(weight=w[start:stop], bias=None if b is None else b[start:stop])
     if isinstance(op, Conv):
         w = regroup(op.weight, op.groups, 1)[start:stop]
         return op.replace(weight=w, bias=None if op.bias is None else op.bias[start:stop], groups=1)
@@ -481,7 +482,7 @@ def select_inputs(op: AffineOp, start: int, stop: int) -> AffineOp:
     ``op(x) = sum_blocks op[:, block](x[block])`` with the bias kept on the returned piece.
     """
     if isinstance(op, Linear):
-        return Linear(op.weight[:, start:stop].contiguous(), op.bias)
+        return op.replace(weight=Float64Field.stored(op, "weight")[:, start:stop])
     if isinstance(op, Conv):
         w = regroup(op.weight, op.groups, 1)[:, start:stop].contiguous()
         return op.replace(weight=w, groups=1)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import AffineOp, Conv, Dense, Elementwise, Linear, flops
+from .ops import AffineOp, Conv, Dense, Elementwise, Linear, flops, params
 
 KINDS = ("dense_conv", "grouped_conv", "depthwise_conv", "linear", "elementwise", "pad")
 CALIBRATION_VERSION = 2  # in the cache's file name: a changed calibration grid is measured again
@@ -85,12 +85,12 @@ def op_features(op: AffineOp, in_shape, out_shape, itemsize: int) -> List[OpFeat
             padded = math.prod(in_shape[:2]) * math.prod(
                 s + lo + hi for s, (lo, hi) in zip(in_shape[2:], op.padding))
             pieces.append(OpFeatures("pad", 0.0, float((n_in + padded) * itemsize)))
-        weights = op.weight.numel() + (0 if op.bias is None else op.bias.numel())
+        weights = params(op)
         pieces.append(OpFeatures(conv_kind(op), float(flops(op, in_shape, out_shape)),
                                  float((n_in + n_out + weights) * itemsize)))
         return pieces
     if isinstance(op, (Linear, Dense)):
-        weights = op.weight.numel() + (0 if op.bias is None else op.bias.numel())
+        weights = params(op)
         return [OpFeatures("linear", float(flops(op, in_shape, out_shape)), float((n_in + n_out + weights) * itemsize))]
     steps = (op.scale is not None) + (op.shift is not None)
     return [OpFeatures("elementwise", 0.0, float(2 * n_out * itemsize))] * steps

@@ -122,13 +122,12 @@ def _conv_padding(padding, kernel, dilation) -> Tuple[Tuple[int, int], ...]:
 
 def make_conv(weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
               padding_mode: str = "zeros") -> Conv:
-    """A conv call's arguments as a canonical :class:`Conv` in float64; ``padding="same"`` puts
-    the odd extra row on the high side, as PyTorch does."""
-    w = as_float64(weight)
-    nd = w.dim() - 2
-    kernel = tuple(w.shape[2:])
+    """A conv call's arguments as a canonical :class:`Conv` (its tensors read in float64);
+    ``padding="same"`` puts the odd extra row on the high side, as PyTorch does."""
+    nd = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
     dil = _tuple(dilation, nd)
-    return Conv(w, as_float64(bias), _tuple(stride, nd), _conv_padding(padding, kernel, dil), dil,
+    return Conv(weight, bias, _tuple(stride, nd), _conv_padding(padding, kernel, dil), dil,
                 int(groups), padding_mode)
 
 

@@ -1,8 +1,11 @@
 """The canonical vocabulary of affine maps that every rewrite speaks.
 
 Every fusable node of a captured graph is described by one of these values, whatever the
-front end produced (module, functional call, tensor method or operator).  They hold their
-tensors in float64, are immutable, and know nothing about fx.
+front end produced (module, functional call, tensor method or operator).  They are immutable,
+know nothing about fx, and read their tensors in float64 on the CPU.  The weight and bias of a
+:class:`Conv` or :class:`Linear` are held as given (a model's own parameter is not copied) and
+converted where they are read, so a compile holds the float64 copies of one region's weights at a
+time, not of the whole model (:class:`Float64Field`).
 
 * :class:`Conv` -- an N-d convolution over channel axis 1 (zero or other padding, possibly
   asymmetric, stride, dilation, groups).  Also stands for zero-padding and average pooling.
@@ -14,11 +17,9 @@ tensors in float64, are immutable, and know nothing about fx.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import weakref
-from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import dataclass, field, fields
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,6 +39,42 @@ class NotMergeable(Exception):
         self.words = words
 
 
+class Float64Field:
+    """A tensor field of an op, stored as given and read as float64 on the CPU.
+
+    Stored: the tensor itself, detached (a model's parameter shares its storage; nothing is
+    copied).  Read: that tensor where it already is a float64 CPU tensor (the op's own result of
+    a closed form), else a float64 CPU copy made at that read and owned by the caller.  Ops are
+    immutable: nothing writes into the tensors it reads.  Shapes are read off
+    :meth:`stored` without a conversion.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, op, owner=None):
+        if op is None:
+            return self
+        t = op.__dict__[self.name]
+        if t is None or (t.dtype == torch.float64 and t.device.type == "cpu"):
+            return t
+        return t.to(device="cpu", dtype=torch.float64)
+
+    def __set__(self, op, value):
+        op.__dict__[self.name] = value.detach() if isinstance(value, Tensor) else value
+
+    @staticmethod
+    def stored(op, name: str):
+        """The tensor ``op`` holds under ``name``, as given (for its shape, dtype, storage)."""
+        return op.__dict__[name]
+
+
+def _stored_replace(op, changes):
+    """``op`` with ``changes``, the tensors it keeps passed on as stored (not converted)."""
+    kept = {f.name: op.__dict__[f.name] for f in fields(op) if f.name not in changes}
+    return type(op)(**kept, **changes)
+
+
 @dataclass(frozen=True, eq=False)
 class Conv:
     weight: Tensor  # [C_out, C_in / groups, *kernel]
@@ -49,27 +86,31 @@ class Conv:
     padding_mode: str = "zeros"
 
     @property
+    def weight_shape(self) -> torch.Size:
+        return Float64Field.stored(self, "weight").shape
+
+    @property
     def nd(self) -> int:
-        return self.weight.dim() - 2
+        return len(self.weight_shape) - 2
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.weight_shape[0]
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.weight_shape[1] * self.groups
 
     @property
     def kernel_size(self) -> Tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
+        return tuple(self.weight_shape[2:])
 
     @property
     def is_pointwise(self) -> bool:
         return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
 
     def replace(self, **changes) -> "Conv":
-        return replace(self, **changes)
+        return _stored_replace(self, changes)
 
     def __repr__(self) -> str:
         k = "x".join(map(str, self.kernel_size))
@@ -83,12 +124,19 @@ class Linear:
     bias: Optional[Tensor]
 
     @property
+    def weight_shape(self) -> torch.Size:
+        return Float64Field.stored(self, "weight").shape
+
+    @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight_shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.weight_shape[1]
+
+    def replace(self, **changes) -> "Linear":
+        return _stored_replace(self, changes)
 
     def __repr__(self) -> str:
         return f"Linear({self.in_features}->{self.out_features}, bias={self.bias is not None})"
@@ -164,6 +212,10 @@ class Dense:
         return f"Dense({'x'.join(map(str, self.in_shape))}->{'x'.join(map(str, self.out_shape))}, shape-specialized)"
 
 
+for _op in (Conv, Linear):
+    for _name in ("weight", "bias"):
+        setattr(_op, _name, Float64Field(_name))
+
 AffineOp = Union[Conv, Linear, Elementwise, Dense]
 
 
@@ -171,51 +223,12 @@ def identity(shape) -> Elementwise:
     return Elementwise(None, None, tuple(shape))
 
 
-_FLOAT64: Optional[Dict[int, Tuple["weakref.ref", int, Tensor]]] = None  # id -> (ref, version, float64 copy)
-_CACHED_FROM = 4096  # entries: smaller tensors are converted at every call
-
-
-@contextlib.contextmanager
-def float64_cache():
-    """Within the block, :func:`as_float64` converts each large tensor once (while it is not
-    written to): one compile reads the same weights in several passes.  The copies are dropped
-    when the block ends, so edits made between compiles (``p.data.mul_``, which no version
-    counter sees) are always read."""
-    global _FLOAT64
-    outer = _FLOAT64
-    _FLOAT64 = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _FLOAT64 = outer
-
-
 def as_float64(t: Optional[Tensor]) -> Optional[Tensor]:
-    """``t`` as a float64 CPU tensor of its own (never ``t`` itself; inside
-    :func:`float64_cache`, one shared read-only copy per large tensor)."""
+    """``t`` as a float64 CPU tensor of its own (never ``t`` itself)."""
     if t is None:
         return None
-    cache = _FLOAT64
-    key = id(t)
-    if cache is not None:
-        try:
-            version = t._version
-        except RuntimeError:  # an inference tensor has no version counter: not cached
-            cache = None
-        else:
-            hit = cache.get(key)
-            if hit is not None and hit[0]() is t and hit[1] == version:
-                return hit[2]
     out = t.detach().to(device="cpu", dtype=torch.float64)
-    if out.data_ptr() == t.data_ptr():  # (already a float64 CPU tensor: a copy of its own)
-        out = out.clone()
-    if cache is not None and t.numel() >= _CACHED_FROM:
-        try:
-            ref = weakref.ref(t, lambda _, key=key, cache=cache: cache.pop(key, None))
-        except TypeError:
-            return out
-        cache[key] = (ref, version, out)
-    return out
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
 def conv_out_size(size: int, k: int, s: int, pad: Tuple[int, int], d: int) -> int:
@@ -226,7 +239,7 @@ def flops(op: AffineOp, in_shape, out_shape) -> int:
     """Multiply-accumulates of ``op`` for one call on tensors of the given example shapes."""
     out_numel = math.prod(out_shape)
     if isinstance(op, Conv):
-        return out_numel * op.weight.shape[1] * math.prod(op.kernel_size)
+        return out_numel * op.weight_shape[1] * math.prod(op.kernel_size)
     if isinstance(op, Linear):
         return out_numel * op.in_features
     if isinstance(op, Dense):
@@ -235,6 +248,9 @@ def flops(op: AffineOp, in_shape, out_shape) -> int:
 
 
 def params(op: AffineOp) -> int:
-    if isinstance(op, (Conv, Linear, Dense)):
+    if isinstance(op, (Conv, Linear)):
+        bias = Float64Field.stored(op, "bias")
+        return math.prod(op.weight_shape) + (0 if bias is None else bias.numel())
+    if isinstance(op, Dense):
         return op.weight.numel() + (0 if op.bias is None else op.bias.numel())
     return sum(t.numel() for t in (op.scale, op.shift) if t is not None)

@@ -241,7 +241,7 @@ def _conv_module(node, facts):
 @handles(OpKind.MODULE, nn.Linear)
 def _linear_module(node, facts):
     mod = facts.modules[node.target]
-    return AffineCall(node.args[0], Linear(as_float64(mod.weight), as_float64(mod.bias)))
+    return AffineCall(node.args[0], Linear(mod.weight, mod.bias))
 
 
 @handles(OpKind.MODULE, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -314,7 +314,7 @@ def _conv(node, facts):
 def _linear(node, facts):
     b = bind(node.args[1:], node.kwargs, ["weight", "bias"], {"bias": None})
     w, bias = _weight_and_bias(b, facts, "linear")
-    return AffineCall(node.args[0], Linear(as_float64(w), as_float64(bias)))
+    return AffineCall(node.args[0], Linear(w, bias))
 
 
 @handles(OpKind.FUNCTION, torch.addmm)
@@ -328,8 +328,9 @@ def _addmm(node, facts):
         raise Opaque(OpaqueKind.DATA_WEIGHT, "addmm other than a constant bias plus an activation times a constant matrix")
     if not isinstance(b["mat1"], fx.Node):
         raise Opaque(OpaqueKind.CONSTANTS, "addmm of a non-tensor")
-    return AffineCall(b["mat1"], Linear(alpha * as_float64(w).T.contiguous(),
-                                        beta * as_float64(bias).reshape(-1).expand(w.shape[1]).clone()))
+    weight, bias = w.detach().T, bias.detach().reshape(-1).expand(w.shape[1])  # (views, converted where read)
+    return AffineCall(b["mat1"], Linear(weight if alpha == 1 else alpha * as_float64(weight),
+                                        bias if beta == 1 else beta * as_float64(bias)))
 
 
 @handles(OpKind.FUNCTION, torch.matmul, torch.mm)
@@ -342,7 +343,7 @@ def _matmul(node, facts):
     w = facts.const(args[1])
     if w is None or w.dim() != 2 or facts.is_const(args[0]):
         raise Opaque(OpaqueKind.DATA_WEIGHT, "matmul of two activations")
-    return AffineCall(args[0], Linear(as_float64(w).T.contiguous(), None))
+    return AffineCall(args[0], Linear(w.detach().T, None))
 
 
 def _functional_bn(node, b, facts: GraphFacts) -> Meaning:

@@ -14,10 +14,15 @@ from repc.reasons import RejectionKind
 F64 = torch.float64
 
 
+def _with_form(expr: Expr, form) -> Expr:
+    expr.form = form
+    return expr
+
+
 def _region(n: int, cost: int, form) -> Expr:
     graph = fx.Graph()
     nodes = [graph.placeholder(f"n{i}") for i in range(n)]
-    return Expr(nodes[-1], "apply", form=form, region=set(nodes), cost=cost)
+    return _with_form(Expr(nodes[-1], "apply", region=set(nodes), cost=cost), form)
 
 
 def _linear():
@@ -147,10 +152,10 @@ def test_the_whole_is_refused_when_its_operands_merged_on_their_own_cost_less():
     graph = fx.Graph()
     x, a, b, c, root = (graph.placeholder(n) for n in ("x", "a", "b", "c", "root"))
     leaf = Expr(x, "leaf")
-    a_expr = Expr(a, "apply", children=[leaf], form={x: None}, region={a})
-    b_expr = Expr(b, "apply", children=[a_expr], form={x: None}, region={a, b})
-    c_expr = Expr(c, "apply", children=[leaf], form={x: None}, region={c})
-    top = Expr(root, "combine", children=[b_expr, c_expr], form={x: None}, region={a, b, c, root})
+    a_expr = _with_form(Expr(a, "apply", children=[leaf], region={a}), {x: None})
+    b_expr = _with_form(Expr(b, "apply", children=[a_expr], region={a, b}), {x: None})
+    c_expr = _with_form(Expr(c, "apply", children=[leaf], region={c}), {x: None})
+    top = _with_form(Expr(root, "combine", children=[b_expr, c_expr], region={a, b, c, root}), {x: None})
     model = _Table(own={"a": 4, "b": 4, "c": 3, "root": 1}, forms={"b": 2, "c": 3, "root": 6})
     assert parts_cost(b_expr, model, None) == 4 + 4  # b as written on a (a's own region has one op)
     assert best_cost(b_expr, model, None) == 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repc.ops import Conv, Dense, Elementwise, Linear, NotMergeable, conv_out_size, flops, identity, params
+from repc.ops import (Conv, Dense, Elementwise, Float64Field, Linear, NotMergeable, conv_out_size, flops, identity,
+                      params)
 from repc.reasons import MergeKind
 
 F64 = torch.float64
@@ -47,3 +48,28 @@ def test_channel_vectors_of_a_per_channel_map_and_the_guard_of_one_that_is_not()
 def test_dense_map_fields():
     dense = Dense(torch.zeros(6, 8, dtype=F64), None, (2, 4), (3, 2))
     assert params(dense) == 48 and "Dense" in repr(dense)
+
+
+def test_a_conv_or_linear_holds_the_tensors_it_is_given_and_reads_them_in_float64():
+    weight = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+    bias = torch.randn(6, dtype=torch.bfloat16)
+    linear = Linear(weight, bias)
+    # held as given: the parameter's storage, no copy, not the parameter object itself
+    assert Float64Field.stored(linear, "weight").data_ptr() == weight.data_ptr()
+    assert not Float64Field.stored(linear, "weight").requires_grad
+    # read in float64, a copy of its own at each read: writing into it leaves the parameter alone
+    read = linear.weight
+    assert read.dtype == F64 and torch.equal(read, weight.detach().double())
+    read.zero_()
+    assert weight.abs().sum() > 0 and linear.weight.abs().sum() > 0
+    assert linear.bias.dtype == F64 and torch.equal(linear.bias, bias.double())
+    # shapes and counts come from what it holds, and a replacement passes on what it holds
+    assert (linear.in_features, linear.out_features, params(linear)) == (4, 6, 30)
+    unbiased = linear.replace(bias=None)
+    assert unbiased.bias is None and Float64Field.stored(unbiased, "weight").data_ptr() == weight.data_ptr()
+    # a float64 tensor of its own (a closed form's result) is read as it is
+    merged = Linear(torch.zeros(2, 3, dtype=F64), None)
+    assert merged.weight is Float64Field.stored(merged, "weight")
+    conv = Conv(torch.zeros(8, 2, 3, 3, dtype=torch.float16), None, (1, 1), ((1, 1), (1, 1)), (1, 1), 2)
+    assert (conv.in_channels, conv.kernel_size, conv.weight.dtype) == (4, (3, 3), F64)
+    assert Float64Field.stored(conv.replace(groups=2), "weight").dtype == torch.float16

@@ -337,3 +337,18 @@ def test_every_form_of_a_stage_recomputes_its_value():
     model = randomize(nn.Sequential(RepVGG(3, 6, stride=2), ACNet(6, 6), RepMixer(6), RepVGG(6, 6, groups=3)))
     m = Matched(model, (1, 3, 9, 9))
     assert m.check_all_forms() >= 4
+
+
+def test_forms_are_held_while_in_use_and_computed_again_the_same_when_read_later():
+    m = Matched(randomize(RepVGG(4, 4)), (2, 4, 6, 6))
+    # after matching no form is held: each is computed again from its recipe where it is read
+    assert m.matcher.forms.held == []
+    root = max((e for e in m.exprs.values() if e.has_form and not e.is_leaf), key=lambda e: len(e.region))
+    assert len(root.region) > 3 and root._form.value is None
+    first = {src: op.weight.clone() for src, op in root.form.items()}
+    assert root._form in m.matcher.forms.held  # (held until the next release)
+    m.matcher.forms.release()
+    assert root._form.value is None
+    again = root.form
+    assert first.keys() == again.keys() and all(torch.equal(first[s], again[s].weight) for s in first)
+    assert m.check_all_forms() > 0  # every form, computed again, still recomputes its value

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from ..graph_predicates import target_name, writes_in_place
 from ..meanings import AffineCall, Combine, GraphFacts
-from ..ops import Elementwise, NotMergeable, float64_cache, params
+from ..ops import Elementwise, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
 from ..reasons import OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
@@ -72,9 +72,7 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     where the nodes the preparation made are known, across which the matcher builds no region;
     ``confine`` takes precedence over them.
     """
-    with float64_cache():
-        return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine,
-                         scopes)
+    return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine, scopes)
 
 
 def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine,
@@ -167,6 +165,7 @@ class GraphWriter:
                 self.env[node] = synthesized
             else:
                 self.env[node] = self._copy(node) if expr.is_leaf else self.materialize(expr)
+            self.matcher.forms.release()  # (written: its merged tensors are the module's now)
         _drop_dead_nodes(self.graph)
         self.graph.lint()
         module = fx.GraphModule(self.gm, self.graph, class_name=type(self.gm).__name__)
@@ -259,10 +258,10 @@ class GraphWriter:
     # -- decisions ------------------------------------------------------------------------------
     def _shallower(self, expr: Expr) -> Optional[Expr]:
         """The root merged with its operands' last ops only, when the whole region was not taken."""
-        if expr.form is None:
+        if not expr.has_form:
             return None
         shallow = self.matcher.shallow(expr)
-        if shallow is None or shallow.form is None or not self._take_form(shallow):
+        if shallow is None or not shallow.has_form or not self._take_form(shallow):
             return None
         return shallow
 
@@ -287,7 +286,7 @@ class GraphWriter:
         if expr.kind != "slice" or not expr.children:
             return False
         child = expr.children[0]
-        if child.is_leaf or child.form is None:
+        if child.is_leaf or not child.has_form:
             return False
         readers = effective_users(child.node)
         return len(readers) > 1 and all(_is_slice_of(r, child.node) and r not in self._inside_merges()
@@ -298,7 +297,7 @@ class GraphWriter:
         if self._merged_inside is None:
             self._merged_inside = set()
             for e in self.exprs.values():
-                if not e.is_leaf and e.form is not None:
+                if not e.is_leaf and e.has_form:
                     self._merged_inside |= e.region - {e.node}
         return self._merged_inside
 
@@ -317,8 +316,8 @@ class GraphWriter:
                              f"merged only inside each module: its region spans {spanned}, and no swap of one "
                              "of the model's modules expresses a merge across them (graph=True merges it)")
             return False
-        if expr.form is None:
-            if expr.pending is None:  # (a layout change nothing undoes is just a layout change)
+        if not expr.has_form:
+            if not expr.has_pending:  # (a layout change nothing undoes is just a layout change)
                 self._reject(expr, RejectionKind.NO_CLOSED_FORM, f"no closed form: {expr.reason}")
             return False
         bad = non_finite_weights(expr.form, self._dtype(expr.node))
@@ -375,7 +374,7 @@ class GraphWriter:
     def _borders_region(self, node: fx.Node) -> bool:
         """``node`` reads an affine region (so it is where that region had to stop)."""
         return node.op not in ("placeholder", "output", "get_attr") and not is_container(node) and \
-            any(self.exprs[a].form is not None and not self.exprs[a].is_leaf for a in node.all_input_nodes)
+            any(self.exprs[a].has_form and not self.exprs[a].is_leaf for a in node.all_input_nodes)
 
     def _computed_weights(self, expr: Expr) -> bool:
         """The region's weights are computed at every call from parameters only (GLoRA's

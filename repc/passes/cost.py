@@ -118,7 +118,7 @@ class MeasuredCost:
 
 def _sources(expr: Expr, matcher: RegionMatcher):
     """The values the region reads from outside (what its form reads, else its leaves' inputs)."""
-    if expr.form is not None:
+    if expr.has_form:
         return list(expr.form)
     inside = expr.region
     return sorted({a for n in inside for a in n.all_input_nodes if a not in inside and a not in matcher.facts.constants},
@@ -144,7 +144,7 @@ def best_cost(expr: Expr, model, matcher: RegionMatcher, memo: Optional[dict] = 
     if id(expr) in memo:
         return memo[id(expr)][1]
     best = parts_cost(expr, model, matcher, memo)
-    if expr.form is not None and len(expr.region) > 1:
+    if expr.has_form and len(expr.region) > 1:
         best = min(best, model.form_cost(expr.form, expr.node, matcher))
     # the expr is kept with its cost: a memo keyed by the id of an expr that was freed (the
     # shallower forms tried are made and dropped) would give its cost to the next one made there

@@ -53,7 +53,7 @@ class DenseProbe:
         dense_cost = sum(batch * n_out * math.prod(sh[1:]) for sh in shapes) + batch * n_out * (len(sources) - 1)
         as_written = sum(self.matcher.own_cost.get(n, 0) for n in cone)
         rest = sum(self.matcher.own_cost.get(n, 0) for n in cone if n not in covered)
-        partial = (self.matcher.form_cost(expr.form, node) if expr.form is not None else expr.cost) + rest
+        partial = (self.matcher.form_cost(expr.form, node) if expr.has_form else expr.cost) + rest
         if dense_cost >= min(as_written, partial):
             return None
         probe = Expr(node, "dense", region=set(cone), rules={"synthesize"})

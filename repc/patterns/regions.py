@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
 
 from .. import algebra
+from ..memory import FreedMemory
 from ..meanings import AffineCall, Combine, Concat, Constant, GraphFacts, Layout, apply_layout
 from ..passes.inplace import VIEW_MUTATED
 from ..vocabulary import describe
@@ -37,13 +38,62 @@ from ..reasons import MergeKind, Opaque, OpaqueKind
 Form = Dict[fx.Node, AffineOp]
 
 
+class FormCache:
+    """The forms computed from their recipes and held since the last :meth:`release`.
+
+    A form's merged tensors are float64 and as large as the weights they merge.  Held for
+    every value at once they would be several copies of the model, so a form is held only while
+    it is in use (the node being matched, the region being written) and computed again from
+    its recipe when it is read after a release: memory grows with the largest region, not with
+    the model.
+    """
+
+    def __init__(self):
+        self.held: List["LazyForm"] = []
+        self.freed = FreedMemory()
+
+    def hold(self, lazy: "LazyForm") -> None:
+        self.held.append(lazy)
+
+    def release(self, keep: Optional["Expr"] = None) -> None:
+        """Drop every held form but ``keep``'s (those without a recipe stay with their expr)."""
+        kept = {id(keep._form), id(keep._pending)} if keep is not None else set()
+        still, dropped = [], {}
+        for lazy in self.held:
+            if id(lazy) in kept:
+                still.append(lazy)
+                continue
+            for op in lazy.value.values() if lazy.value is not None else ():
+                for t in vars(op).values():
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                        dropped[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            lazy.value = None
+        self.held = still
+        self.freed.dropped_bytes(sum(dropped.values()))
+
+
+class LazyForm:
+    """A form: its value, or the recipe that computes it again from its operands' forms."""
+
+    __slots__ = ("recipe", "value", "cache")
+
+    def __init__(self, value: Form, recipe: Optional[Callable[[], Form]] = None, cache: Optional[FormCache] = None):
+        self.value, self.recipe, self.cache = value, recipe, cache
+
+    def get(self) -> Form:
+        if self.value is None:
+            self.value = self.recipe()  # (it gave a form once; the rules are deterministic)
+            self.cache.hold(self)
+        return self.value
+
+
 @dataclass(eq=False)
 class Expr:
     node: fx.Node
     kind: str  # "leaf", "apply", "combine", "concat", "slice"
     meaning: object = None
     children: List["Expr"] = field(default_factory=list)
-    form: Optional[Form] = None
+    _form: Optional[LazyForm] = field(default=None, repr=False)
     reason: Optional[str] = None
     region: Set[fx.Node] = field(default_factory=set)  # original nodes computed inside
     cost: int = 0  # multiply-accumulates of the region as written
@@ -52,8 +102,31 @@ class Expr:
     # a value that is a layout change (transpose, flatten, view...) of an affine expression:
     # value = base.flatten()[layout], with base = sum_s pending[s](s)
     layout: Optional[torch.Tensor] = None
-    pending: Optional[Form] = None
+    _pending: Optional[LazyForm] = field(default=None, repr=False)
     base: Optional[fx.Node] = None
+
+    @property
+    def form(self) -> Optional[Form]:
+        """``value = sum_s form[s](s)``, the merged op per source; None where no closed form
+        applies (:attr:`reason` says why).  Computed again if it was released."""
+        return None if self._form is None else self._form.get()
+
+    @form.setter
+    def form(self, value: Optional[Form]) -> None:
+        self._form = None if value is None else LazyForm(value)
+
+    @property
+    def has_form(self) -> bool:
+        """Whether :attr:`form` is one (without computing it)."""
+        return self._form is not None
+
+    @property
+    def pending(self) -> Optional[Form]:
+        return None if self._pending is None else self._pending.get()
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
 
     @property
     def is_leaf(self) -> bool:
@@ -76,6 +149,7 @@ class RegionMatcher:
         self.scopes = scopes or {}
         self.facts = facts
         self.exprs: Dict[fx.Node, Expr] = {}
+        self.forms = FormCache()  # the forms held now (see FormCache)
         self.opaque: Dict[fx.Node, Opaque] = {}  # nodes without a meaning, and why
         self.absorbed: Set[fx.Node] = set()
         self.meanings: Dict[fx.Node, object] = {}  # nodes with a canonical meaning
@@ -91,7 +165,27 @@ class RegionMatcher:
         self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         for node in self.gm.graph.nodes:
             self.exprs[node] = self._match(node)
+            self.forms.release(keep=self.exprs[node])  # (its reader, often the next node, reads it)
+        self.forms.release()
         return self.exprs
+
+    def _compute(self, expr: Expr, recipe: Callable[[], Form], pending: bool = False) -> None:
+        """Give ``expr`` the form ``recipe`` computes (its :attr:`Expr.pending` form with
+        ``pending``), or the reason none applies."""
+        try:
+            value = recipe()
+        except NotMergeable as why:
+            if not pending:
+                expr._form, expr.reason = None, str(why)
+            else:
+                expr.reason = str(why)
+            return
+        lazy = LazyForm(value, recipe, self.forms)
+        self.forms.hold(lazy)
+        if pending:
+            expr._pending = lazy
+        else:
+            expr._form, expr.reason = lazy, None
 
     # -- per node -------------------------------------------------------------------------
     def _match(self, node: fx.Node) -> Expr:
@@ -117,7 +211,7 @@ class RegionMatcher:
         expr = self._build(node, meaning, cut=False)
         first_reason = expr.reason
         # a concat of several sources, or a pending layout change, stays open for its consumer
-        if expr.form is None and expr.kind != "concat" and expr.pending is None:
+        if not expr.has_form and expr.kind != "concat" and not expr.has_pending:
             why = expr.reason
             expr = self._build(node, meaning, cut=True)
             if any(not self.exprs[c.node].is_leaf for c in expr.children):
@@ -125,9 +219,9 @@ class RegionMatcher:
         for child in expr.children:
             if not child.is_leaf:
                 self.absorbed.add(child.node)
-        if expr.form is not None:
+        if expr.has_form:
             expr = self._absorb_forks(expr)
-        if expr.form is None and expr.kind == "slice":
+        if not expr.has_form and expr.kind == "slice":
             self.opaque[node] = Opaque(OpaqueKind.UNSUPPORTED_FORM, first_reason or expr.reason)  # the guard that failed first
             leaf = self._leaf(node)
             leaf.reason = self.opaque[node].words
@@ -144,44 +238,43 @@ class RegionMatcher:
             child = self._operand(meaning.input, node, cut, distributable=True,
                                   see_layout=isinstance(meaning.op, Elementwise))
             expr = self._expr(node, "apply", meaning, [child], meaning.op)
-            if child.pending is not None:
+            if child.has_pending:
                 if not isinstance(meaning.op, Elementwise):
                     raise AssertionError("only elementwise maps see through layouts")
                 try:
                     e = pull_back(meaning.op, child.layout, self.facts.shape(child.base))
-                    expr.pending = compose_form(child.pending, e)
-                    expr.layout, expr.base = child.layout, child.base
                 except NotMergeable as why:
                     expr.reason = str(why)
+                else:
+                    self._compute(expr, lambda: compose_form(child.pending, e), pending=True)
+                    if expr.has_pending:
+                        expr.layout, expr.base = child.layout, child.base
                 expr.rules |= {"compose", "layout"}
-            elif child.kind == "concat" and child.form is None:
+            elif child.kind == "concat" and not child.has_form:
                 ndim = len(self.facts.shape(child.node))
-                parts = [c.form for c in child.children]
                 sizes = [self.facts.shape(c.node)[child.meaning.axis] for c in child.children]
-                expr.form, expr.reason = self._try(
-                    lambda: distribute_form(parts, sizes, child.meaning.axis, ndim, meaning.op))
+                self._compute(expr, lambda: distribute_form([c.form for c in child.children], sizes,
+                                                            child.meaning.axis, ndim, meaning.op))
                 expr.rules.add("distribute")
             else:
-                expr.form, expr.reason = self._try(lambda: compose_form(child.form, meaning.op))
+                self._compute(expr, lambda: compose_form(child.form, meaning.op))
             expr.rules |= {"compose"} if not child.is_leaf else set()
         elif isinstance(meaning, Combine):
             children = [self._operand(a, node, cut) for a, _ in meaning.terms]
             expr = self._expr(node, "combine", meaning, children, None)
-            expr.form, expr.reason = self._try(
-                lambda: sum_forms([c.form for c in children], [w for _, w in meaning.terms]))
+            self._compute(expr, lambda: sum_forms([c.form for c in children], [w for _, w in meaning.terms]))
             expr.rules.add("sum")
         elif isinstance(meaning, Concat):
             children = [self._operand(a, node, cut) for a in meaning.inputs]
             expr = self._expr(node, "concat", meaning, children, None)
             ndim = len(self.facts.shape(node))
-            expr.form, expr.reason = self._try(lambda: concat_forms([c.form for c in children], meaning.axis, ndim))
+            self._compute(expr, lambda: concat_forms([c.form for c in children], meaning.axis, ndim))
             expr.rules.add("concat")
         else:  # Slice
             child = self._operand(meaning.input, node, cut)
             expr = self._expr(node, "slice", meaning, [child], None)
             ndim = len(self.facts.shape(node))
-            expr.form, expr.reason = self._try(
-                lambda: slice_form(child.form, meaning.axis, ndim, meaning.start, meaning.stop))
+            self._compute(expr, lambda: slice_form(child.form, meaning.axis, ndim, meaning.start, meaning.stop))
             expr.rules.add("select")
         return expr
 
@@ -205,20 +298,21 @@ class RegionMatcher:
             for src in list(expr.form):
                 inner = self.exprs.get(src)
                 inside = src in expr.region  # computed by an operand's region: must be pulled in
-                if inner is None or inner.is_leaf or inner.form is None or (src in self.absorbed and not inside):
+                if inner is None or inner.is_leaf or not inner.has_form or (src in self.absorbed and not inside):
                     continue
                 if not all(u in expr.region for u in effective_users(src)) or self._stays_in_place(src) \
                         or not self._same_scope(src, expr.node):
                     continue
                 try:
-                    pulled = compose_form(inner.form, expr.form[src])
-                    rest = {k: v for k, v in expr.form.items() if k is not src}
-                    form = sum_forms([rest, pulled], [1.0, 1.0]) if rest else pulled
+                    form = pull_in(expr.form, inner.form, src)
                 except NotMergeable:
                     continue
                 if not inside and self.form_cost(form, expr.node) > self.form_cost(expr.form, expr.node) + inner.cost:
                     continue
-                expr.form = form
+                before = expr._form
+                expr._form = LazyForm(form, lambda before=before, inner=inner, src=src: pull_in(before.get(), inner.form, src),
+                                      self.forms)
+                self.forms.hold(expr._form)
                 if not inside:  # (inside: the operand that computes it has counted its cost)
                     expr.cost += inner.cost
                 expr.region |= inner.region
@@ -228,7 +322,7 @@ class RegionMatcher:
                 break
         inside = [src for src in expr.form if src in expr.region]
         if inside:
-            expr.form = None
+            expr._form = None
             expr.reason = f"the region computes {inside[0].name} and also reads it as an input"
         return expr
 
@@ -323,27 +417,22 @@ class RegionMatcher:
             expr.rules |= c.rules
         return expr
 
-    @staticmethod
-    def _try(fn):
-        try:
-            return fn(), None
-        except NotMergeable as why:
-            return None, str(why)
-
     def _leaf(self, node: fx.Node) -> Expr:
         shape = self.facts.shape(node)
         form = {node: identity(shape)} if shape is not None and node not in self.facts.constants else None
-        return Expr(node, "leaf", form=form, reason=None if form else "not a tensor value")
+        leaf = Expr(node, "leaf", reason=None if form else "not a tensor value")
+        leaf.form = form
+        return leaf
 
     def _layout(self, expr: Expr, child: Expr) -> None:
         """A layout change of ``child``: pending until another one undoes it."""
         expr.rules.add("layout")
-        if child.pending is not None:
-            index, pending, base = child.layout, child.pending, child.base
-        elif child.form is not None:
+        if child.has_pending:
+            index, pending, base = child.layout, child._pending, child.base
+        elif child.has_form:
             shape = self.facts.shape(child.node)
             index = torch.arange(math.prod(shape)).reshape(shape)
-            pending, base = child.form, child.node
+            pending, base = child._form, child.node
         else:
             expr.reason = "operand has no affine form"
             return
@@ -354,17 +443,17 @@ class RegionMatcher:
             return
         base_shape = self.facts.shape(base)
         if tuple(index.shape) == tuple(base_shape) and torch.equal(index.reshape(-1), torch.arange(index.numel())):
-            expr.form = pending  # the layout changes cancel out
+            expr._form = pending  # the layout changes cancel out (the operand's own form)
         else:
-            expr.layout, expr.pending, expr.base = index, pending, base
+            expr.layout, expr._pending, expr.base = index, pending, base
             expr.reason = "a layout change that is not undone"
 
     def _operand(self, arg: fx.Node, parent: fx.Node, cut: bool, distributable: bool = False,
                  see_layout: bool = False) -> Expr:
         expr = self.exprs[arg]
-        if see_layout and expr.pending is not None and not cut and self._absorbable(arg, parent):
+        if see_layout and expr.has_pending and not cut and self._absorbable(arg, parent):
             return expr
-        no_form = expr.form is None and not (distributable and expr.kind == "concat")
+        no_form = not expr.has_form and not (distributable and expr.kind == "concat")
         if cut or expr.is_leaf or no_form or not self._absorbable(arg, parent):
             return self._leaf(arg)
         return expr
@@ -416,7 +505,7 @@ class RegionMatcher:
 
 
 def _single_elementwise(expr: "Expr") -> bool:
-    return expr.form is not None and len(expr.form) == 1 and isinstance(next(iter(expr.form.values())), Elementwise)
+    return expr.has_form and len(expr.form) == 1 and isinstance(next(iter(expr.form.values())), Elementwise)
 
 
 def effective_users(node: fx.Node) -> List[fx.Node]:
@@ -464,11 +553,16 @@ def compose_form(form: Optional[Form], op: AffineOp) -> Form:
     return out
 
 
+def pull_in(form: Form, inner: Form, src: fx.Node) -> Form:
+    """``form`` with its source ``src = sum_s inner[s](s)`` replaced by ``inner``'s sources."""
+    pulled = compose_form(inner, form[src])
+    rest = {k: v for k, v in form.items() if k is not src}
+    return sum_forms([rest, pulled], [1.0, 1.0]) if rest else pulled
+
+
 def _without_bias(op: AffineOp) -> AffineOp:
-    if isinstance(op, Conv):
+    if isinstance(op, (Conv, Linear)):
         return op.replace(bias=None)
-    if isinstance(op, Linear):
-        return Linear(op.weight, None)
     return Elementwise(op.scale, None, op.shape)
 
 
