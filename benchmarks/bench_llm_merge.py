@@ -14,14 +14,17 @@ weight random, then one of
 Reported per run: the parameters and their bytes, the time of the call, and the growth of the
 peak resident memory during it (``ru_maxrss`` after, less the resident memory before: what the
 merge needs above the loaded model).  ``repc`` also shows its time and memory as ratios to
-``export`` and to the parameter bytes.  Sizes (hidden, layers, intermediate, vocabulary):
+``export``, and its memory as what it needs beyond the parameter bytes (the merged weights are
+new tensors, since the user's model is not mutated: the parameter bytes are the floor).  Sizes
+(hidden, layers, intermediate, vocabulary, dtype):
 
-    tiny    256 x 4,  688, 32000   (~21M parameters)
-    small   768 x 12, 2048, 32000  (~126M)
-    medium  1024 x 16, 2816, 32000 (~230M)
+    tiny    256 x 4,  688, 32000, float32   (~21M parameters)
+    small   768 x 12, 2048, 32000, float32  (~126M)
+    medium  1024 x 16, 2816, 32000, float32 (~230M)
+    large   2048 x 16, 5632, 32000, bfloat16 (~850M)
 
     .venv/bin/python benchmarks/bench_llm_merge.py                  # tiny and small (~2 minutes)
-    .venv/bin/python benchmarks/bench_llm_merge.py --sizes medium
+    .venv/bin/python benchmarks/bench_llm_merge.py --sizes medium large
     .venv/bin/python benchmarks/bench_llm_merge.py --quick          # a 2-layer model, smoke configuration
 """
 
@@ -40,11 +43,12 @@ from typing import Dict, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py, beside this script
 import bench_common as common  # noqa: E402
 
-SIZES: Dict[str, Tuple[int, int, int, int]] = {
-    "quick": (64, 2, 128, 1000),
-    "tiny": (256, 4, 688, 32000),
-    "small": (768, 12, 2048, 32000),
-    "medium": (1024, 16, 2816, 32000),
+SIZES: Dict[str, Tuple[int, int, int, int, str]] = {
+    "quick": (64, 2, 128, 1000, "float32"),
+    "tiny": (256, 4, 688, 32000, "float32"),
+    "small": (768, 12, 2048, 32000, "float32"),
+    "medium": (1024, 16, 2816, 32000, "float32"),
+    "large": (2048, 16, 5632, 32000, "bfloat16"),
 }
 METHODS = ("peft", "export", "repc")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,14 +68,21 @@ def run_one(size: str, method: str) -> Dict[str, float]:
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    hidden, layers, intermediate, vocab = SIZES[size]
+    hidden, layers, intermediate, vocab, dtype = SIZES[size]
+    dtype = getattr(torch, dtype)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                                       num_key_value_heads=max(1, hidden // 256))
-    base = transformers.LlamaForCausalLM(config).eval()
-    model = get_peft_model(base, LoraConfig(r=16, target_modules=TARGETS, init_lora_weights=False)).eval()
+    torch.set_default_dtype(dtype)  # (built in its dtype: no float32 model first)
+    try:
+        base = transformers.LlamaForCausalLM(config).eval()
+        model = get_peft_model(base, LoraConfig(r=16, target_modules=TARGETS, init_lora_weights=False),
+                               autocast_adapter_dtype=False).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
     params = sum(p.numel() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
@@ -90,7 +101,8 @@ def run_one(size: str, method: str) -> Dict[str, float]:
         assert fused.repc_report.output == "module-preserving", fused.repc_report
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return {"params": params, "param_gib": params * 4 / 2 ** 30, "seconds": seconds, "extra_gib": peak - before}
+    return {"params": params, "param_gib": param_bytes / 2 ** 30, "dtype": str(dtype).replace("torch.", ""),
+            "seconds": seconds, "extra_gib": peak - before}
 
 
 def run_fresh(size: str, method: str) -> Dict[str, float]:
@@ -122,9 +134,9 @@ def main(argv: List[str] = None) -> None:
                      f"{export_run['seconds']:.2f} / {export_run['extra_gib']:.2f}",
                      f"{repc_run['seconds']:.2f} / {repc_run['extra_gib']:.2f}",
                      common.fmt_ratio(common.ratio(repc_run["seconds"], export_run["seconds"])),
-                     f"{repc_run['extra_gib'] / repc_run['param_gib']:.1f}x"])
+                     f"{repc_run['extra_gib'] - repc_run['param_gib']:+.2f}"])
     print(common.format_table(["size", "params", "param GiB", "peft s / +GiB", "export s / +GiB",
-                               "repc s / +GiB", "repc/export time", "repc +mem / params"], rows))
+                               "repc s / +GiB", "repc/export time", "repc +GiB beyond params"], rows))
     if args.json:
         common.write_json(args.json, results)
 

@@ -250,6 +250,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         _write_back(fused, model, report, reference, example_inputs, kwargs, False, modules_only=True)
     else:
         report.output = "module-preserving"  # (the verified copy, fx in parts, or rolled back: the model's class)
+    if isinstance(fused, fx.GraphModule):
+        own_copies(fused, model)  # the graph is the output: it shares nothing with the model
     # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
     original_buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
     report.params_after = sum(p.numel() for p in fused.parameters()) + \
@@ -514,8 +516,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
         return None
     captured.give_signature(fused, defaults)
     report.specialized = {name: _brief(value) for name, value in constants.items()}
-    own_copies(fused, model)
-    return fused
+    return fused  # (sharing the model's tensors that stay: copied only where the graph is the output)
 
 
 def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
@@ -527,7 +528,7 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
     report.specialized = {name: _brief(value) for name, value in constants.items()}
     reference = model
     # the traced graph's leaves are the model's own modules: repc only reads them, and the
-    # result is copied where it still shares something with the model at the end
+    # graph copies what it still shares with the model where it is the output (in _compile)
     gm = _trace_whole(model, constants, report, example_inputs) if whole else None
     if gm is not None:
         report.nodes_before = len(gm.graph.nodes)
@@ -551,7 +552,6 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
         fused = _fuse_parts(copy.deepcopy(model), example_inputs, report, synthesize, cost_model)
     else:
         report.front_end = "fx"
-        own_copies(fused, model)
     report.nodes_after = _graph_nodes(fused)
     return fused, report, reference
 

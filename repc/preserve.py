@@ -38,6 +38,7 @@ The caller verifies the result as a whole, as it verifies the graph.
 from __future__ import annotations
 
 import copy
+import itertools
 import inspect
 import operator
 import re
@@ -628,7 +629,7 @@ class Preserver:
             if any(_within(targets[0], d) for d in done):  # ("" is the model: its forward replaced)
                 continue  # inside a module replaced as a whole
             had_bias = getattr(self.copy.get_submodule(targets[0]), "bias", None) is not None
-            merged = self._set(targets[0], copy.deepcopy(merged))
+            merged = self._set(targets[0], sharing_tensors(merged))
             after = [self._set(t, self._merged_away(self.copy.get_submodule(t))) for t in targets[1:]]
             if not had_bias and getattr(merged, "bias", None) is not None and isinstance(after[-1], _BatchNorm):
                 # (the architecture's conv has no bias: the shift goes to the BatchNorm's, which it has)
@@ -1045,7 +1046,7 @@ class Preserver:
                 i += 1
                 name = f"{kind}_{i}"
         names[target] = name
-        attributes[name] = copy.deepcopy(value)
+        attributes[name] = sharing_tensors(value)
         return name
 
 
@@ -1150,6 +1151,15 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
                                  progress, varying).run()
     own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps
+
+
+def sharing_tensors(value):
+    """A module of the fused graph as a new module object holding the very same tensors (the
+    graph is repc's own and one of the two is dropped: its merged weights are not copied), so
+    that changing the new module's structure leaves the graph's alone; a tensor as it is."""
+    if not isinstance(value, nn.Module):
+        return value
+    return copy.deepcopy(value, {id(t): t for t in itertools.chain(value.parameters(), value.buffers())})
 
 
 def own_copies(result: nn.Module, model: nn.Module) -> None:

@@ -21,10 +21,11 @@ def test_input_model_is_untouched():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert flags == [m.training for m in model.modules()]
     assert grads == [p.requires_grad for p in model.parameters()]
-    # the result shares no tensor with the input model
-    ours = {id(t) for t in list(fused.parameters()) + list(fused.buffers())}
-    theirs = {id(t) for t in list(model.parameters()) + list(model.buffers())}
-    assert not ours & theirs
+    # the result shares no tensor, nor any tensor's memory, with the input model
+    ours = list(fused.parameters()) + list(fused.buffers())
+    theirs = list(model.parameters()) + list(model.buffers())
+    assert not {id(t) for t in ours} & {id(t) for t in theirs}
+    assert not {t.untyped_storage().data_ptr() for t in ours} & {t.untyped_storage().data_ptr() for t in theirs}
 
 
 def test_training_mode_is_refused_with_a_clear_message():

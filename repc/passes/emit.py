@@ -7,6 +7,8 @@ tensors cast back to the model's dtype and device.
 
 from __future__ import annotations
 
+import weakref
+
 import operator
 import re
 from dataclasses import dataclass
@@ -93,8 +95,21 @@ def _loaded(mod: nn.Module, weight, bias) -> nn.Module:
     return mod.requires_grad_(False)
 
 
+_BUILT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # op -> {(dtype, device): BuiltOp}
+
+
 def build_op(op: AffineOp, dtype, device) -> BuiltOp:
-    """``op`` as standard torch modules and tensors (weights cast from float64 once)."""
+    """``op`` as standard torch modules and tensors (weights cast from float64 once).  Built once
+    per op while the op lives: the region check runs the very modules the graph then holds
+    (a merged weight is cast once, not once for the check and again for the graph)."""
+    built = _BUILT.setdefault(op, {})
+    key = (dtype, str(device))
+    if key not in built:
+        built[key] = _build_op(op, dtype, device)
+    return built[key]
+
+
+def _build_op(op: AffineOp, dtype, device) -> BuiltOp:
     if isinstance(op, Conv):
         op = algebra.compact_groups(op)
         symmetric = all(lo == hi >= 0 for lo, hi in op.padding)  # (a negative amount crops: F.pad does that)

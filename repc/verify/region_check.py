@@ -11,6 +11,8 @@ The whole-model check after all rewrites is :mod:`repc.verify.check`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
@@ -166,6 +168,13 @@ class RegionChecker:
         return None
 
 
+def _fits(t: torch.Tensor, dtype) -> bool:
+    """All of ``t`` finite and within ``dtype``'s range (read off its extremes: no copy of ``t``)."""
+    lo, hi = torch.aminmax(t)
+    bound = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    return bool(torch.isfinite(lo) & torch.isfinite(hi)) and max(-float(lo), float(hi)) <= bound
+
+
 def non_finite_weights(form, dtype) -> Optional[str]:
     """Why the form's merged tensors cannot be emitted: NaN or Inf in one of them, in float64 (from
     non-finite weights or statistics) or once cast to ``dtype`` (a finite product too large for
@@ -174,6 +183,8 @@ def non_finite_weights(form, dtype) -> Optional[str]:
         for f in fields(op):
             t = getattr(op, f.name)
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                continue
+            if t.numel() and _fits(t, dtype):
                 continue
             cast = t.to(dtype) if dtype.is_floating_point else t
             # (NaN and Inf in float64 stay so in the cast; a finite sum has finite entries only)
