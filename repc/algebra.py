@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import deferred
 from .ops import AffineOp, Conv, Dense, Elementwise, Float64Field, Linear, NotMergeable, Padding
 from .reasons import MergeKind
 
@@ -195,7 +196,7 @@ def scale_linear_outputs(linear: Linear, ew: Elementwise) -> Linear:
     if s.numel() != linear.out_features:
         raise NotMergeable(MergeKind.SHAPES_DIFFER, "feature counts differ")
     b = t if linear.bias is None else linear.bias * s + t
-    return Linear(linear.weight * s.unsqueeze(1), b if linear.bias is not None or ew.shift is not None else None)
+    return Linear(deferred.scaled(_held(linear), rows=s), b if linear.bias is not None or ew.shift is not None else None)
 
 
 def scale_linear_inputs(ew: Elementwise, linear: Linear) -> Linear:
@@ -206,21 +207,27 @@ def scale_linear_inputs(ew: Elementwise, linear: Linear) -> Linear:
         raise NotMergeable(MergeKind.SHAPES_DIFFER, "feature counts differ")
     b = linear.bias
     if ew.shift is not None:
-        b = linear.weight @ t if b is None else linear.weight @ t + b
-    return Linear(linear.weight * s.unsqueeze(0), b)
+        b = deferred.matvec(_held(linear), t) if b is None else deferred.matvec(_held(linear), t) + b
+    return Linear(deferred.scaled(_held(linear), cols=s), b)
 
 
 def compose_linear(first: Linear, second: Linear) -> Linear:
     """``W2 (W1 x + b1) + b2 = (W2 W1) x + (W2 b1 + b2)``."""
     if first.out_features != second.in_features:
         raise NotMergeable(MergeKind.SHAPES_DIFFER, "feature counts differ")
-    w = second.weight @ first.weight
+    w = deferred.product(_held(second), _held(first))
     b = None
     if first.bias is not None:
-        b = second.weight @ first.bias
+        b = deferred.matvec(_held(second), first.bias)
     if second.bias is not None:
         b = second.bias if b is None else b + second.bias
     return Linear(w, b)
+
+
+def _held(linear: Linear):
+    """The weight ``linear`` holds, as it holds it (a tensor of any dtype, or a
+    :class:`repc.deferred.DeferredMatrix`): what a merged weight's expression is built on."""
+    return Float64Field.stored(linear, "weight")
 
 
 def _grouped(weight: Tensor, groups: int, new_groups: int) -> Tensor:
@@ -321,7 +328,7 @@ def add(a: AffineOp, b: AffineOp) -> AffineOp:
     if isinstance(a, Linear) and isinstance(b, Linear):
         if a.weight_shape != b.weight_shape:
             raise NotMergeable(MergeKind.SHAPES_DIFFER, "linear maps of different shapes")
-        return Linear(a.weight + b.weight, _add_optional(a.bias, b.bias))
+        return Linear(deferred.total([_held(a), _held(b)]), _add_optional(a.bias, b.bias))
     if isinstance(a, Conv) and isinstance(b, Conv):
         return add_convs(a, b)
     raise NotMergeable(MergeKind.NO_CLOSED_FORM, f"no closed form for {type(a).__name__} + {type(b).__name__}")
@@ -515,4 +522,4 @@ def scale_op(op: AffineOp, factor: float) -> AffineOp:
     b = None if op.bias is None else op.bias * factor
     if isinstance(op, Conv):
         return op.replace(weight=op.weight * factor, bias=b)
-    return Linear(op.weight * factor, b)
+    return Linear(deferred.scaled(_held(op), rows=torch.tensor(float(factor), dtype=F64)), b)

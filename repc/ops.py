@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .deferred import DeferredMatrix
 from .reasons import MergeKind
 
 Padding = Tuple[Tuple[int, int], ...]
@@ -43,8 +44,10 @@ class Float64Field:
     """A tensor field of an op, stored as given and read as float64 on the CPU.
 
     Stored: the tensor itself, detached (a model's parameter shares its storage; nothing is
-    copied).  Read: that tensor where it already is a float64 CPU tensor (the op's own result of
-    a closed form), else a float64 CPU copy made at that read and owned by the caller.  Ops are
+    copied), or the expression of a merged weight (:class:`repc.deferred.DeferredMatrix`).
+    Read: that tensor where it already is a float64 CPU tensor (the op's own result of a closed
+    form), else a float64 CPU tensor made at that read and owned by the caller (converted, or
+    the expression computed).  Ops are
     immutable: nothing writes into the tensors it reads.  Shapes are read off
     :meth:`stored` without a conversion.
     """
@@ -56,6 +59,8 @@ class Float64Field:
         if op is None:
             return self
         t = op.__dict__[self.name]
+        if isinstance(t, DeferredMatrix):
+            return t.compute()
         if t is None or (t.dtype == torch.float64 and t.device.type == "cpu"):
             return t
         return t.to(device="cpu", dtype=torch.float64)
@@ -217,6 +222,7 @@ for _op in (Conv, Linear):
         setattr(_op, _name, Float64Field(_name))
 
 AffineOp = Union[Conv, Linear, Elementwise, Dense]
+
 
 
 def identity(shape) -> Elementwise:

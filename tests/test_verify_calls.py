@@ -10,6 +10,8 @@ from repc.verify.calls import call_structure, canonical_calls, observe
 
 def test_token_inputs_get_the_mask_patterns_an_input_left_out_and_other_sizes():
     example = masked_token_example(2, 6)
+    example["attention_mask"] = torch.ones_like(example["attention_mask"])
+    example["attention_mask"][0, -1] = 0  # (padded as none of the patterns is, so that all are run)
     calls = canonical_calls(MaskedTokenModel(), (), example)
     by_name = {c.name: c for c in calls}
     assert calls[0].name == "example" and calls[0].kwargs is not None
@@ -96,3 +98,11 @@ def test_a_module_given_an_object_it_may_update_keeps_its_forward_but_not_one_gi
         seen = observe(model, canonical_calls(model, (), example))
     assert seen.varying["layer"] == "given a _Cache, which its forward may update in place"
     assert "layer.proj" not in seen.varying and "helper" not in seen.varying
+
+
+def test_a_mask_pattern_equal_to_the_example_is_not_run_again():
+    example = masked_token_example(2, 6)
+    example["attention_mask"] = torch.ones_like(example["attention_mask"])
+    names = [c.name for c in canonical_calls(MaskedTokenModel(), (), example)]
+    assert "all-ones mask" not in names  # (the example is that call)
+    assert {"example", "right-padded mask", "left-padded mask", "without attention_mask"} <= set(names)

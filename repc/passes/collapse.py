@@ -320,7 +320,7 @@ class GraphWriter:
             if not expr.has_pending:  # (a layout change nothing undoes is just a layout change)
                 self._reject(expr, RejectionKind.NO_CLOSED_FORM, f"no closed form: {expr.reason}")
             return False
-        bad = non_finite_weights(expr.form, self._dtype(expr.node))
+        bad = non_finite_weights(expr.form, self._dtype(expr.node), self.device)
         if bad:
             self._reject(expr, RejectionKind.NON_FINITE, f"not merged: {bad}")
             return False

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.nn.utils import skip_init
 
 from .. import algebra
-from ..ops import AffineOp, Conv, Dense, Linear
+from ..deferred import write_into
+from ..ops import AffineOp, Conv, Dense, Float64Field, Linear
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -86,12 +87,14 @@ class BuiltOp:
         return x
 
 
-def _loaded(mod: nn.Module, weight, bias) -> nn.Module:
-    """``mod`` (built without initializing its tensors: ``skip_init``) holding ``weight`` and ``bias``."""
+def _loaded(mod: nn.Module, op) -> nn.Module:
+    """``mod`` (built without initializing its tensors: ``skip_init``) holding ``op``'s weight
+    and bias; a weight held as an expression is computed into it a block at a time
+    (:func:`repc.deferred.write_into`: no float64 copy of the whole weight)."""
     with torch.no_grad():
-        mod.weight.copy_(weight)
-        if bias is not None:
-            mod.bias.copy_(bias)
+        write_into(mod.weight, Float64Field.stored(op, "weight"))
+        if op.bias is not None:
+            mod.bias.copy_(op.bias)
     return mod.requires_grad_(False)
 
 
@@ -121,11 +124,11 @@ def _build_op(op: AffineOp, dtype, device) -> BuiltOp:
         if not symmetric:
             pad = ([p for lo_hi in reversed(op.padding) for p in lo_hi],
                    "constant" if op.padding_mode == "zeros" else op.padding_mode)
-        return BuiltOp(_loaded(mod, op.weight, op.bias), pad=pad)
+        return BuiltOp(_loaded(mod, op), pad=pad)
     if isinstance(op, (Linear, Dense)):
-        mod = skip_init(nn.Linear, op.weight.shape[1], op.weight.shape[0], bias=op.bias is not None, device=device,
-                        dtype=dtype)
-        built = BuiltOp(_loaded(mod, op.weight, op.bias))
+        n_out, n_in = op.weight_shape if isinstance(op, Linear) else op.weight.shape
+        mod = skip_init(nn.Linear, n_in, n_out, bias=op.bias is not None, device=device, dtype=dtype)
+        built = BuiltOp(_loaded(mod, op))
         if isinstance(op, Dense):
             built.flatten, built.reshape = True, (-1,) + tuple(op.out_shape)
         return built

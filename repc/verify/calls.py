@@ -9,7 +9,8 @@ branch only.  :func:`canonical_calls` lists, next to the example, the calls that
 branches:
 
 * every 0/1 integer or bool input of two or more axes (a mask): all ones, right padding, left
-  padding (row ``i`` of a batch of ``B`` loses ``i * T // (2 B)`` positions or more, row 0 none);
+  padding (row ``i`` of a batch of ``B`` loses ``i * T // (2 B)`` positions or more, row 0 none),
+  each where it is not the example's own mask already;
 * every keyword input the forward has a default for (or takes through ``**kwargs``) left out,
   one at a time;
 * another batch size and sequence length at once, each input of token ids (or segment ids)
@@ -124,7 +125,9 @@ def canonical_calls(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, A
         def fill(v, pattern=pattern):
             return pytree.tree_map(lambda t: (torch.ones_like(t) if pattern == "all-ones" else
                                               _padded(t, pattern.split("-")[0])) if _is_mask(t) else t, v)
-        calls.append(Call(f"{pattern} mask", *_map_inputs(args, kwargs, fill)))
+        call = Call(f"{pattern} mask", *_map_inputs(args, kwargs, fill))
+        if not any(_same_inputs(call, c) for c in calls):  # (the example's mask may be all ones already)
+            calls.append(call)
     for name in _omittable(model, kwargs):
         if kwargs[name] is None or not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(kwargs[name])):
             continue
@@ -139,6 +142,22 @@ def canonical_calls(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, A
         if not any(v is _UNSIZED for v in pytree.tree_leaves(resized)):
             calls.append(Call(f"batch {batch + 1}, length {new_length}, random ids", *resized))
     return calls
+
+
+def _same_inputs(a: Call, b: Call) -> bool:
+    """Two calls with equal inputs (the same structure, equal tensors): one run tells both."""
+    leaves_a, spec_a = pytree.tree_flatten((a.args, a.kwargs))
+    leaves_b, spec_b = pytree.tree_flatten((b.args, b.kwargs))
+    if spec_a != spec_b:
+        return False
+    return all(_equal(x, y) for x, y in zip(leaves_a, leaves_b))
+
+
+def _equal(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype \
+            and x.shape == y.shape and torch.equal(x, y)
+    return x is y or (type(x) is type(y) and isinstance(x, (bool, int, float, str)) and x == y)
 
 
 def _describe(value: Any) -> Any:

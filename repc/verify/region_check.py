@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from .. import algebra
 from ..meanings import AffineCall, GraphFacts
-from ..passes.emit import form_function
+from ..passes.emit import build_op, form_function
 from ..passes.metadata_reads import metadata_read
 from ..patterns.regions import Expr, RegionMatcher, is_container
 from .check import deviation, non_finite, quiet_call, tolerance
@@ -168,34 +168,33 @@ class RegionChecker:
         return None
 
 
-def _fits(t: torch.Tensor, dtype) -> bool:
-    """All of ``t`` finite and within ``dtype``'s range (read off its extremes: no copy of ``t``)."""
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t`` (read off its extremes: no copy of ``t``)."""
+    if not t.numel():
+        return True
     lo, hi = torch.aminmax(t)
-    bound = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
-    return bool(torch.isfinite(lo) & torch.isfinite(hi)) and max(-float(lo), float(hi)) <= bound
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def non_finite_weights(form, dtype) -> Optional[str]:
-    """Why the form's merged tensors cannot be emitted: NaN or Inf in one of them, in float64 (from
-    non-finite weights or statistics) or once cast to ``dtype`` (a finite product too large for
-    float16); None if all are finite."""
+def non_finite_weights(form, dtype, device=torch.device("cpu")) -> Optional[str]:
+    """Why the form's merged tensors cannot be emitted: NaN or Inf in one of them as built in
+    ``dtype`` (the very tensors the graph will hold, :func:`repc.passes.emit.build_op`), from
+    non-finite weights or statistics, or from finite values too large for ``dtype`` (a product
+    beyond float16's range); None if all are finite."""
     for op in form.values():
-        for f in fields(op):
-            t = getattr(op, f.name)
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        built = build_op(op, dtype, device)
+        module = built.module
+        for name, t in (("weight", getattr(module, "weight", None)), ("bias", getattr(module, "bias", None)),
+                        ("scale", built.scale), ("shift", built.shift)):
+            if t is None or not t.is_floating_point() or _finite(t):
                 continue
-            if t.numel() and _fits(t, dtype):
-                continue
-            cast = t.to(dtype) if dtype.is_floating_point else t
-            # (NaN and Inf in float64 stay so in the cast; a finite sum has finite entries only)
-            if bool(torch.isfinite(cast.sum())) or bool(torch.isfinite(cast).all()):
-                continue
-            bad = ~torch.isfinite(cast)
-            nan = int(torch.isnan(cast).sum())
+            bad = ~torch.isfinite(t)
+            nan = int(torch.isnan(t).sum())
             what = " and ".join(w for w, n in (("NaN", nan), ("Inf", int(bad.sum()) - nan)) if n)
-            why = ("it is computed from non-finite weights or statistics" if not torch.isfinite(t).all() else
+            exact = getattr(op, name)  # (float64: where the non-finite values come from)
+            why = ("it is computed from non-finite weights or statistics" if not torch.isfinite(exact).all() else
                    f"its values are too large for {str(dtype).replace('torch.', '')}")
-            return f"the merged {type(op).__name__.lower()} {f.name} would hold {what} " \
+            return f"the merged {type(op).__name__.lower()} {name} would hold {what} " \
                    f"({int(bad.sum())} of {t.numel()} entries): {why}"
     return None
 
