@@ -23,13 +23,14 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import (PreserveError, base_of_peft, module_scopes, own_copies, preserve, region_paths, snapshot,
-                       varying_scopes)
+from .preserve import (PreserveError, base_of_peft, module_scopes, own_copies, preserve, record_calls, region_paths,
+                       snapshot, varying_scopes)
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
 from .verify.calls import canonical_calls, observe
-from .verify.check import compare, compare_calls, deviation, output_dtype, tolerance as dtype_tolerance
+from .verify.check import (compare, compare_calls, deviation, output_dtype, tolerance as dtype_tolerance,
+                           variants_with_references)
 
 
 class ReparamError(ValueError):
@@ -65,7 +66,7 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
             verify: bool = True, tolerance: Optional[float] = None, specialize: Optional[Dict[str, Any]] = None,
             allow_approximate: bool = False, approximate_tolerance: Optional[float] = None,
             front_end: str = "auto", graph: Optional[bool] = None, progress: Optional[bool] = None,
-            cost: str = "macs") -> nn.Module:
+            cost: str = "macs", in_place: bool = False) -> nn.Module:
     """Return a new module computing ``model``'s function with its affine regions merged.
 
     The result is the user's own model, copied, each fused region replaced at the module that
@@ -104,6 +105,14 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     and so are the forward arguments named in ``specialize`` (tensors too): gates computed from
     them fold away.  The result refuses other values at run time.
 
+    ``in_place=True`` consumes the model, as PEFT's ``merge_and_unload`` does: each merged weight
+    that replaces one weight of the model (a LoRA layer's base weight) is written into that
+    tensor once its region is checked, and the result shares every tensor with the model, so
+    the compile needs little memory beyond the model's.  The model given is no longer valid
+    afterwards (its layers hold merged weights); use the result.  The whole-model check then
+    compares with the outputs the model gave before (no rounding-noise floor), and a result
+    that fails it raises :class:`ReparamError` instead of being rolled back.
+
     ``allow_approximate=True`` also averages mixtures of identical nonlinear experts into one
     expert (Experts Weights Averaging).  That changes the function: the report marks it
     approximate with the deviation measured against the original, and with
@@ -115,7 +124,7 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     try:
         return _compile(model, example_inputs, dict(kwargs or {}), verify, tolerance, specialize, allow_approximate,
                         approximate_tolerance, front_end, GRAPH_BY_DEFAULT if graph is None else graph, phases,
-                        cost)
+                        cost, in_place)
     finally:
         phases.close()
         if enabled:
@@ -123,8 +132,11 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
 
 
 def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate, approximate_tolerance,
-             front_end, graph=False, phases: Optional["Phases"] = None, cost: str = "macs"):
+             front_end, graph=False, phases: Optional["Phases"] = None, cost: str = "macs", in_place: bool = False):
     phases = phases or Phases([], False)
+    if in_place and (graph or allow_approximate):
+        raise ReparamError("in_place=True writes merged weights into the model and returns the model's own class: "
+                           "not with graph=True, nor with allow_approximate")
     if cost not in COSTS:
         raise ReparamError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
     if not isinstance(model, nn.Module):
@@ -160,6 +172,10 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                  cost_model=_cost_model(cost, model), captures={},
                  varying={} if graph else observed.varying)
     varying = observed.varying
+    recorded = None
+    if in_place:  # (what placement and the checks read off the model, taken before anything is written)
+        build["write_into"] = _writable_storages(model)
+        recorded = record_calls(model, example_inputs, kwargs)
     if not verify:
         with phases.step("capture and fuse"):
             fused, report, reference = _build(**build, synthesize=True)
@@ -167,16 +183,21 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         check_inputs, as_flat = _flat_calling(example_inputs, kwargs)
         # the inputs held as given: the specialized positions, or among flat leaves the non-tensors
         held = fixed if not kwargs else {i for i, v in enumerate(check_inputs) if not isinstance(v, torch.Tensor)}
+        variants = None
+        if in_place:  # the original's outputs on the check's inputs, before the compile writes into it
+            skipped: list = []
+            variants = (variants_with_references(as_flat(model), check_inputs, held, skipped), skipped)
 
         def check(fused, reference, whole_graph: bool = False):
             # the original's output on the example is `expected`, computed above: not run again
-            result = compare(as_flat(fused), as_flat(reference), check_inputs, tolerance, held,
-                             expected=expected if reference is model else None)
+            result = compare(as_flat(fused), None if in_place else as_flat(reference), check_inputs, tolerance, held,
+                             expected=expected if reference is model else None, variants=variants)
             if reference is not model:
                 return result  # (expert averaging: the reference is the averaged graph)
             # then the calls users make, whose references were computed above (a whole-model graph
             # asked for takes every input of the example: calls that leave one out are skipped)
-            return compare_calls(fused, model, observed.calls, result, tolerance, structure_kept=whole_graph)
+            return compare_calls(fused, None if in_place else model, observed.calls, result, tolerance,
+                                 structure_kept=whole_graph)
 
         def verified_output(fused, report, reference, build):
             """The output to return, verified, with its report: the module-preserving copy where it
@@ -185,10 +206,12 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             if not graph and isinstance(fused, fx.GraphModule):
                 with phases.step("write back into the model's modules"):
                     written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled,
-                                          varying=varying)
+                                          varying=varying, recorded=recorded)
                 with phases.step("capture and fuse"):  # (the write-back of the rebuild counts here)
-                    confined = _confined_copy(written, lambda scopes: _build(**build, confine=scopes), model,
-                                              example_inputs, kwargs, phases.enabled, varying)
+                    # (not once the model was written into: a rebuild would read merged weights)
+                    confined = None if in_place else \
+                        _confined_copy(written, lambda scopes: _build(**build, confine=scopes), model,
+                                       example_inputs, kwargs, phases.enabled, varying)
                 if confined is not None:
                     copy_, swaps, confined_report, confined_reference = confined
                     with phases.step("verify"):
@@ -211,7 +234,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                 fused, report, reference = _build(**build, synthesize=True)
             fused, report, result = verified_output(fused, report, reference, dict(build, synthesize=True))
             dense = [r.root for r in report.rewrites if r.shape_specialized]
-            if not result.ok and dense:
+            if not result.ok and dense and not report.written_in_place:
                 # a map read off by probing fits the example's size; the model accepts others
                 fused, report, reference = _build(**build, synthesize=False)
                 fused, report, result = verified_output(fused, report, reference, dict(build, synthesize=False))
@@ -223,7 +246,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
 
         fused, report, reference, result = verified_build(build)
         if not result.ok and report.front_end == "torch.export" and GUARD_WORDS in (result.error or "") \
-                and front_end == "auto":
+                and front_end == "auto" and not report.written_in_place:
             # export's graph holds for fewer inputs than the model accepts (a branch on a size, a
             # size-1 axis): the fx front end captures what holds for all of them
             refused = f"on the {result.failing_input} input, which the model accepts, {result.error}"
@@ -231,6 +254,12 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
             report.front_ends_declined["torch.export"] = refused
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
                                            result.skipped, result.failing_input, result.error, result.within_noise)
+        if not result.ok and report.written_in_place:
+            raise ReparamError(
+                f"in_place=True: the result failed verification on the {result.failing_input} input "
+                f"({(result.error or '').splitlines()[0][:200] or f'deviation {result.max_deviation:.3g}'}) after "
+                f"{len(report.written_in_place)} merged weight(s) were written into the model, which is no longer "
+                "valid: reload it and compile without in_place")
         if not result.ok:
             # a miscompile that slipped past the per-region checks: never return it
             fused = copy.deepcopy(model)
@@ -244,13 +273,14 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         with phases.step("write back into the model's modules"):
             fused, report = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs,
                                                expected, tolerance, phases.enabled,
-                                               rebuild=lambda scopes: _build(**build, synthesize=True, confine=scopes),
-                                               varying=varying)
+                                               rebuild=None if in_place else
+                                               lambda scopes: _build(**build, synthesize=True, confine=scopes),
+                                               varying=varying, recorded=recorded)
     elif isinstance(fused, fx.GraphModule):
         _write_back(fused, model, report, reference, example_inputs, kwargs, False, modules_only=True)
     else:
         report.output = "module-preserving"  # (the verified copy, fx in parts, or rolled back: the model's class)
-    if isinstance(fused, fx.GraphModule):
+    if isinstance(fused, fx.GraphModule) and not in_place:
         own_copies(fused, model)  # the graph is the output: it shares nothing with the model
     # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
     original_buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
@@ -290,13 +320,15 @@ def _say_if_unchanged(report: Report) -> None:
 
 
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,
-                progress: bool = False, modules_only: bool = False, varying: Optional[Dict[str, str]] = None):
+                progress: bool = False, modules_only: bool = False, varying: Optional[Dict[str, str]] = None,
+                recorded=None):
     """The module-preserving copy of the model with ``fused``'s regions swapped in, not yet
     verified, its swaps, and the module scopes of the regions no swap applied (for a build
     confined to them: :func:`module_scopes`; empty where all applied); None (and the reason in
     ``report.output_note``) where it does not apply.  Names each rewrite's module in the report
     either way (``modules_only``: only that).  ``varying``: the modules whose forward stays the
-    model's code (:func:`repc.verify.calls.observe`), which are not replaced."""
+    model's code (:func:`repc.verify.calls.observe`), which are not replaced.  ``recorded``: the
+    model's module calls recorded before the compile wrote into it (``in_place``)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
     if source is not None:  # each rewrite's module, for the report (whichever output is returned)
@@ -314,7 +346,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         return None
     try:
         preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites,
-                                    progress=progress, varying=varying, **source)
+                                    progress=progress, varying=varying, recorded=recorded, **source)
     except PreserveError as why:
         report.output_note = str(why)
         # no copy; a build confined to modules may still give one
@@ -383,7 +415,7 @@ def _copy_failed(result) -> str:
 
 
 def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
-                       expected, tolerance, progress: bool = False, rebuild=None, varying=None):
+                       expected, tolerance, progress: bool = False, rebuild=None, varying=None, recorded=None):
     """With ``verify=False``: (the output, its report): the module-preserving copy where it
     applies and computes the graph's output on the example (built again by ``rebuild(scopes)``
     with regions kept inside modules where some spanned modules no swap expresses), else
@@ -394,7 +426,8 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
             dev = deviation(candidate(*args, **kwargs), expected)
         return dev if dev > (tolerance or dtype_tolerance(output_dtype(expected))) else None
 
-    written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph, varying=varying)
+    written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph, varying=varying,
+                          recorded=recorded)
     if written is None:
         return fused, report
     confined = _confined_copy(written, rebuild, model, args, kwargs, progress, varying) if rebuild is not None \
@@ -436,19 +469,22 @@ def _check_tolerance(tolerance, model: nn.Module, expected) -> None:
 
 def _build(model, example_inputs, kwargs, positional, constants, fixed, expected, allow_approximate,
            approximate_tolerance, synthesize: bool, front_end: str, specialize, cost_model=None, confine=None,
-           captures: Optional[dict] = None, varying: Optional[Dict[str, str]] = None):
+           captures: Optional[dict] = None, varying: Optional[Dict[str, str]] = None, write_into=None):
     """Capture and fuse ``model``: (the fused module, its report, the reference it must equal).
 
     ``positional`` is the example as positional inputs only (None where keyword inputs cannot
     be passed by position), what the fx front end needs.  ``confine``: see :func:`collapse`;
     ``varying``: the modules whose forward stays the model's code, which no region spans
     (:func:`repc.preserve.varying_scopes`).
-    ``captures`` keeps the model's export between builds of one compile (each fuses a fresh copy)."""
+    ``captures`` keeps the model's export between builds of one compile (each fuses a fresh copy).
+    ``write_into``: the storages of the model's tensors merged weights may be written into
+    (``in_place``; see :func:`collapse`)."""
     report = Report()
     report.params_before = sum(p.numel() for p in model.parameters())
     traced = dict(model=model, example_inputs=positional, constants=constants, fixed=fixed, expected=expected,
                   allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance,
-                  synthesize=synthesize, report=report, cost_model=cost_model, confine=confine, varying=varying)
+                  synthesize=synthesize, report=report, cost_model=cost_model, confine=confine, varying=varying,
+                  write_into=write_into)
     with torch.no_grad():
         if front_end != "export" and positional is not None:
             # fx first where it captures the whole model: its graph keeps the model's modules
@@ -462,7 +498,7 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
             defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
                         _positional_names(model)[len(example_inputs):]}
             fused = _fuse_exported(model, example_inputs, kwargs, defaults, constants, expected, report, synthesize,
-                                   cost_model, confine, captures, varying)
+                                   cost_model, confine, captures, varying, write_into)
             if fused is not None:
                 if fx_failed is not None:
                     report.front_ends_declined["fx"] = fx_failed.reason
@@ -481,6 +517,18 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
 _NOT_POSITIONAL = "keyword inputs that forward does not take by position"
 
 
+def _writable_storages(model: nn.Module) -> set:
+    """The storages of the model's parameters that no other parameter or buffer shares (a tied
+    embedding is read elsewhere): where ``in_place`` may write a merged weight."""
+    count: Dict[int, int] = {}
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)] + \
+        [t for _, t in model.named_buffers(remove_duplicate=False)]
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        count[ptr] = count.get(ptr, 0) + 1
+    return {t.untyped_storage().data_ptr() for t in model.parameters() if count[t.untyped_storage().data_ptr()] == 1}
+
+
 def _export_applies(front_end: str, allow_approximate: bool, specialize, args, kwargs) -> bool:
     """Whether ``torch.export`` is tried: not for EWA (its matcher reads fx module calls) nor
     with ``specialize`` (the fx front end binds tensors to constants and guards them); export
@@ -490,7 +538,7 @@ def _export_applies(front_end: str, allow_approximate: bool, specialize, args, k
 
 def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: Report,
                    synthesize: bool, cost_model=None, confine=None, captures: Optional[dict] = None,
-                   varying=None) -> Optional[nn.Module]:
+                   varying=None, write_into=None) -> Optional[nn.Module]:
     """``model`` captured by ``torch.export`` (or a fresh copy of its capture in ``captures``)
     and fused, with the model's calling convention; None (and the reason in the report) where
     export does not capture it."""
@@ -509,7 +557,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     prefix = captured.prefix
     try:
         fused = _fuse_traced(captured.gm, captured.flat_inputs, report, tuple(tree_leaves(without_opaque(expected))),
-                             synthesize, cost_model, confine, varying, prefix)
+                             synthesize, cost_model, confine, varying, prefix, write_into)
     except CaptureMismatch as why:
         report.front_ends_declined["torch.export"] = str(why)
         report.front_end, report.nodes_before = "", 0
@@ -521,7 +569,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
 
 def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
                   synthesize: bool, report: Report, parts: bool = True, whole: bool = True, cost_model=None,
-                  confine=None, varying=None):
+                  confine=None, varying=None, write_into=None):
     """The fx front end: ``model`` traced as a whole (``whole``; its failure is the last
     ``<model>`` entry of ``report.skipped``), or in parts where it does not trace (``parts``;
     None without)."""
@@ -539,7 +587,7 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
     if gm is not None:
         try:
             fused = _fuse_traced(gm, example_inputs, report, None if reference is not model else expected,
-                                 synthesize, cost_model, confine, varying)
+                                 synthesize, cost_model, confine, varying, write_into=write_into)
         except CaptureMismatch as why:
             report.skipped.append(SkippedPart("<model>", str(why)))
             report.nodes_before = 0
@@ -729,13 +777,14 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
 
 
 def _fuse_traced(gm: fx.GraphModule, example_inputs, report: Report, expected=None, synthesize=True,
-                 cost_model=None, confine=None, varying=None, prefix: str = "") -> nn.Module:
+                 cost_model=None, confine=None, varying=None, prefix: str = "", write_into=None) -> nn.Module:
     captured = snapshot(gm)
     # no region spans a module whose forward stays the model's code (called otherwise on the calls
     # users make, or given a cache), nor one that encloses it
     scopes = (lambda prepared: varying_scopes(prepared, captured, varying, prefix)) if varying else None
     result = collapse(gm, example_inputs, expected_output=expected, synthesize=synthesize, cost_model=cost_model,
-                      confine=confine, scopes=scopes)
+                      confine=confine, scopes=scopes, write_into=write_into)
+    report.written_in_place.extend(result.written_in_place)
     # the collapse's web of graphs, recorded values and float64 weights is garbage now, but in
     # cycles (the collector is off during a compile): freed here, so that what comes next reuses
     # that memory rather than touching fresh pages (which cost ~10 us each on a VM)

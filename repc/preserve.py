@@ -42,6 +42,7 @@ import itertools
 import inspect
 import operator
 import re
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -382,11 +383,25 @@ def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
     calls: Dict[str, _Call] = {}
     given: Dict[str, Tuple[Any, Any]] = {}
     hooks = []
+    copies: Dict[int, Tuple[Any, int, torch.Tensor]] = {}  # id -> (weak reference, version, its copy)
+
+    def copy_of(v: torch.Tensor) -> torch.Tensor:
+        # one copy per tensor and version: a module's output is the next one's input, and a LoRA
+        # layer's input that of its base layer, dropout and adapter
+        hit = copies.get(id(v))
+        if hit is not None and hit[0]() is v and hit[1] == v._version:
+            return hit[2]
+        out = v.clone()
+        try:
+            copies[id(v)] = (weakref.ref(v), v._version, out)
+        except (TypeError, RuntimeError):  # (no weak reference or version: not shared)
+            pass
+        return out
 
     def kept(value):
         # copies: a later in-place op (timm's ReLU(inplace=True) after a BN) would change what
         # was recorded, and the module's own in-place write its argument
-        return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+        return pytree.tree_map(lambda v: copy_of(v) if isinstance(v, torch.Tensor) else v, value)
 
     for name, module in model.named_modules():
         def before(m, a, k, name=name):
@@ -559,7 +574,7 @@ class Preserver:
 
     def __init__(self, model: nn.Module, fused: fx.GraphModule, source: fx.GraphModule, captured, flat_inputs,
                  args, kwargs, rewrites, prefix: str = "", progress: bool = False,
-                 varying: Optional[Dict[str, str]] = None):
+                 varying: Optional[Dict[str, str]] = None, recorded: Optional[Dict[str, "_Call"]] = None):
         self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
         self.varying = dict(varying or {})
         # a model saved by parameter names (transformers' save_pretrained, reloaded by its class):
@@ -569,7 +584,7 @@ class Preserver:
         # the copy's parameters are the model's own until the swaps are done (:func:`preserve`
         # copies those still shared then: most are replaced by fused ones, which need no copy)
         self.copy = copy.deepcopy(model, {id(p): p for p in model.parameters()})
-        self.calls = record_calls(self.copy, args, kwargs)
+        self.calls = recorded if recorded is not None else record_calls(self.copy, args, kwargs)
         self.values = graph_values(fused, flat_inputs)
         self.tags, self.owners = tag_nodes(fused, source, rewrites, prefix, captured)
         self.known = source_paths(source, prefix, captured)
@@ -1064,8 +1079,10 @@ def _with_identity_affine(module: nn.Module, call: "_Call", want) -> Optional[nn
         candidate.weight.fill_(1.0)
         if getattr(candidate, "bias", None) is not None:
             candidate.bias.zero_()
+        args, kwargs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
+                                       (call.args, call.kwargs))  # (records share their copies: not written)
         try:
-            got = candidate(*call.args, **call.kwargs)
+            got = candidate(*args, **kwargs)
         except Exception:
             return None
     return candidate if _close(got, want) else None
@@ -1141,15 +1158,20 @@ def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
 
 
 def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
-             progress: bool = False, varying: Optional[Dict[str, str]] = None):
+             progress: bool = False, varying: Optional[Dict[str, str]] = None,
+             recorded: Optional[Dict[str, "_Call"]] = None):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
     before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take.  ``varying``: the
     modules whose forward stays the model's code (path -> why: called otherwise on the calls
-    users make, or given a cache), which are not replaced."""
+    users make, or given a cache), which are not replaced.  ``recorded``: the model's module
+    calls on the example (:func:`record_calls`), recorded before the compile wrote merged
+    weights into the model's own tensors; the copy then shares every tensor with the model,
+    which the compile consumed."""
     preserved, swaps = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix,
-                                 progress, varying).run()
-    own_copies(preserved, model)  # (the parameters of the modules kept as written)
+                                 progress, varying, recorded).run()
+    if recorded is None:
+        own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps
 
 

@@ -117,6 +117,8 @@ class Report:
     # "unchanged" (a copy of the model: nothing could be merged, output_note says why)
     output_note: str = ""  # why the graph was returned where the module-preserving output was asked for
     swaps: List[ModuleSwap] = field(default_factory=list)  # the modules replaced in the module-preserving output
+    written_in_place: List[str] = field(default_factory=list)  # (in_place=True) merged weights written into the
+    # model's own tensors: the rewrites whose merged weight is one
 
     @property
     def macs_saved(self) -> int:

@@ -345,3 +345,32 @@ def test_a_model_that_cannot_be_captured_comes_back_unchanged_with_a_warning():
     assert "returned: the model unchanged" in str(report)
     with torch.no_grad():
         assert torch.equal(fused(x=x), model(x=x)) and torch.equal(fused(x=-x), model(x=-x))
+
+
+class _TiedScaled(nn.Module):
+    """Two linears sharing one weight, the first scaled after: its merged weight is not that weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False)
+        self.second.weight = self.first.weight
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 6))
+
+    def forward(self, x):
+        return torch.relu(self.first(x) * self.scale) + self.second(x)
+
+
+def test_in_place_writes_only_into_a_weight_nothing_else_reads_and_refuses_the_graph_output():
+    model = _TiedScaled().eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        want, other = model(x), model(torch.ones(5, 6))
+    weight = model.first.weight.detach().clone()
+    fused = repc.compile(model, x, in_place=True)
+    report = fused.repc_report
+    assert report.rewrites and not report.written_in_place  # the shared weight stays as it was
+    assert torch.equal(model.first.weight, weight)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), want, atol=1e-5) and torch.allclose(fused(torch.ones(5, 6)), other, atol=1e-5)
+    with pytest.raises(repc.ReparamError, match="in_place"):
+        repc.compile(_TiedScaled().eval(), x, in_place=True, graph=True)

@@ -302,3 +302,36 @@ def test_a_lora_on_berts_dense_layers_saves_a_checkpoint_that_reloads_to_the_fus
         with torch.no_grad():
             got, want = reloaded.eval()(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state
         assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+def test_a_lora_llama_merged_in_place_writes_into_its_base_weights_as_merge_and_unload_does(tmp_path):
+    # in_place=True consumes the model: each merged weight goes into the base layer's own tensor
+    # (no new weight), the result shares every tensor with it, and is verified against the outputs
+    # the model gave before
+    model = _llama(use_cache=True)
+    example = _padded_tokens(2, 12, pad_from=6)
+    calls = [example, _padded_tokens(3, 11), {"input_ids": example["input_ids"]}]
+    with torch.no_grad():
+        wants = [model(**kwargs).logits for kwargs in calls]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = copy.deepcopy(model).merge_and_unload().eval()
+    bases = {name: m.base_layer.weight for name, m in model.named_modules() if hasattr(m, "base_layer")}
+    before = {name: w.clone() for name, w in bases.items()}
+    fused = repc.compile(model, (), example, in_place=True)
+    report = fused.repc_report
+    assert type(fused) is transformers.LlamaForCausalLM and report.output == "module-preserving"
+    assert len(report.written_in_place) == len(bases) == 14
+    for name, weight in bases.items():
+        assert not torch.equal(weight, before[name])  # written into (the model is consumed)
+    ours = {p.untyped_storage().data_ptr() for p in fused.parameters()}
+    theirs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert ours <= theirs  # no tensor of its own: every one is the model's
+    for kwargs, want in zip(calls, wants):
+        with torch.no_grad():
+            got = fused(**kwargs).logits
+        assert (got - want).abs().max() / want.abs().max() < 1e-5
+    fused.save_pretrained(tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**example).logits, merged(**example).logits, atol=1e-5)

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..graph_predicates import target_name, writes_in_place
 from ..meanings import AffineCall, Combine, GraphFacts
-from ..ops import Elementwise, NotMergeable, params
+from ..ops import Conv, Elementwise, Float64Field, Linear, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
 from ..reasons import OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
@@ -35,7 +36,7 @@ from ..verify.check import deviation, output_dtype, tolerance
 from ..verify.region_check import RegionChecker, RegionRunner, non_finite_weights
 from .cost import MacCost, decide, parts_cost
 from .dense_probe import DenseProbe
-from .emit import AttributeNamer, emit_form
+from .emit import AttributeNamer, build_op, emit_form
 from .inplace import VIEW_MUTATED
 from .manager import PassContext
 from .norm_affine import NORM_CORE
@@ -47,6 +48,7 @@ class CollapseResult:
     module: fx.GraphModule
     rewrites: List[Rewrite] = field(default_factory=list)
     rejections: List[Rejection] = field(default_factory=list)
+    written_in_place: List[str] = field(default_factory=list)  # rewrites whose merged weight went into the model
 
 
 class CaptureMismatch(Exception):
@@ -56,7 +58,7 @@ class CaptureMismatch(Exception):
 def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool = True,
              prefix: str = "", expected_output: Any = None, synthesize: bool = True,
              cost_model=None, confine: Optional[Dict[str, Optional[str]]] = None,
-             scopes=None) -> CollapseResult:
+             scopes=None, write_into: Optional[Set[int]] = None) -> CollapseResult:
     """Fuse ``gm`` (repc's own copy; its graph may be edited) and return a new GraphModule.
 
     With ``expected_output`` (the model's own output on the example), a traced graph that
@@ -70,13 +72,17 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     could not be swapped in (:func:`repc.preserve.module_scopes`).  ``scopes``: a function of the
     prepared graph giving more such names and scopes (:func:`repc.preserve.varying_scopes`),
     where the nodes the preparation made are known, across which the matcher builds no region;
-    ``confine`` takes precedence over them.
+    ``confine`` takes precedence over them.  ``write_into``: the storages (``data_ptr``) of the
+    model's tensors that a merged weight may be written into, in place, once its region is
+    checked: the one weight of the region with the merged weight's shape and dtype, read nowhere
+    else (a LoRA layer's base weight); see :meth:`GraphWriter._write_into_model`.
     """
-    return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine, scopes)
+    return _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine, scopes,
+                     write_into)
 
 
 def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, cost_model, confine,
-              scopes=None) -> CollapseResult:
+              scopes=None, write_into=None) -> CollapseResult:
     context = PassContext(gm, example_inputs)
     if expected_output is not None:
         traced = next(context.values[n] for n in gm.graph.nodes if n.op == "output")
@@ -95,7 +101,7 @@ def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, co
     matcher = RegionMatcher(gm, facts, kept)
     matcher.run()
     device = _device(gm, example_inputs)
-    return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize, cost_model, confine).run()
+    return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize, cost_model, confine, write_into).run()
 
 
 def _device(gm, example_inputs):
@@ -111,8 +117,11 @@ class GraphWriter:
     """Writes the collapsed graph: each region materialized as its merged form or as written."""
 
     def __init__(self, gm, facts: GraphFacts, matcher: RegionMatcher, device, check: bool, prefix: str,
-                 synthesize: bool = True, cost_model=None, confine: Optional[Dict[str, Optional[str]]] = None):
+                 synthesize: bool = True, cost_model=None, confine: Optional[Dict[str, Optional[str]]] = None,
+                 write_into: Optional[Set[int]] = None):
         self.gm, self.facts, self.matcher = gm, facts, matcher
+        self.write_into = _readers_by_storage(gm, facts, write_into) if write_into else None
+        self.written: Set[int] = set()  # storages written into
         self.confine = confine or {}
         self._spanning: set = set()  # values refused for spanning the modules they are confined to
         self.exprs, self.absorbed = matcher.exprs, matcher.absorbed
@@ -342,7 +351,49 @@ class GraphWriter:
                 return False
             dev = verdict.deviation
         self._record_rewrite(expr, computed, self.matcher.form_cost(expr.form, expr.node), dev)
+        if self.write_into is not None:
+            self._write_into_model(expr)
         return True
+
+    def _write_into_model(self, expr: Expr) -> None:
+        """Each merged conv or linear weight of ``expr``'s form written into the model's own
+        tensor it replaces, and the emitted module made to hold that tensor (no new weight):
+        the one weight of the region with its shape, dtype and device that is a whole tensor of
+        the model (``write_into``), read by the region's nodes only and not written before.
+        The region was checked with the merged weight as built; what the model held there is
+        read by nothing else, so nothing reads it after this."""
+        for op in expr.form.values():
+            if not isinstance(op, (Conv, Linear)):
+                continue
+            module = build_op(op, self._dtype(expr.node), self.device).module
+            merged = getattr(module, "weight", None)
+            target = self._target(expr, merged)
+            if target is None:
+                continue
+            with torch.no_grad():
+                target.copy_(merged)
+            module.weight = nn.Parameter(target, requires_grad=False)
+            self.written.add(target.untyped_storage().data_ptr())
+            self.result.written_in_place.append(self.prefix + expr.node.name)
+
+    def _target(self, expr: Expr, merged: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if merged is None:
+            return None
+        for n in self.matcher.in_order(expr.region):
+            meaning = self.exprs[n].meaning
+            if not isinstance(meaning, AffineCall) or not isinstance(meaning.op, (Conv, Linear)):
+                continue
+            held = Float64Field.stored(meaning.op, "weight")
+            if not isinstance(held, torch.Tensor) or held.shape != merged.shape or held.dtype != merged.dtype \
+                    or held.device != merged.device or held.storage_offset() or not held.is_contiguous() \
+                    or held.numel() * held.element_size() != held.untyped_storage().nbytes():
+                continue
+            ptr = held.untyped_storage().data_ptr()
+            readers = self.write_into.get(ptr)
+            if readers is None or ptr in self.written or not readers <= expr.region:
+                continue
+            return held
+        return None
 
     def _record_rewrite(self, expr: Expr, computed: bool, new_cost: int, dev: float) -> None:
         """The rewrite for the report: ``new_cost`` the merged form's multiply-adds."""
@@ -391,6 +442,26 @@ class GraphWriter:
 
     def _reject(self, expr: Expr, kind: RejectionKind, reason: str) -> None:
         self.result.rejections.append(Rejection(self.prefix + expr.node.name, reason, kind))
+
+
+def _readers_by_storage(gm: fx.GraphModule, facts: GraphFacts, storages: Set[int]) -> Dict[int, Set[fx.Node]]:
+    """For each of ``storages`` that ``gm`` holds, the nodes that read it: a module call whose
+    module holds it, or the readers of an attribute that is it (or a view of it)."""
+    readers: Dict[int, Set[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            tensors = list(facts.modules[node.target].parameters()) + list(facts.modules[node.target].buffers())
+            reading = {node}
+        elif node.op == "get_attr":
+            value = facts.values.get(node)
+            tensors, reading = ([value] if isinstance(value, torch.Tensor) else []), set(node.users)
+        else:
+            continue
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in storages:
+                readers.setdefault(ptr, set()).update(reading)
+    return readers
 
 
 EMITTED_FOR = "repc_rewrite"  # node.meta key of an emitted node: the root of the rewrite it belongs to

@@ -403,12 +403,33 @@ def quiet_call(fn: Callable, inputs: Tuple[Any, ...]):
         return fn(*inputs)
 
 
-def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...],
-            tol: Optional[float] = None, fixed=(), noise_floor: bool = True, expected: Any = None) -> CheckResult:
+def variants_with_references(original: Callable, example_inputs: Tuple[Any, ...], fixed=(),
+                             skipped: Optional[List[str]] = None) -> List[Variant]:
+    """The :func:`input_variants` beyond the example, each with ``original``'s output on it; those
+    the original refuses are left out (named in ``skipped``)."""
+    skipped = [] if skipped is None else skipped
+    out = []
+    with torch.no_grad():
+        for variant in input_variants(example_inputs, fixed=fixed, original=original, skipped=skipped)[1:]:
+            if variant.reference is None:
+                try:
+                    variant.reference = quiet_call(original, variant.inputs)
+                except Exception:
+                    skipped.append(variant.name)  # the model itself does not accept these inputs
+                    continue
+            out.append(variant)
+    return out
+
+
+def compare(fused: Callable, original: Optional[Callable], example_inputs: Tuple[Any, ...],
+            tol: Optional[float] = None, fixed=(), noise_floor: bool = True, expected: Any = None,
+            variants: Optional[Tuple[List[Variant], List[str]]] = None) -> CheckResult:
     """Run both on every input variant (:func:`input_variants`); the worst deviation decides.
 
     ``expected``: the original's output on the example, when the caller already has it (it is
-    not computed again).  The original giving NaN or Inf on the example fails the check with
+    not computed again).  ``variants``: the variants with their references and the ones skipped
+    (:func:`variants_with_references`), computed before the original changed (a compile that
+    writes into the model); ``original`` is then None and not run.  The original giving NaN or Inf on the example fails the check with
     ``error`` saying so: nothing is compared around them.  On the other inputs the fused model
     must give the same NaN or Inf where the original does (:func:`deviation`).  Cost: one pass
     of the fused model on the example, one of each model on random values of the example's
@@ -464,26 +485,23 @@ def compare(fused: Callable, original: Callable, example_inputs: Tuple[Any, ...]
         failed = check("example", tuple(example_inputs), expected)
         if failed is not None:
             return failed
-        for variant in input_variants(example_inputs, fixed=fixed, original=original, skipped=skipped)[1:]:
-            ref = variant.reference
-            if ref is None:
-                try:
-                    ref = quiet_call(original, variant.inputs)
-                except Exception:
-                    skipped.append(variant.name)  # the model itself does not accept these inputs
-                    continue
-            failed = check(variant.name, variant.inputs, ref)
+        if variants is None:
+            variants = (variants_with_references(original, example_inputs, fixed, skipped), [])
+        skipped.extend(variants[1])
+        for variant in variants[0]:
+            failed = check(variant.name, variant.inputs, variant.reference)
             if failed is not None:
                 return failed
     return CheckResult(True, state["worst"], state["tol"] if state["tol"] is not None else 1e-4, checked, skipped,
                        within_noise=within_noise)
 
 
-def compare_calls(fused: Callable, original: torch.nn.Module, calls, result: CheckResult,
+def compare_calls(fused: Callable, original: Optional[torch.nn.Module], calls, result: CheckResult,
                   tol: Optional[float] = None, structure_kept: bool = False) -> CheckResult:
     """``result`` (a passed :func:`compare`) extended by the calls users make
     (:func:`repc.verify.calls.canonical_calls`, the original's outputs already computed): each
-    run on ``fused`` and compared like the check's inputs, rounding-noise floor included.
+    run on ``fused`` and compared like the check's inputs, rounding-noise floor included (where
+    ``original`` is given: it is not run otherwise).
     ``structure_kept``: ``fused`` takes exactly the example's inputs (a whole-model graph), so
     calls that leave an input out are skipped, saying so."""
     if not result.ok:
@@ -504,7 +522,7 @@ def compare_calls(fused: Callable, original: torch.nn.Module, calls, result: Che
                                    f"{type(why).__name__}: {why}", within_noise)
             dev = deviation(got, call.reference)
             accepted = dev <= this_tol
-            if not accepted and tol is None and dev != float("inf"):
+            if not accepted and tol is None and dev != float("inf") and isinstance(original, torch.nn.Module):
                 copies = copies or perturbed_copies(original)
                 noise = max(deviation(c(*call.args, **call.kwargs), call.reference) for c in copies)
                 accepted = dev <= NOISE_FACTOR * noise
