@@ -362,6 +362,8 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         for s in swaps:
             s.path = s.path[len(at) + 1:] if s.path.startswith(at + ".") else s.path
             s.note = s.note.replace(at + ".", "")
+        for r in report.rewrites:
+            r.module = r.module[len(at) + 1:] if r.module and r.module.startswith(at + ".") else r.module
     left_out = {root for s in swaps if s.becomes == "not applied" for root in s.rewrites}
     scopes = module_scopes(source["source"], report.rewrites, left_out, source["prefix"], source["captured"], fused) \
         if left_out else {}

@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  repc fuse --example -o fused.pt\n"
                "  repc fuse model.pt --trust-pickle --example-input 1x3x224x224 -o fused.pt --report report.json\n"
                "  repc fuse weights.safetensors --model mypkg.nets:build --model-kwargs '{\"c\": 16}' "
-               "--example-input 1x3x224x224 -o fused.pt\n\n" + EXIT_CODES_HELP)
+               "--example-input 1x3x224x224 -o fused.pt\n"
+               "  repc fuse llama-dir --adapter lora-dir -o merged-dir   # transformers + PEFT directories; "
+               "keyword inputs as input_ids=1x32:int64\n\n" + EXIT_CODES_HELP)
     fuse.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the fused model")
     fuse.add_argument("--format", choices=FORMATS, default=None,
                       help="graphmodule (default, unless OUT ends in .safetensors): torch.save of the whole-model "
@@ -218,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "state-dict (default for .safetensors): that model's state dict, as safetensors for "
                            "OUT.safetensors, else torch.save; export: torch.export.save of an ExportedProgram")
     fuse.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
+    hub = fuse.add_argument_group("a transformers model directory as IN (config.json and its weights)")
+    hub.add_argument("--adapter", metavar="ADAPTER_DIR",
+                     help="a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) to merge into IN")
+    hub.add_argument("--max-shard-size", metavar="SIZE",
+                     help="largest weight file written into OUT_DIR, like 500MB (default: IN's largest)")
+    hub.add_argument("--trust-remote-code", action="store_true",
+                     help="run the model code IN's config.json asks for (only for directories from a trusted source)")
     fuse.add_argument("--force", "-f", action="store_true", help="overwrite an existing OUT / REPORT.json")
 
     inspect = sub.add_parser(
@@ -444,6 +453,10 @@ def load_model(args) -> Tuple[Any, str]:
         return example_net().to(args.device), "the built-in example network (repc.examples.example_net)"
     if not args.input:
         raise CliError("no model given: pass IN (a checkpoint file) or --example")
+    from .pretrained import is_model_dir
+    if is_model_dir(args.input):
+        raise CliError(f"{args.input} is a transformers model directory: `repc fuse {args.input} [--adapter DIR] "
+                       "-o OUT_DIR` merges it (`repc inspect` takes a checkpoint file)")
     if args.model_kwargs is not None and not args.model:
         raise CliError("--model-kwargs needs --model")
     kwargs = _parse_kwargs(args.model_kwargs)
@@ -854,9 +867,62 @@ def _verification_failed(report) -> Optional[str]:
     return None
 
 
+def cmd_fuse_directory(args, progress: Progress) -> int:
+    """``repc fuse BASE_DIR [--adapter ADAPTER_DIR] -o OUT_DIR`` (:mod:`repc.pretrained`)."""
+    import repc
+    from . import pretrained
+
+    try:
+        pretrained.check_out_dir(args.output, args.input, args.adapter, args.force)
+        shard = pretrained.parse_size(args.max_shard_size) if args.max_shard_size else \
+            pretrained.largest_shard_bytes(args.input)
+        with progress.step(f"loading {args.input}" + (f" and {args.adapter}" if args.adapter else "")):
+            model, config, origin = pretrained.load(args.input, args.adapter, args.trust_remote_code, args.device)
+        kwargs = pretrained.example_inputs(config, args.example_input, args.seed, args.device)
+    except pretrained.PretrainedError as why:
+        raise CliError(str(why)) from why
+    except (OSError, ValueError) as why:
+        raise CliError(f"cannot load {args.input}: {_short(why)}") from why
+    shown = ", ".join(f"{k} {'x'.join(map(str, v.shape))} {str(v.dtype).replace('torch.', '')}" for k, v in kwargs.items())
+    progress.note(f"model: {origin}; example input {shown}")
+    with progress.step("merging in place (capture, merge affine regions, verify)", bars=True):
+        try:
+            fused = repc.compile(model, (), kwargs, tolerance=args.tolerance, progress=not progress.quiet,
+                                 cost=args.cost, in_place=True)
+        except repc.ReparamError as why:
+            raise CliError(str(why).splitlines()[0], EXIT_VERIFICATION) from why
+    report = fused.repc_report
+    gains = measure(None, fused, tuple(kwargs.values()), benchmark=False)
+    print(render(report, gains, detailed=False))
+    failure = _verification_failed(report)
+    if failure is None and (report.output != "module-preserving" or not hasattr(fused, "save_pretrained")):
+        failure = f"the result is not the architecture's own class ({report.output}: {report.output_note}), " \
+                  "so no checkpoint of it would reload as that architecture"
+    if failure is not None:
+        raise CliError(failure + "; nothing written", EXIT_VERIFICATION)
+    doc = report_document("fuse", args, report, gains, tuple(kwargs.values()), output=args.output, written=True)
+    doc["adapter"] = args.adapter
+    doc["merged_layers"] = [sw.path for sw in report.swaps if sw.becomes not in ("unchanged", "not applied")]
+    with progress.step(f"writing {args.output}"):
+        try:
+            files, size = pretrained.save(fused, args.input, args.output, shard, doc)
+        except OSError as why:
+            raise CliError(f"cannot write {args.output}: {_short(why)}", EXIT_INTERNAL) from why
+    print(f"\nwrote {args.output} ({files} weight file(s), {size:,} bytes, and {pretrained.REPORT_NAME}); load it "
+          f"with transformers.{type(fused).__name__}.from_pretrained(path)")
+    return EXIT_OK
+
+
 def cmd_fuse(args, progress: Progress) -> int:
     import torch.fx as fx
+    from .pretrained import is_model_dir
 
+    if args.input and is_model_dir(args.input):
+        return cmd_fuse_directory(args, progress)
+    for flag, value in (("--adapter", args.adapter), ("--max-shard-size", args.max_shard_size),
+                        ("--trust-remote-code", args.trust_remote_code)):
+        if value:
+            raise CliError(f"{flag} applies to a transformers model directory as IN (one with a config.json)")
     inputs_given = [args.input] if args.input else []
     check_output_path(args.output, what="OUT", force=args.force, inputs=inputs_given)
     if args.report:

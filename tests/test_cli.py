@@ -694,3 +694,68 @@ def test_a_state_dict_that_fits_the_architecture_is_said_to(capsys, tmp_path, wo
     assert code == 0, err
     doc = json.loads(report.read_text())
     assert doc["state_dict_fits_architecture"] is False and doc["report"]["output"] == "module-preserving"
+
+
+# ----------------------------------------------------------------------------- a transformers directory
+
+@pytest.fixture
+def llama_dirs(tmp_path):
+    """A Llama directory saved in shards and a LoRA adapter directory (PEFT's layouts), random weights."""
+    import warnings
+    import peft
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # (unit norms hide folding errors)
+    base.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    (tmp_path / "base" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                                         init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    return tmp_path / "base", tmp_path / "lora"
+
+
+def test_a_model_directory_and_its_adapter_merge_into_a_directory_from_pretrained_loads(llama_dirs, tmp_path, capsys):
+    import peft
+    import transformers
+    base_dir, adapter_dir = llama_dirs
+    out = tmp_path / "merged"
+    code = cli.main(["fuse", str(base_dir), "--adapter", str(adapter_dir), "-o", str(out), "-q",
+                     "--example-input", "input_ids=2x9:int64", "--example-input", "attention_mask=2x9:int64"])
+    assert code == 0, capsys.readouterr().err
+    files = set(os.listdir(out))
+    assert {"config.json", "tokenizer_config.json", "repc_report.json", "model.safetensors.index.json"} <= files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded as the base was
+    report = json.loads((out / "repc_report.json").read_text())
+    assert len(report["merged_layers"]) == 8 and report["adapter"] == str(adapter_dir)
+    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    merged = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                                            adapter_dir).merge_and_unload().eval()
+    ids = torch.randint(0, 100, (3, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = reloaded.eval()(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".merged")]  # no temporary left
+
+
+def test_a_model_directory_refuses_an_output_it_did_not_write_and_bad_inputs_in_one_line(llama_dirs, tmp_path, capsys):
+    base_dir, adapter_dir = llama_dirs
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    assert cli.main(["fuse", str(base_dir), "-o", str(mine), "--force", "-q"]) == 2
+    assert "did not write" in capsys.readouterr().err and (mine / "keep.txt").exists()
+    assert cli.main(["fuse", str(base_dir), "-o", str(base_dir), "-q"]) == 2
+    assert "input directory" in capsys.readouterr().err
+    assert cli.main(["fuse", str(base_dir), "-o", str(tmp_path / "o"), "--example-input", "1x3x8", "-q"]) == 2
+    assert "keyword inputs" in capsys.readouterr().err
+    assert cli.main(["fuse", str(base_dir), "--adapter", str(tmp_path), "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
