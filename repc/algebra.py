@@ -244,9 +244,12 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
     ``s1 s2``, dilation ``D = gcd(d1, s1 d2)``, the first conv's padding, and bias
     ``b = b2 + sum_{m, t} W2[o, m, t] b1[m]``.  Exact when the second conv does not pad
     (its taps then only read real outputs of the first).  When it pads, it is exact only if
-    the first conv is a stride-1 pointwise map without bias: then the first conv's output is
-    zero wherever the second one pads, and the paddings add up -- except a crop (negative
-    padding) followed by padding on the same side: cropping then zero-padding is not padding less.
+    the first conv adds no bias and, along every axis the second one pads, spans one position
+    with stride 1 (a pointwise map; or a 1xk conv before a kx1 one, RepNeXt's separable pairs):
+    then each output of the first conv along that axis reads its own input row only, so the
+    rows the second conv pads are the first conv of zero rows, zero; the composed conv pads the
+    input by both paddings -- except a crop (negative padding) followed by padding on the same
+    side: cropping then zero-padding is not padding less.
     """
     if first.nd != second.nd:
         raise NotMergeable(MergeKind.SHAPES_DIFFER, "convs of different dimensionality")
@@ -259,8 +262,10 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
     bias = _compose_bias(first, second, g)
     pads_second = any(p != (0, 0) for p in second.padding)
     if pads_second:
-        if not first.is_pointwise:
-            raise NotMergeable(MergeKind.BORDER, "the second conv pads the output of a first conv that is not a stride-1 pointwise map")
+        if any(p != (0, 0) and (first.kernel_size[ax] != 1 or first.stride[ax] != 1)
+               for ax, p in enumerate(second.padding)):
+            raise NotMergeable(MergeKind.BORDER, "the second conv pads an axis along which the first conv is not a "
+                                                 "stride-1 map of one position")
         if first.bias is not None and not negligible(first.bias, first.weight):
             raise NotMergeable(MergeKind.BORDER, "the second conv zero-pads a biased output (e.g. BN before a padded conv): the border would differ")
         if second.padding_mode != "zeros" or (first.padding_mode != "zeros" and any(p != (0, 0) for p in first.padding)):
@@ -268,10 +273,11 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
         if any((p1[0] < 0 < p2[0]) or (p1[1] < 0 < p2[1]) for p1, p2 in zip(first.padding, second.padding)):
             raise NotMergeable(MergeKind.BORDER, "a crop before a padded conv: the padding would zero what the crop "
                                                  "removed, where the cropped input still holds it")
-        w = torch.einsum("gom...,gmi->goi...", w2, w1.reshape(w1.shape[:3]))
-        padding = tuple((p1[0] + p2[0], p1[1] + p2[1]) for p1, p2 in zip(first.padding, second.padding))
-        return Conv(w.reshape((second.out_channels, first.in_channels // g) + second.kernel_size), bias,
-                    second.stride, padding, second.dilation, g, "zeros")
+        if first.is_pointwise:
+            w = torch.einsum("gom...,gmi->goi...", w2, w1.reshape(w1.shape[:3]))
+            padding = tuple((p1[0] + p2[0], p1[1] + p2[1]) for p1, p2 in zip(first.padding, second.padding))
+            return Conv(w.reshape((second.out_channels, first.in_channels // g) + second.kernel_size), bias,
+                        second.stride, padding, second.dilation, g, "zeros")
     k1, k2 = first.kernel_size, second.kernel_size
     dil, size, step1, step2 = [], [], [], []
     for ax in range(nd):
@@ -288,8 +294,10 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
                       for ax in range(nd))
         w[(Ellipsis,) + where] += torch.einsum("gom,gmi...->goi...", w2[(Ellipsis,) + tuple(tap)], w1)
     stride = tuple(a * b for a, b in zip(first.stride, second.stride))
+    # (the second conv's padding is zero except along axes where the first spans one position)
+    padding = tuple((p1[0] + p2[0], p1[1] + p2[1]) for p1, p2 in zip(first.padding, second.padding))
     return Conv(w.reshape((second.out_channels, first.in_channels // g) + tuple(size)), bias, stride,
-                first.padding, tuple(dil), g, first.padding_mode)
+                padding, tuple(dil), g, "zeros" if pads_second else first.padding_mode)
 
 
 def negligible(bias: Tensor, weight: Tensor) -> bool:

@@ -60,6 +60,53 @@ class RepVGG(nn.Module):
         return self.act(y)
 
 
+class SeparablePairMixer(nn.Module):
+    """RepNeXt's multi-scale depthwise mixer, in its idiom: a 1xk conv then a kx1 conv with no norm
+    between (at stride 2: 1xk with stride (1, 2), then kx1 with stride (2, 1)) and its BN, beside
+    a kxk conv-BN and a 2x2 conv-BN with dilation 2, summed with a BN of the input at stride 1."""
+
+    def __init__(self, c, k=3, stride=1):
+        super().__init__()
+        self.square = conv_bn(c, c, k, stride, k // 2, groups=c)
+        self.dilated = conv_bn(c, c, 2, stride, 1, dilation=2, groups=c)
+        self.pair = nn.Sequential(
+            nn.Conv2d(c, c, (1, k), stride=(1, stride), padding=(0, k // 2), groups=c, bias=False),
+            nn.Conv2d(c, c, (k, 1), stride=(stride, 1), padding=(k // 2, 0), groups=c, bias=False),
+            nn.BatchNorm2d(c))
+        self.identity = nn.BatchNorm2d(c) if stride == 1 else None
+
+    def forward(self, x):
+        out = self.square(x) + self.dilated(x) + self.pair(x)
+        return out if self.identity is None else out + self.identity(x)
+
+
+class ConvBNSiLU(nn.Module):
+    """YOLO's ``Conv``: conv, BN, SiLU."""
+
+    def __init__(self, cin, cout, k=1, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class CSPBlock(nn.Module):
+    """A YOLO-style CSP block: two branches computed apart, concatenated, then a 1x1 conv-BN-SiLU."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cout // 2
+        self.cv1, self.cv2 = ConvBNSiLU(cin, mid), ConvBNSiLU(cin, mid)
+        self.m = nn.Sequential(ConvBNSiLU(mid, mid, 3), ConvBNSiLU(mid, mid, 3))
+        self.cv3 = ConvBNSiLU(2 * mid, cout)
+
+    def forward(self, x):
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
 class ACNet(nn.Module):
     """ACNet (Ding et al. 2019): k x k, 1 x k and k x 1 conv-BN branches on one input, summed."""
 

@@ -201,6 +201,16 @@ COMPOSE_CASES = {
     "padded_pointwise_then_padded": (conv(4, 6, 1, bias=False, padding=1), conv(6, 5, 3, padding=1, seed=1), 5),
     "grouped_pointwise_then_padded_dilated": (conv(4, 6, 1, bias=False, groups=2),
                                               conv(6, 6, 3, padding=2, dilation=2, groups=3, seed=1), 7),
+    # ... or after a conv that spans one position with stride 1 along each axis the second pads
+    # (RepNeXt's separable pairs: 1xk then kx1, depthwise, no bias between)
+    "1x7_then_padded_7x1_depthwise": (conv(4, 4, (1, 7), padding=(0, 3), groups=4, bias=False),
+                                      conv(4, 4, (7, 1), padding=(3, 0), groups=4, seed=1), 9),
+    "1x3_stride_1x2_then_padded_3x1_stride_2x1": (conv(4, 4, (1, 3), stride=(1, 2), padding=(0, 1), groups=4,
+                                                       bias=False),
+                                                  conv(4, 4, (3, 1), stride=(2, 1), padding=(1, 0), groups=4, seed=1),
+                                                  9),
+    "1x5_dilated_then_padded_5x1_dense": (conv(4, 6, (1, 5), dilation=(1, 2), padding=(0, 4), bias=False),
+                                          conv(6, 5, (5, 1), padding=(2, 0), seed=1), 11),
 }
 
 
@@ -215,8 +225,10 @@ def test_compose_conv(name):
 
 @pytest.mark.parametrize("first,second,match", [
     (conv(4, 6, 1), conv(6, 5, 3, padding=1), "border"),  # biased 1x1 (e.g. folded BN) then padded kxk
-    (conv(4, 6, 3), conv(6, 5, 3, padding=1), "pointwise"),
-    (conv(4, 6, 1, stride=2, bias=False), conv(6, 5, 3, padding=1), "pointwise"),
+    (conv(4, 6, 3), conv(6, 5, 3, padding=1), "one position"),
+    (conv(4, 6, 1, stride=2, bias=False), conv(6, 5, 3, padding=1), "one position"),
+    (conv(4, 4, (3, 1), padding=(1, 0), bias=False), conv(4, 4, (3, 1), padding=(1, 0)), "one position"),
+    (conv(4, 4, (1, 3), padding=(0, 1)), conv(4, 4, (3, 1), padding=(1, 0)), "border"),  # a bias between them
     (conv(4, 6, 1, bias=False), conv(6, 5, 3, padding=1, mode="reflect"), "padding modes"),
     (conv(4, 6, 1), conv(5, 5, 1), "channel"),
     (conv(4, 6, 1, nd=1), conv(6, 5, 1), "dimensionality"),

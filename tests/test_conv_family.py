@@ -25,7 +25,7 @@ from repc.examples import DiverseBranchBlock, MobileOneBlock, MobileOneUnit, Rep
 
 from blocks import (ACNet, ACNetCropped, BNLinear, DBBHalves, DBBConcat, DBBSlices, FastViTBlock, FunctionalRepMixer,
                     FunctionalRepVGG, LeViTMLP, LinearBN, MethodStyleBlock, RepMixer, RepVGG, RepVGGDW,
-                    RepViTBlock, assert_unchanged, conv_bn, randomize, rel_dev, snapshot)
+                    RepViTBlock, SeparablePairMixer, CSPBlock, assert_unchanged, conv_bn, randomize, rel_dev, snapshot)
 
 REL_TOL = 1e-5  # float32; a folding error (border, bias, channel) shows at 1e-2 and above
 
@@ -147,6 +147,10 @@ BLOCKS = {
     "repmixer": (lambda: RepMixer(4), (2, 4, 8, 8)),
     "repmixer_dwconv_bn_only": (lambda: RepMixer(6, k=5, rich=False), (2, 6, 8, 8)),
     "repvggdw": (lambda: RepVGGDW(6), (2, 6, 8, 8)),
+    # RepNeXt: separable 1xk -> kx1 pairs beside square and dilated kernels
+    "separable_pair_mixer": (lambda: SeparablePairMixer(6), (2, 6, 8, 8)),
+    "separable_pair_mixer_5x5": (lambda: SeparablePairMixer(6, k=5), (2, 6, 9, 9)),
+    "separable_pair_mixer_stride2": (lambda: SeparablePairMixer(6, stride=2), (2, 6, 9, 9)),
     # functional / method / operator / in-place styles
     "functional_repvgg": (lambda: FunctionalRepVGG(4), (2, 4, 8, 8)),
     "functional_repvgg_no_bias": (lambda: FunctionalRepVGG(4, bias=False), (2, 4, 8, 8)),
@@ -155,6 +159,7 @@ BLOCKS = {
 }
 
 DEPTHWISE = {"repmixer", "repmixer_dwconv_bn_only", "repvggdw", "functional_repmixer", "repvgg_depthwise",
+             "separable_pair_mixer", "separable_pair_mixer_5x5", "separable_pair_mixer_stride2",
              "mobileone_depthwise", "mobileone_depthwise_stride2"}
 
 
@@ -1012,3 +1017,18 @@ def test_the_default_output_runs_the_ops_of_the_whole_model_graph(name):
     with torch.no_grad():
         y = torch.randn((shape[0] + 1,) + tuple(shape[1:]))
         assert rel_dev(fused(y), model(y)) <= REL_TOL
+
+
+def test_a_conv_over_a_concatenation_of_values_computed_apart_stays_one_conv():
+    # YOLO's CSP blocks: cv3(cat(a, b)) with a BN; splitting cv3 into a conv per part and their sum
+    # does the same multiply-adds in one op more, so only the BN folds into it
+    from blocks import ops_run
+    torch.manual_seed(0)
+    model = randomize(CSPBlock(8, 8))
+    x = torch.randn(2, 8, 12, 12)
+    fused = repc.compile(model, x)
+    assert fused.repc_report.output == "module-preserving"
+    assert ops_run(fused, x) == Counter(conv=5)  # each BN folded into its conv, no conv more
+    for other in (x, torch.randn(3, 8, 9, 7)):
+        with torch.no_grad():
+            assert rel_dev(fused(other), model(other)) < REL_TOL

@@ -18,6 +18,7 @@ reason, is recorded for the report.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -34,7 +35,7 @@ from ..reasons import OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, output_dtype, tolerance
 from ..verify.region_check import RegionChecker, RegionRunner, non_finite_weights
-from .cost import MacCost, decide, parts_cost
+from .cost import MacCost, decide, op_count, parts_cost
 from .dense_probe import DenseProbe
 from .emit import AttributeNamer, build_op, emit_form
 from .inplace import VIEW_MUTATED
@@ -200,6 +201,8 @@ class GraphWriter:
             out = self.value_of(expr.node)
         elif self._slices_one_shared_map(expr):
             out = self._as_written(expr)  # the shared map once, then its slice
+        elif (narrower := self._cheaper_shallower(expr)) is not None:
+            out = self._emit(narrower)
         elif self._take_form(expr):
             out = self._emit(expr)
         else:
@@ -273,6 +276,27 @@ class GraphWriter:
         if shallow is None or not shallow.has_form or not self._take_form(shallow):
             return None
         return shallow
+
+    def _cheaper_shallower(self, expr: Expr) -> Optional[Expr]:
+        """The root merged with its operands' last ops only, where that costs less than the whole
+        region's form, or as much in fewer ops, and is taken.  A form of several sources is a sum
+        of maps: a conv over a concatenation of values computed apart (a CSP block's
+        ``cv3(cat(m(cv1(x)), cv2(x)))``) would become a conv per part and their sum, where the
+        conv over the concatenation, its BN folded, does the same work in one op."""
+        if not expr.has_form or len(expr.form) < 2 or expr.node not in self.matcher.meanings:
+            return None
+        shallow = self.matcher.shallow(expr)
+        if shallow is None or not shallow.has_form or len(shallow.region) >= len(expr.region):
+            return None
+        model, matcher = self.cost_model, self.matcher
+        whole = model.form_cost(expr.form, expr.node, matcher)
+        # (the rest of the region is written its own way: at most as it is written)
+        narrower = model.form_cost(shallow.form, shallow.node, matcher) + \
+            (model.region_cost(expr, matcher) - model.region_cost(shallow, matcher))
+        fewer_ops = op_count(shallow.form) < op_count(expr.form)
+        if narrower < whole or (math.isclose(narrower, whole, rel_tol=1e-12) and fewer_ops):
+            return shallow if self._take_form(shallow) else None
+        return None
 
     def _modules_spanned(self, expr: Expr) -> str:
         """Where ``expr``'s region crosses the module scopes it is confined to: the modules (or

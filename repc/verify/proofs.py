@@ -742,6 +742,10 @@ def _catalogue() -> Dict[str, Callable[[], Optional[ProofResult]]]:
             lambda: prove_composition("compose_conv", algebra.compose_conv,
                                       [c(4, 4, (1, 1), groups=2, bias=False), c(4, 2, (3, 3), padding=pad1, groups=2)],
                                       (4, 4, 5)),
+        "compose_conv 1x3/(1,2) (no bias) then padded 3x1/(2,1), depthwise (RepNeXt's separable pair)":
+            lambda: prove_composition("compose_conv", algebra.compose_conv,
+                                      [c(2, 2, (1, 3), stride=(1, 2), padding=((0, 0), (1, 1)), groups=2, bias=False),
+                                       c(2, 2, (3, 1), stride=(2, 1), padding=((1, 1), (0, 0)), groups=2)], (2, 5, 6)),
         "compose_conv 1-d: k3/2 then k2 dilated":
             lambda: prove_composition("compose_conv", algebra.compose_conv,
                                       [c(2, 2, (3,), stride=(2,), padding=((1, 1),)), c(2, 2, (2,), dilation=(2,))], (2, 11)),
