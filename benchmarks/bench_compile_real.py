@@ -10,7 +10,15 @@ compiles models of the sizes users deploy, at batch 1 and their real input sizes
 * ``repvgg-a2``: a library-style RepVGG at RepVGG-A2's widths (64 to 1408 channels, 1x3x224x224;
   captured by fx);
 * ``mobileone-s``: a library-style MobileOne with 3 branches per block at 64 to 512 channels
-  (1x3x224x224; fx).
+  (1x3x224x224; fx);
+* ``repvgg-b1``: the library-style RepVGG at RepVGG-B1's widths (64, 128, 256, 512, 2048
+  channels, depths 1-4-6-16-1; 51M parameters as trained, 1x3x224x224; fx);
+* ``mobileone-s2``: the library-style MobileOne at MobileOne-S2's widths (64, 96, 256, 512,
+  2048 channels, depths 2-8-10-1) with its one over-parameterized branch (1x3x224x224; fx);
+* ``resnet-50``: transformers' ``ResNetModel`` at ResNet-50 (bottlenecks 3-4-6-3, 25M
+  parameters, 1x3x224x224; export);
+* ``convnext-t``: transformers' ``ConvNextModel`` at ConvNeXt-T (96-768 channels, depths
+  3-3-9-3, 28M parameters, 1x3x224x224; export).
 
 All parameters and BatchNorm statistics are randomized relative to their spread
 (:func:`bench_common.randomized_relative`: absolute noise makes a 12-layer ViT-B chaotic, its
@@ -28,7 +36,7 @@ as time; the table gives the peak resident memory growth of the compile (``ru_ma
 run ``--pause`` seconds apart: a model compiled right after another reuses the pages that one
 freed before the VM hands them back, and looks cheaper (RepVGG-A2: 1.7-3.5 s depending on it).
 
-    .venv/bin/python benchmarks/bench_compile_real.py                 # all four models (~2 minutes)
+    .venv/bin/python benchmarks/bench_compile_real.py                 # all eight models (~5 minutes)
     .venv/bin/python benchmarks/bench_compile_real.py --models vit-b --repeats 3
     .venv/bin/python benchmarks/bench_compile_real.py --quick         # small widths, smoke configuration
 """
@@ -93,6 +101,46 @@ def _hf(kind: str, quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
         return randomized(model), (ids,)
 
 
+def _hf_vision(kind: str, quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
+    import transformers
+    size = 32 if quick else 224
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "resnet-50":
+            config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1]) if quick \
+                else transformers.ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048],
+                                               depths=[3, 4, 6, 3], layer_type="bottleneck")
+            model = transformers.ResNetModel(config)
+        else:
+            config = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1]) if quick \
+                else transformers.ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
+            model = transformers.ConvNextModel(config)
+    return randomized(model), (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+
+
+def _stages(first: int, stages, quick: bool):
+    """(cin, cout, stride) per block: each stage's first block at stride 2."""
+    widths, cin = [], first
+    for cout, depth in stages:
+        widths += [(cin, cout, 2)] + [(cout, cout, 1)] * (depth - 1)
+        cin = cout
+    return widths
+
+
+def _repvgg_b1(quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
+    widths = _stages(16, [(8, 1), (16, 2)], quick) if quick else \
+        _stages(64, [(128, 4), (256, 6), (512, 16), (2048, 1)], quick)
+    size = 32 if quick else 224
+    return randomized(library_repvgg(widths)), (torch.randn(1, 3, size, size),)
+
+
+def _mobileone_s2(quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
+    widths = _stages(8, [(16, 1), (16, 2)], quick) if quick else \
+        _stages(64, [(96, 2), (256, 8), (512, 10), (2048, 1)], quick)
+    size = 32 if quick else 224
+    return randomized(library_mobileone(widths, branches=1)), (torch.randn(1, 3, size, size),)
+
+
 def _repvgg_a2(quick: bool) -> Tuple[nn.Module, Tuple[Any, ...]]:
     stages = [(8, 1), (16, 2), (32, 2)] if quick else [(96, 2), (192, 4), (384, 14), (1408, 1)]
     widths, cin = [], 16 if quick else 64
@@ -115,6 +163,10 @@ MODELS: Dict[str, Callable[[bool], Tuple[nn.Module, Tuple[Any, ...]]]] = {
     "bert-base": lambda q: _hf("bert-base", q),
     "repvgg-a2": _repvgg_a2,
     "mobileone-s": _mobileone_s,
+    "repvgg-b1": _repvgg_b1,
+    "mobileone-s2": _mobileone_s2,
+    "resnet-50": lambda q: _hf_vision("resnet-50", q),
+    "convnext-t": lambda q: _hf_vision("convnext-t", q),
 }
 
 
