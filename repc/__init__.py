@@ -5,9 +5,9 @@ is affine (parallel conv/BN branches, chains, concatenations, scales), replaces 
 closed-form merged op, and verifies the result against the original.
 """
 
-from .api import ReparamError, UnchangedWarning, compile
+from .api import AdaptersLeftWarning, ReparamError, UnchangedWarning, compile
 from .report import Report
 from . import verify  # a callable package: repc.verify(original, fused, example_inputs)
 
-__all__ = ["compile", "verify", "ReparamError", "UnchangedWarning", "Report"]
+__all__ = ["compile", "verify", "ReparamError", "UnchangedWarning", "AdaptersLeftWarning", "Report"]
 __version__ = "0.1.0"

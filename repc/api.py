@@ -8,7 +8,8 @@ import gc
 import warnings
 import inspect
 import numbers
-from typing import Any, Dict, Optional, Tuple
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -288,6 +289,7 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
         sum(b.numel() for n, b in fused.named_buffers()
             if n.rsplit(".", 1)[-1] not in original_buffers and b.is_floating_point())
     _say_if_unchanged(report)
+    _say_if_adapters_left(fused, report)
     fused.repc_report = report
     return fused.eval()  # like the model: new GraphModules start in training mode
 
@@ -317,6 +319,33 @@ def _say_if_unchanged(report: Report) -> None:
     report.output_note = why
     warnings.warn(f"repc: the model is returned unchanged (a copy, nothing merged): {why}", UnchangedWarning,
                   stacklevel=3)
+
+
+class AdaptersLeftWarning(UserWarning):
+    """repc returns a PEFT model with adapter layers not merged into their base layers: its
+    ``save_pretrained`` writes the adapter only, as the PEFT model it still is."""
+
+
+def _say_if_adapters_left(fused: nn.Module, report: Report) -> None:
+    """A PEFT model returned with adapter layers as written is said so with a warning: the user
+    asked for a plain model and would otherwise save an adapter believing it merged."""
+    left = adapter_layers_left(fused)
+    if left and report.output != "unchanged":
+        where = ", ".join(f"{path} ({cls})" for path, cls in left[:3]) + (f" and {len(left) - 3} more"
+                                                                            if len(left) > 3 else "")
+        warnings.warn(f"repc: the adapter is left unmerged in {len(left)} layer(s), {where}: the PEFT model is "
+                      "returned with them as written (its save_pretrained saves an adapter)", AdaptersLeftWarning,
+                      stacklevel=3)
+
+
+def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
+    """(path, class) of each PEFT adapter layer (a ``BaseTunerLayer``: LoRA's ``peft.Linear``)
+    in ``model``; none where peft is not imported."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    layer = getattr(tuners, "BaseTunerLayer", None)
+    if layer is None:
+        return []
+    return [(path, _short_class(m)) for path, m in model.named_modules() if isinstance(m, layer)]
 
 
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,

@@ -163,6 +163,8 @@ def lowering(node: fx.Node) -> Optional[Call]:
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return None
+    if target.overloadpacket is aten.to and _returns_its_input(node):
+        return Call("identity", None, (node.args[0],), {})
     rule = LOWERINGS.get(target.overloadpacket)
     if rule is not None:
         return rule(*node.args, **node.kwargs)
@@ -172,6 +174,20 @@ def lowering(node: fx.Node) -> Optional[Call]:
             schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write:
         return Call("call_method", name, node.args, dict(node.kwargs))  # in place: ``x.add_(y)``
     return None
+
+
+def _returns_its_input(node: fx.Node) -> bool:
+    """``aten.to`` to the dtype and device its input has, without ``copy`` or a memory format:
+    it returns the input tensor itself, and the trace then records every later use of that
+    tensor (a residual's ``x`` after an RMSNorm's ``x.to(torch.float32)``) as a use of the cast.
+    Removed, those uses read the value they name, in the scope of the module that made it."""
+    x = node.args[0] if node.args else None
+    out, given = node.meta.get("val"), x.meta.get("val") if isinstance(x, fx.Node) else None
+    if node.kwargs.get("copy") or node.kwargs.get("memory_format") is not None or \
+            any(a is True or isinstance(a, torch.memory_format) for a in node.args[1:]):
+        return False
+    return isinstance(out, torch.Tensor) and isinstance(given, torch.Tensor) and out.dtype == given.dtype and \
+        out.device == given.device and out.shape == given.shape
 
 
 def lower_aten(gm: fx.GraphModule) -> int:

@@ -531,14 +531,15 @@ def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def _module_path(gm: fx.GraphModule, owner: str, tensors: Dict[str, Optional[torch.Tensor]]) -> str:
     """Where the layer's module goes: the path its tensors came from when nothing else lives
-    there (the model's own conv at ``stages.0.conv``), else a fresh name beside it."""
-    used = {id(t) for t in tensors.values() if t is not None}
+    there and they have the names the layer gives them (the model's own conv at
+    ``stages.0.conv``), else a fresh name beside it (not over peft VeRA's ``vera_A`` dict,
+    whose one tensor ``default`` other layers read too)."""
     try:
         existing = gm.get_submodule(owner) if owner else None
     except AttributeError:
         existing = None
     if existing is not None and not any(True for _ in existing.children()) and \
-            all(id(t) in used or name == "num_batches_tracked"
+            all(tensors.get(name) is t or name == "num_batches_tracked"
                 for name, t in list(existing.named_parameters(recurse=False)) + list(existing.named_buffers(recurse=False))):
         return owner
     base = (owner + "." if owner else "") + "layer"

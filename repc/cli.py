@@ -871,6 +871,7 @@ def cmd_fuse_directory(args, progress: Progress) -> int:
     """``repc fuse BASE_DIR [--adapter ADAPTER_DIR] -o OUT_DIR`` (:mod:`repc.pretrained`)."""
     import repc
     from . import pretrained
+    from .api import adapter_layers_left
 
     try:
         pretrained.check_out_dir(args.output, args.input, args.adapter, args.force)
@@ -898,6 +899,10 @@ def cmd_fuse_directory(args, progress: Progress) -> int:
     if failure is None and (report.output != "module-preserving" or not hasattr(fused, "save_pretrained")):
         failure = f"the result is not the architecture's own class ({report.output}: {report.output_note}), " \
                   "so no checkpoint of it would reload as that architecture"
+    left = adapter_layers_left(fused)
+    if failure is None and left:
+        failure = f"the adapter is left unmerged in {len(left)} layer(s) ({left[0][0]}: {left[0][1]}" + \
+                  (", ..." if len(left) > 1 else "") + "), so saving would write the adapter, not a merged model"
     if failure is not None:
         raise CliError(failure + "; nothing written", EXIT_VERIFICATION)
     doc = report_document("fuse", args, report, gains, tuple(kwargs.values()), output=args.output, written=True)

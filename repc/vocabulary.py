@@ -429,17 +429,30 @@ def _pass_through(node, facts):
     return _identity_of_input(node, facts)
 
 
-def _same_tensor_kind(out, x) -> bool:
-    """Whether a cast's example output has the dtype, device and shape of its input: it changed nothing."""
-    return isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype == x.dtype and \
-        out.device == x.device and out.shape == x.shape
+def _float_cast(out, x) -> bool:
+    """Whether a cast's example output is its input in another floating dtype (or the same), on
+    the same device, in the same shape: a rounding, nothing else."""
+    return isinstance(out, Tensor) and isinstance(x, Tensor) and out.dtype.is_floating_point and \
+        x.dtype.is_floating_point and out.device == x.device and out.shape == x.shape
 
 
-@handles(OpKind.METHOD, "to", "type", "type_as", "float", "double", "half", "bfloat16")
+CAST_METHODS = ("to", "type", "type_as", "float", "double", "half", "bfloat16")
+
+
+def is_float_cast(node: fx.Node, facts: GraphFacts) -> bool:
+    """``node`` casts a value to another floating dtype (or the same), nothing else."""
+    return node.op == "call_method" and node.target in CAST_METHODS and bool(node.args) and \
+        isinstance(node.args[0], fx.Node) and _float_cast(facts.values.get(node), facts.values.get(node.args[0]))
+
+
+@handles(OpKind.METHOD, *CAST_METHODS)
 def _cast(node, facts):
-    """A cast to the dtype and device it already has (peft's LoRA): the identity."""
-    x, _ = _input(node, facts)
-    if isinstance(x, fx.Node) and _same_tensor_kind(facts.values.get(node), facts.values.get(x)):
+    """A cast between floating dtypes on one device: the identity, up to rounding to the output's
+    dtype.  peft's LoRA casts its input to the adapter's dtype (float32 beside a bfloat16 base)
+    and its result back; the merged op computes in the region's output dtype, its float64 weights
+    rounded once (what ``merge_and_unload`` gives), and the region is checked at the tolerance of
+    the least precise dtype it reads or gives."""
+    if is_float_cast(node, facts):
         return _identity_of_input(node, facts)
     raise _unknown(node, facts)
 

@@ -83,6 +83,28 @@ def test_a_slice_over_the_whole_axis_is_removed():
     assert torch.equal(gm(*inputs), x4)
 
 
+class _CastThenResidual(torch.nn.Module):
+    """An RMSNorm's ``x.to(torch.float32)`` on a float32 ``x`` (the same tensor back), then a
+    residual that reads ``x``."""
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x + h.to(torch.float64).to(x.dtype)
+
+
+def test_a_cast_to_the_dtype_its_input_has_is_removed_and_its_readers_read_the_input():
+    x = torch.randn(2, 5)
+    gm = torch.export.export(_CastThenResidual(), (x,)).graph_module
+    lower_aten(gm)
+    casts = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "to"]
+    assert [c.args[1] for c in casts] == [torch.float64, torch.float32]  # (the casts that change the dtype stay)
+    (placeholder,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    residual = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch.add, operator.add)]
+    assert residual and placeholder in residual[-1].all_input_nodes  # (export had it read the cast)
+    assert torch.allclose(gm(x)[0], _CastThenResidual()(x))
+
+
 def test_an_in_place_op_becomes_the_tensor_method_of_its_name():
     gm, inputs = one_op_graph(aten.relu_.default, (torch.randn(3, 4),))
     lower_aten(gm)

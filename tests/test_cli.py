@@ -759,3 +759,24 @@ def test_a_model_directory_refuses_an_output_it_did_not_write_and_bad_inputs_in_
     assert cli.main(["fuse", str(base_dir), "--adapter", str(tmp_path), "-o", str(tmp_path / "o"), "-q"]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_directory_whose_adapter_is_left_unmerged_somewhere_writes_nothing(llama_dirs, tmp_path, capsys):
+    # LoRA on the token embedding stays a peft layer: saving would write the adapter, not a model
+    import warnings
+    import peft
+    import transformers
+    base_dir, _ = llama_dirs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                                   peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                   init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "embedding_lora")
+    out = tmp_path / "merged"
+    code = cli.main(["fuse", str(base_dir), "--adapter", str(tmp_path / "embedding_lora"), "-o", str(out), "-q",
+                     "--example-input", "input_ids=2x9:int64"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_VERIFICATION, err
+    assert "adapter is left unmerged in 1 layer(s)" in err and "embed_tokens" in err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".merged")]

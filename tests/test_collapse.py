@@ -106,3 +106,35 @@ def test_without_the_check_the_same_rewrites_are_made():
     checked, unchecked = collapse(_graph(Branches()), (x,)), collapse(_graph(Branches()), (x,), check=False)
     assert [r.root for r in checked.rewrites] == [r.root for r in unchecked.rewrites]
     assert unchecked.rewrites[0].max_deviation == 0.0 < checked.rewrites[0].max_deviation
+
+
+class MixedPrecisionAdapter(nn.Module):
+    """peft's LoRA in float32 beside a bfloat16 layer: the input cast up for the adapter, the sum
+    in float32, cast back to bfloat16 where ``cast_back``."""
+
+    def __init__(self, cast_back: bool):
+        super().__init__()
+        self.base = nn.Linear(16, 12).to(torch.bfloat16)
+        self.down, self.up = nn.Linear(16, 3, bias=False), nn.Linear(3, 12, bias=False)
+        self.cast_back = cast_back
+
+    def forward(self, x):
+        out = self.base(x) + self.up(self.down(x.float())) * 0.5
+        return out.to(x.dtype) if self.cast_back else out
+
+
+@pytest.mark.parametrize("cast_back", [True, False])
+def test_casts_between_float_dtypes_merge_as_the_identity_and_the_merged_op_computes_in_the_outputs_dtype(cast_back):
+    model = randomize(MixedPrecisionAdapter(cast_back)).eval()
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    want = model(x)
+    result = collapse(fx.symbolic_trace(model), (x,))
+    (rewrite,) = result.rewrites
+    (linear,) = [m for m in result.module.modules() if isinstance(m, nn.Linear)]
+    assert linear.weight.dtype == want.dtype  # (bfloat16 cast back, else float32 from a cast of x)
+    casts = [n for n in result.module.graph.nodes if n.op == "call_method" and n.target == "to"]
+    assert len(casts) == (0 if cast_back else 1)
+    for y in (x, torch.randn(2, 5, 16).to(torch.bfloat16)):
+        got, expected = result.module(y), model(y)
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())

@@ -335,3 +335,81 @@ def test_a_lora_llama_merged_in_place_writes_into_its_base_weights_as_merge_and_
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(**example).logits, merged(**example).logits, atol=1e-5)
+
+
+def _plain_llama(saved_in=None, dtype=torch.float32):
+    """A random Llama; with ``saved_in`` (a folder), saved there and loaded back in ``dtype`` as
+    from_pretrained gives it (its rotary buffer stays float32)."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    torch.manual_seed(0)
+    model = randomized(transformers.LlamaForCausalLM(config))
+    if saved_in is None:
+        return model
+    model.save_pretrained(saved_in)
+    return transformers.LlamaForCausalLM.from_pretrained(saved_in, dtype=dtype).eval()
+
+
+def test_a_float32_lora_over_a_bfloat16_llama_merges_into_its_bfloat16_linears_as_merge_and_unload_does(tmp_path):
+    # peft keeps the adapter in float32 over a bfloat16 base (autocast_adapter_dtype): its LoRA
+    # forward casts the input up and the sum back; the casts are the identity up to rounding
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomized(peft.get_peft_model(_plain_llama(tmp_path / "base", torch.bfloat16),
+                                               peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"])))
+        merged = copy.deepcopy(model).merge_and_unload().eval()
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    example = _padded_tokens(2, 9, pad_from=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", repc.AdaptersLeftWarning)
+        fused = repc.compile(model, (), example)
+    assert type(fused) is transformers.LlamaForCausalLM and fused.repc_report.output == "module-preserving"
+    assert not any(type(m).__module__.startswith("peft") for m in fused.modules())
+    assert {p.dtype for p in fused.parameters()} == {torch.bfloat16}
+    ids = example["input_ids"]
+    for kwargs in (example, {"input_ids": ids}, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                   _padded_tokens(3, 11)):
+        with torch.no_grad():
+            got, want, theirs = fused(**kwargs).logits, model(**kwargs).logits, merged(**kwargs).logits
+        scale = want.float().abs().max()
+        # (merge_and_unload rounds the merged weights to bfloat16 too: repc is as close as it)
+        assert (got.float() - want.float()).abs().max() / scale <= \
+            max(2 * (theirs.float() - want.float()).abs().max() / scale, 1e-2)
+    fused.save_pretrained(tmp_path / "fused")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**example).logits, fused(**example).logits)
+
+
+def test_a_float32_llamas_rmsnorm_affines_fold_into_the_projections_after_them():
+    # LlamaRMSNorm casts its float32 input to float32 (the tensor itself back): the residual after
+    # it reads that input, not the norm's cast, and each norm's affine folds into its readers
+    # (compiled on ids alone: with a mask, the decoder layers are called with other arguments on
+    # the masks users feed, so no merge spans their code)
+    model = _plain_llama()
+    example = {"input_ids": _padded_tokens(2, 9)["input_ids"]}
+    fused = repc.compile(model, (), example)
+    assert type(fused) is transformers.LlamaForCausalLM and fused.repc_report.output == "module-preserving"
+    for layer in fused.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    assert torch.equal(fused.model.norm.weight, torch.ones_like(fused.model.norm.weight))
+    for kwargs in (example, {"input_ids": _padded_tokens(3, 11)["input_ids"]}):
+        with torch.no_grad():
+            got, want = fused(**kwargs).logits, model(**kwargs).logits
+        assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+def test_a_lora_repc_cannot_merge_is_said_with_a_warning_and_the_peft_model_returned():
+    # LoRA on the token embedding: a lookup is not a map of its input repc merges, so that layer
+    # stays a peft.Embedding; the user is told (its save_pretrained would save an adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomized(peft.get_peft_model(_plain_llama(), peft.LoraConfig(r=4, target_modules=["embed_tokens"])))
+    example = _padded_tokens(2, 9)
+    with pytest.warns(repc.AdaptersLeftWarning, match=r"1 layer\(s\), base_model.model.model.embed_tokens"):
+        fused = repc.compile(model, (), example)
+    assert isinstance(fused, peft.PeftModel) and fused.repc_report.output == "module-preserving"
+    with torch.no_grad():
+        got, want = fused(**example).logits, model(**example).logits
+    assert (got - want).abs().max() / want.abs().max() < 1e-5

@@ -112,6 +112,8 @@ def last_meaning(module, *shapes):
         want = recomputed(meaning, values)
         if want is not None and isinstance(values[node], torch.Tensor):
             assert want.shape == values[node].shape, (node, meaning)
+            # (rounded to the node's dtype: a cast's meaning is the identity up to that rounding)
+            want = want.to(values[node].dtype) if want.is_floating_point() else want
             assert torch.allclose(want.to(F64), values[node].to(F64), rtol=1e-10, atol=1e-10), (node.name, meaning)
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     result = out.args[0]
@@ -275,6 +277,11 @@ AFFINE = {
     "type_its_own_dtype": (lambda: Fn(lambda s, x: x.type(torch.float64)), [(2, 3)], AffineCall, Elementwise),
     "type_as_its_own_dtype": (lambda: Fn(lambda s, x: x.type_as(s.c), c=torch.zeros(1)), [(2, 3)], AffineCall,
                               Elementwise),
+    # (the rows are traced in float64: these casts round to another floating dtype)
+    "float_cast": (lambda: Fn(lambda s, x: x.float()), [(2, 3)], AffineCall, Elementwise),
+    "half_cast": (lambda: Fn(lambda s, x: x.half()), [(2, 3)], AffineCall, Elementwise),
+    "bfloat16_cast": (lambda: Fn(lambda s, x: x.bfloat16()), [(2, 3)], AffineCall, Elementwise),
+    "to_another_float_dtype": (lambda: Fn(lambda s, x: x.to(torch.float32)), [(2, 3)], AffineCall, Elementwise),
     "torch.permute": (lambda: Fn(lambda s, x: torch.permute(x, (0, 2, 1))), [(2, 3, 4)], Layout, None),
     "torch.reshape": (lambda: Fn(lambda s, x: torch.reshape(x, (2, -1))), [(2, 3, 4)], Layout, None),
     "torch.squeeze": (lambda: Fn(lambda s, x: torch.squeeze(x, 1)), [(2, 1, 4)], Layout, None),
@@ -404,10 +411,8 @@ OPAQUE = {
                                "several arguments"),
     "softmax": (lambda: Fn(lambda s, x: x.softmax(-1)), [(2, 3)], "softmax"),
     "stack_reduced_elsewhere": (lambda: Fn(lambda s, x, y: torch.stack([x, y]).mean(1)), [(2, 3), (2, 3)], "stacking axis"),
-    # (the rows are traced in float64: these casts change the dtype)
-    "float_cast_changes_dtype": (lambda: Fn(lambda s, x: x.float()), [(2, 3)], "float"),
-    "half_cast_changes_dtype": (lambda: Fn(lambda s, x: x.half()), [(2, 3)], "half"),
-    "bfloat16_cast_changes_dtype": (lambda: Fn(lambda s, x: x.bfloat16()), [(2, 3)], "bfloat16"),
+    "cast_to_integers": (lambda: Fn(lambda s, x: x.to(torch.int64)), [(2, 3)], "to"),
+    "type_to_integers": (lambda: Fn(lambda s, x: x.type(torch.int32)), [(2, 3)], "type"),
 }
 
 OPAQUE_KINDS = {  # what kind of no each opaque row is
@@ -443,9 +448,8 @@ OPAQUE_KINDS = {  # what kind of no each opaque row is
     "module_with_two_inputs": OpaqueKind.UNSUPPORTED_FORM,
     "softmax": OpaqueKind.UNKNOWN_OP,
     "stack_reduced_elsewhere": OpaqueKind.UNSUPPORTED_FORM,
-    "float_cast_changes_dtype": OpaqueKind.UNKNOWN_OP,
-    "half_cast_changes_dtype": OpaqueKind.UNKNOWN_OP,
-    "bfloat16_cast_changes_dtype": OpaqueKind.UNKNOWN_OP,
+    "cast_to_integers": OpaqueKind.UNKNOWN_OP,
+    "type_to_integers": OpaqueKind.UNKNOWN_OP,
 }
 
 

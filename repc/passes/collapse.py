@@ -37,7 +37,7 @@ from ..verify.check import deviation, output_dtype, tolerance
 from ..verify.region_check import RegionChecker, RegionRunner, non_finite_weights
 from .cost import MacCost, decide, op_count, parts_cost
 from .dense_probe import DenseProbe
-from .emit import AttributeNamer, build_op, emit_form
+from .emit import AttributeNamer, build_op, emit_form, in_dtype, source_dtype
 from .inplace import VIEW_MUTATED
 from .manager import PassContext
 from .norm_affine import NORM_CORE
@@ -238,7 +238,7 @@ class GraphWriter:
         hint = self.prefix + expr.node.name
         if all(_is_identity(op) for op in expr.form.values()) and len(expr.form) == 1:
             (src,) = expr.form
-            return self.value_of(src)
+            return in_dtype(self.graph, self.value_of(src), src, self._dtype(expr.node))
         if len(expr.form) == 1:
             (src, op), = expr.form.items()
             if NORM_CORE in src.meta and isinstance(op, Elementwise):
@@ -293,7 +293,7 @@ class GraphWriter:
         # (the rest of the region is written its own way: at most as it is written)
         narrower = model.form_cost(shallow.form, shallow.node, matcher) + \
             (model.region_cost(expr, matcher) - model.region_cost(shallow, matcher))
-        fewer_ops = op_count(shallow.form) < op_count(expr.form)
+        fewer_ops = op_count(shallow.form, source_dtype(shallow.node)) < op_count(expr.form, source_dtype(expr.node))
         if narrower < whole or (math.isclose(narrower, whole, rel_tol=1e-12) and fewer_ops):
             return shallow if self._take_form(shallow) else None
         return None

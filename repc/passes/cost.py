@@ -24,12 +24,14 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from ..latency import LatencyModel, add_features, fastest_seconds
 from ..meanings import AffineCall, Combine, Concat
 from ..ops import Conv, Elementwise
 from ..patterns.regions import Expr, RegionMatcher
 from ..reasons import RejectionKind
-from .emit import form_function
+from .emit import form_function, source_dtype
 from .norm_affine import NORM_AFFINE
 
 
@@ -189,15 +191,18 @@ def decide(expr: Expr, form_cost: float, computed_weights: bool, region_cost: Op
         return Decision(False, RejectionKind.DOES_NOT_PAY,
                         f"does not pay: {model.words(form_cost)} {model.unit} merged vs "
                         f"{model.words(parts)} with its operands merged on their own")
-    if math.isclose(form_cost, region_cost, rel_tol=1e-12) and op_count(expr.form) >= len(expr.region) \
+    if math.isclose(form_cost, region_cost, rel_tol=1e-12) and op_count(expr.form, source_dtype(expr.node)) >= len(expr.region) \
             and not computed_weights:
         return Decision(False)  # same work in as many ops: nothing to gain
     return Decision(True)
 
 
-def op_count(form) -> int:
-    """How many graph ops emitting ``form`` takes."""
+def op_count(form, dtype: Optional[torch.dtype] = None) -> int:
+    """How many graph ops emitting ``form`` in ``dtype`` takes (a cast for each source of another
+    floating dtype: :func:`repc.passes.emit.in_dtype`)."""
     count = len(form) - 1
+    if dtype is not None:
+        count += sum(1 for src in form if source_dtype(src) not in (None, dtype) and source_dtype(src).is_floating_point)
     for op in form.values():
         if isinstance(op, Elementwise):
             count += (op.scale is not None) + (op.shift is not None)

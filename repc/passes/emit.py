@@ -160,9 +160,25 @@ def emit_form(graph: fx.Graph, namer: AttributeNamer, form: Dict[fx.Node, Affine
     """``sum_s op_s(value_of(s))`` as nodes of ``graph``."""
     result = None
     for i, (src, op) in enumerate(form.items()):
-        term = emit_op(graph, namer, op, value_of(src), hint if i == 0 else f"{hint}_{i}", dtype, device)
+        term = emit_op(graph, namer, op, in_dtype(graph, value_of(src), src, dtype), hint if i == 0 else f"{hint}_{i}",
+                       dtype, device)
         result = term if result is None else graph.call_function(operator.add, (result, term))
     return result
+
+
+def source_dtype(src: fx.Node) -> Optional[torch.dtype]:
+    """The dtype of the value a form reads, where the capture recorded it."""
+    return getattr(src.meta.get("tensor_meta"), "dtype", None)
+
+
+def in_dtype(graph: fx.Graph, value: fx.Node, src: fx.Node, dtype) -> fx.Node:
+    """``value`` (the graph's copy of ``src``) cast to ``dtype`` where ``src`` has another
+    floating dtype: a region through a cast (peft's LoRA in float32 over a bfloat16 base)
+    computes in its output's dtype."""
+    have = source_dtype(src)
+    if have is None or have == dtype or not have.is_floating_point:
+        return value
+    return graph.call_method("to", (value, dtype))
 
 
 def form_function(form: Dict[fx.Node, AffineOp], dtype, device) -> Callable:
@@ -172,7 +188,7 @@ def form_function(form: Dict[fx.Node, AffineOp], dtype, device) -> Callable:
     def run(*inputs):
         out = None
         for piece, x in zip(pieces, inputs):
-            y = piece(x)
+            y = piece(x.to(dtype) if x.is_floating_point() else x)
             out = y if out is None else out + y
         return out
 

@@ -31,7 +31,7 @@ from .. import algebra
 from ..memory import FreedMemory
 from ..meanings import AffineCall, Combine, Concat, Constant, GraphFacts, Layout, apply_layout
 from ..passes.inplace import VIEW_MUTATED
-from ..vocabulary import describe
+from ..vocabulary import describe, is_float_cast
 from ..ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, flops, identity
 from ..reasons import MergeKind, Opaque, OpaqueKind
 
@@ -298,7 +298,8 @@ class RegionMatcher:
             for src in list(expr.form):
                 inner = self.exprs.get(src)
                 inside = src in expr.region  # computed by an operand's region: must be pulled in
-                if inner is None or inner.is_leaf or not inner.has_form or (src in self.absorbed and not inside):
+                if inner is None or inner.is_leaf or not inner.has_form or (src in self.absorbed and not inside) or \
+                        (self._edge_cast(src) and not inside):
                     continue
                 if not all(u in expr.region for u in effective_users(src)) or self._stays_in_place(src) \
                         or not self._same_scope(src, expr.node):
@@ -454,9 +455,18 @@ class RegionMatcher:
         if see_layout and expr.has_pending and not cut and self._absorbable(arg, parent):
             return expr
         no_form = not expr.has_form and not (distributable and expr.kind == "concat")
-        if cut or expr.is_leaf or no_form or not self._absorbable(arg, parent):
+        if cut or expr.is_leaf or no_form or not self._absorbable(arg, parent) or self._edge_cast(arg):
             return self._leaf(arg)
         return expr
+
+    def _edge_cast(self, arg: fx.Node) -> bool:
+        """A cast whose input nothing else reads (a norm's result cast back to the input's dtype):
+        merged, the form would cast that input all the same; it stays outside the region, which
+        reads the cast value.  A cast whose input is also read another way (peft's LoRA casts
+        the layer's input to the adapter's dtype beside the base layer) joins the two paths."""
+        if not is_float_cast(arg, self.facts) or not self.exprs[arg.args[0]].is_leaf:
+            return False
+        return effective_users(arg.args[0]) == [arg]
 
     def _cheap_to_duplicate(self, arg: fx.Node, readers: List[fx.Node]) -> bool:
         """An elementwise-only value (a norm's affine tail, a BN) whose every reader is a conv or

@@ -102,7 +102,9 @@ class RegionChecker:
         ref = self.values[expr.node]
         if not isinstance(ref, torch.Tensor):
             return RegionVerdict(False, float("inf"), "region output is not a tensor")
-        tol = tolerance(ref.dtype)
+        # the least precise dtype the region reads or gives bounds how closely it can be matched
+        tol = max([tolerance(ref.dtype)] + [tolerance(self.values[s].dtype) for s in sources
+                                             if isinstance(self.values.get(s), torch.Tensor)])
         merged = form_function(expr.form, ref.dtype, self.device)
         trial = self.small_trial(expr, sources, seed)
         name, inputs, want = trial if trial is not None else ("example", [self.values[s] for s in sources], ref)
