@@ -413,3 +413,27 @@ def test_a_lora_repc_cannot_merge_is_said_with_a_warning_and_the_peft_model_retu
     with torch.no_grad():
         got, want = fused(**example).logits, model(**example).logits
     assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+def test_dora_on_a_llama_without_biases_merges_into_its_plain_linears_as_merge_and_unload_does(tmp_path):
+    # DoRA's weight norm is computed in its forward from the parameters (a torch.eye probe of its
+    # LoRA), and its input cast to the weight's dtype (the tensor itself back in float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomized(peft.get_peft_model(_plain_llama(), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)))
+        merged = copy.deepcopy(model).merge_and_unload().eval()
+    example = {"input_ids": _padded_tokens(2, 9)["input_ids"]}
+    fused = repc.compile(model, (), example)
+    assert type(fused) is transformers.LlamaForCausalLM and fused.repc_report.output == "module-preserving"
+    assert not any(type(m).__module__.startswith("peft") for m in fused.modules())
+    assert op_counts(export_graph(fused, (), example).gm)[0] <= reference_counts(merged, example)[0]
+    for kwargs in (example, {"input_ids": _padded_tokens(3, 11)["input_ids"]}):
+        with torch.no_grad():
+            got, want = fused(**kwargs).logits, model(**kwargs).logits
+        assert (got - want).abs().max() / want.abs().max() < 1e-5
+    fused.save_pretrained(tmp_path)
+    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(**example).logits, fused(**example).logits, atol=1e-6)
