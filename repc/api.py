@@ -406,18 +406,27 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     return preserved, swaps, scopes
 
 
-def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool, varying=None):
+def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool, varying=None,
+                   rounds: int = 3):
     """Where the written-back copy (``_write_back``'s result) left regions out that span modules
     no swap expresses: the model built again by ``rebuild(scopes)`` with those regions kept
     inside modules, written back, as (copy, swaps, its report, its reference) when it leaves
-    fewer rewrites out; else None.  Not yet verified."""
-    if written is None or not written[2]:
-        return None
-    fused, report, reference = rebuild(written[2])
-    rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, varying=varying)
-    if rewritten is None or _left_out(rewritten[1]) >= _left_out(written[1]):
-        return None
-    return rewritten[0], rewritten[1], report, reference
+    fewer rewrites out; else None.  A confined build that still leaves some out gives their
+    scopes in turn (a LoRA merge and the scale its attention applies after it, placed at the
+    attention first, then kept inside the LoRA layer): up to ``rounds`` builds, each kept only
+    while it leaves fewer out.  Not yet verified."""
+    best, scopes, current = None, {}, written
+    for _ in range(rounds):
+        if current is None or not current[2]:
+            break
+        scopes = {**scopes, **current[2]}  # (a later round's scope of a node is the narrower one)
+        fused, report, reference = rebuild(scopes)
+        rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, varying=varying)
+        if rewritten is None or _left_out(rewritten[1]) >= _left_out(current[1]):
+            break
+        best = (rewritten[0], rewritten[1], report, reference)
+        current = rewritten
+    return best
 
 
 def _left_out(swaps) -> float:

@@ -13,6 +13,8 @@ on the example it was compiled with.  The outcome is one of :data:`OUTCOMES`:
   model that still deviates);
 * ``crash``: the result raises on an input the unfused model accepts;
 * ``rolled back``: repc's verification took every rewrite back, and the result is exact;
+* ``partly merged``: the result is exact but still holds PEFT adapter layers (repc warns,
+  ``repc.AdaptersLeftWarning``): what ``merge_and_unload`` merges, repc left as written;
 * ``refused``: ``repc.compile`` raised;
 * ``not applicable``: transformers or PEFT refused to build the case (not a failure).
 
@@ -41,6 +43,7 @@ import transformers
 from hypothesis import strategies as st
 
 import repc
+from repc.api import adapter_layers_left
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "opt", "bert", "roberta", "distilbert",
          "vit")
@@ -48,7 +51,7 @@ METHODS = ("lora", "rslora", "dora", "ia3", "loha", "lokr", "vera")
 TARGETS = ("attention", "mlp", "all")
 ATTNS = ("eager", "sdpa")
 DECODERS = frozenset({"llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "gpt_neox", "opt"})
-OUTCOMES = ("exact", "miscompile", "crash", "rolled back", "refused", "not applicable")
+OUTCOMES = ("exact", "miscompile", "crash", "rolled back", "partly merged", "refused", "not applicable")
 FUZZER_ERROR = "fuzzer error"  # main's outcome for an exception escaping run_case: a bug here, not a finding
 TOLERANCE = 1e-4
 VOCAB = 100
@@ -320,8 +323,12 @@ def run_case(case: HFCase, compile_fn: Optional[Callable[[nn.Module, Dict[str, t
         outcome = "miscompile"
     elif crashes:
         outcome = "crash"
+    elif rolled_back:
+        outcome = "rolled back"
     else:
-        outcome = "rolled back" if rolled_back else "exact"
+        left = adapter_layers_left(result)
+        outcome = "partly merged" if left else "exact"
+        notes += [f"{len(left)} adapter layer(s) left, as {left[0][0]}"] if left else []
     if outcome != "exact" and report is not None:
         notes += [f"{name} not used: {why}" for name, why in report.front_ends_declined.items()]
     return CaseResult(case, outcome, "; ".join(notes), deviations)

@@ -99,7 +99,9 @@ def _collapse(gm, example_inputs, check, prefix, expected_output, synthesize, co
     # so), trying a shallower one
     kept = scopes(gm) if scopes is not None else {}
     confine = {**kept, **(confine or {})} or None
-    matcher = RegionMatcher(gm, facts, kept)
+    # (the matcher cuts regions at those scopes: a LoRA merge inside its layer is taken without
+    # the norm affine before it that a region spanning both would fold, which no swap expresses)
+    matcher = RegionMatcher(gm, facts, confine or {})
     matcher.run()
     device = _device(gm, example_inputs)
     return GraphWriter(gm, facts, matcher, device, check, prefix, synthesize, cost_model, confine, write_into).run()

@@ -301,8 +301,9 @@ class RegionMatcher:
                 if inner is None or inner.is_leaf or not inner.has_form or (src in self.absorbed and not inside) or \
                         (self._edge_cast(src) and not inside):
                     continue
-                if not all(u in expr.region for u in effective_users(src)) or self._stays_in_place(src) \
-                        or not self._same_scope(src, expr.node):
+                if not inside and not all(u in expr.region for u in effective_users(src)):
+                    continue  # (inside: already computed in the region, pulled in for its other readers too)
+                if self._stays_in_place(src) or not self._same_scope(src, expr.node):
                     continue
                 try:
                     form = pull_in(expr.form, inner.form, src)
