@@ -25,7 +25,7 @@ from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
 from .preserve import (PreserveError, base_of_peft, module_scopes, own_copies, preserve, record_calls, region_paths,
-                       snapshot, varying_scopes)
+                       snapshot, source_paths, varying_scopes)
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
@@ -339,13 +339,19 @@ def _say_if_adapters_left(fused: nn.Module, report: Report) -> None:
 
 
 def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
-    """(path, class) of each PEFT adapter layer (a ``BaseTunerLayer``: LoRA's ``peft.Linear``)
-    in ``model``; none where peft is not imported."""
+    """(path, class) of each outermost PEFT layer in ``model`` (LoRA's ``peft.Linear``, a
+    ``ModulesToSaveWrapper``), not counting the PEFT model and tuner that wrap the base model;
+    none where peft is not imported."""
     tuners = sys.modules.get("peft.tuners.tuners_utils")
-    layer = getattr(tuners, "BaseTunerLayer", None)
-    if layer is None:
+    if tuners is None:
         return []
-    return [(path, _short_class(m)) for path, m in model.named_modules() if isinstance(m, layer)]
+    left: List[Tuple[str, str]] = []
+    for path, m in model.named_modules():
+        if type(m).__module__.split(".")[0] != "peft" or hasattr(m, "get_base_model") or \
+                isinstance(m, tuners.BaseTuner) or any(path.startswith(p + ".") for p, _ in left):
+            continue
+        left.append((path, _short_class(m)))
+    return left
 
 
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,
@@ -360,13 +366,17 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     model's module calls recorded before the compile wrote into it (``in_place``)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
-    if source is not None:  # each rewrite's module, for the report (whichever output is returned)
+    if source is not None:  # each rewrite's and rejection's module, for the report (whichever output is returned)
         try:
             modules = region_paths(source["source"], report.rewrites, source["prefix"], source["captured"], fused)
+            computed_by = {n.name: p for n, p in source_paths(source["source"], source["prefix"],
+                                                               source["captured"]).items()}
         except Exception:  # (the report then names the fx nodes)
-            modules = {}
+            modules, computed_by = {}, {}
         for r in report.rewrites:
             r.module = modules.get(r.root, r.module)
+        for r in report.rejected:
+            r.module = computed_by.get(r.root, r.module)
     if modules_only or not isinstance(fused, fx.GraphModule):
         return None  # (fx in parts, or rolled back: already the model's own class)
     if source is None or reference is not model:
@@ -391,7 +401,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         for s in swaps:
             s.path = s.path[len(at) + 1:] if s.path.startswith(at + ".") else s.path
             s.note = s.note.replace(at + ".", "")
-        for r in report.rewrites:
+        for r in report.rewrites + report.rejected:
             r.module = r.module[len(at) + 1:] if r.module and r.module.startswith(at + ".") else r.module
     left_out = {root for s in swaps if s.becomes == "not applied" for root in s.rewrites}
     scopes = module_scopes(source["source"], report.rewrites, left_out, source["prefix"], source["captured"], fused) \

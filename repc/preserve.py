@@ -45,7 +45,7 @@ import re
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -1150,6 +1150,69 @@ def _drop_unread(graph: fx.Graph) -> None:
     graph.lint()
 
 
+def _is_peft(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "peft"
+
+
+def _same_value(a, b) -> bool:
+    """Equal (nested) values: tensors equal in shape, dtype and every entry; others by ``==``."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and
+                    x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+        elif x is not y and x != y:
+            return False
+    return True
+
+
+def unwrap_delegating(root: nn.Module, calls: Dict[str, "_Call"], chosen: Callable[[nn.Module], bool]
+                      ) -> List[ModuleSwap]:
+    """Each module of ``root`` that ``chosen`` picks whose call on the example (``calls``:
+    :func:`record_calls`) is one call of a submodule of its own with the same arguments, giving
+    the same output (PEFT's ``ModulesToSaveWrapper`` calling the copy it trains), replaced by
+    that submodule; deepest first.  Returns the swaps."""
+    swaps: List[ModuleSwap] = []
+    named = [(path, m) for path, m in root.named_modules() if path and chosen(m)]
+    for path, module in sorted(named, key=lambda item: -item[0].count(".")):
+        call = calls.get(path)
+        if call is None or call.count != 1 or _holds_tensors(module):
+            continue
+        inner = next((sub for sub, _ in module.named_modules() if sub and (c := calls.get(f"{path}.{sub}")) is not None
+                      and c.count == 1 and _same_value(c.args, call.args) and _same_value(c.kwargs, call.kwargs)
+                      and _same_value(c.output, call.output)), None)
+        if inner is None or not _only_delegates(module, path, inner, calls):
+            continue
+        parent, _, name = path.rpartition(".")
+        replacement = module.get_submodule(inner)
+        setattr(root.get_submodule(parent) if parent else root, name, replacement)
+        swaps.append(ModuleSwap(path, _class_name(module), _class_name(replacement), [],
+                                f"its call is one of {inner}'s, which takes its place"))
+    return swaps
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    """Parameters or buffers of its own, or in a parameter dict or list (read by its forward)."""
+    return any(True for _ in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
+
+
+def _only_delegates(module: nn.Module, path: str, inner: str, calls: Dict[str, "_Call"]) -> bool:
+    """Nothing of ``module`` but ``inner`` took part in its call: every other submodule (PEFT's
+    untrained original, kept beside the copy it trains) was not called and holds no tensors its
+    forward reads as they are (a parameter dict: LoRA's embedding factors)."""
+    for sub, m in module.named_modules():
+        if not sub or sub == inner or sub.startswith(inner + ".") or inner.startswith(sub + "."):
+            continue
+        if calls.get(f"{path}.{sub}") is not None or \
+                (isinstance(m, (nn.ParameterDict, nn.ParameterList)) and _holds_tensors(m)):
+            return False
+    return True
+
+
 def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
     """The base model inside a PEFT wrapper (``PeftModel.get_base_model()``); None for anything else."""
     if type(model).__module__.split(".")[0] != "peft" or not hasattr(model, "get_base_model"):
@@ -1168,8 +1231,13 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
     calls on the example (:func:`record_calls`), recorded before the compile wrote merged
     weights into the model's own tensors; the copy then shares every tensor with the model,
     which the compile consumed."""
-    preserved, swaps = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix,
-                                 progress, varying, recorded).run()
+    preserver = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix, progress,
+                          varying, recorded)
+    preserved, swaps = preserver.run()
+    base = base_of_peft(preserved)
+    if base is not None:  # (PEFT's wrappers that only call the copy they train: that copy, as merge_and_unload gives)
+        swaps = swaps + unwrap_delegating(preserved, preserver.calls, lambda m: _is_peft(m) and
+                                          any(m is b for b in base.modules()) and m is not base)
     if recorded is None:
         own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps

@@ -66,9 +66,10 @@ class Rewrite:
 
 @dataclass
 class Rejection:
-    root: str
+    root: str  # the fx node the region ends at
     reason: str
     kind: Optional[RejectionKind] = None  # what kind of no (repc.reasons); the reason says it in words
+    module: Optional[str] = None  # the module that computed it ("" the model's own forward; None unknown)
 
 
 @dataclass
@@ -149,8 +150,9 @@ class Report:
             if not r.exact:
                 lines.append(f"  APPROXIMATE {_where(r)} ({describe_region(r)}): deviation "
                              f"{r.max_deviation:.3g} from the original")
-        for r in self.rejected:
-            lines.append(f"  kept {r.root}: {r.reason}")
+        for where, members in group_by_path(self.rejected, _where, lambda r: r.reason):
+            count = f" (×{len(members)})" if len(members) > 1 else ""
+            lines.append(f"  kept {where}{count}: {members[0].reason}")
         for name, why in self.front_ends_declined.items():
             lines.append(f"  {name} not used: {why}")
         for s in self.skipped:
@@ -288,7 +290,8 @@ def group_by_path(items, path_of, same_of) -> List[Tuple[str, list]]:
     return out
 
 
-def _where(r: Rewrite) -> str:
+def _where(r) -> str:
+    """Where a rewrite or a rejection is: its module's path, the node where no module is known."""
     return r.root if r.module is None else r.module or "<model>"
 
 

@@ -138,3 +138,29 @@ def test_casts_between_float_dtypes_merge_as_the_identity_and_the_merged_op_comp
         got, expected = result.module(y), model(y)
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+class UpcastScale(nn.Module):
+    """peft's IA3 on a bfloat16 layer's input: the input cast up to the float32 scale's dtype,
+    scaled, cast back, then the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(16, 12).to(torch.bfloat16)
+        self.register_buffer("scale", torch.randn(16))
+
+    def forward(self, x):
+        return self.base((torch.relu(x).to(torch.float32) * self.scale).to(x.dtype))
+
+
+def test_a_cast_up_at_a_regions_edge_is_part_of_it_and_the_merged_linear_reads_the_value_before_it():
+    # (exact: the region reads the bfloat16 value and computes in bfloat16, with no casts)
+    model = randomize(UpcastScale()).eval()
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    result = collapse(fx.symbolic_trace(model), (x,))
+    (rewrite,) = result.rewrites
+    assert not [n for n in result.module.graph.nodes if n.op == "call_method" and n.target == "to"]
+    (linear,) = [m for m in result.module.modules() if isinstance(m, nn.Linear)]
+    assert linear.weight.dtype == torch.bfloat16
+    want = model(x)
+    torch.testing.assert_close(result.module(x).float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())

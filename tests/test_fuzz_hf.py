@@ -32,6 +32,12 @@ REGRESSIONS = [
     HFCase("qwen2", "lokr", "attention", "eager", False, 64895),
     HFCase("mistral", "loha", "all", "eager", False, 12770),
     HFCase("opt", "dora", "attention", "eager", False, 7727),
+    # a bfloat16 base with its float32 adapter (IA3 scales a bfloat16 input cast up to float32,
+    # then cast back: the cast up is exact and belongs to the region), a sequence classifier
+    # whose head peft trains as a copy
+    HFCase("opt", "ia3", "mlp", "sdpa", False, 444, "bfloat16"),
+    HFCase("llama", "ia3", "all", "sdpa", False, 26497, "bfloat16", "classifier"),
+    HFCase("bert", "lora", "attention", "eager", False, 5, head="classifier"),
 ]
 
 

@@ -437,3 +437,33 @@ def test_dora_on_a_llama_without_biases_merges_into_its_plain_linears_as_merge_a
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         assert torch.allclose(reloaded.eval()(**example).logits, fused(**example).logits, atol=1e-6)
+
+
+def test_a_sequence_classifier_with_lora_comes_back_as_its_architecture_with_the_head_peft_trains(tmp_path):
+    # task_type SEQ_CLS: peft trains a copy of the classifier (modules_to_save), behind a wrapper
+    # that calls it; merge_and_unload puts that copy in the wrapper's place, and so does repc
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=50, num_labels=3)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = randomized(peft.get_peft_model(transformers.BertForSequenceClassification(config), peft.LoraConfig(
+            task_type="SEQ_CLS", r=4, target_modules=["query", "value"])))
+        merged = copy.deepcopy(model).merge_and_unload().eval()
+    example = _padded_tokens(2, 9, pad_from=6)
+    example["input_ids"] %= 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", repc.AdaptersLeftWarning)
+        fused = repc.compile(model, (), example)
+    assert type(fused) is transformers.BertForSequenceClassification
+    assert type(fused.classifier) is nn.Linear and torch.equal(fused.classifier.weight, merged.classifier.weight)
+    assert fused.state_dict().keys() == merged.state_dict().keys()
+    for kwargs in (example, {"input_ids": example["input_ids"]}):
+        with torch.no_grad():
+            got, want = fused(**kwargs).logits, merged(**kwargs).logits
+        assert (got - want).abs().max() / want.abs().max() < 1e-5
+    fused.save_pretrained(tmp_path)
+    reloaded, info = transformers.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(**example).logits, fused(**example).logits, atol=1e-6)

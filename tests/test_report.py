@@ -110,3 +110,34 @@ def test_a_rewrite_that_saves_nothing_is_not_counted_as_one():
     assert saving.saves and not idle.saves
     report = Report(rewrites=[saving, idle])
     assert str(report).startswith("repc: 1 rewrite(s) (and 1 that save nothing);")
+
+
+class _GatedBlock(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.proj, self.gate = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.proj(x) * torch.sigmoid(self.gate(x))  # (a product of two activations)
+
+
+class _GatedStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_GatedBlock() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_regions_kept_are_named_by_the_module_that_computed_them_and_grouped_like_the_rewrites():
+    model = _GatedStack().eval()
+    fused = repc.compile(model, torch.randn(2, 8))
+    report = fused.repc_report
+    assert {r.module for r in report.rejected} == {"blocks.0", "blocks.1", "blocks.2"}
+    kept = [line for line in str(report).splitlines() if line.strip().startswith("kept")]
+    assert kept == ["  kept blocks.0–2 (×3): " + report.rejected[0].reason], kept
+    assert "product of two activations" in kept[0]
+    assert json.loads(report.to_json())["rejected"][0]["module"] == "blocks.0"

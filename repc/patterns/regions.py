@@ -461,12 +461,17 @@ class RegionMatcher:
         return expr
 
     def _edge_cast(self, arg: fx.Node) -> bool:
-        """A cast whose input nothing else reads (a norm's result cast back to the input's dtype):
-        merged, the form would cast that input all the same; it stays outside the region, which
-        reads the cast value.  A cast whose input is also read another way (peft's LoRA casts
-        the layer's input to the adapter's dtype beside the base layer) joins the two paths."""
+        """A cast to a less precise dtype whose input nothing else reads (a norm's float32 result
+        cast back to the input's bfloat16): merged, the form would round that input all the same;
+        it stays outside the region, which reads the rounded value.  A cast to a more precise
+        dtype is exact (peft's IA3 casts a bfloat16 input up to its float32 scale, then back):
+        the region reads its input, and computes in its output's dtype.  A cast whose input is
+        also read another way (peft's LoRA beside the base layer) joins the two paths."""
         if not is_float_cast(arg, self.facts) or not self.exprs[arg.args[0]].is_leaf:
             return False
+        out, given = self.facts.values.get(arg), self.facts.values.get(arg.args[0])
+        if torch.finfo(out.dtype).eps <= torch.finfo(given.dtype).eps:
+            return False  # (as precise or more: exact)
         return effective_users(arg.args[0]) == [arg]
 
     def _cheap_to_duplicate(self, arg: fx.Node, readers: List[fx.Node]) -> bool:
