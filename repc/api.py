@@ -212,7 +212,8 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                     # (not once the model was written into: a rebuild would read merged weights)
                     confined = None if in_place else \
                         _confined_copy(written, lambda scopes: _build(**build, confine=scopes), model,
-                                       example_inputs, kwargs, phases.enabled, varying)
+                                       example_inputs, kwargs, phases.enabled, varying,
+                                       first_applied=_applied(written, report))
                 if confined is not None:
                     copy_, swaps, confined_report, confined_reference = confined
                     with phases.step("verify"):
@@ -417,26 +418,39 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
 
 
 def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool, varying=None,
-                   rounds: int = 3):
+                   rounds: int = 3, first_applied: int = 0):
     """Where the written-back copy (``_write_back``'s result) left regions out that span modules
     no swap expresses: the model built again by ``rebuild(scopes)`` with those regions kept
     inside modules, written back, as (copy, swaps, its report, its reference) when it leaves
     fewer rewrites out; else None.  A confined build that still leaves some out gives their
     scopes in turn (a LoRA merge and the scale its attention applies after it, placed at the
     attention first, then kept inside the LoRA layer): up to ``rounds`` builds, each kept only
-    while it leaves fewer out.  Not yet verified."""
-    best, scopes, current = None, {}, written
+    while it applies more rewrites (or as many, leaving fewer out) than the build before
+    (``first_applied``: how many ``written`` applies).  Not yet verified."""
+    best, scopes, current, current_applied = None, {}, written, first_applied
     for _ in range(rounds):
         if current is None or not current[2]:
             break
         scopes = {**scopes, **current[2]}  # (a later round's scope of a node is the narrower one)
         fused, report, reference = rebuild(scopes)
         rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, varying=varying)
-        if rewritten is None or _left_out(rewritten[1]) >= _left_out(current[1]):
+        if rewritten is None or rewritten[0] is None:
+            break
+        applied = len(report.rewrites) - _left_out(rewritten[1])
+        # (kept while it applies more: a build cut finer can leave fewer out by merging less)
+        if applied < current_applied or (applied == current_applied and
+                                         _left_out(rewritten[1]) >= _left_out(current[1])):
             break
         best = (rewritten[0], rewritten[1], report, reference)
-        current = rewritten
+        current, current_applied = rewritten, applied
     return best
+
+
+def _applied(written, report: Report) -> int:
+    """How many of ``report``'s rewrites the written-back copy (``_write_back``'s result) applies."""
+    if written is None or written[1] is None:
+        return 0
+    return len(report.rewrites) - int(_left_out(written[1]))
 
 
 def _left_out(swaps) -> float:
@@ -480,8 +494,8 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
                           recorded=recorded)
     if written is None:
         return fused, report
-    confined = _confined_copy(written, rebuild, model, args, kwargs, progress, varying) if rebuild is not None \
-        else None
+    confined = _confined_copy(written, rebuild, model, args, kwargs, progress, varying,
+                              first_applied=_applied(written, report)) if rebuild is not None else None
     if confined is not None and deviates(confined[0]) is None:
         _accept_copy(confined[2], confined[1], confined=True)
         return confined[0], confined[2]

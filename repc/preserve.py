@@ -440,6 +440,11 @@ def graph_values(gm: fx.GraphModule, flat_inputs) -> Dict[fx.Node, Any]:
     return values
 
 
+def _same_kind(a, b) -> bool:
+    """Tensors of one shape and dtype."""
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+
+
 def _close(a, b) -> bool:
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
@@ -588,7 +593,8 @@ class Preserver:
         self.values = graph_values(fused, flat_inputs)
         self.tags, self.owners = tag_nodes(fused, source, rewrites, prefix, captured)
         self.known = source_paths(source, prefix, captured)
-        self.kept = set(copied_from(fused, source).values())
+        self.copies = copied_from(fused, source)  # fused node -> the source node it copies
+        self.kept = set(self.copies.values())
         self.captured = {name: CapturedNode(_strip(c.path, prefix), c.inputs) for name, c in captured.items()}
         placed = region_paths(source, rewrites, prefix, captured, fused)
         # a rewrite that saves no multiply-adds and no parameters (an eval-mode dropout dropped from
@@ -845,6 +851,14 @@ class Preserver:
             swaps.append(ModuleSwap(d, _class_name(module), becomes_d, [root], f"takes {u}'s affine"))
         return swaps
 
+    def _passed_in(self, node: fx.Node, path: str) -> bool:
+        """``node`` copies a source node computed outside module ``path`` that nodes of ``path``
+        read in the captured graph: a value the module's caller passed in."""
+        source = self.copies.get(node)
+        if source is None or _within(self.known.get(source) or "", path):
+            return False
+        return any(self.known.get(u) is not None and _within(self.known[u], path) for u in source.users)
+
     def _chain_plan(self, root: str) -> Optional[Tuple[List[str], nn.Module]]:
         """Where a region is a chain of leaf-module calls (each read only by the next: ``conv`` then
         ``bn``) merged into one emitted module, reading the first leaf's input and giving the last
@@ -938,6 +952,14 @@ class Preserver:
                     return graph.node_copy(a, lambda b: arg(b, depth + 1))
                 except _Refused:
                     pass
+            # a copy of a value the captured graph passed into this module (one that its nodes
+            # read there) is an argument: the one tensor argument of its shape and dtype, where
+            # merges upstream moved the fused graph's value off the recorded one by more than
+            # ``_close`` allows (bfloat16 rounding)
+            if self._passed_in(a, path):
+                alike = [name for name, given in arguments.items() if _same_kind(value, given)]
+                if len(alike) == 1:
+                    return placeholders[alike[0]]
             raise _Refused(f"it reads {a.name}, which is none of its forward's arguments")
 
         def arg(a: fx.Node, depth: int = 0) -> fx.Node:

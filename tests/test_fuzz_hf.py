@@ -38,6 +38,9 @@ REGRESSIONS = [
     HFCase("opt", "ia3", "mlp", "sdpa", False, 444, "bfloat16"),
     HFCase("llama", "ia3", "all", "sdpa", False, 26497, "bfloat16", "classifier"),
     HFCase("bert", "lora", "attention", "eager", False, 5, head="classifier"),
+    # bfloat16 rounding after merges upstream moves a module's input off the recorded value: a
+    # copy of the value the captured graph passed in is still that argument
+    HFCase("opt", "vera", "all", "eager", True, 7944, "bfloat16", "classifier"),
 ]
 
 
