@@ -421,12 +421,12 @@ def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: b
                    rounds: int = 3, first_applied: int = 0):
     """Where the written-back copy (``_write_back``'s result) left regions out that span modules
     no swap expresses: the model built again by ``rebuild(scopes)`` with those regions kept
-    inside modules, written back, as (copy, swaps, its report, its reference) when it leaves
-    fewer rewrites out; else None.  A confined build that still leaves some out gives their
+    inside modules, written back, as (copy, swaps, its report, its reference) when it applies
+    more rewrites (or as many, leaving fewer out); else None.  A confined build that still leaves some out gives their
     scopes in turn (a LoRA merge and the scale its attention applies after it, placed at the
     attention first, then kept inside the LoRA layer): up to ``rounds`` builds, each kept only
-    while it applies more rewrites (or as many, leaving fewer out) than the build before
-    (``first_applied``: how many ``written`` applies).  Not yet verified."""
+    while it does better so than the build before (``first_applied``: how many ``written``
+    applies).  Not yet verified."""
     best, scopes, current, current_applied = None, {}, written, first_applied
     for _ in range(rounds):
         if current is None or not current[2]:

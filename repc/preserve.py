@@ -1218,7 +1218,7 @@ def unwrap_delegating(root: nn.Module, calls: Dict[str, "_Call"], chosen: Callab
 
 
 def _holds_tensors(module: nn.Module) -> bool:
-    """Parameters or buffers of its own, or in a parameter dict or list (read by its forward)."""
+    """Parameters or buffers of its own (a parameter dict's entries are its own)."""
     return any(True for _ in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
 
 
@@ -1237,7 +1237,7 @@ def _only_delegates(module: nn.Module, path: str, inner: str, calls: Dict[str, "
 
 def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
     """The base model inside a PEFT wrapper (``PeftModel.get_base_model()``); None for anything else."""
-    if type(model).__module__.split(".")[0] != "peft" or not hasattr(model, "get_base_model"):
+    if not _is_peft(model) or not hasattr(model, "get_base_model"):
         return None
     return model.get_base_model()
 
@@ -1258,8 +1258,8 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
     preserved, swaps = preserver.run()
     base = base_of_peft(preserved)
     if base is not None:  # (PEFT's wrappers that only call the copy they train: that copy, as merge_and_unload gives)
-        swaps = swaps + unwrap_delegating(preserved, preserver.calls, lambda m: _is_peft(m) and
-                                          any(m is b for b in base.modules()) and m is not base)
+        inside = {id(m) for m in base.modules() if m is not base}
+        swaps = swaps + unwrap_delegating(preserved, preserver.calls, lambda m: _is_peft(m) and id(m) in inside)
     if recorded is None:
         own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps

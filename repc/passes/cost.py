@@ -191,8 +191,8 @@ def decide(expr: Expr, form_cost: float, computed_weights: bool, region_cost: Op
         return Decision(False, RejectionKind.DOES_NOT_PAY,
                         f"does not pay: {model.words(form_cost)} {model.unit} merged vs "
                         f"{model.words(parts)} with its operands merged on their own")
-    if math.isclose(form_cost, region_cost, rel_tol=1e-12) and op_count(expr.form, source_dtype(expr.node)) >= len(expr.region) \
-            and not computed_weights:
+    if math.isclose(form_cost, region_cost, rel_tol=1e-12) and not computed_weights and \
+            op_count(expr.form, source_dtype(expr.node)) >= len(expr.region):
         return Decision(False)  # same work in as many ops: nothing to gain
     return Decision(True)
 
@@ -202,7 +202,7 @@ def op_count(form, dtype: Optional[torch.dtype] = None) -> int:
     floating dtype: :func:`repc.passes.emit.in_dtype`)."""
     count = len(form) - 1
     if dtype is not None:
-        count += sum(1 for src in form if source_dtype(src) not in (None, dtype) and source_dtype(src).is_floating_point)
+        count += sum(1 for src in form if (have := source_dtype(src)) not in (None, dtype) and have.is_floating_point)
     for op in form.values():
         if isinstance(op, Elementwise):
             count += (op.scale is not None) + (op.shift is not None)
