@@ -308,10 +308,15 @@ def run_case(case: HFCase, compile_fn: Optional[Callable[[nn.Module, Dict[str, t
     if "example" not in references:
         return CaseResult(case, "not applicable", f"the unfused model rejects the example: {skipped[0]}")
     bounds = {name: TOLERANCES[case.dtype] for name in references}
+    merged = None
     if case.dtype != "float32":  # the rounding merged weights bring: as far as merge_and_unload's, within 2x
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            merged = copy.deepcopy(model).merge_and_unload().eval()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                merged = copy.deepcopy(model).merge_and_unload().eval()
+        except Exception:  # (PEFT's own merge refuses some heads: the dtype's tolerance alone then)
+            merged = None
+    if merged is not None:
         with torch.no_grad():
             for name, kwargs in inputs:
                 if name in references:
