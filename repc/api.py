@@ -24,8 +24,8 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import (PreserveError, base_of_peft, module_scopes, own_copies, preserve, record_calls, region_paths,
-                       snapshot, source_paths, varying_scopes)
+from .preserve import (PreserveError, base_of_peft, is_peft, module_scopes, own_copies, preserve, record_calls,
+                       region_paths, snapshot, source_paths, varying_scopes)
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
@@ -348,7 +348,7 @@ def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
         return []
     left: List[Tuple[str, str]] = []
     for path, m in model.named_modules():
-        if type(m).__module__.split(".")[0] != "peft" or hasattr(m, "get_base_model") or \
+        if not is_peft(m) or hasattr(m, "get_base_model") or \
                 isinstance(m, tuners.BaseTuner) or any(path.startswith(p + ".") for p, _ in left):
             continue
         left.append((path, _short_class(m)))
@@ -408,7 +408,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
     scopes = module_scopes(source["source"], report.rewrites, left_out, source["prefix"], source["captured"], fused) \
         if left_out else {}
     if base is not None:
-        left = sorted({_short_class(m) for m in base.modules() if type(m).__module__.split(".")[0] == "peft"})
+        left = sorted({_short_class(m) for m in base.modules() if is_peft(m)})
         if left:  # the PEFT model itself then, with the merges that apply (not a base model with adapters)
             report.output_note = f"{', '.join(left)} layers not merged (no swap of a module expresses their " \
                                  "merge): the PEFT model is returned with the merges that apply"

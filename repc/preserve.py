@@ -59,6 +59,7 @@ from .passes.collapse import EMITTED_FOR
 from .progress import counter, each
 from .report import ModuleSwap
 from .values import holds_state
+from .verify.calls import equal_values
 
 
 class PreserveError(Exception):
@@ -1172,24 +1173,9 @@ def _drop_unread(graph: fx.Graph) -> None:
     graph.lint()
 
 
-def _is_peft(module: nn.Module) -> bool:
+def is_peft(module: nn.Module) -> bool:
+    """A module of PEFT's classes (a LoRA layer, a ModulesToSaveWrapper, the PeftModel)."""
     return type(module).__module__.split(".")[0] == "peft"
-
-
-def _same_value(a, b) -> bool:
-    """Equal (nested) values: tensors equal in shape, dtype and every entry; others by ``==``."""
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    if spec_a != spec_b:
-        return False
-    for x, y in zip(leaves_a, leaves_b):
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and
-                    x.dtype == y.dtype and torch.equal(x, y)):
-                return False
-        elif x is not y and x != y:
-            return False
-    return True
 
 
 def unwrap_delegating(root: nn.Module, calls: Dict[str, "_Call"], chosen: Callable[[nn.Module], bool]
@@ -1204,9 +1190,9 @@ def unwrap_delegating(root: nn.Module, calls: Dict[str, "_Call"], chosen: Callab
         call = calls.get(path)
         if call is None or call.count != 1 or _holds_tensors(module):
             continue
+        given = (call.args, call.kwargs, call.output)
         inner = next((sub for sub, _ in module.named_modules() if sub and (c := calls.get(f"{path}.{sub}")) is not None
-                      and c.count == 1 and _same_value(c.args, call.args) and _same_value(c.kwargs, call.kwargs)
-                      and _same_value(c.output, call.output)), None)
+                      and c.count == 1 and equal_values((c.args, c.kwargs, c.output), given)), None)
         if inner is None or not _only_delegates(module, path, inner, calls):
             continue
         parent, _, name = path.rpartition(".")
@@ -1237,7 +1223,7 @@ def _only_delegates(module: nn.Module, path: str, inner: str, calls: Dict[str, "
 
 def base_of_peft(model: nn.Module) -> Optional[nn.Module]:
     """The base model inside a PEFT wrapper (``PeftModel.get_base_model()``); None for anything else."""
-    if not _is_peft(model) or not hasattr(model, "get_base_model"):
+    if not is_peft(model) or not hasattr(model, "get_base_model"):
         return None
     return model.get_base_model()
 
@@ -1259,7 +1245,7 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
     base = base_of_peft(preserved)
     if base is not None:  # (PEFT's wrappers that only call the copy they train: that copy, as merge_and_unload gives)
         inside = {id(m) for m in base.modules() if m is not base}
-        swaps = swaps + unwrap_delegating(preserved, preserver.calls, lambda m: _is_peft(m) and id(m) in inside)
+        swaps = swaps + unwrap_delegating(preserved, preserver.calls, lambda m: is_peft(m) and id(m) in inside)
     if recorded is None:
         own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps

@@ -42,6 +42,24 @@ def assert_same_outputs(fused, reference, make_inputs, field):
         assert deviation < 1e-4, deviation
 
 
+def assert_same_logits(fused, reference, calls):
+    """``fused``'s logits within 1e-5 (relative max) of ``reference``'s on each call."""
+    for kwargs in calls:
+        with torch.no_grad():
+            got, want = fused(**kwargs).logits, reference(**kwargs).logits
+        assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+def assert_reloads_as(fused, cls, folder, example):
+    """``fused`` saved with save_pretrained reloads as ``cls`` with no key missing or unexpected,
+    and gives its logits on ``example``."""
+    fused.save_pretrained(folder)
+    reloaded, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(**example).logits, fused(**example).logits, atol=1e-6)
+
+
 def token_inputs(vocab):
     def make(batch, length):
         g = torch.Generator().manual_seed(batch * 100 + length)
@@ -256,16 +274,9 @@ def test_a_lora_llama_merges_each_layer_in_place_and_holds_on_the_masks_users_fe
     linears = lambda m: sum(isinstance(x, nn.Linear) for x in m.modules())
     assert linears(fused) == linears(merged)
     ids = example["input_ids"]
-    for kwargs in (example, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": ids},
-                   _padded_tokens(3, 11), _padded_tokens(1, 7)):
-        with torch.no_grad():
-            got, want = fused(**kwargs).logits, model(**kwargs).logits
-        assert (got - want).abs().max() / want.abs().max() < 1e-5
-    fused.save_pretrained(tmp_path)
-    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    with torch.no_grad():
-        assert torch.allclose(reloaded.eval()(**example).logits, fused(**example).logits, atol=1e-6)
+    assert_same_logits(fused, model, (example, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                      {"input_ids": ids}, _padded_tokens(3, 11), _padded_tokens(1, 7)))
+    assert_reloads_as(fused, transformers.LlamaForCausalLM, tmp_path, example)
 
 
 def test_a_lora_llama_with_its_cache_on_merges_and_generates_as_before():
@@ -394,10 +405,7 @@ def test_a_float32_llamas_rmsnorm_affines_fold_into_the_projections_after_them()
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             assert torch.equal(norm.weight, torch.ones_like(norm.weight))
     assert torch.equal(fused.model.norm.weight, torch.ones_like(fused.model.norm.weight))
-    for kwargs in (example, {"input_ids": _padded_tokens(3, 11)["input_ids"]}):
-        with torch.no_grad():
-            got, want = fused(**kwargs).logits, model(**kwargs).logits
-        assert (got - want).abs().max() / want.abs().max() < 1e-5
+    assert_same_logits(fused, model, (example, {"input_ids": _padded_tokens(3, 11)["input_ids"]}))
 
 
 def test_a_lora_repc_cannot_merge_is_said_with_a_warning_and_the_peft_model_returned():
@@ -410,9 +418,7 @@ def test_a_lora_repc_cannot_merge_is_said_with_a_warning_and_the_peft_model_retu
     with pytest.warns(repc.AdaptersLeftWarning, match=r"1 layer\(s\), base_model.model.model.embed_tokens"):
         fused = repc.compile(model, (), example)
     assert isinstance(fused, peft.PeftModel) and fused.repc_report.output == "module-preserving"
-    with torch.no_grad():
-        got, want = fused(**example).logits, model(**example).logits
-    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    assert_same_logits(fused, model, (example,))
 
 
 def test_dora_on_a_llama_without_biases_merges_into_its_plain_linears_as_merge_and_unload_does(tmp_path):
@@ -428,15 +434,8 @@ def test_dora_on_a_llama_without_biases_merges_into_its_plain_linears_as_merge_a
     assert type(fused) is transformers.LlamaForCausalLM and fused.repc_report.output == "module-preserving"
     assert not any(type(m).__module__.startswith("peft") for m in fused.modules())
     assert op_counts(export_graph(fused, (), example).gm)[0] <= reference_counts(merged, example)[0]
-    for kwargs in (example, {"input_ids": _padded_tokens(3, 11)["input_ids"]}):
-        with torch.no_grad():
-            got, want = fused(**kwargs).logits, model(**kwargs).logits
-        assert (got - want).abs().max() / want.abs().max() < 1e-5
-    fused.save_pretrained(tmp_path)
-    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    with torch.no_grad():
-        assert torch.allclose(reloaded.eval()(**example).logits, fused(**example).logits, atol=1e-6)
+    assert_same_logits(fused, model, (example, {"input_ids": _padded_tokens(3, 11)["input_ids"]}))
+    assert_reloads_as(fused, transformers.LlamaForCausalLM, tmp_path, example)
 
 
 def test_a_sequence_classifier_with_lora_comes_back_as_its_architecture_with_the_head_peft_trains(tmp_path):
@@ -458,12 +457,5 @@ def test_a_sequence_classifier_with_lora_comes_back_as_its_architecture_with_the
     assert type(fused) is transformers.BertForSequenceClassification
     assert type(fused.classifier) is nn.Linear and torch.equal(fused.classifier.weight, merged.classifier.weight)
     assert fused.state_dict().keys() == merged.state_dict().keys()
-    for kwargs in (example, {"input_ids": example["input_ids"]}):
-        with torch.no_grad():
-            got, want = fused(**kwargs).logits, merged(**kwargs).logits
-        assert (got - want).abs().max() / want.abs().max() < 1e-5
-    fused.save_pretrained(tmp_path)
-    reloaded, info = transformers.BertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    with torch.no_grad():
-        assert torch.allclose(reloaded.eval()(**example).logits, fused(**example).logits, atol=1e-6)
+    assert_same_logits(fused, merged, (example, {"input_ids": example["input_ids"]}))
+    assert_reloads_as(fused, transformers.BertForSequenceClassification, tmp_path, example)

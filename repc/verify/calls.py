@@ -146,8 +146,14 @@ def canonical_calls(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, A
 
 def _same_inputs(a: Call, b: Call) -> bool:
     """Two calls with equal inputs (the same structure, equal tensors): one run tells both."""
-    leaves_a, spec_a = pytree.tree_flatten((a.args, a.kwargs))
-    leaves_b, spec_b = pytree.tree_flatten((b.args, b.kwargs))
+    return equal_values((a.args, a.kwargs), (b.args, b.kwargs))
+
+
+def equal_values(a: Any, b: Any) -> bool:
+    """Two (nested) values of one structure with equal leaves: tensors of one dtype and shape,
+    equal in every entry; numbers, flags and strings equal; any other object the same one."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
     if spec_a != spec_b:
         return False
     return all(_equal(x, y) for x, y in zip(leaves_a, leaves_b))
