@@ -27,8 +27,9 @@ def randomized(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def reference_counts(model, kwargs):
-    """The conversion's op counts: its graph as torch.export captures it, unfused."""
+def export_counts(model, kwargs):
+    """(heavy ops, norms) of ``model`` as torch.export captures it (unfused): a conversion's, or
+    repc's default result's, counted the same way."""
     return op_counts(export_graph(model, (), kwargs).gm)
 
 
@@ -105,12 +106,12 @@ def test_a_library_model_is_captured_whole_and_keeps_its_function(name):
     model, _, make_inputs, field = MODELS[name]()
     model = randomized(model)
     example = make_inputs(2, 7)
-    fused = repc.compile(model, (), example, graph=True)
+    fused = repc.compile(model, (), example)
     report = fused.repc_report
     assert report.front_end == "torch.export" and report.verification.ok and not report.rolled_back, report
     assert type(fused(**example)) is type(model(**example))  # the ModelOutput stays one
-    heavy, norms = op_counts(fused)
-    ref_heavy, ref_norms = reference_counts(model, example)
+    heavy, norms = export_counts(fused, example)
+    ref_heavy, ref_norms = export_counts(model, example)
     assert heavy <= ref_heavy and norms <= ref_norms
     assert_same_outputs(fused, model, make_inputs, field)
 
@@ -124,12 +125,12 @@ def test_peft_lora_merges_as_far_as_merge_and_unload(name):
         warnings.simplefilter("ignore")
         model = randomized(peft.get_peft_model(base, config))
     example = make_inputs(2, 7)
-    fused = repc.compile(model, (), example, graph=True)
+    fused = repc.compile(model, (), example)
     report = fused.repc_report
     assert report.front_end == "torch.export" and report.verification.ok and not report.rolled_back, report
     merged = copy.deepcopy(model).merge_and_unload().eval()
-    heavy, norms = op_counts(fused)
-    ref_heavy, ref_norms = reference_counts(merged, example)
+    heavy, norms = export_counts(fused, example)
+    ref_heavy, ref_norms = export_counts(merged, example)
     assert heavy <= ref_heavy and norms <= ref_norms, (heavy, norms, ref_heavy, ref_norms, report)
     assert not any("lora" in n for n, _ in fused.named_parameters())
     assert_same_outputs(fused, merged, make_inputs, field)
@@ -433,7 +434,7 @@ def test_dora_on_a_llama_without_biases_merges_into_its_plain_linears_as_merge_a
     fused = repc.compile(model, (), example)
     assert type(fused) is transformers.LlamaForCausalLM and fused.repc_report.output == "module-preserving"
     assert not any(type(m).__module__.startswith("peft") for m in fused.modules())
-    assert op_counts(export_graph(fused, (), example).gm)[0] <= reference_counts(merged, example)[0]
+    assert export_counts(fused, example)[0] <= export_counts(merged, example)[0]
     assert_same_logits(fused, model, (example, {"input_ids": _padded_tokens(3, 11)["input_ids"]}))
     assert_reloads_as(fused, transformers.LlamaForCausalLM, tmp_path, example)
 
