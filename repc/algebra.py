@@ -109,6 +109,24 @@ def elementwise_as_linear(ew: Elementwise) -> Linear:
     return Linear(torch.diag(s), None if ew.shift is None else t)
 
 
+def zero_rows(template: AffineOp, rows: int, axis: int, ndim: int) -> AffineOp:
+    """The map of ``template``'s input giving ``rows`` output channels of zeros on ``axis`` (a
+    linear map on the last axis, a conv on axis 1 with ``template``'s window, so that its
+    output has the same spatial size)."""
+    axis %= ndim
+    if isinstance(template, Elementwise):
+        if axis == ndim - 1:
+            template = elementwise_as_linear(template)
+        elif axis == 1 and ndim > 2:
+            template = elementwise_as_conv(template, ndim - 2)
+    if isinstance(template, Linear) and axis == ndim - 1:
+        return Linear(torch.zeros(rows, template.in_features, dtype=torch.float64), None)
+    if isinstance(template, Conv) and axis == 1:
+        return Conv(torch.zeros((rows, template.in_channels) + template.kernel_size, dtype=torch.float64), None,
+                    template.stride, template.padding, template.dilation, 1, template.padding_mode)
+    raise NotMergeable(MergeKind.AXIS, f"no zero map of {template!r} on axis {axis}")
+
+
 def avg_pool_as_conv(channels: int, kernel: Sequence[int], stride: Sequence[int],
                      padding: Sequence[int], divisor: Optional[int]) -> Conv:
     """Average pooling as a depthwise conv whose kernel is ``1 / divisor`` everywhere.

@@ -155,8 +155,11 @@ def call_target(node: fx.Node):
     return node.target if node.op in ("call_function", "call_method") else None
 
 
-# functions of their argument's shape, dtype and device only (and of their other arguments)
-SHAPE_ONLY_FUNCTIONS = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like})
+# functions of their argument's shape, dtype and device only (and of their other arguments), as
+# Python calls and as the ATen overloads torch.export records
+SHAPE_ONLY_FUNCTIONS = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                                  torch.ops.aten.zeros_like.default, torch.ops.aten.ones_like.default,
+                                  torch.ops.aten.empty_like.default, torch.ops.aten.full_like.default})
 
 _ELEMENTWISE_FUNCTIONS = frozenset({
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid,

@@ -477,6 +477,58 @@ class RePaViTFFN(nn.Module):
         return x + self.fc2(h)
 
 
+class RePaViTPaperMlp(nn.Module):
+    """RePaViT's FFN as the paper's code writes it: BatchNorm1d on tokens through transposes
+    before fc1 and on the hidden channels after the activation, bias-free linears, the channel
+    mask built at every call (``zeros_like`` then ``mask[:, :, :k] = True``; torch.export writes
+    that as a lifted constant filled into a slice) and applied by ``torch.where``, the first
+    ``k = d`` hidden channels activated, an optional layer scale, the residual."""
+
+    def __init__(self, d=32, ratio=4, layer_scale=True):
+        super().__init__()
+        self.fc1 = nn.Linear(d, ratio * d, bias=False)
+        self.fc2 = nn.Linear(ratio * d, d, bias=False)
+        self.act = nn.GELU()
+        self.act_channels = d
+        self.norm1 = nn.BatchNorm1d(d)
+        self.norm2 = nn.BatchNorm1d(ratio * d)
+        self.ls = nn.Parameter(torch.ones(d) * 1e-5) if layer_scale else None
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm1(x.transpose(-1, -2)).transpose(-1, -2)
+        x = self.fc1(x)
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, :, :self.act_channels] = True
+        x = torch.where(mask, self.act(x), x)
+        x = self.norm2(x.transpose(-1, -2)).transpose(-1, -2)
+        x = self.fc2(x)
+        if self.ls is not None:
+            x = x * self.ls
+        return x + shortcut
+
+
+class RePaViTPaperBlock(nn.Module):
+    """Attention (BN norm, fused qkv, ``scaled_dot_product_attention``, the residual) then
+    :class:`RePaViTPaperMlp`: the FFN's input is the attention's residual sum, which the FFN
+    also reads through its own residual."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.BatchNorm1d(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.mlp = RePaViTPaperMlp(d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.norm(x.transpose(-1, -2)).transpose(-1, -2)
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.mlp(x + self.proj(a))
+
+
 # ----------------------------------------------------------------------------- depth reduction
 
 class ResidualLinearStack(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 import repc
+from repc.capture_export import export_graph
 import linear_blocks as lb
 from linear_blocks import compile_exact, called_modules, op_counts, randomize
 
@@ -456,6 +457,30 @@ def test_repavit_with_half_the_channels_idle_is_exact():
     model = randomize(lb.RePaViTFFN(16, ratio=4, idle=0.5, form="slice"))
     fused = compile_exact(model, tokens())
     assert op_counts(fused)["linear"] == 3
+    assert_flops_not_increased(fused.repc_report)
+
+
+@pytest.mark.parametrize("front_end", ["auto", "export"])
+def test_repavit_paper_code_runs_the_deploy_forms_linears_by_default(front_end):
+    """The paper's own idiom (mask built at each call, BN on the hidden channels after the
+    activation, the FFN reading the attention's residual sum): the default result runs, per
+    block, the attention's qkv and proj, then fc1 and fc2 narrowed to the d activated channels
+    and one d x d linear for the idle channels, the norms and the residual -- the paper's deploy
+    form -- and not a second copy of proj (the attention's sum is read by fc1 anyway)."""
+    d, depth = 32, 2
+    model = randomize(nn.Sequential(*[lb.RePaViTPaperBlock(d) for _ in range(depth)]))
+    for block in model:
+        block.mlp.ls.data.normal_()
+    x = tokens(2, 9, d)
+    fused = compile_exact(model, x, graph=False, front_end=front_end)
+    assert type(fused) is nn.Sequential
+    exported = export_graph(fused, (x,), {}).gm
+    modules = dict(exported.named_modules())
+    called = [modules[n.target] for n in exported.graph.nodes if n.op == "call_module"]
+    linears = sorted((m.in_features, m.out_features) for m in called if isinstance(m, nn.Linear))
+    assert linears == sorted([(d, 3 * d), (d, d), (d, d), (d, d), (d, d)] * depth), linears
+    assert sum(isinstance(m, nn.GELU) for m in called) == depth
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in called)
     assert_flops_not_increased(fused.repc_report)
 
 

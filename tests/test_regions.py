@@ -149,6 +149,26 @@ def test_concat_of_different_sources_is_distributed_into_its_consumer():
     assert "distribute" in root.rules
 
 
+def test_concat_of_a_source_and_a_map_is_one_map_per_source():
+    """RePaViT's partial activation: ``cat([relu(h[:d]), h[d:]])`` then a per-channel affine is
+    ``[I; 0] relu(...) + [0; fc1[d:]] x``: the concatenation has a form over both sources."""
+    class PartlyActive(nn.Module):
+        def __init__(self, d=4):
+            super().__init__()
+            self.d = d
+            self.fc1 = nn.Linear(d, 2 * d)
+            self.scale, self.shift = nn.Parameter(torch.randn(2 * d)), nn.Parameter(torch.randn(2 * d))
+
+        def forward(self, x):
+            h = self.fc1(x)
+            c = torch.cat([torch.relu(h[..., :self.d]), h[..., self.d:]], -1)
+            return c * self.scale + self.shift
+
+    m = matched(PartlyActive(), (2, 5, 4))
+    (cat,) = [n for n in m.gm.graph.nodes if n.op == "call_function" and n.target is torch.cat]
+    assert "concat" in m.exprs[cat].rules and sorted(m.sources(m.exprs[cat])) == ["relu", "x"]
+
+
 def test_slices_of_a_value_read_only_by_slices_are_distributed():
     class Halves(nn.Module):
         def __init__(self):
@@ -201,6 +221,28 @@ def test_fork_whose_readers_all_join_is_pulled_into_the_region():
     assert m.sources(m.root()) == ["x"]
     assert m.node("a_1") in m.root().region
 
+
+
+def test_a_fork_read_by_a_norm_that_another_region_shares_stays_a_source():
+    """``u = y + proj(x)``, read by the residual and by a BN whose linear's channels split
+    into two regions (an activated slice, an idle slice): the idle path's region reads every
+    reader of ``u``, but the other slice's region needs ``u`` computed all the same, so pulling
+    ``proj`` in would run it twice: ``u`` stays a source."""
+    class SharedNorm(nn.Module):
+        def __init__(self, d=4):
+            super().__init__()
+            self.d = d
+            self.proj, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
+            self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x, y):
+            u = y + self.proj(x)
+            h = self.fc1(self.bn(u.transpose(1, 2)).transpose(1, 2))
+            return self.fc2(torch.cat([torch.relu(h[..., :self.d]), h[..., self.d:]], -1)) + u
+
+    m = matched(randomize(SharedNorm()), (2, 5, 4), (2, 5, 4))
+    assert sorted(m.sources(m.root())) == ["add", "relu"]
+    assert m.node("proj") not in m.root().region
 
 
 def test_a_source_that_an_operand_region_computes_is_pulled_in():

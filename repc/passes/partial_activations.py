@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_predicates import SHAPE_ONLY_FUNCTIONS, in_place_kind, is_elementwise_activation
+from ..graph_predicates import SHAPE_ONLY_FUNCTIONS, in_place_kind, is_elementwise_activation, may_alias
 from ..vocabulary import constant_facts
 from .inplace import VIEW_MUTATED
 from .metadata_reads import metadata_read
@@ -64,7 +64,7 @@ def split_masked_activations(gm: fx.GraphModule, values: Dict[fx.Node, Any]) -> 
         joined.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
         node.replace_all_uses_with(joined)
         graph.erase_node(node)
-        _erase_dead_mask(graph, mask)
+        _erase_dead_mask(graph, nodes)
         if not active.users:
             graph.erase_node(active)
         count += 1
@@ -119,10 +119,11 @@ def _channel_runs(mask: Any, h: Any, inverted: bool,
 
 
 def _mask_nodes(mask: fx.Node, reader: fx.Node, limit: int = 64) -> Optional[Set[fx.Node]]:
-    """The nodes computing the mask (its slice assignments included) when it is computed from
-    constants and the shapes of values only (``zeros_like(h)`` then assignments of constants),
-    never from their values, and nothing but those nodes and ``reader`` reads the mask's
-    values (no view of it that a write could go through); None otherwise."""
+    """The nodes computing the mask (its writes included) when it is computed from constants
+    and the shapes of values only (``zeros_like(h)`` then assignments of constants: an item
+    assignment, or an in-place fill of a view as torch.export records ``mask[..., :k] = True``),
+    never from their values, and nothing but those nodes and ``reader`` reads the mask's values;
+    None otherwise."""
     seen: Set[fx.Node] = set()
     todo = [mask]
     while todo:
@@ -133,7 +134,7 @@ def _mask_nodes(mask: fx.Node, reader: fx.Node, limit: int = 64) -> Optional[Set
         if len(seen) > limit or node.op == "placeholder":
             return None
         if node.op == "get_attr":
-            if any(u.op == "call_function" and u.target is operator.setitem and u.args[0] is node for u in node.users):
+            if any(_writes_into(u, node) for u in node.users):
                 return None  # a buffer written at every call
             continue
         if node.op not in ("call_function", "call_method"):
@@ -143,13 +144,17 @@ def _mask_nodes(mask: fx.Node, reader: fx.Node, limit: int = 64) -> Optional[Set
             todo.extend(a for a in node.all_input_nodes if a is not node.args[0])
         else:
             todo.extend(node.all_input_nodes)
-        # a value written in place after it was computed (the mask's slice assignments)
-        todo.extend(u for u in node.users if u.op == "call_function" and u.target is operator.setitem
-                    and u.args[0] is node)
+        # a value written after it was computed (the mask's assignments), directly or through a view
+        todo.extend(u for u in node.users if _writes_into(u, node) or (may_alias(u) and u.args and u.args[0] is node))
     for node in seen:
         if any(u not in seen and u is not reader for u in node.users if u.op != "output"):
-            return None  # read elsewhere too: a view, an in-place method, another consumer
+            return None  # read elsewhere too: another consumer of the mask or of a view of it
     return seen
+
+
+def _writes_into(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` writes into ``node`` in place (an item assignment, ``fill_``...)."""
+    return in_place_kind(user) is not None and bool(user.args) and user.args[0] is node
 
 
 def _mask_value(gm: fx.GraphModule, mask: fx.Node, reader: fx.Node, nodes: Set[fx.Node], values) -> Any:
@@ -171,11 +176,9 @@ def _mask_value(gm: fx.GraphModule, mask: fx.Node, reader: fx.Node, nodes: Set[f
     return env.get(mask)
 
 
-def _erase_dead_mask(graph: fx.Graph, mask) -> None:
-    """Remove the mask's own computation once nothing but its slice assignments reads it."""
-    writes = [u for u in mask.users if u.op == "call_function" and u.target is operator.setitem and u.args[0] is mask]
-    if len(writes) != len(mask.users) or mask.op == "get_attr":
-        return
-    for w in writes:
-        graph.erase_node(w)
-    graph.erase_node(mask)
+def _erase_dead_mask(graph: fx.Graph, nodes: Set[fx.Node]) -> None:
+    """Remove the mask's own computation, its writes included (``nodes``: once the where is
+    gone nothing else reads them), latest first."""
+    for node in reversed(list(graph.nodes)):
+        if node in nodes and not node.users:
+            graph.erase_node(node)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -250,7 +250,8 @@ class RegionMatcher:
                     if expr.has_pending:
                         expr.layout, expr.base = child.layout, child.base
                 expr.rules |= {"compose", "layout"}
-            elif child.kind == "concat" and not child.has_form:
+            elif child.kind == "concat" and (not child.has_form or len(child.form) > 1):
+                # (parts of several sources: each part's own columns of the op, not zero blocks)
                 ndim = len(self.facts.shape(child.node))
                 sizes = [self.facts.shape(c.node)[child.meaning.axis] for c in child.children]
                 self._compute(expr, lambda: distribute_form([c.form for c in child.children], sizes,
@@ -268,7 +269,8 @@ class RegionMatcher:
             children = [self._operand(a, node, cut) for a in meaning.inputs]
             expr = self._expr(node, "concat", meaning, children, None)
             ndim = len(self.facts.shape(node))
-            self._compute(expr, lambda: concat_forms([c.form for c in children], meaning.axis, ndim))
+            sizes = [(self.facts.shape(a) or (None,) * ndim)[meaning.axis] for a in meaning.inputs]
+            self._compute(expr, lambda: concat_forms([c.form for c in children], meaning.axis, ndim, sizes))
             expr.rules.add("concat")
         else:  # Slice
             child = self._operand(meaning.input, node, cut)
@@ -301,7 +303,7 @@ class RegionMatcher:
                 if inner is None or inner.is_leaf or not inner.has_form or (src in self.absorbed and not inside) or \
                         (self._edge_cast(src) and not inside):
                     continue
-                if not inside and not all(u in expr.region for u in effective_users(src)):
+                if not inside and not self._only_region_reads(src, expr):
                     continue  # (inside: already computed in the region, pulled in for its other readers too)
                 if self._stays_in_place(src) or not self._same_scope(src, expr.node):
                     continue
@@ -327,6 +329,21 @@ class RegionMatcher:
             expr._form = None
             expr.reason = f"the region computes {inside[0].name} and also reads it as an input"
         return expr
+
+    def _only_region_reads(self, src: fx.Node, expr: Expr) -> bool:
+        """Whether ``src`` is read inside ``expr``'s region only, and so is everything the region
+        computes from it: a node of the region that another region also reads (a shared norm
+        before two channel slices) keeps ``src`` computed, so pulling it in would duplicate it."""
+        todo, seen = list(effective_users(src)), set()
+        while todo:
+            node = todo.pop()
+            if node in seen or node is expr.node:
+                continue
+            seen.add(node)
+            if node not in expr.region:
+                return False
+            todo.extend(effective_users(node))
+        return True
 
     def affine_cone(self, root: fx.Node) -> Tuple[List[fx.Node], List[fx.Node]]:
         """The largest region of nodes with canonical meanings that only ``root`` reads out of.
@@ -637,14 +654,25 @@ def sum_forms(forms: List[Optional[Form]], weights: List[float]) -> Form:
     return out
 
 
-def concat_forms(forms: List[Optional[Form]], axis: int, ndim: int) -> Form:
+def concat_forms(forms: List[Optional[Form]], axis: int, ndim: int, sizes: Sequence[Optional[int]]) -> Form:
+    """``cat([f_1(...), ..., f_n(...)], axis)`` as one map per source: for source ``s`` the
+    maps of the parts that read it stacked, a zero map (``sizes[i]`` rows) for a part that
+    does not (``cat([a, L(b)]) = [I; 0] a + [0; L] b``: a part computed outside the region
+    and a part computed in it, as where an activation covers some channels only)."""
     if any(f is None for f in forms):
         raise NotMergeable(MergeKind.NO_AFFINE_FORM, "an operand has no affine form")
-    sources = {s for f in forms for s in f}
-    if len(sources) != 1 or any(len(f) != 1 for f in forms):
-        raise NotMergeable(MergeKind.NO_AFFINE_FORM, "concatenated values come from different sources")
-    (src,) = sources
-    return {src: algebra.concat([f[src] for f in forms], axis, ndim)}
+    sources = list(dict.fromkeys(s for f in forms for s in f))
+    if len(sources) == 1 and all(len(f) == 1 for f in forms):
+        (src,) = sources
+        return {src: algebra.concat([f[src] for f in forms], axis, ndim)}
+    if any(size is None for size in sizes):
+        raise NotMergeable(MergeKind.SHAPES_DIFFER, "concatenated values of different sources with unknown sizes")
+    out: Form = {}
+    for src in sources:
+        template = next(f[src] for f in forms if src in f)
+        out[src] = algebra.concat([f[src] if src in f else algebra.zero_rows(template, size, axis, ndim)
+                                   for f, size in zip(forms, sizes)], axis, ndim)
+    return out
 
 
 def slice_form(form: Optional[Form], axis: int, ndim: int, start: int, stop: int) -> Form:
