@@ -550,14 +550,15 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
                   synthesize=synthesize, report=report, cost_model=cost_model, confine=confine, varying=varying,
                   write_into=write_into)
     with torch.no_grad():
+        export_next = _export_applies(front_end, allow_approximate, specialize, example_inputs, kwargs)
         if front_end != "export" and positional is not None:
             # fx first where it captures the whole model: its graph keeps the model's modules
-            built = _build_traced(**traced, parts=front_end == "fx")
+            built = _build_traced(**traced, parts=front_end == "fx", opaque_leaves=not export_next)
             if built is not None:
                 return built
         elif front_end != "export":
             report.front_ends_declined["fx"] = _NOT_POSITIONAL
-        if _export_applies(front_end, allow_approximate, specialize, example_inputs, kwargs):
+        if export_next:
             fx_failed = report.skipped.pop() if report.skipped and report.skipped[-1].path == "<model>" else None
             defaults = {k: v for k, v in constants.items() if k not in kwargs and k in
                         _positional_names(model)[len(example_inputs):]}
@@ -575,10 +576,29 @@ def _build(model, example_inputs, kwargs, positional, constants, fixed, expected
         if positional is None:
             report.skipped.append(SkippedPart("<model>", f"fx: {_NOT_POSITIONAL}"))
             return copy.deepcopy(model), report, model
-        return _build_traced(**traced, parts=True, whole=False)  # (the whole was tried above)
+        # (the whole was tried above; again where only its opaque leaves declined it)
+        retry_whole = bool(report.skipped) and report.skipped[-1].reason.startswith(_OPAQUE_LEAVES)
+        if retry_whole:
+            report.skipped.pop()
+        return _build_traced(**traced, parts=True, whole=retry_whole)
 
 
 _NOT_POSITIONAL = "keyword inputs that forward does not take by position"
+_OPAQUE_LEAVES = "its graph calls torch.nn modules whose own layers it does not trace into"
+
+
+def _opaque_leaves(gm: fx.GraphModule) -> List[str]:
+    """The classes of the modules ``gm`` calls that hold layers of their own (``nn.MultiheadAttention``'s
+    in- and out-projections, transformer layers): fx keeps torch.nn modules as leaves, so no
+    adapter or norm around them folds into their layers; torch.export records their parts."""
+    modules = dict(gm.named_modules())
+    names = []
+    for node in gm.graph.find_nodes(op="call_module"):
+        module = modules.get(node.target)
+        if module is not None and any(True for _ in module.children()) and type(module).__name__ not in names \
+                and type(module).__module__.startswith("torch.nn"):
+            names.append(type(module).__name__)
+    return names
 
 
 def _writable_storages(model: nn.Module) -> set:
@@ -633,15 +653,22 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
 
 def _build_traced(model, example_inputs, constants, fixed, expected, allow_approximate, approximate_tolerance,
                   synthesize: bool, report: Report, parts: bool = True, whole: bool = True, cost_model=None,
-                  confine=None, varying=None, write_into=None):
+                  confine=None, varying=None, write_into=None, opaque_leaves: bool = True):
     """The fx front end: ``model`` traced as a whole (``whole``; its failure is the last
     ``<model>`` entry of ``report.skipped``), or in parts where it does not trace (``parts``;
-    None without)."""
+    None without).  Without ``opaque_leaves``, a whole graph that calls torch.nn modules made
+    of layers (:func:`_opaque_leaves`) is declined, for torch.export to record their parts."""
     report.specialized = {name: _brief(value) for name, value in constants.items()}
     reference = model
     # the traced graph's leaves are the model's own modules: repc only reads them, and the
     # graph copies what it still shares with the model where it is the output (in _compile)
     gm = _trace_whole(model, constants, report, example_inputs) if whole else None
+    if gm is not None and not opaque_leaves and _opaque_leaves(gm):
+        report.skipped.append(SkippedPart("<model>", f"{_OPAQUE_LEAVES} ({', '.join(_opaque_leaves(gm))})"))
+        if not parts:
+            report.specialized = {}
+            return None
+        gm = None
     if gm is not None:
         report.nodes_before = len(gm.graph.nodes)
     if gm is not None and allow_approximate:

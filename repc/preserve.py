@@ -441,6 +441,11 @@ def graph_values(gm: fx.GraphModule, flat_inputs) -> Dict[fx.Node, Any]:
     return values
 
 
+def _is_size(value) -> bool:
+    """A size or other integer the graph computes from sizes (not a tensor, not a flag)."""
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
 def _same_kind(a, b) -> bool:
     """Tensors of one shape and dtype."""
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
@@ -993,7 +998,10 @@ class Preserver:
             raise _Refused(f"it returns a {type(call.output).__name__}")
         # (a cast that changes nothing, read outside too: the caller's code reads the value it
         # already holds, the very tensor the cast returned on the example)
-        read_outside = [n for n in nodes if any(u not in inside for u in n.users) and not self._alias(n)]
+        # (a size computed inside and read outside -- export computes each size expression once
+        # and every later layer reads it -- is computed again where it is read: not an output)
+        read_outside = [n for n in nodes if any(u not in inside for u in n.users) and not self._alias(n)
+                        and not _is_size(self.values.get(n))]
         candidates = read_outside + [n for n in reversed(nodes) if n not in read_outside]
         out_nodes = []
         for leaf in leaves:

@@ -323,6 +323,36 @@ class AdaptedLinear(nn.Module):
         return self.adapter_out(self.fc(self.adapter_in(x)))
 
 
+class AdaptedAttentionBlock(nn.Module):
+    """ZeroI2V's placement in a transformer block built on ``nn.MultiheadAttention``: a linear
+    adapter (``x + up(down(x)) * s``) on the attention's input (one adapted value as query, key
+    and value), one on its output, one before the MLP, each after a LayerNorm."""
+
+    def __init__(self, d=32, heads=4, r=4, batch_first=True, scale=0.5):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        self.adapter_attn_in, self.adapter_attn_out, self.adapter_mlp = (
+            ScaledLinearAdapter(d, r, scale) for _ in range(3))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        h = self.adapter_attn_in(self.ln1(x))
+        x = x + self.adapter_attn_out(self.attn(h, h, h, need_weights=False)[0])
+        return x + self.fc2(F.gelu(self.fc1(self.adapter_mlp(self.ln2(x)))))
+
+
+class ScaledLinearAdapter(LinearAdapter):
+    """A linear adapter whose residual branch is scaled: ``x + up(down(x)) * scale``."""
+
+    def __init__(self, d, r=2, scale=0.5):
+        super().__init__(d, r)
+        self.scale = scale
+
+    def forward(self, x):
+        return x + self.up(self.down(x)) * self.scale
+
+
 class CompactedLinear(nn.Module):
     """Weight-Inherited Distillation: row/column compactors around an inherited teacher linear.
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import repc
 from repc.capture_export import GUARD_WORDS, export_graph
+from repc.report import op_counts
 from repc.examples import randomize_bn
 from repc.examples.library_style import ConvNorm, RankCheckedBatchNorm, drop_path
 
@@ -143,6 +144,51 @@ def test_a_size_dependent_branch_falls_back_to_fx_and_says_why():
     assert GUARD_WORDS in report.front_ends_declined["torch.export"], report  # (and fx not whole either)
     y = torch.randn(2, 4, 9, 9)  # odd: the other branch, which the fused model still computes
     assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
+
+
+def clip_if_large(t):
+    """A value-dependent branch (torch.export cannot capture it; fx records one call)."""
+    if bool(t.abs().max() > 1e6):
+        return t.clamp(-1e6, 1e6)
+    return t
+
+
+torch.fx.wrap("clip_if_large")
+
+
+class NormedAttention(nn.Module):
+    def __init__(self, d=16, clip=False):
+        super().__init__()
+        self.clip = clip
+        self.ln, self.attn, self.fc = nn.LayerNorm(d), nn.MultiheadAttention(d, 2, batch_first=True), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(clip_if_large(x) if self.clip else x)
+        return self.fc(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_fx_leaving_multihead_attention_opaque_gives_way_to_export_and_is_taken_where_export_fails():
+    """fx keeps ``nn.MultiheadAttention`` as one leaf, so the norm before it cannot fold into its
+    in-projection: export (which records its parts) is used, and fx says why it was not; where
+    export cannot capture the model, fx's whole graph is used all the same."""
+    x = torch.randn(2, 5, 16)
+    model = randomize_bn(NormedAttention()).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert report.front_end == "torch.export", str(report)
+    assert "MultiheadAttention" in report.front_ends_declined["fx"]
+    # the norm's affine in the in-projection, the out-projection and fc one linear
+    assert op_counts(export_graph(fused, (x,), {}).gm) == (2, 1), str(report)
+    assert op_counts(export_graph(model, (x,), {}).gm) == (3, 1)
+    torch.testing.assert_close(fused(x), model(x))
+    model.clip = True
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert report.front_end == "fx" and not report.skipped, str(report)
+    assert GUARD_WORDS in report.front_ends_declined["torch.export"] or "torch.export" in report.front_ends_declined
+    torch.testing.assert_close(fused(x), model(x))
 
 
 def test_shapes_read_and_unpacked_at_run_time_stay_general():

@@ -22,6 +22,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 import repc
 from repc.capture_export import export_graph
+from repc.report import op_counts as op_counts_of_export
 import linear_blocks as lb
 from linear_blocks import compile_exact, called_modules, op_counts, randomize
 
@@ -267,6 +268,26 @@ def test_zeroi2v_linear_adapters_are_absorbed_into_the_frozen_linear(before, aft
     w_out = eye_out + model.adapter_out.up.weight.double() @ model.adapter_out.down.weight.double() if after else eye_out
     assert torch.allclose(linear.weight.double(), w_out @ model.fc.weight.double() @ w_in, atol=1e-5)
     assert_flops_not_increased(fused.repc_report)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_zeroi2v_adapters_around_multihead_attention_fold_into_its_projections(batch_first):
+    """Adapters before and after ``nn.MultiheadAttention`` and before the MLP fold into the
+    in-projection, the out-projection and fc1 (torch.export records the attention's parts; its
+    batch-first transposes and token reshapes are moved out of the way): the default result
+    runs 4 linears per block, as the paper's own reparameterization does, with no norm affine
+    left, at every batch size and length."""
+    d, depth = 32, 2
+    model = randomize(nn.Sequential(*[lb.AdaptedAttentionBlock(d, batch_first=batch_first) for _ in range(depth)]))
+    x = tokens(2, 7, d) if batch_first else tokens(7, 2, d)
+    fused = compile_exact(model, x, graph=False)
+    report = fused.repc_report
+    assert report.front_end == "torch.export" and "MultiheadAttention" in report.front_ends_declined["fx"]
+    assert type(fused) is nn.Sequential
+    exported = export_graph(fused, (x,), {}).gm
+    assert op_counts_of_export(exported) == (4 * depth, 2 * depth), str(report)  # 2 bare LayerNorms per block
+    assert op_counts_of_export(export_graph(model, (x,), {}).gm) == (10 * depth, 2 * depth)
+    assert_flops_not_increased(report)
 
 
 def test_wid_compactors_around_a_teacher_linear_become_one_compact_linear():

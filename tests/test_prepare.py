@@ -430,3 +430,77 @@ def test_a_masked_activation_over_channel_runs_becomes_a_concat_of_slices():
     h = torch.randn(5, 1, 6)  # other leading sizes
     for got, want in zip(gm(h), model(h)):
         torch.testing.assert_close(got, want)
+
+
+def test_a_mask_filled_into_a_slice_as_torch_export_records_it_is_split_too():
+    """``mask = zeros_like(h, dtype=bool); mask[:, :, :k] = True`` as torch.export records it: a
+    lifted constant filled in place into a slice of the mask (an ATen ``zeros_like``)."""
+    from repc.capture_export import export_graph
+    from repc.passes.partial_activations import split_masked_activations
+
+    class BuiltMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+
+        def forward(self, x):
+            h = self.fc(x)
+            mask = torch.zeros_like(h, dtype=torch.bool)
+            mask[:, :, :3] = True
+            return torch.where(mask, F.gelu(h), h)
+
+    model = BuiltMask().eval()
+    x = torch.randn(2, 3, 6)
+    gm = export_graph(model, (x,), {}).gm
+    assert any(n.target == "fill_" for n in gm.graph.nodes)
+    assert split_masked_activations(gm, record_values(gm, (x,))) == 1
+    assert not any(n.target == "fill_" or n.target is torch.where for n in gm.graph.nodes)
+    for shape in ((2, 3, 6), (4, 5, 6)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), tuple) else gm(x), model(x))
+
+
+# ----------------------------------------------------------------------------- token layouts
+
+class TokenLayouts(nn.Module):
+    """Layout changes that keep the last axis (a batch-first transpose, a token flatten given
+    the feature size read off a value, its inverse) around linear maps, a per-feature scale and a
+    sum of two values laid out alike, as ``nn.MultiheadAttention`` writes them (functional
+    linears, in this forward); one that moves the last axis (``transpose(-1, -2)``), and one read
+    by a module of its own (``head``: its input must stay the value it is given), which stay."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, 3)
+        self.scale = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        h = F.linear(x.transpose(0, 1), self.b.weight, self.b.bias)  # (N, B, 2d)
+        y = F.linear(h.reshape(-1, h.shape[-1]), self.c.weight, self.c.bias).view(h.shape[0], h.shape[1], -1)
+        out = y.transpose(0, 1) + (y * self.scale).transpose(0, 1)
+        return F.linear(out, self.a.weight, self.a.bias), out.transpose(-1, -2), self.head(x.transpose(0, 1))
+
+
+def test_token_layout_changes_move_below_linear_maps_scales_and_same_layout_sums():
+    from repc.passes.metadata_reads import detach_metadata_reads
+    from repc.passes.token_layouts import sink_token_layouts
+
+    model = TokenLayouts().eval()
+    x = torch.randn(2, 5, 6)
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    detach_metadata_reads(gm, record_values(gm, (x,)))
+    assert sink_token_layouts(gm, record_values(gm, (x,))) >= 5
+    def name(n):
+        return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+    layouts = {"transpose", "reshape", "view"}
+    computed = [n for n in gm.graph.nodes if name(n) in ("linear", "add", "mul")]
+    # b, c, the scale, the sum and a read no layout change: the layouts come after them all
+    assert len(computed) == 5 and not any(name(a) in layouts for n in computed for a in n.all_input_nodes), gm.code
+    (head,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert name(head.args[0]) == "transpose"
+    assert sum(name(n) == "transpose" for n in gm.graph.nodes) >= 1  # (moving the last axis: stays)
+    for shape in ((2, 5, 6), (3, 4, 6)):
+        x = torch.randn(shape)
+        for got, want in zip(gm(x), model(x)):
+            torch.testing.assert_close(got, want)

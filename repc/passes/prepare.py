@@ -20,8 +20,8 @@ computing the same function:
    (:mod:`repc.passes.weighted_stacks`);
 9. ``detach_metadata_reads`` -- dtype / device / rank / shape reads do not pin values
    (:mod:`repc.passes.metadata_reads`);
-10. ``push_linears_before_flattens`` -- a linear before a token-flattening reshape
-   (:mod:`repc.passes.flattens`).
+10. ``sink_token_layouts`` -- a layout change that keeps the last axis moved below the linear
+   maps, per-feature constants and same-layout sums reading it (:mod:`repc.passes.token_layouts`).
 
 :func:`prepare` runs :data:`PREPARATION` with :func:`repc.passes.manager.run_passes`.
 """
@@ -32,13 +32,13 @@ from typing import Sequence
 
 from .border_fill import fold_border_fill
 from .crops import crops_as_padding
-from .flattens import push_linears_before_flattens
 from .inplace import functionalize_inplace
 from .manager import Pass, PassContext, PassLog, run_passes
 from .metadata_reads import detach_metadata_reads
 from .move_scales import push_scales_into_concat, push_scales_into_matmul
 from .norm_affine import split_norm_affine
 from .partial_activations import split_masked_activations
+from .token_layouts import sink_token_layouts
 from .weighted_stacks import expand_weighted_stacks
 
 PREPARATION: Sequence[Pass] = (
@@ -51,7 +51,7 @@ PREPARATION: Sequence[Pass] = (
     Pass("push_scales_into_matmul", lambda c: push_scales_into_matmul(c.gm, c.values)),
     Pass("expand_weighted_stacks", lambda c: expand_weighted_stacks(c.gm, c.values)),
     Pass("detach_metadata_reads", lambda c: detach_metadata_reads(c.gm, c.values)),
-    Pass("push_linears_before_flattens", lambda c: push_linears_before_flattens(c.gm, c.values)),
+    Pass("sink_token_layouts", lambda c: sink_token_layouts(c.gm, c.values)),
 )
 
 
