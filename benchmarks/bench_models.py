@@ -277,6 +277,186 @@ def deploy(net: LibraryNet) -> LibraryNet:
     return out.eval()
 
 
+# ----------------------------------------------------------------------------- the papers' ViT blocks
+# RePaViT and ZeroI2V written the way their code writes them, and each paper's own
+# reparameterization written by hand (float64, independent of repc) as the reference.
+
+class RePaViTAttention(nn.Module):
+    """RePaViT's attention: BatchNorm on the tokens through transposes, a bias-free fused qkv,
+    ``scaled_dot_product_attention``, the output projection and the residual."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.BatchNorm1d(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.norm(x.transpose(-1, -2)).transpose(-1, -2)
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)) + x
+
+
+class RePaViTMlp(nn.Module):
+    """RePaViT's channel-idle FFN as its code writes it: BatchNorm before fc1 and on the hidden
+    channels, the mask built at each call (``zeros_like``, ``mask[:, :, :d] = True``) and applied
+    with ``torch.where``, a layer scale, the residual."""
+
+    def __init__(self, d: int, ratio: int = 4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ratio * d, bias=False), nn.Linear(ratio * d, d, bias=False)
+        self.act, self.act_channels = nn.GELU(), d
+        self.norm1, self.norm2 = nn.BatchNorm1d(d), nn.BatchNorm1d(ratio * d)
+        self.ls = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        h = self.fc1(self.norm1(x.transpose(-1, -2)).transpose(-1, -2))
+        mask = torch.zeros_like(h, dtype=torch.bool)
+        mask[:, :, :self.act_channels] = True
+        h = torch.where(mask, self.act(h), h)
+        return self.fc2(self.norm2(h.transpose(-1, -2)).transpose(-1, -2)) * self.ls + x
+
+
+class DeployRePaViTAttention(nn.Module):
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, heads: int):
+        super().__init__()
+        self.qkv, self.proj, self.heads = qkv, proj, heads
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)) + x
+
+
+class DeployRePaViTMlp(nn.Module):
+    """The paper's ``RePaMlp``: ``ffn3(act(ffn2(x))) + ffn1(x)``."""
+
+    def __init__(self, ffn1: nn.Linear, ffn2: nn.Linear, ffn3: nn.Linear):
+        super().__init__()
+        self.ffn1, self.ffn2, self.ffn3, self.act = ffn1, ffn2, ffn3, nn.GELU()
+
+    def forward(self, x):
+        return self.ffn3(self.act(self.ffn2(x))) + self.ffn1(x)
+
+
+def linear_of(weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding float64 ``weight`` and ``bias`` cast to ``like``'s dtype."""
+    out = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        out.weight.copy_(weight.to(like.dtype))
+        out.bias.copy_(bias.to(like.dtype))
+    return out
+
+
+def deploy_repavit(model: nn.Sequential) -> nn.Sequential:
+    """Each block reparameterized as the paper does: the BNs folded into qkv, fc1 and fc2; fc1
+    and fc2 cut to the ``d`` activated channels; the idle channels' path, the layer scale and the
+    residual one ``d x d`` linear beside them."""
+    blocks = []
+    for attn, mlp in zip(model[0::2], model[1::2]):
+        s, t = bn_affine(attn.norm)
+        w = attn.qkv.weight.to(F64)
+        qkv = linear_of(w * s, w @ t, attn.qkv.weight)
+        proj = copy.deepcopy(attn.proj)
+        s1, t1 = bn_affine(mlp.norm1)
+        s2, t2 = bn_affine(mlp.norm2)
+        k, ls = mlp.act_channels, mlp.ls.to(F64)
+        w1, w2 = mlp.fc1.weight.to(F64), mlp.fc2.weight.to(F64)
+        ffn2 = linear_of(w1[:k] * s1, w1[:k] @ t1, mlp.fc1.weight)
+        ffn3 = linear_of(ls[:, None] * w2[:, :k] * s2[:k], ls * (w2 @ t2), mlp.fc2.weight)
+        idle = ls[:, None] * (w2[:, k:] * s2[k:]) @ (w1[k:] * s1)
+        ffn1 = linear_of(idle + torch.eye(idle.shape[0], dtype=F64), ls * (w2[:, k:] @ (s2[k:] * (w1[k:] @ t1))),
+                         mlp.fc1.weight)
+        blocks += [DeployRePaViTAttention(qkv, proj, attn.heads), DeployRePaViTMlp(ffn1, ffn2, ffn3)]
+    return nn.Sequential(*blocks).eval()
+
+
+class ScaledAdapter(nn.Module):
+    """ZeroI2V's linear adapter: ``x + up(down(x)) * scale``."""
+
+    def __init__(self, d: int, r: int, scale: float = 0.5):
+        super().__init__()
+        self.down, self.up, self.scale = nn.Linear(d, r), nn.Linear(r, d), scale
+
+    def forward(self, x):
+        return x + self.up(self.down(x)) * self.scale
+
+    def affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(M, c)`` with ``adapter(x) = M x + c``, float64."""
+        up, down = self.up.weight.to(F64), self.down.weight.to(F64)
+        m = torch.eye(up.shape[0], dtype=F64) + self.scale * up @ down
+        return m, self.scale * (up @ self.down.bias.to(F64) + self.up.bias.to(F64))
+
+
+class ZeroI2VBlock(nn.Module):
+    """A pre-norm block on ``nn.MultiheadAttention`` with ZeroI2V's adapters on the attention's
+    input and output and before the MLP."""
+
+    def __init__(self, d: int, heads: int, r: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.adapter_in, self.adapter_out, self.adapter_mlp = (ScaledAdapter(d, r) for _ in range(3))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        h = self.adapter_in(self.ln1(x))
+        x = x + self.adapter_out(self.attn(h, h, h, need_weights=False)[0])
+        return x + self.fc2(F.gelu(self.fc1(self.adapter_mlp(self.ln2(x)))))
+
+
+class DeployZeroI2VBlock(nn.Module):
+    """The block with its adapters and norm affines folded into the attention's in- and
+    out-projections and fc1, as ZeroI2V's reparameterization leaves it."""
+
+    def __init__(self, block: ZeroI2VBlock):
+        super().__init__()
+        d = block.fc1.in_features
+        self.ln1, self.ln2 = nn.LayerNorm(d, elementwise_affine=False), nn.LayerNorm(d, elementwise_affine=False)
+        self.attn, self.fc1, self.fc2 = copy.deepcopy(block.attn), copy.deepcopy(block.fc1), copy.deepcopy(block.fc2)
+        m, c = block.adapter_in.affine()
+        g, b = block.ln1.weight.to(F64), block.ln1.bias.to(F64)
+        w, bias = block.attn.in_proj_weight.to(F64), block.attn.in_proj_bias.to(F64)
+        m_out, c_out = block.adapter_out.affine()
+        wo, bo = block.attn.out_proj.weight.to(F64), block.attn.out_proj.bias.to(F64)
+        m_mlp, c_mlp = block.adapter_mlp.affine()
+        g2, b2 = block.ln2.weight.to(F64), block.ln2.bias.to(F64)
+        w1, b1 = block.fc1.weight.to(F64), block.fc1.bias.to(F64)
+        with torch.no_grad():
+            self.attn.in_proj_weight.copy_(w @ m * g)
+            self.attn.in_proj_bias.copy_(w @ (m @ b + c) + bias)
+            self.attn.out_proj.weight.copy_(m_out @ wo)
+            self.attn.out_proj.bias.copy_(m_out @ bo + c_out)
+            self.fc1.weight.copy_(w1 @ m_mlp * g2)
+            self.fc1.bias.copy_(w1 @ (m_mlp @ b2 + c_mlp) + b1)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+def paper_vit_case(kind: str, quick: bool) -> Case:
+    """Weights moved off their init by 0.02 (trained ViT weights' scale: larger, the attention's
+    softmax saturates and the model's own float32 rounding moves its output by 1e-3)."""
+    d, heads, depth = (32, 4, 2) if quick else (384, 6, 4)
+    if kind == "repavit":
+        model = randomized(nn.Sequential(*[m for _ in range(depth)
+                                           for m in (RePaViTAttention(d, heads), RePaViTMlp(d))]), scale=0.02)
+        reference, name = deploy_repavit(model), "the paper's RePaMlp"
+    else:
+        model = randomized(nn.Sequential(*[ZeroI2VBlock(d, heads, 8) for _ in range(depth)]), scale=0.02)
+        reference, name = nn.Sequential(*[DeployZeroI2VBlock(b) for b in model]).eval(), "ZeroI2V's merge"
+
+    def make(batch, length):
+        return (torch.randn(batch, length, d, generator=torch.Generator().manual_seed(batch * 1000 + length)),), {}
+
+    sizes = ((2, 9), (3, 13), (1, 17)) if quick else ((2, 65), (3, 50), (1, 197))
+    return Case(model, reference, name, make, lambda out: out, *sizes)
+
+
 # ----------------------------------------------------------------------------- the models
 
 @dataclass
@@ -384,6 +564,8 @@ MODELS: Dict[str, Callable[[bool], Case]] = {
     "gpt2-lora": lambda q: hf_case("gpt2", True, q),
     "repvgg-lib": lambda q: library_case("repvgg", q),
     "mobileone-lib": lambda q: library_case("mobileone", q),
+    "repavit-paper": lambda q: paper_vit_case("repavit", q),
+    "zeroi2v-mha": lambda q: paper_vit_case("zeroi2v", q),
 }
 
 

@@ -101,7 +101,7 @@ def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, 
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     out = tmp_path / "models.json"
-    names = ["bert-lora", "repvgg-lib"]  # one PEFT model against merge_and_unload, one library net against deploy
+    names = ["bert-lora", "repvgg-lib", "repavit-paper", "zeroi2v-mha"]  # PEFT, a library net, two papers
     assert bench_models.main(["--quick", "--models", *names, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| model | front end |" in printed and "merge_and_unload" in printed and "hand-written deploy" in printed
@@ -111,8 +111,10 @@ def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, 
     for r in data["results"]:
         assert r["front_end"] in ("torch.export", "fx") and r["capture"] == "whole"
         assert r["verified"] and r["exact"] and r["max_rel_error"] < 1e-4
-        assert r["heavy"]["after"] <= r["heavy"]["reference"] < r["heavy"]["before"]
+        assert r["heavy"]["after"] <= r["heavy"]["reference"]
         assert r["norms"]["after"] <= r["norms"]["reference"]
+        # (RePaViT's deploy form runs more, narrower linears than its training form)
+        assert r["heavy"]["reference"] < r["heavy"]["before"] or r["norms"]["reference"] < r["norms"]["before"]
         assert r["compile_s"] > 0 and r["export_s"] > 0 and r["repc_over_reference"] > 0
 
 
