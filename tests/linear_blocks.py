@@ -353,6 +353,25 @@ class ScaledLinearAdapter(LinearAdapter):
         return x + self.up(self.down(x)) * self.scale
 
 
+class VideoEmbedding(nn.Module):
+    """A video transformer's input: frames embedded by one linear, a positional embedding plus a
+    temporal one expanded to batch x frames (``expand(B, T, N, d).reshape(B * T, N, d)``: its
+    shape follows the input's batch), then a pre-norm residual linear and a mean over tokens."""
+
+    def __init__(self, d=32, tokens=9, frames=4, patch=12):
+        super().__init__()
+        self.patch = nn.Linear(patch, d)
+        self.pos = nn.Parameter(torch.randn(1, tokens, d))
+        self.time = nn.Parameter(torch.randn(1, frames, d))
+        self.norm, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):  # (B, T, N, patch)
+        B, T, N, _ = x.shape
+        h = self.patch(x.flatten(0, 1))
+        h = h + self.pos + self.time.unsqueeze(2).expand(B, T, N, -1).reshape(B * T, N, -1)
+        return (h + self.fc(self.norm(h))).mean(1)
+
+
 class CompactedLinear(nn.Module):
     """Weight-Inherited Distillation: row/column compactors around an inherited teacher linear.
 

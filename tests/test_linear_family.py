@@ -290,6 +290,23 @@ def test_zeroi2v_adapters_around_multihead_attention_fold_into_its_projections(b
     assert_flops_not_increased(report)
 
 
+def test_an_embedding_expanded_to_the_batch_is_not_folded_into_a_constant_of_the_examples_batch():
+    """Video transformers add a temporal embedding expanded to batch x frames: compiled on one
+    clip, the result holds for other batch sizes (no constant shaped by the example's batch, no
+    rollback), the LayerNorm's affine still folds into fc, and no rewrite claims to hold for
+    other shapes when it does not."""
+    model = randomize(lb.VideoEmbedding())
+    x = torch.randn(1, 4, 9, 12, generator=torch.Generator().manual_seed(5))
+    fused = compile_exact(model, x, graph=False, fixed_size=True)  # (other batches: below)
+    report = fused.repc_report
+    assert report.rewrites and not report.rolled_back and not any(r.shape_specialized for r in report.rewrites)
+    assert op_counts_of_export(export_graph(fused, (x,), {}).gm) == (2, 1), str(report)
+    for batch in (2, 3):
+        y = torch.randn(batch, 4, 9, 12)
+        with torch.no_grad():
+            assert lb.rel_dev(fused(y), model(y)) <= lb.REL_TOL
+
+
 def test_wid_compactors_around_a_teacher_linear_become_one_compact_linear():
     torch.manual_seed(0)
     model = lb.CompactedLinear(8, 32, 48, 12).eval()
