@@ -624,3 +624,36 @@ def test_a_bn_folded_into_a_bias_free_conv_of_a_checkpointed_model_reloads_to_th
     y = torch.randn(3, 3, 9, 7)
     with torch.no_grad():
         assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
+
+
+# ----------------------------------------------------------------------------- outputs matched by structure
+
+def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_value_out_and_recomputes_the_call():
+    """Where merges upstream move the fused graph's values further than value matching allows
+    (an attention amplifying float32 rounding), a module's output is the one tensor its nodes
+    give out of it -- of the output's shape, in float32 or float64 only -- and the replacement
+    is kept only if, run on the inputs the module was given, it returns the module's output."""
+    from repc.preserve import _Call, _Refused, _refuse_unless_same_call, _sole_value_out
+
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    out = torch.randn(2, 3)
+    values = {a: out + 0.1, b: torch.randn(2, 5)}
+    assert _sole_value_out(out, [out], [a], values) is a  # drifted, but the one value out, alike
+    assert _sole_value_out(out, [out], [a, b], values) is None  # two values leave it
+    assert _sole_value_out(out, [out], [b], values) is None  # not of the output's shape
+    assert _sole_value_out(out, [out, out], [a], values) is None  # several outputs
+    half = out.bfloat16()
+    assert _sole_value_out(half, [half], [a], {a: half}) is None  # half precision: values only
+
+    linear = nn.Linear(3, 3).eval()
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        call = _Call((x,), {}, linear(x))
+        _refuse_unless_same_call(copy.deepcopy(linear), call)  # recomputes it: kept
+        wrong = copy.deepcopy(linear)
+        wrong.bias.add_(1.0)
+    with pytest.raises(_Refused):
+        _refuse_unless_same_call(wrong, call)
+    with pytest.raises(_Refused):
+        _refuse_unless_same_call(nn.Linear(4, 3), call)  # fails on the recorded input
