@@ -767,6 +767,15 @@ class Preserver:
                     not any(_within(u, name) or _within(name, u) for u in used):
                 parent, _, leaf = name.rpartition(".")
                 delattr(self.copy.get_submodule(parent) if parent else self.copy, leaf)
+        for name, module in list(self.copy.named_modules()):
+            # and a tensor of a module the graph does not call, which it no longer reads (the
+            # weights a functional block passes to F.conv2d itself, merged into one conv)
+            own = [n for n, _ in module.named_parameters(recurse=False)] + \
+                [n for n, _ in module.named_buffers(recurse=False)]
+            for tensor in own:
+                path = f"{name}.{tensor}" if name else tensor
+                if not any(_within(path, u) for u in used):
+                    delattr(module, tensor)
         object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph))  # (the class keeps its own)
         becomes = "forward: " + becomes.replace("GraphModule", "its graph", 1)
         return ModuleSwap("<model>", _class_name(self.copy), becomes, self._rewrites_in(""))
