@@ -12,6 +12,7 @@ import torch.nn as nn
 from repc.passes import manager
 from repc.passes.manager import Pass, PassContext, PassError, run_passes
 from repc.passes.prepare import PREPARATION, prepare
+from repc.passes.record import record_values
 
 
 class _Model(nn.Module):
@@ -55,8 +56,40 @@ def test_values_are_recorded_once_and_again_only_after_a_change(monkeypatch):
         return 1
 
     log = run_passes([idle, reads, reads, Pass("edit", edit, reads_values=False), idle, reads], context)
-    assert len(calls) == 2 and context.recordings == 2  # before the first read, then after the edit
+    # recorded before the first read; after the edit, only the edited node and its readers run again
+    assert len(calls) == 1 and context.recordings == 1 and context.updates == 1
     assert [r.edits for r in log.records] == [0, 0, 0, 1, 0, 0] and log.changed
+    want = record_values(context.gm, context.example_inputs)
+    (sub,) = [n for n in context.gm.graph.nodes if n.target is operator.sub]
+    assert torch.equal(context.values[sub], want[sub])
+
+
+def test_values_after_an_edit_are_those_of_a_fresh_recording_and_only_the_edit_runs_again():
+    """A pass that changes a node's value (an add made a sub): the updated values are what
+    recording the graph again gives, and only the changed node is given to run again."""
+    context = _context()
+    context.values  # noqa: B018
+    ran = []
+    original = manager.update_values
+
+    def counting(gm, inputs, values, edited):
+        ran.append({n.name for n in edited})
+        return original(gm, inputs, values, edited)
+
+    def edit(c):
+        (add,) = [n for n in c.gm.graph.nodes if n.target is operator.add]
+        add.target = operator.sub
+        c.gm.recompile()
+        return 1
+
+    import unittest.mock as mock
+    with mock.patch.object(manager, "update_values", counting):
+        run_passes([Pass("edit", edit, reads_values=False), Pass("reads", lambda c: 0)], context)
+    assert ran == [{"add"}]
+    fresh = record_values(context.gm, context.example_inputs)
+    for node in context.gm.graph.nodes:
+        if node.op != "output":
+            assert torch.equal(torch.as_tensor(context.values[node]), torch.as_tensor(fresh[node])), node.name
 
 
 def test_passes_that_change_nothing_cost_one_recording(monkeypatch):

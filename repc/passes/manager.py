@@ -2,9 +2,10 @@
 
 A :class:`Pass` is a name and a function of a :class:`PassContext` returning how many edits it
 made (0: the graph is unchanged).  :func:`run_passes` runs a list in order; after a pass that
-changed the graph it lints the graph and marks the recorded values stale: they are recorded
-again before the next pass that reads values or shapes (or when the caller reads
-:attr:`PassContext.values`), so a run of passes that change nothing costs one recording.  A pass that
+changed the graph it lints the graph and marks the nodes it added or changed: before the next
+pass that reads values or shapes (or when the caller reads :attr:`PassContext.values`) only
+those, and the nodes whose inputs they change, run again (:func:`update_values`), so a run of
+passes costs one recording of the whole graph.  A pass that
 fails raises :class:`PassError` naming it.  The list repc runs is
 :data:`repc.passes.prepare.PREPARATION`.
 """
@@ -12,12 +13,13 @@ fails raises :class:`PassError` naming it.  The list repc runs is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+import torch
 import torch.fx as fx
 
 from ..graph_predicates import short_error
-from .record import record_values
+from .record import record_values, update_values
 
 
 class PassError(RuntimeError):
@@ -36,20 +38,58 @@ class PassContext:
         self.gm = gm
         self.example_inputs = example_inputs
         self._values = values
-        self.recordings = 0  # how many times the values were recorded (compile-time accounting)
+        self._edited: Set[fx.Node] = set()  # nodes added or changed since the values were recorded
+        self._shapes: Optional[Dict[fx.Node, Any]] = None  # each node's target and arguments, before a pass
+        self.recordings = 0  # how many times the whole graph ran (compile-time accounting)
+        self.updates = 0  # how many times the values were brought up to date after an edit
 
     @property
     def values(self) -> Dict[fx.Node, Any]:
-        """Every node's value on the example inputs (and its ``tensor_meta``), recorded again
+        """Every node's value on the example inputs (and its ``tensor_meta``), brought up to date
         if the graph changed since."""
         if self._values is None:
             self._values = record_values(self.gm, self.example_inputs)
+            self._edited = set()
             self.recordings += 1
+        elif self._edited:
+            current = set(self.gm.graph.nodes)
+            self._values = update_values(self.gm, self.example_inputs, self._values,
+                                         {n for n in self._edited if n in current})
+            self._edited = set()
+            self.updates += 1
         return self._values
 
+    def before_pass(self) -> None:
+        """Note each node's target and arguments, to tell afterwards which a pass changed."""
+        self._shapes = {n: _call_of(n) for n in self.gm.graph.nodes} if self._values is not None else None
+
     def changed(self) -> None:
-        """The graph was edited: the recorded values no longer describe it."""
-        self._values = None
+        """The graph was edited: the nodes it added or changed (or, with nothing noted before the
+        edit, every value) are recorded again."""
+        if self._values is None or self._shapes is None:
+            self._values = None
+            return
+        self._edited |= {n for n in self.gm.graph.nodes
+                         if n not in self._shapes or not _same_call(self._shapes[n], _call_of(n))}
+        self._shapes = None
+
+
+def _call_of(node: fx.Node):
+    return node.op, node.target, node.args, dict(node.kwargs)
+
+
+def _same_call(a, b) -> bool:
+    """The same call: nodes, tensors and modules by identity, other arguments by value."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_call(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_call(a[k], b[k]) for k in a)
+    if isinstance(a, (fx.Node, torch.Tensor, torch.nn.Module)) or isinstance(b, (fx.Node, torch.Tensor, torch.nn.Module)):
+        return a is b
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return a is b
 
 
 @dataclass(frozen=True)
@@ -84,6 +124,7 @@ def run_passes(passes: Sequence[Pass], context: PassContext) -> PassLog:
     for p in passes:
         if p.reads_values:
             context.values  # noqa: B018 (recorded now, before the pass, if stale)
+        context.before_pass()
         try:
             edits = int(p.run(context) or 0)
         except PassError:

@@ -1,12 +1,14 @@
 """Values of a graph's nodes on the example inputs: what the matcher and the passes read.
 
 :func:`record_values` runs the graph once (shape propagation that also keeps each node's
-value); :class:`ValueRecorder` keeps recorded values right in graphs that still write in place.
+value); :class:`ValueRecorder` keeps recorded values right in graphs that still write in place;
+:func:`update_values` brings values recorded before an edit up to date by running only the
+nodes the edit added or changed, and those whose inputs it changed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -62,3 +64,61 @@ def record_values(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Dict[f
         recorder = ValueRecorder(gm)
         recorder.propagate(*example_inputs)
     return recorder.values
+
+
+def update_values(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], values: Dict[fx.Node, Any],
+                  edited: Iterable[fx.Node]) -> Dict[fx.Node, Any]:
+    """``values``, recorded before an edit of ``gm``, made right again: the nodes ``edited`` (new,
+    or whose target or arguments the edit changed) and the nodes without a value run, in graph
+    order, on the recorded values of their inputs; a node whose value they change (beyond float
+    rounding) makes its readers run too.  Where the graph writes in place, or an input is new,
+    everything is recorded again (:func:`record_values`)."""
+    nodes = list(gm.graph.nodes)
+    todo = {n for n in edited} | {n for n in nodes if n not in values}
+    modules = dict(gm.named_modules())
+    if any(n.op == "placeholder" for n in todo) or any(
+            writes_in_place(n, modules) and n.args and isinstance(n.args[0], fx.Node) for n in nodes):
+        return record_values(gm, example_inputs)
+    with torch._guards.tracing(None), torch.no_grad():
+        recorder = ValueRecorder(gm)
+        env = {n: values[n] for n in nodes if n in values and n not in todo}
+        recorder.env = dict(env)
+        moved = set()
+        for node in nodes:
+            if node.op == "output":
+                continue
+            if node in todo or any(a in moved for a in node.all_input_nodes):
+                before = values.get(node, _MISSING)
+                recorder.env[node] = recorder.run_node(node)
+                if before is _MISSING or not _same_value(before, recorder.env[node]):
+                    moved.add(node)
+        out = {n: recorder.env[n] for n in nodes if n in recorder.env}
+        output = next((n for n in reversed(nodes) if n.op == "output"), None)
+        if output is not None:
+            out[output] = torch.fx.node.map_arg(output.args[0], lambda n: out[n])
+    return out
+
+
+_MISSING = object()
+
+
+def _same_value(a, b) -> bool:
+    """The same value up to float rounding (the passes keep the function; a cast, a merged
+    affine round differently), or not."""
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.shape != y.shape \
+                    or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point():
+                scale = float(y.abs().max()) if y.numel() else 0.0
+                if y.numel() and float((x - y).abs().max()) > 1e-5 * max(scale, 1e-30):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
