@@ -762,20 +762,19 @@ class Preserver:
         gm, becomes = self._subgraph("", self.copy, call, nodes, into=self.copy)
         used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
         for name, module in list(self.copy.named_modules()):
-            # a leaf of the model the graph no longer reads (a BN folded into its conv): dropped
-            if name and not any(True for _ in module.children()) and \
-                    not any(_within(u, name) or _within(name, u) for u in used):
+            # a module of the model the graph no longer reads, nor anything in it (a BN folded into
+            # its conv, a parametrized linear merged): dropped
+            if name and not any(_within(u, name) or _within(name, u) for u in used):
                 parent, _, leaf = name.rpartition(".")
-                delattr(self.copy.get_submodule(parent) if parent else self.copy, leaf)
-        for name, module in list(self.copy.named_modules()):
-            # and a tensor of a module the graph does not call, which it no longer reads (the
-            # weights a functional block passes to F.conv2d itself, merged into one conv)
-            own = [n for n, _ in module.named_parameters(recurse=False)] + \
-                [n for n, _ in module.named_buffers(recurse=False)]
-            for tensor in own:
-                path = f"{name}.{tensor}" if name else tensor
-                if not any(_within(path, u) for u in used):
-                    delattr(module, tensor)
+                owner = _fetch_or_none(self.copy, parent) if parent else self.copy
+                if owner is not None and leaf in getattr(owner, "_modules", {}):
+                    delattr(owner, leaf)
+        for tensor in [n for n, _ in self.copy.named_parameters(recurse=False)] + \
+                [n for n, _ in self.copy.named_buffers(recurse=False)]:
+            # and a tensor of the model's own that the graph no longer reads (the weights a
+            # functional block passes to F.conv2d itself, merged into one conv)
+            if not any(_within(tensor, u) for u in used):
+                delattr(self.copy, tensor)
         object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph))  # (the class keeps its own)
         becomes = "forward: " + becomes.replace("GraphModule", "its graph", 1)
         return ModuleSwap("<model>", _class_name(self.copy), becomes, self._rewrites_in(""))
@@ -974,6 +973,13 @@ class Preserver:
                 if name not in placeholders:
                     raise _Refused(f"its argument {name} is not a plain argument")
                 return placeholders[name]
+            if path == "" and a.op == "placeholder":
+                # an input of the fused graph is an argument of the model's own forward, by name
+                # (fx names a specialized one ``task_1``: its value is checked in the graph)
+                base, _, suffix = str(a.target).rpartition("_")
+                for name in (str(a.target), base if suffix.isdigit() else None):
+                    if name in placeholders:
+                        return placeholders[name]
             value = self.values.get(a)
             if isinstance(value, torch.Tensor):
                 for name, given in arguments.items():

@@ -14,7 +14,9 @@ BatchNorm has random running statistics and the model is in eval mode.
 from __future__ import annotations
 
 import math
-from typing import List
+import weakref
+from collections import Counter
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -823,7 +825,8 @@ def compile_exact(model: nn.Module, example, *, fixed_size: bool = False, keep=(
 
     example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     before = snapshot(model)
-    fused = repc.compile(model, example, **{"graph": True, **options})
+    fused = repc.compile(model, example, **options)  # the default: the model's own class, modules swapped in
+    _EXAMPLES[fused] = example
     assert_unchanged(model, before)
     report = fused.repc_report
     assert not report.rolled_back, str(report)
@@ -845,6 +848,50 @@ _FUNCTION_KINDS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.con
                    torch.matmul: "matmul", torch.mm: "matmul"}
 
 
+_EXAMPLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _run_counts(module: nn.Module, example) -> Tuple[Counter, list]:
+    """What ``module`` runs on ``example``: (ops by kind, the leaf modules called in turn),
+    counted as :func:`op_counts` counts a graph's nodes -- leaf modules by kind or class name,
+    functions and methods outside them by name."""
+    from torch.overrides import TorchFunctionMode
+
+    counts, called, depth = Counter(), [], [0]
+
+    def before(m, args):
+        if depth[0] == 0 and not isinstance(m, _NO_OP_MODULES):
+            counts[next((k for k, classes in _OP_KINDS.items() if type(m) in classes), type(m).__name__)] += 1
+            called.append(m)
+        depth[0] += 1
+
+    def after(m, args, out):
+        depth[0] -= 1
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if depth[0] == 0 and not name.startswith("__") and name not in _NOT_OPS:
+                counts[_FUNCTION_KINDS.get(func, "matmul" if func is torch.Tensor.matmul else name)] += 1
+            return func(*args, **(kwargs or {}))
+
+    # (torch.nn's leaves; a library's own leaf, GPT-2's Conv1D, is counted by what it calls)
+    leaves = [m for m in module.modules() if not any(True for _ in m.children())
+              and type(m).__module__.startswith("torch.nn.modules")]
+    hooks = [m.register_forward_pre_hook(before) for m in leaves] + [m.register_forward_hook(after) for m in leaves]
+    try:
+        with torch.no_grad(), Functions():
+            module(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts, called
+
+
+_NO_OP_MODULES = (nn.Identity, nn.Dropout)  # (in eval mode: the identity)
+_NOT_OPS = frozenset({"size", "dim", "shape", "dtype", "device", "numel", "is_floating_point", "get", "__get__"})
+
+
 def graph_modules(module: nn.Module) -> List[torch.fx.GraphModule]:
     graphs = [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]
     assert graphs, "repc.compile returned no fx graph"
@@ -855,8 +902,9 @@ def op_counts(module: nn.Module):
     """How many ops of each kind the fused graphs run: ``linear`` / ``conv`` / ``bn`` (module
     or function), else the module class name or the function / method name."""
     import operator
-    from collections import Counter
 
+    if module in _EXAMPLES:
+        return _run_counts(module, _EXAMPLES[module])[0]
     counts = Counter()
     for gm in graph_modules(module):
         mods = dict(gm.named_modules())
@@ -877,6 +925,8 @@ def op_counts(module: nn.Module):
 
 def called_modules(module: nn.Module, kind=nn.Linear) -> list:
     """The modules of class ``kind`` that the fused graphs call, once per call."""
+    if module in _EXAMPLES:
+        return [m for m in _run_counts(module, _EXAMPLES[module])[1] if isinstance(m, kind)]
     out = []
     for gm in graph_modules(module):
         mods = dict(gm.named_modules())

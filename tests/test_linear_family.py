@@ -354,7 +354,7 @@ def _layer_norm_calls(fused):
 def test_layernorm_affine_folds_into_the_next_linear_and_the_normalisation_stays(functional):
     torch.manual_seed(0)
     model = lb.LNLinear(16, 24, functional=functional).eval()
-    fused = compile_exact(model, tokens())
+    fused = compile_exact(model, tokens(), graph=True)  # (the graph's layer_norm call: its arguments)
     linear = only_linear(fused)
     (ln,) = _layer_norm_calls(fused)
     weight, bias = (ln.args + (None, None, None))[2:4]
@@ -380,7 +380,7 @@ def test_layernorm_read_by_a_linear_and_the_residual_is_one_linear_after_the_bar
             return self.fc(y) + y
 
     torch.manual_seed(0)
-    fused = compile_exact(NormResidual().eval(), tokens())
+    fused = compile_exact(NormResidual().eval(), tokens(), graph=True)  # (the graph's layer_norm call)
     only_linear(fused)
     (ln,) = _layer_norm_calls(fused)
     assert ln.args[2] is None, ln.args
@@ -400,7 +400,7 @@ def test_repq_vit_channel_scales_after_layernorm_fold_into_the_qkv_linear():
 def test_layernorm_before_a_nonlinearity_keeps_its_affine_and_adds_no_op():
     torch.manual_seed(0)
     model = lb.LNThenAct(16).eval()
-    fused = compile_exact(model, tokens())
+    fused = compile_exact(model, tokens(), graph=True)  # (the graph's calls, as written)
     counts = op_counts(fused)
     assert counts["linear"] == 1 and counts["GELU"] == 1, counts
     assert counts["mul"] == 0 and counts["add"] == 0, counts
@@ -435,7 +435,7 @@ def test_groupnorm_affine_folds_into_a_pointwise_conv_but_not_across_a_padded_on
             return self.conv(self.norm(x))
 
     torch.manual_seed(0)
-    pointwise = compile_exact(GNConv(1).eval(), torch.randn(2, 8, 6, 6))
+    pointwise = compile_exact(GNConv(1).eval(), torch.randn(2, 8, 6, 6), graph=True)  # (its group_norm call)
     (gn,) = [n for gm in lb.graph_modules(pointwise) for n in gm.graph.nodes if n.target is F.group_norm]
     assert gn.args[2] is None and gn.args[3] is None
     assert op_counts(pointwise)["conv"] == 1
@@ -692,8 +692,11 @@ def test_gpt2_conv1d_mlp_takes_the_layer_norm_affine_into_its_first_layer():
     the LN's scale and shift fold into it, and the flatten and the view back cancel."""
     torch.manual_seed(0)
     model = lb.randomize(lb.GPT2MLP()).eval()
-    fused = compile_exact(model, tokens())
+    fused = compile_exact(model, tokens())  # the default: GPT-2's own Conv1D layers, the affine in the first
     counts = op_counts(fused)
+    assert counts["linear"] + counts["addmm"] == 2 and "mul" not in counts, counts
+    assert torch.equal(fused.ln_2.weight, torch.ones_like(fused.ln_2.weight)) and not fused.ln_2.bias.any()
+    counts = op_counts(compile_exact(model, tokens(), graph=True))
     assert counts["linear"] == 2 and "addmm" not in counts, counts
     assert "mul" not in counts and "view" not in counts and "flatten" not in counts, counts
 
