@@ -72,9 +72,9 @@ def test_values_after_an_edit_are_those_of_a_fresh_recording_and_only_the_edit_r
     ran = []
     original = manager.update_values
 
-    def counting(gm, inputs, values, edited):
+    def counting(gm, inputs, values, edited, before):
         ran.append({n.name for n in edited})
-        return original(gm, inputs, values, edited)
+        return original(gm, inputs, values, edited, before)
 
     def edit(c):
         (add,) = [n for n in c.gm.graph.nodes if n.target is operator.add]
@@ -145,3 +145,37 @@ def test_the_preparation_passes_keep_the_function():
     edited = {r.name for r in log.records if r.edits}
     assert {"functionalize_inplace", "split_norm_affine", "push_scales_into_matmul"} <= edited, log
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_node_only_rewired_to_an_input_of_the_same_value_keeps_its_value_without_running(monkeypatch):
+    """A pass puts ``fc * 1.0`` between the linear and the add (as splitting a norm's affine off
+    puts ``core * w + b`` before the linears that read the norm): only the new node runs; the
+    add, rewired to a value equal to the one it read, keeps its value."""
+    from repc.passes import record
+
+    context = _context()
+    context.values  # noqa: B018
+    ran = []
+    run_node = record.ValueRecorder.run_node
+
+    def counting(self, n):
+        ran.append(n.name)
+        return run_node(self, n)
+
+    monkeypatch.setattr(record.ValueRecorder, "run_node", counting)
+
+    def insert(c):
+        (fc,) = [n for n in c.gm.graph.nodes if n.op == "call_module"]
+        (add,) = [n for n in c.gm.graph.nodes if n.target is operator.add]
+        with c.gm.graph.inserting_after(fc):
+            same = c.gm.graph.call_function(operator.mul, (fc, 1.0))
+        add.replace_input_with(fc, same)
+        c.gm.recompile()
+        return 1
+
+    run_passes([Pass("insert", insert, reads_values=False), Pass("reads", lambda c: 0)], context)
+    assert ran == ["mul"], ran
+    fresh = record_values(context.gm, context.example_inputs)
+    for node in context.gm.graph.nodes:
+        if node.op != "output":
+            assert torch.equal(torch.as_tensor(context.values[node]), torch.as_tensor(fresh[node])), node.name

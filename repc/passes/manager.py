@@ -39,6 +39,7 @@ class PassContext:
         self.example_inputs = example_inputs
         self._values = values
         self._edited: Set[fx.Node] = set()  # nodes added or changed since the values were recorded
+        self._before: Dict[fx.Node, Any] = {}  # an edited node's call as the values were recorded for it
         self._shapes: Optional[Dict[fx.Node, Any]] = None  # each node's target and arguments, before a pass
         self.recordings = 0  # how many times the whole graph ran (compile-time accounting)
         self.updates = 0  # how many times the values were brought up to date after an edit
@@ -49,13 +50,13 @@ class PassContext:
         if the graph changed since."""
         if self._values is None:
             self._values = record_values(self.gm, self.example_inputs)
-            self._edited = set()
+            self._edited, self._before = set(), {}
             self.recordings += 1
         elif self._edited:
             current = set(self.gm.graph.nodes)
             self._values = update_values(self.gm, self.example_inputs, self._values,
-                                         {n for n in self._edited if n in current})
-            self._edited = set()
+                                         {n for n in self._edited if n in current}, self._before)
+            self._edited, self._before = set(), {}
             self.updates += 1
         return self._values
 
@@ -69,8 +70,11 @@ class PassContext:
         if self._values is None or self._shapes is None:
             self._values = None
             return
-        self._edited |= {n for n in self.gm.graph.nodes
-                         if n not in self._shapes or not _same_call(self._shapes[n], _call_of(n))}
+        for node in self.gm.graph.nodes:
+            if node not in self._shapes or not _same_call(self._shapes[node], _call_of(node)):
+                self._edited.add(node)
+                if node in self._shapes:
+                    self._before.setdefault(node, self._shapes[node])  # (as first recorded)
         self._shapes = None
 
 

@@ -8,7 +8,7 @@ nodes the edit added or changed, and those whose inputs it changed.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -67,36 +67,67 @@ def record_values(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Dict[f
 
 
 def update_values(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], values: Dict[fx.Node, Any],
-                  edited: Iterable[fx.Node]) -> Dict[fx.Node, Any]:
+                  edited: Iterable[fx.Node], before: Optional[Dict[fx.Node, Any]] = None) -> Dict[fx.Node, Any]:
     """``values``, recorded before an edit of ``gm``, made right again: the nodes ``edited`` (new,
     or whose target or arguments the edit changed) and the nodes without a value run, in graph
-    order, on the recorded values of their inputs; a node whose value they change (beyond float
-    rounding) makes its readers run too.  Where the graph writes in place, or an input is new,
-    everything is recorded again (:func:`record_values`)."""
+    order, on the values of their inputs; a node whose value they change (beyond float rounding)
+    makes its readers run too.  ``before``: an edited node's ``(op, target, args, kwargs)`` before
+    the edit, where it existed: one only rewired to inputs of the same values (a linear now
+    reading a norm's split-off affine) keeps its value without running.  Where the graph writes
+    in place, or an input is new, everything is recorded again (:func:`record_values`)."""
     nodes = list(gm.graph.nodes)
     todo = {n for n in edited} | {n for n in nodes if n not in values}
+    before = before or {}
     modules = dict(gm.named_modules())
     if any(n.op == "placeholder" for n in todo) or any(
             writes_in_place(n, modules) and n.args and isinstance(n.args[0], fx.Node) for n in nodes):
         return record_values(gm, example_inputs)
     with torch._guards.tracing(None), torch.no_grad():
         recorder = ValueRecorder(gm)
-        env = {n: values[n] for n in nodes if n in values and n not in todo}
-        recorder.env = dict(env)
-        moved = set()
+        recorder.env = {n: values[n] for n in nodes if n in values and n not in todo}
+        moved = set()  # nodes that had a value and now have another
         for node in nodes:
             if node.op == "output":
                 continue
-            if node in todo or any(a in moved for a in node.all_input_nodes):
-                before = values.get(node, _MISSING)
-                recorder.env[node] = recorder.run_node(node)
-                if before is _MISSING or not _same_value(before, recorder.env[node]):
-                    moved.add(node)
+            inputs_moved = any(a in moved for a in node.all_input_nodes)
+            if node not in todo and not inputs_moved:
+                continue
+            old = values.get(node, _MISSING)
+            if old is not _MISSING and not inputs_moved and node in before and \
+                    _rewired_alike(before[node], node, values, recorder.env):
+                recorder.env[node] = old
+                continue
+            recorder.env[node] = recorder.run_node(node)
+            if old is not _MISSING and not _same_value(old, recorder.env[node]):
+                moved.add(node)
         out = {n: recorder.env[n] for n in nodes if n in recorder.env}
         output = next((n for n in reversed(nodes) if n.op == "output"), None)
         if output is not None:
             out[output] = torch.fx.node.map_arg(output.args[0], lambda n: out[n])
     return out
+
+
+def _rewired_alike(old_call, node: fx.Node, old_values: Dict[fx.Node, Any], env: Dict[fx.Node, Any]) -> bool:
+    """``node`` calls what it called before the edit, on inputs of the same values."""
+    op, target, args, kwargs = old_call
+    if op != node.op or target != node.target:
+        return False
+
+    def alike(a, b) -> bool:
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            return len(a) == len(b) and all(alike(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(alike(a[k], b[k]) for k in a)
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            return a is b or (a in old_values and b in env and _same_value(old_values[a], env[b]))
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node) or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return a is b
+        try:
+            return type(a) is type(b) and bool(a == b)
+        except Exception:
+            return False
+
+    return alike(args, node.args) and alike(kwargs, dict(node.kwargs))
 
 
 _MISSING = object()
