@@ -4,7 +4,8 @@ For each model (stacks of the training-form blocks of :mod:`repc.examples`, and 
 network itself) three versions run on the same input:
 
 * **training** -- the model as trained: every branch of every block;
-* **repc** -- ``repc.compile(model, (x,))``;
+* **repc** -- ``repc.compile(model, (x,))``, the default result (the model's own classes, the
+  fused blocks swapped in);
 * **deploy** -- the inference form written by hand, the way the papers' ``reparameterize()``
   methods do it: one conv (+ ReLU) per block, BatchNorms folded in float64 (the code below,
   independent of repc).  It is the target repc should reach.
@@ -248,7 +249,7 @@ def bench_model(name: str, args) -> Dict:
     model = MODELS[name]()
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
-    fused = repc.compile(model, (x,), graph=True)
+    fused = repc.compile(model, (x,))  # the default: the model's own modules, the fused blocks swapped in
     compile_s = time.perf_counter() - start
     hand = deploy(model).eval()
     forms = {"training": model, "repc": fused, "deploy": hand}
