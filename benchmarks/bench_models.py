@@ -438,6 +438,144 @@ class DeployZeroI2VBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
+# ----------------------------------------------------------------------------- RepNeXt-style net
+# RepNeXt's idiom (multi-scale depthwise mixers: a square kernel, rectangular ones, a dilated 2x2
+# and 1xk -> kx1 pairs with no norm between, summed; at stride 2 the pair strides (1, 2) then
+# (2, 1)), channel chunks mixed at three scales beside an identity chunk, a BN after the mixer,
+# a 1x1 conv-BN MLP and the residual; the reference folds each mixer into one depthwise conv by
+# hand and keeps the norms, as the paper's own fuse() does.
+
+def _dw(c: int, k: Tuple[int, int], stride=(1, 1), dilation: int = 1, bias: bool = True) -> nn.Conv2d:
+    pad = tuple(dilation * (n - 1) // 2 for n in k)
+    return nn.Conv2d(c, c, k, stride, pad, dilation, groups=c, bias=bias)
+
+
+class MultiScaleMixer(nn.Module):
+    """``square(x) + rects(x) + dilated 2x2(x) + pairs(x)``: every term a depthwise map of ``x``."""
+
+    def __init__(self, c: int, k: int, stride: int = 1):
+        super().__init__()
+        s = (stride, stride)
+        self.square = _dw(c, (k, k), s)
+        self.rects = nn.ModuleList([_dw(c, (k - 2, k - 4), s), _dw(c, (k - 4, k - 2), s)] if k >= 5 else [])
+        self.dilated = nn.Conv2d(c, c, 2, stride, 1, 2, groups=c)
+        self.pairs = nn.ModuleList(nn.Sequential(_dw(c, (1, n), (1, stride), bias=False), _dw(c, (n, 1), (stride, 1), bias=False))
+                                   for n in ((k, k - 2) if k >= 5 else (k,)))
+
+    def forward(self, x):
+        out = self.square(x) + self.dilated(x)
+        for conv in self.rects:
+            out = out + conv(x)
+        for pair in self.pairs:
+            out = out + pair(x)
+        return out
+
+
+class RepNeXtStyleBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        q = c // 4
+        self.small, self.medium = MultiScaleMixer(q, 3), MultiScaleMixer(q, 7)
+        self.large = nn.Sequential(_dw(q, (1, 11)), _dw(q, (11, 1)))
+        self.norm = nn.BatchNorm2d(c)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.GELU(),
+                                 nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        i, s, m, l = torch.chunk(x, 4, dim=1)
+        mixed = torch.cat((i, self.small(s), self.medium(m), self.large(l)), dim=1)
+        return x + self.mlp(self.norm(mixed))
+
+
+class RepNeXtStyleDown(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.small, self.medium = MultiScaleMixer(c, 3, stride=2), MultiScaleMixer(c, 7, stride=2)
+        self.norm = nn.BatchNorm2d(2 * c)
+
+    def forward(self, x):
+        return self.norm(torch.cat((self.small(x), self.medium(x)), dim=1))
+
+
+def _placed(conv: nn.Conv2d, k: int) -> torch.Tensor:
+    """A depthwise conv's kernel as a centred ``k x k`` one (a dilated kernel spread out)."""
+    w = conv.weight.to(F64)
+    d = conv.dilation[0]
+    if d > 1:
+        spread = w.new_zeros(w.shape[:2] + tuple(d * (n - 1) + 1 for n in w.shape[2:]))
+        spread[:, :, ::d, ::d] = w
+        w = spread
+    ph, pw = (k - w.shape[2]) // 2, (k - w.shape[3]) // 2
+    return F.pad(w, (pw, pw, ph, ph))
+
+
+def deploy_mixer(mixer: MultiScaleMixer) -> nn.Conv2d:
+    """One depthwise conv: the kernels summed at the square's size, each 1xk -> kx1 pair as the
+    outer product of its two kernels (no bias between)."""
+    k = mixer.square.kernel_size[0]
+    terms = [mixer.square, mixer.dilated, *mixer.rects]
+    w = sum(_placed(t, k) for t in terms)
+    for first, second in mixer.pairs:
+        outer = second.weight.to(F64)[:, :, :, 0:1] * first.weight.to(F64)[:, :, 0:1, :]
+        w = w + F.pad(outer, [(k - outer.shape[-1]) // 2] * 2 + [(k - outer.shape[-2]) // 2] * 2)
+    b = sum(t.bias.to(F64) for t in terms)
+    out = nn.Conv2d(w.shape[0], w.shape[0], k, mixer.square.stride, k // 2, groups=w.shape[0])
+    with torch.no_grad():
+        out.weight.copy_(w.float())
+        out.bias.copy_(b.float())
+    return out
+
+
+class DeployRepNeXtStyleBlock(nn.Module):
+    def __init__(self, block: RepNeXtStyleBlock):
+        super().__init__()
+        self.small, self.medium = deploy_mixer(block.small), deploy_mixer(block.medium)
+        self.large, self.norm, self.mlp = copy.deepcopy(block.large), copy.deepcopy(block.norm), copy.deepcopy(block.mlp)
+
+    def forward(self, x):
+        i, s, m, l = torch.chunk(x, 4, dim=1)
+        return x + self.mlp(self.norm(torch.cat((i, self.small(s), self.medium(m), self.large(l)), dim=1)))
+
+
+class DeployRepNeXtStyleDown(nn.Module):
+    def __init__(self, down: RepNeXtStyleDown):
+        super().__init__()
+        self.small, self.medium, self.norm = deploy_mixer(down.small), deploy_mixer(down.medium), copy.deepcopy(down.norm)
+
+    def forward(self, x):
+        return self.norm(torch.cat((self.small(x), self.medium(x)), dim=1))
+
+
+class RepNeXtStyleNet(nn.Module):
+    def __init__(self, widths=(32, 64), depth: int = 2, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.GELU())
+        layers = []
+        for i, c in enumerate(widths):
+            if i:
+                layers.append(RepNeXtStyleDown(widths[i - 1]))
+            layers += [RepNeXtStyleBlock(c) for _ in range(depth)]
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        return NetOutput(self.head(self.layers(self.stem(x)).mean((2, 3))))
+
+
+def deploy_repnext(net: RepNeXtStyleNet) -> RepNeXtStyleNet:
+    out = copy.deepcopy(net)
+    out.layers = nn.Sequential(*[DeployRepNeXtStyleBlock(m) if isinstance(m, RepNeXtStyleBlock) else
+                                 DeployRepNeXtStyleDown(m) for m in net.layers])
+    return out.eval()
+
+
+def repnext_case(quick: bool) -> Case:
+    widths, depth = ((16, 32), 1) if quick else ((64, 128, 256), 2)
+    model = randomized(RepNeXtStyleNet(widths, depth), scale=0.05)
+    sizes = ((2, 32), (3, 40), (1, 32)) if quick else ((2, 64), (3, 80), (1, 160))
+    return Case(model, deploy_repnext(model), "RepNeXt's fuse, by hand", image_args, lambda out: out.logits, *sizes)
+
+
 def paper_vit_case(kind: str, quick: bool) -> Case:
     """Weights moved off their init by 0.02 (trained ViT weights' scale: larger, the attention's
     softmax saturates and the model's own float32 rounding moves its output by 1e-3)."""
@@ -564,6 +702,7 @@ MODELS: Dict[str, Callable[[bool], Case]] = {
     "gpt2-lora": lambda q: hf_case("gpt2", True, q),
     "repvgg-lib": lambda q: library_case("repvgg", q),
     "mobileone-lib": lambda q: library_case("mobileone", q),
+    "repnext-style": repnext_case,
     "repavit-paper": lambda q: paper_vit_case("repavit", q),
     "zeroi2v-mha": lambda q: paper_vit_case("zeroi2v", q),
 }

@@ -101,7 +101,7 @@ def test_models_quick_compares_with_each_reference_conversion(tmp_path, capsys, 
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     out = tmp_path / "models.json"
-    names = ["bert-lora", "repvgg-lib", "repavit-paper", "zeroi2v-mha"]  # PEFT, a library net, two papers
+    names = ["bert-lora", "repvgg-lib", "repnext-style", "repavit-paper", "zeroi2v-mha"]  # PEFT, a library net, papers
     assert bench_models.main(["--quick", "--models", *names, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| model | front end |" in printed and "merge_and_unload" in printed and "hand-written deploy" in printed
