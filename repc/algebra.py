@@ -124,7 +124,8 @@ def zero_rows(template: AffineOp, rows: int, axis: int, ndim: int) -> AffineOp:
     if isinstance(template, Conv) and axis == 1:
         return Conv(torch.zeros((rows, template.in_channels) + template.kernel_size, dtype=torch.float64), None,
                     template.stride, template.padding, template.dilation, 1, template.padding_mode)
-    raise NotMergeable(MergeKind.AXIS, f"no zero map of {template!r} on axis {axis}")
+    raise NotMergeable(MergeKind.AXIS, f"values of different sources concatenated on axis {axis}, not the axis "
+                                       f"{template!r} maps")
 
 
 def avg_pool_as_conv(channels: int, kernel: Sequence[int], stride: Sequence[int],
