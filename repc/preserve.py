@@ -446,22 +446,21 @@ def _is_size(value) -> bool:
     return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
 
 
-def _sole_value_out(leaf, leaves, read_outside: List[fx.Node], values) -> Optional[fx.Node]:
-    """The one tensor a module's nodes give out of it, where the module returns one tensor of
-    its shape and a float32 or float64 dtype (in half precision a wrong value can stay inside
-    the whole-model check's tolerance); else None."""
-    if len(leaves) != 1 or not isinstance(leaf, torch.Tensor) or leaf.dtype not in (torch.float32, torch.float64):
+def _sole_value_out(leaf, read_outside: List[fx.Node], values, taken) -> Optional[fx.Node]:
+    """The one tensor a module's nodes give out of it, other than those already matched to its
+    other outputs (``taken``), of the output's shape and float dtype; else None.  Only a
+    candidate: the replacement must then recompute the module's call (``_refuse_unless_same_call``)."""
+    if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
         return None
-    out = [n for n in read_outside if isinstance(values.get(n), torch.Tensor)]
-    if len(out) != 1:
-        return None
-    value = values[out[0]]
-    return out[0] if value.shape == leaf.shape and value.dtype == leaf.dtype else None
+    alike = [n for n in read_outside if n not in taken and isinstance(values.get(n), torch.Tensor)
+             and values[n].shape == leaf.shape and values[n].dtype == leaf.dtype]
+    return alike[0] if len(alike) == 1 else None
 
 
 def _refuse_unless_same_call(replacement: nn.Module, call: "_Call") -> None:
     """The replacement, run on the arguments the module was given on the example, returns its
-    output up to float rounding (``_close``): a module output matched by structure, not value."""
+    output up to float rounding (``_close``, by dtype): a module output matched by structure,
+    not value."""
     try:
         with torch.no_grad():
             got = replacement(*call.args, **call.kwargs)
@@ -1045,7 +1044,7 @@ class Preserver:
         read_outside = [n for n in nodes if any(u not in inside for u in n.users) and not self._alias(n)
                         and not _is_size(self.values.get(n))]
         candidates = read_outside + [n for n in reversed(nodes) if n not in read_outside]
-        out_nodes = []
+        out_nodes, matched_nodes = [], []
         by_structure = False
         for leaf in leaves:
             if not isinstance(leaf, torch.Tensor):
@@ -1061,13 +1060,14 @@ class Preserver:
                 match = next((a for a in env if a not in inside and _close(self.values.get(a), leaf)), None)
             if match is None and into is None:
                 # where merges upstream moved the graph's values further than `_close` allows (an
-                # attention amplifies float32 rounding): the one value it gives out of it, of the
-                # output's shape and dtype -- checked below on the inputs the module was given
-                match = _sole_value_out(leaf, leaves, read_outside, self.values)
+                # attention amplifies float32 rounding; bfloat16): the one value it gives out of it
+                # of the output's shape and dtype -- checked below on the inputs the module was given
+                match = _sole_value_out(leaf, read_outside, self.values, set(matched_nodes))
                 by_structure = by_structure or match is not None
             if match is None:
                 raise _Refused("one of its outputs is not a value of the fused graph")
             out_nodes.append(env[match])
+            matched_nodes.append(match)
         matched = {n for n in read_outside if env[n] in out_nodes}
         if len(matched) != len(read_outside):
             missing = next(n for n in read_outside if n not in matched)

@@ -630,21 +630,26 @@ def test_a_bn_folded_into_a_bias_free_conv_of_a_checkpointed_model_reloads_to_th
 
 def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_value_out_and_recomputes_the_call():
     """Where merges upstream move the fused graph's values further than value matching allows
-    (an attention amplifying float32 rounding), a module's output is the one tensor its nodes
-    give out of it -- of the output's shape, in float32 or float64 only -- and the replacement
-    is kept only if, run on the inputs the module was given, it returns the module's output."""
+    (an attention amplifying float32 rounding, bfloat16), a module's output is the one tensor
+    its nodes give out of it of the output's shape and float dtype, not already another
+    output's -- and the replacement is kept only if, run on the inputs the module was given, it
+    returns the module's output."""
     from repc.preserve import _Call, _Refused, _refuse_unless_same_call, _sole_value_out
 
     graph = fx.Graph()
-    a, b = graph.placeholder("a"), graph.placeholder("b")
+    a, b, c = graph.placeholder("a"), graph.placeholder("b"), graph.placeholder("c")
     out = torch.randn(2, 3)
-    values = {a: out + 0.1, b: torch.randn(2, 5)}
-    assert _sole_value_out(out, [out], [a], values) is a  # drifted, but the one value out, alike
-    assert _sole_value_out(out, [out], [a, b], values) is None  # two values leave it
-    assert _sole_value_out(out, [out], [b], values) is None  # not of the output's shape
-    assert _sole_value_out(out, [out, out], [a], values) is None  # several outputs
+    values = {a: out + 0.1, b: torch.randn(2, 5), c: torch.randn(2, 3)}
+    assert _sole_value_out(out, [a], values, set()) is a  # drifted, but the one value out alike
+    assert _sole_value_out(out, [a, b], values, set()) is a  # (the other is of another shape)
+    assert _sole_value_out(out, [a, c], values, set()) is None  # two alike: no telling which
+    assert _sole_value_out(out, [a, c], values, {c}) is a  # c is another output's
+    assert _sole_value_out(out, [b], values, set()) is None  # not of the output's shape
     half = out.bfloat16()
-    assert _sole_value_out(half, [half], [a], {a: half}) is None  # half precision: values only
+    assert _sole_value_out(half, [a], {a: half}, set()) is a
+    assert _sole_value_out(half, [a], {a: out}, set()) is None  # another dtype
+    ids = torch.arange(6).reshape(2, 3)
+    assert _sole_value_out(ids, [a], {a: ids}, set()) is None  # integers: by value only
 
     linear = nn.Linear(3, 3).eval()
     x = torch.randn(2, 3)
