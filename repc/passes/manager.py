@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-import torch
 import torch.fx as fx
 
 from ..graph_predicates import short_error
-from .record import record_values, update_values
+from .record import record_values, same_arguments, update_values
 
 
 class PassError(RuntimeError):
@@ -40,7 +39,7 @@ class PassContext:
         self._values = values
         self._edited: Set[fx.Node] = set()  # nodes added or changed since the values were recorded
         self._before: Dict[fx.Node, Any] = {}  # an edited node's call as the values were recorded for it
-        self._shapes: Optional[Dict[fx.Node, Any]] = None  # each node's target and arguments, before a pass
+        self._calls: Optional[Dict[fx.Node, Any]] = None  # each node's call (op, target, arguments) before a pass
         self.recordings = 0  # how many times the whole graph ran (compile-time accounting)
         self.updates = 0  # how many times the values were brought up to date after an edit
 
@@ -62,38 +61,24 @@ class PassContext:
 
     def before_pass(self) -> None:
         """Note each node's target and arguments, to tell afterwards which a pass changed."""
-        self._shapes = {n: _call_of(n) for n in self.gm.graph.nodes} if self._values is not None else None
+        self._calls = {n: _call_of(n) for n in self.gm.graph.nodes} if self._values is not None else None
 
     def changed(self) -> None:
         """The graph was edited: the nodes it added or changed (or, with nothing noted before the
         edit, every value) are recorded again."""
-        if self._values is None or self._shapes is None:
+        if self._values is None or self._calls is None:
             self._values = None
             return
         for node in self.gm.graph.nodes:
-            if node not in self._shapes or not _same_call(self._shapes[node], _call_of(node)):
+            if node not in self._calls or not same_arguments(self._calls[node], _call_of(node)):
                 self._edited.add(node)
-                if node in self._shapes:
-                    self._before.setdefault(node, self._shapes[node])  # (as first recorded)
-        self._shapes = None
+                if node in self._calls:
+                    self._before.setdefault(node, self._calls[node])  # (as first recorded)
+        self._calls = None
 
 
 def _call_of(node: fx.Node):
     return node.op, node.target, node.args, dict(node.kwargs)
-
-
-def _same_call(a, b) -> bool:
-    """The same call: nodes, tensors and modules by identity, other arguments by value."""
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same_call(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_call(a[k], b[k]) for k in a)
-    if isinstance(a, (fx.Node, torch.Tensor, torch.nn.Module)) or isinstance(b, (fx.Node, torch.Tensor, torch.nn.Module)):
-        return a is b
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:
-        return a is b
 
 
 @dataclass(frozen=True)

@@ -113,21 +113,27 @@ def _rewired_alike(old_call, node: fx.Node, old_values: Dict[fx.Node, Any], env:
     if op != node.op or target != node.target:
         return False
 
-    def alike(a, b) -> bool:
-        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-            return len(a) == len(b) and all(alike(x, y) for x, y in zip(a, b))
-        if isinstance(a, dict) and isinstance(b, dict):
-            return a.keys() == b.keys() and all(alike(a[k], b[k]) for k in a)
-        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
-            return a is b or (a in old_values and b in env and _same_value(old_values[a], env[b]))
-        if isinstance(a, fx.Node) or isinstance(b, fx.Node) or isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return a is b
-        try:
-            return type(a) is type(b) and bool(a == b)
-        except Exception:
-            return False
+    def same_node(a: fx.Node, b: fx.Node) -> bool:
+        return a is b or (a in old_values and b in env and _same_value(old_values[a], env[b]))
 
-    return alike(args, node.args) and alike(kwargs, dict(node.kwargs))
+    return same_arguments((args, kwargs), (node.args, dict(node.kwargs)), same_node)
+
+
+def same_arguments(a, b, same_node=lambda x, y: x is y) -> bool:
+    """Two call arguments alike: containers item by item, nodes by ``same_node`` (identity by
+    default), tensors and modules by identity, other values by equality."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_arguments(x, y, same_node) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_arguments(a[k], b[k], same_node) for k in a)
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        return same_node(a, b)
+    if isinstance(a, (fx.Node, torch.Tensor, torch.nn.Module)) or isinstance(b, (fx.Node, torch.Tensor, torch.nn.Module)):
+        return a is b
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return a is b
 
 
 _MISSING = object()
