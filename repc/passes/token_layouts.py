@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..graph_predicates import target_name
 from ..meanings import AffineCall, GraphFacts, Layout, apply_layout
-from ..ops import Linear
+from ..ops import Elementwise, Linear
 from ..vocabulary import constant_facts, describe
 from .editing import buffer_node, took_place_of
 from .inplace import VIEW_MUTATED
@@ -50,7 +50,7 @@ def sink_token_layouts(gm: fx.GraphModule, values: Dict[fx.Node, Any], limit: in
     def shape(node) -> Optional[Tuple[int, ...]]:
         return shapes.get(node) or (facts.shape(node) if isinstance(node, fx.Node) else None)
 
-    todo = [n for n in graph.nodes if _keeps_last_axis(n, facts)]
+    todo = [n for n in graph.nodes if _keeps_last_axis(n, facts) and not _undoes_another(n, facts)]
     layouts: Set[fx.Node] = set(todo)  # (those made here keep the last axis by construction)
     count = 0
     while todo and count < limit:
@@ -125,6 +125,35 @@ def _keeps_last_axis(node: fx.Node, facts: GraphFacts) -> bool:
         return False
     rows = index.reshape(-1, size)
     return bool((rows % size == torch.arange(size)).all()) and bool((rows // size == rows[:, :1] // size).all())
+
+
+def _undoes_another(layout: fx.Node, facts: GraphFacts, depth: int = 8) -> bool:
+    """Whether ``layout`` undoes a layout change made before the elementwise maps between them
+    (``bn(x.flatten(0, 1)).view(B, N, C)``): the matcher reads such a sandwich as one per-channel
+    map of ``x``, which moving the second layout change away would break."""
+    node = layout.args[0]
+    between = 0
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method", "call_module"):
+            return False
+        try:
+            meaning = describe(node, facts)
+        except Exception:
+            return False
+        if isinstance(meaning, Layout):
+            if not between:
+                return False  # (two layout changes in a row: the matcher composes them anyway)
+            try:
+                shape = facts.shape(meaning.input)
+                index = torch.arange(torch.Size(shape).numel()).reshape(shape)
+                back = apply_layout(layout, apply_layout(node, index, facts), facts)
+            except Exception:
+                return False
+            return tuple(back.shape) == tuple(shape) and bool(torch.equal(back, index))
+        if not (isinstance(meaning, AffineCall) and isinstance(meaning.op, Elementwise)):
+            return False
+        node, between = meaning.input, between + 1
+    return False
 
 
 def _move_below(gm, facts, shape, layout: fx.Node, h: fx.Node, user: fx.Node):

@@ -101,3 +101,22 @@ def test_bn_on_the_flattened_residual_stream_reads_its_own_shape():
     spec = TransformerSpec(d=4, blocks=(Block(attention, Norm('layer')), Block(attention, Norm('bn_flatten', 'view'))),
                            tokens=2, batch=1)
     assert_clean(build_transformer(spec), example_tokens(spec))
+
+
+def test_a_token_reshape_that_undoes_the_flatten_around_a_bn_stays_beside_it():
+    """Found by the transformer fuzzer (1,000 networks, at 0d08b26): two adapter blocks, the
+    second after a BatchNorm1d on ``h.reshape(-1, d)`` reshaped back to tokens.  The pass moving
+    token layouts below linear maps moved that reshape past the adapter, away from the flatten
+    it undoes; the matcher, which reads flatten -> BN -> reshape as one per-channel map, then
+    saw a linear on a pending layout and read the region off as a dense map for the example's
+    size, which its check took back ("rolled back: the dense map ... fits the example's
+    per-sample size only").  A layout change that undoes another around elementwise maps now
+    stays where it is."""
+    from fuzz_transformers import Adapter, Block, Lin, Norm, TransformerSpec, build_transformer, example_tokens
+    adapter = Adapter(rank=1, act='identity', residual=False, scale=0.5, down=Lin(bias=False, scale=2.0),
+                      up=Lin(bias=False, scale=2.0))
+    spec = TransformerSpec(d=4, blocks=(Block(adapter, Norm('layer', 'reshape'), residual=True),
+                                        Block(adapter, Norm('bn_flatten', 'reshape'), residual=False)),
+                           tokens=3, batch=1)
+    report = assert_clean(build_transformer(spec), example_tokens(spec))
+    assert not any(r.shape_specialized for r in report.rewrites), str(report)
