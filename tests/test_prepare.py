@@ -504,3 +504,26 @@ def test_token_layout_changes_move_below_linear_maps_scales_and_same_layout_sums
         x = torch.randn(shape)
         for got, want in zip(gm(x), model(x)):
             torch.testing.assert_close(got, want)
+
+
+def test_which_layout_changes_keep_the_last_axis_is_read_off_their_axes_not_the_example():
+    """A permutation or an axis reshape by its axes (``flatten(2)`` merges the last axis, also
+    where the example's map is one pixel and moves no element); a view or reshape off the
+    example, only where the last axis has more than one element."""
+    from repc.passes.token_layouts import _keeps_last_axis
+    from repc.vocabulary import constant_facts
+
+    class Layouts(nn.Module):
+        def forward(self, x):
+            return (x.flatten(2), x.flatten(0, 1), torch.flatten(x, 0, 2), x.transpose(1, 2), x.permute(1, 0, 2, 3),
+                    x.permute(0, 1, 3, 2), x.reshape(-1, x.shape[-1]), x.view(-1, 1))
+
+    want = {"flatten": False, "flatten_1": True, "flatten_2": True, "transpose": True, "permute": True,
+            "permute_1": False, "reshape": True, "view": False}
+    for shape in ((2, 3, 4, 5), (1, 1, 1, 1)):
+        gm = fx.symbolic_trace(Layouts())
+        facts = constant_facts(gm, record_values(gm, (torch.randn(shape),)))
+        got = {n.name: _keeps_last_axis(n, facts) for n in gm.graph.nodes if n.name in want}
+        if shape == (1, 1, 1, 1):  # (a last axis of one element: no view or reshape is taken)
+            want = {**want, "reshape": False}
+        assert got == want, (shape, got)

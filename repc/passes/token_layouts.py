@@ -108,10 +108,13 @@ def _module_path(node: fx.Node) -> str:
 
 def _keeps_last_axis(node: fx.Node, facts: GraphFacts) -> bool:
     """A layout change after which every element keeps its position on the last axis (and the
-    elements of one row stay one row)."""
+    elements of one row stay one row), for every input size: read off its arguments for a
+    permutation or an axis reshape; for a view or reshape, off the example (a row-major reshape
+    that keeps a last axis of more than one element)."""
     if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    if target_name(node) not in _PERMUTATIONS | _RESHAPES | _AXIS_RESHAPES:
+    name = target_name(node)
+    if name not in _PERMUTATIONS | _RESHAPES | _AXIS_RESHAPES:
         return False
     before, after = facts.shape(node.args[0]), facts.shape(node)
     if not before or not after or before[-1] != after[-1] or node.args[0] not in facts.values:
@@ -119,12 +122,40 @@ def _keeps_last_axis(node: fx.Node, facts: GraphFacts) -> bool:
     try:
         if not isinstance(describe(node, facts), Layout):
             return False
-        size = before[-1]
+    except Exception:
+        return False
+    if name in _PERMUTATIONS or name in _AXIS_RESHAPES:
+        return _axes_keep_last(node, len(before), len(after))
+    size = before[-1]
+    if size < 2:
+        return False  # (a last axis of one element: the example cannot tell which axis it is)
+    try:
         index = apply_layout(node, torch.arange(torch.Size(before).numel()).reshape(before), facts)
     except Exception:
         return False
     rows = index.reshape(-1, size)
     return bool((rows % size == torch.arange(size)).all()) and bool((rows // size == rows[:, :1] // size).all())
+
+
+def _axes_keep_last(node: fx.Node, ndim_in: int, ndim_out: int) -> bool:
+    """A permutation or an axis reshape whose axis arguments leave the last axis alone."""
+    name = target_name(node)
+    args = list(node.args[1:]) + list(node.kwargs.values())
+    ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)] if name != "permute" else []
+    if name == "permute":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        return all(isinstance(d, int) for d in dims) and bool(dims) and dims[-1] % ndim_in == ndim_in - 1
+    if name in ("transpose", "swapaxes", "swapdims"):
+        return len(ints) == 2 and all(d % ndim_in != ndim_in - 1 for d in ints)
+    if name in ("movedim", "moveaxis"):
+        flat = [d for a in args for d in (a if isinstance(a, (list, tuple)) else [a])]
+        return all(isinstance(d, int) for d in flat) and all(d % ndim_in != ndim_in - 1 for d in flat)
+    if name == "flatten":
+        end = ints[1] if len(ints) > 1 else -1  # (flatten(start) runs to the last axis)
+        return end % ndim_in != ndim_in - 1
+    if name == "unflatten":
+        return bool(ints) and ints[0] % ndim_in != ndim_in - 1
+    return False
 
 
 def _undoes_another(layout: fx.Node, facts: GraphFacts, depth: int = 8) -> bool:

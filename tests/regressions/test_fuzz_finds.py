@@ -136,3 +136,30 @@ def test_generator_knows_a_pool_only_network_takes_extra_channels():
         assert accepted_channels(normed, 2) is None
         with pytest.raises(RuntimeError):
             build_network(normed)(torch.randn(1, 2, 1, 1))
+
+
+def test_a_layout_change_of_one_pixel_and_one_channel_is_not_taken_for_one_that_keeps_the_last_axis():
+    """Found at 1a7dbe4 (3,000 networks): three 'same'-padded 2x2 functional convs on a 1x1 map,
+    the last with one channel, read as tokens by a linear layer.  On that map ``flatten(2)`` and
+    ``transpose(1, 2)`` move no element, so the example could not tell that they change the
+    last axis; the linear after them was moved before them, the graph no longer computed the
+    model ("verification failed on the example input: max deviation inf") and nothing was
+    merged.  A permutation or an axis reshape is now judged by its axes, a view by the example
+    only where its last axis has more than one element."""
+    from fuzz_networks import Block, Branch, ConvLayer, LinearLayer, NetworkSpec, Tail, build_network, example_input
+
+    def block(layer):
+        return Block(branches=(Branch(layers=(layer,)),))
+
+    conv = [ConvLayer(out_channels=c, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1),
+                      groups=1, bias=False, pad_with="same") for c in (2, 2, 1)]
+    spec = NetworkSpec(in_channels=1, size=(1, 1), blocks=tuple(block(c) for c in conv),
+                       tail=Tail(reduce="tokens", blocks=(block(LinearLayer(out_features=2, bias=False)),)),
+                       batch=1, seed=0, functional=True)
+    model = build_network(spec)
+    fused = repc.compile(model, example_input(spec), graph=True)
+    report = fused.repc_report
+    assert report.verification.ok and not report.rolled_back, str(report)
+    with torch.no_grad():
+        y = torch.randn(2, 1, 1, 1)
+        assert torch.allclose(fused(y), model(y), atol=1e-6)
