@@ -518,12 +518,7 @@ def deploy_mixer(mixer: MultiScaleMixer) -> nn.Conv2d:
     for first, second in mixer.pairs:
         outer = second.weight.to(F64)[:, :, :, 0:1] * first.weight.to(F64)[:, :, 0:1, :]
         w = w + F.pad(outer, [(k - outer.shape[-1]) // 2] * 2 + [(k - outer.shape[-2]) // 2] * 2)
-    b = sum(t.bias.to(F64) for t in terms)
-    out = nn.Conv2d(w.shape[0], w.shape[0], k, mixer.square.stride, k // 2, groups=w.shape[0])
-    with torch.no_grad():
-        out.weight.copy_(w.float())
-        out.bias.copy_(b.float())
-    return out
+    return merged_conv([(w, sum(t.bias.to(F64) for t in terms))], mixer.square)
 
 
 class DeployRepNeXtStyleBlock(nn.Module):

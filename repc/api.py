@@ -663,8 +663,9 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
     # the traced graph's leaves are the model's own modules: repc only reads them, and the
     # graph copies what it still shares with the model where it is the output (in _compile)
     gm = _trace_whole(model, constants, report, example_inputs) if whole else None
-    if gm is not None and not opaque_leaves and _opaque_leaves(gm):
-        report.skipped.append(SkippedPart("<model>", f"{_OPAQUE_LEAVES} ({', '.join(_opaque_leaves(gm))})"))
+    opaque = _opaque_leaves(gm) if gm is not None and not opaque_leaves else []
+    if opaque:
+        report.skipped.append(SkippedPart("<model>", f"{_OPAQUE_LEAVES} ({', '.join(opaque)})"))
         if not parts:
             report.specialized = {}
             return None

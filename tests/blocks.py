@@ -9,6 +9,8 @@ Every BatchNorm must get random statistics before use (:func:`randomize` below d
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -412,6 +414,11 @@ def rel_dev(got, want) -> float:
         return max(rel_dev(g, w) for g, w in zip(got, want))
     assert got.shape == want.shape, (got.shape, want.shape)
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))
+
+
+# the example each family suite's ``compile_exact`` compiled a result on (by result): the
+# default result's ops are counted as it runs on it
+EXAMPLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 _RUN_KINDS = {F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", F.linear: "linear", F.batch_norm: "bn",

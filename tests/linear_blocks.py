@@ -14,7 +14,6 @@ BatchNorm has random running statistics and the model is in eval mode.
 from __future__ import annotations
 
 import math
-import weakref
 from collections import Counter
 from typing import List, Tuple
 
@@ -26,7 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from repc.examples import randomize_bn
 
-from blocks import assert_unchanged, rel_dev, snapshot  # the checks shared with the conv-family tests
+from blocks import EXAMPLES, assert_unchanged, rel_dev, snapshot  # shared with the conv-family tests
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -826,7 +825,7 @@ def compile_exact(model: nn.Module, example, *, fixed_size: bool = False, keep=(
     example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     before = snapshot(model)
     fused = repc.compile(model, example, **options)  # the default: the model's own class, modules swapped in
-    _EXAMPLES[fused] = example
+    EXAMPLES[fused] = example
     assert_unchanged(model, before)
     report = fused.repc_report
     assert not report.rolled_back, str(report)
@@ -846,9 +845,6 @@ _OP_KINDS = {
 _FUNCTION_KINDS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv",
                    torch.conv2d: "conv", F.batch_norm: "bn", torch.batch_norm: "bn",
                    torch.matmul: "matmul", torch.mm: "matmul"}
-
-
-_EXAMPLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _run_counts(module: nn.Module, example) -> Tuple[Counter, list]:
@@ -889,7 +885,7 @@ def _run_counts(module: nn.Module, example) -> Tuple[Counter, list]:
 
 
 _NO_OP_MODULES = (nn.Identity, nn.Dropout)  # (in eval mode: the identity)
-_NOT_OPS = frozenset({"size", "dim", "shape", "dtype", "device", "numel", "is_floating_point", "get", "__get__"})
+_NOT_OPS = frozenset({"size", "dim", "shape", "dtype", "device", "numel", "is_floating_point"})
 
 
 def graph_modules(module: nn.Module) -> List[torch.fx.GraphModule]:
@@ -903,8 +899,8 @@ def op_counts(module: nn.Module):
     or function), else the module class name or the function / method name."""
     import operator
 
-    if module in _EXAMPLES:
-        return _run_counts(module, _EXAMPLES[module])[0]
+    if module in EXAMPLES:
+        return _run_counts(module, EXAMPLES[module])[0]
     counts = Counter()
     for gm in graph_modules(module):
         mods = dict(gm.named_modules())
@@ -925,8 +921,8 @@ def op_counts(module: nn.Module):
 
 def called_modules(module: nn.Module, kind=nn.Linear) -> list:
     """The modules of class ``kind`` that the fused graphs call, once per call."""
-    if module in _EXAMPLES:
-        return [m for m in _run_counts(module, _EXAMPLES[module])[1] if isinstance(m, kind)]
+    if module in EXAMPLES:
+        return [m for m in _run_counts(module, EXAMPLES[module])[1] if isinstance(m, kind)]
     out = []
     for gm in graph_modules(module):
         mods = dict(gm.named_modules())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import weakref
 from collections import Counter
 
 import pytest
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 import repc
 from repc.capture_export import export_graph
-from blocks import ops_run
+from blocks import EXAMPLES, ops_run
 from repc.examples import DiverseBranchBlock, MobileOneBlock, MobileOneUnit, RepVGGBlock, example_net
 
 from blocks import (ACNet, ACNetCropped, BNLinear, DBBHalves, DBBConcat, DBBSlices, FastViTBlock, FunctionalRepMixer,
@@ -39,15 +38,12 @@ _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
 
 # ----------------------------------------------------------------------------- helpers
 
-_EXAMPLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 def op_counts(module: nn.Module) -> Counter:
     """conv / batchnorm / linear ops ``module`` runs (modules and functions): for the default
     result of :func:`compile_exact` (the user's model with modules swapped in), counted as it
     runs on its example; for a graph, in every fx graph of it."""
-    if module in _EXAMPLES:
-        counts = ops_run(module, *_EXAMPLES[module])
+    if module in EXAMPLES:
+        counts = ops_run(module, *EXAMPLES[module])
         return Counter({k: counts[k] for k in ("conv", "bn", "linear") if counts[k]})
     counts = Counter()
     graphs = [m for m in module.modules() if isinstance(m, fx.GraphModule)]
@@ -97,7 +93,7 @@ def compile_exact(model: nn.Module, shapes, *, dtype=torch.float32, tol=REL_TOL,
     example = tuple(torch.randn(s, generator=gen, dtype=dtype) for s in shapes)
     before = snapshot(model)
     fused = repc.compile(model, example)  # the default: the model's own class, modules swapped in
-    _EXAMPLES[fused] = example
+    EXAMPLES[fused] = example
     assert_unchanged(model, before)
     report = fused.repc_report
     assert not report.rolled_back, str(report)
@@ -856,7 +852,7 @@ def test_bn_after_a_concat_folds_into_each_branch(two_inputs):
     fused = compile_exact(model, [(2, 4, 8, 8), (2, 4, 8, 8)])
     counts = op_counts(fused)
     assert counts["bn"] == 0 and counts["conv"] == 2, counts
-    exported = export_graph(fused, _EXAMPLES[fused], {}).gm
+    exported = export_graph(fused, EXAMPLES[fused], {}).gm
     assert not any(n.target in (operator.mul, torch.mul) for n in exported.graph.nodes), exported.code  # no BN left as a scale
 
 
@@ -901,7 +897,7 @@ def test_dbb_with_its_in_place_border_fill_becomes_one_conv():
     fused = compile_exact(model, (2, 4, 8, 8))
     counts = op_counts(fused)
     assert counts["conv"] == 1 and counts["bn"] == 0, counts
-    exported = export_graph(fused, _EXAMPLES[fused], {}).gm
+    exported = export_graph(fused, EXAMPLES[fused], {}).gm
     assert not any(n.target in (operator.setitem, "fill_", "copy_") for n in exported.graph.nodes), exported.code
 
 

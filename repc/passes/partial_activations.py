@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..graph_predicates import SHAPE_ONLY_FUNCTIONS, in_place_kind, is_elementwise_activation, may_alias
+from ..graph_predicates import SHAPE_ONLY_FUNCTIONS, in_place_kind, is_elementwise_activation, may_alias, \
+    writes_in_place
 from ..vocabulary import constant_facts
 from .inplace import VIEW_MUTATED
 from .metadata_reads import metadata_read
@@ -154,7 +155,7 @@ def _mask_nodes(mask: fx.Node, reader: fx.Node, limit: int = 64) -> Optional[Set
 
 def _writes_into(user: fx.Node, node: fx.Node) -> bool:
     """Whether ``user`` writes into ``node`` in place (an item assignment, ``fill_``...)."""
-    return in_place_kind(user) is not None and bool(user.args) and user.args[0] is node
+    return writes_in_place(user) and bool(user.args) and user.args[0] is node
 
 
 def _mask_value(gm: fx.GraphModule, mask: fx.Node, reader: fx.Node, nodes: Set[fx.Node], values) -> Any:
