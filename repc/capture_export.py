@@ -21,6 +21,7 @@ lifted.  This module turns that into the graph the rest of repc reads:
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -115,6 +116,89 @@ GUARD_WORDS = "repc: the fused graph holds only where"  # how a failed guard of 
 _EXPORT_META = ("example_value", "unbacked_bindings", "tensor_meta")  # fake tensors, export's shapes ("val" goes last)
 
 
+class CaptureCache:
+    """Exported programs kept by the structure of what was exported, so that a module made and
+    called as one exported before (each decoder layer of a language model after the first) is
+    given that program with its own weights instead of being exported again.
+
+    The key holds the classes of the module and of every submodule, the names, shapes and
+    dtypes of its parameters and buffers, and the call: the structure of the inputs, each
+    tensor's shape and dtype, every other input's value.  It does not hold the modules' other
+    attributes (a layer's index, a per-layer constant), so a program taken from the cache is
+    the module's own only where those do not change its code's ops: whoever takes one verifies
+    the result against the module itself, and captures afresh where that fails
+    (:attr:`took`).  The programs kept hold no weights (theirs are put on the meta device)."""
+
+    def __init__(self):
+        self.programs: Dict[Any, Any] = {}
+        self.took = False  # whether the last capture came from the cache
+
+    @staticmethod
+    def key(module: nn.Module, args, kwargs, plain_output: bool) -> Optional[Tuple]:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        call = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                call.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device.type))
+            elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+                call.append(("value", type(leaf), leaf))
+            else:
+                return None  # (an object: its state may change the trace)
+        structure = tuple((path, type(m)) for path, m in module.named_modules(remove_duplicate=False))
+        weights = tuple((name, tuple(t.shape), t.dtype) for name, t in
+                        list(module.named_parameters(remove_duplicate=False)) +
+                        list(module.named_buffers(remove_duplicate=False)))
+        return structure, weights, str(spec), tuple(call), plain_output
+
+    def take(self, key, module: nn.Module):
+        """The program kept under ``key``, with ``module``'s own weights; None if there is none."""
+        self.took = False
+        kept = self.programs.get(key)
+        if kept is None:
+            return None
+        own = dict(module.named_parameters(remove_duplicate=False))
+        own.update(module.named_buffers(remove_duplicate=False))
+        try:
+            state = {name: own[name] for name in kept.state_dict}
+        except KeyError:
+            return None
+        constants = {name: own.get(name, value) for name, value in kept.constants.items()}
+        try:
+            ep = kept._update(kept.graph_module, kept.graph_signature, state_dict=state, constants=constants)
+        except Exception:  # (torch's own checks of a program: exported afresh)
+            return None
+        self.took = True
+        return ep
+
+    def keep(self, key, ep) -> None:
+        def weightless(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            empty = torch.empty_like(t, device="meta")
+            return nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+
+        try:
+            self.programs[key] = ep._update(ep.graph_module, ep.graph_signature,
+                                            state_dict={name: weightless(t) for name, t in ep.state_dict.items()},
+                                            constants=dict(ep.constants))
+        except Exception:  # (torch's own checks of a program: this one is not kept)
+            pass
+
+
+_CAPTURES: Optional[CaptureCache] = None
+
+
+@contextlib.contextmanager
+def reusing_captures(cache: Optional[CaptureCache]):
+    """Within: :func:`export_graph` takes and keeps programs in ``cache`` (None: it does not)."""
+    global _CAPTURES
+    before, _CAPTURES = _CAPTURES, cache
+    try:
+        yield cache
+    finally:
+        _CAPTURES = before
+
+
 def export_program(model: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]] = None):
     """``torch.export`` of ``model`` with every axis it allows dynamic (``Dim.AUTO``, from an example
     whose batch is at least 2), or fixed to the example's shapes where that fails."""
@@ -141,8 +225,13 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     plain_output = has_opaque(output)
     wrapped = names is None or plain_output
     exported = _Called(model, plain_output) if wrapped else model
-    ep, first_error = None, None
-    for example_args, example_kwargs in _examples(args, kwargs):
+    cache = _CAPTURES
+    if cache is not None:
+        cache.took = False
+    key = cache.key(exported, args, kwargs, plain_output) if cache is not None else None
+    ep = cache.take(key, exported) if key is not None else None
+    first_error = None
+    for example_args, example_kwargs in (_examples(args, kwargs) if ep is None else ()):
         if wrapped:
             example_args, example_kwargs = (example_args, example_kwargs), {}
         try:
@@ -151,6 +240,8 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
             break
         except Exception as why:  # a model export cannot run as Python under fake tensors
             first_error = first_error or why
+    if ep is not None and key is not None and not cache.took:
+        cache.keep(key, ep)
     if ep is None:
         raise CaptureError(f"torch.export failed: {short_error(first_error)}")
     unlifted = ep.module(check_guards=False)
@@ -215,9 +306,16 @@ def _argument_names(model: nn.Module, args, kwargs) -> Optional[List[str]]:
 
 
 def _examples(args, kwargs):
-    """The example with batch axes of size 1 made 2 (export would fix them to 1), then as given."""
+    """The example with batch axes of size 1 made 2 (export would fix them to 1), then as given.
+
+    A leading axis of 1 where another input of the same rank has a larger one is a broadcast
+    axis, not a batch (the rotary tables of a decoder layer beside its hidden states): made 2,
+    export would tie it to the other's batch, a relation the example itself does not hold."""
+    batched_ranks = {t.dim() for t in pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] > 1}
+
     def widen(t):
-        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == 1 and t.dim() not in batched_ranks:
             return torch.cat([t, t])
         return t
     widened = pytree.tree_map(widen, (args, kwargs))

@@ -265,3 +265,51 @@ def test_guards_on_sizes_computed_with_sym_max_and_sym_min_translate_too():
     assert gm(torch.zeros(1, 1, 14, 2)) is True  # max(1, 2) == min(3, 2)
     assert gm(torch.zeros(1, 1, 14, 5)) is False  # max(1, 2) != min(3, 5)
     assert gm(torch.zeros(1, 1, 3, 1)) is True  # max(1, 0) == min(3, 1)
+
+
+def test_a_capture_is_reused_for_a_module_made_and_called_alike_with_its_own_weights():
+    from repc.capture_export import CaptureCache, export_graph, reusing_captures
+
+    def block():
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval()
+
+    first, second, wider = block(), block(), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 4)
+    cache = CaptureCache()
+    with reusing_captures(cache):
+        export_graph(first, (x,), {})
+        assert not cache.took
+        again = export_graph(second, (x,), {})
+        assert cache.took  # (the same classes, weight shapes and call)
+        export_graph(second, (torch.randn(2, 3, 4),), {})
+        assert not cache.took  # (another call: captured afresh)
+        export_graph(wider, (x,), {})
+        assert not cache.took  # (other weight shapes)
+    assert torch.equal(again.gm(x)[0], second(x)) and not torch.equal(again.gm(x)[0], first(x))
+    kept = list(cache.programs.values())
+    assert all(t.device.type == "meta" for ep in kept for t in ep.state_dict.values())  # (no weights held)
+    export_graph(first, (x,), {})
+    assert not cache.took  # (outside the block, nothing is taken)
+
+
+def test_an_input_broadcast_over_the_batch_is_not_tied_to_it():
+    # a decoder layer's rotary tables: batch 1 beside hidden states of batch 2 (the example does
+    # not tie the two batches, so neither may the graph)
+    class Rotate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, hidden, cos):
+            return self.proj(self.norm(hidden)) * cos
+
+    model = Rotate().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5), model.norm.bias.uniform_(-1, 1)
+    hidden, cos = torch.randn(2, 5, 8), torch.randn(1, 5, 8)
+    fused = repc.compile(model, (hidden, cos), front_end="export")
+    assert fused.repc_report.verification.ok and fused.repc_report.rewrites
+    other = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(other, cos), model(other, cos), atol=1e-5)
