@@ -49,6 +49,7 @@ SIZES: Dict[str, Tuple[int, int, int, int, str]] = {
     "small": (768, 12, 2048, 32000, "float32"),
     "medium": (1024, 16, 2816, 32000, "float32"),
     "large": (2048, 16, 5632, 32000, "bfloat16"),
+    "xl": (2048, 30, 5632, 32000, "bfloat16"),  # 1.48B parameters
 }
 METHODS = ("peft", "export", "repc")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--device", default="cpu", help="device to load the model and inputs on (default: cpu)")
     inp = common.add_argument_group("example inputs")
     inp.add_argument("--example-input", action="append", metavar="SHAPE", default=None,
-                     help="shape of a positional input, like 1x3x224x224; repeat for several inputs")
+                     help="shape of a positional input, like 1x3x224x224, or a keyword input with its dtype, like "
+                          "input_ids=1x32:int64 (ids drawn below the model's embedding size, masks all ones); "
+                          "repeat for several inputs")
     inp.add_argument("--dtype", choices=DTYPES,
                      help="dtype of the example inputs (default: the dtype of the model's parameters)")
     inp.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default: 0)")
@@ -220,11 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "state-dict (default for .safetensors): that model's state dict, as safetensors for "
                            "OUT.safetensors, else torch.save; export: torch.export.save of an ExportedProgram")
     fuse.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
-    hub = fuse.add_argument_group("a transformers model directory as IN (config.json and its weights)")
+    hub = fuse.add_argument_group("a transformers model directory as IN (config.json and its weights), merged "
+                                  "unit by unit")
     hub.add_argument("--adapter", metavar="ADAPTER_DIR",
                      help="a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) to merge into IN")
     hub.add_argument("--max-shard-size", metavar="SIZE",
-                     help="largest weight file written into OUT_DIR, like 500MB (default: IN's largest)")
+                     help="largest weight file written into OUT_DIR, like 500MB (default: IN's own files)")
+    hub.add_argument("--unit-size", metavar="SIZE",
+                     help="largest module weights merged at once (default: IN's largest shard); a size as large as "
+                          "the model merges it whole, in memory")
+    hub.add_argument("--no-whole-model-check", action="store_true",
+                     help="skip reading OUT_DIR back to compare the merged model with the original on the example "
+                          "(each unit is still verified on its own)")
     hub.add_argument("--trust-remote-code", action="store_true",
                      help="run the model code IN's config.json asks for (only for directories from a trusted source)")
     fuse.add_argument("--force", "-f", action="store_true", help="overwrite an existing OUT / REPORT.json")
@@ -483,29 +492,61 @@ def load_model(args) -> Tuple[Any, str]:
     return model.to(args.device), f"{name} loaded into {args.model} ({type(model).__name__})"
 
 
-def example_inputs(args, model) -> Tuple[Any, ...]:
-    import torch
+class ExampleCall:
+    """The example inputs the model is called with: positional, then keyword."""
 
-    shapes = args.example_input or ([EXAMPLE_SHAPE] if args.example else None)
-    if not shapes:
-        raise CliError("give --example-input SHAPE (like 1x3x224x224): repc runs the model on it to trace "
-                       "shapes and to verify the result")
-    parsed = [parse_shape(s) for s in shapes]
+    def __init__(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+        self.args, self.kwargs = tuple(args), dict(kwargs)
+
+    def __call__(self, model):
+        return model(*self.args, **self.kwargs)
+
+    def tensors(self) -> List[Any]:
+        return list(self.args) + list(self.kwargs.values())
+
+    def described(self) -> List[Dict[str, Any]]:
+        named = [(None, t) for t in self.args] + list(self.kwargs.items())
+        return [{**({"name": n} if n else {}), "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                for n, t in named]
+
+    def __str__(self) -> str:
+        return ", ".join((f"{d['name']}=" if "name" in d else "") + "x".join(map(str, d["shape"])) + f" {d['dtype']}"
+                         for d in self.described())
+
+
+def example_inputs(args, model) -> ExampleCall:
+    """``--example-input`` as inputs: ``SHAPE`` a positional float input (the model's dtype or
+    ``--dtype``), ``NAME=SHAPE[:DTYPE]`` a keyword one (token ids drawn below the model's
+    smallest embedding table, masks all ones: :func:`repc.pretrained.keyword_input`)."""
+    import torch
+    import torch.nn as nn
+
+    from .pretrained import PretrainedError, keyword_input
+
+    specs = args.example_input or ([EXAMPLE_SHAPE] if args.example else None)
+    if not specs:
+        raise CliError("give --example-input SHAPE (like 1x3x224x224, or input_ids=1x32:int64 for a keyword input): "
+                       "repc runs the model on it to trace shapes and to verify the result")
     if args.dtype:
         dtype = getattr(torch, args.dtype)
     else:
         dtype = next((t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()),
                      torch.float32)
+    vocab = min((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), default=0)
     gen = torch.Generator().manual_seed(args.seed)
-    return tuple(torch.randn(shape, generator=gen).to(dtype=dtype, device=args.device) for shape in parsed)
-
-
-def _describe_inputs(inputs) -> str:
-    return ", ".join("x".join(map(str, t.shape)) + f" {str(t.dtype).replace('torch.', '')}" for t in inputs)
-
-
-# --------------------------------------------------------------------------------------------
-# output
+    positional, keywords = [], {}
+    for spec in specs:
+        try:
+            named = keyword_input(spec, vocab, gen, default_float=dtype, device=args.device) if "=" in spec else None
+        except PretrainedError as why:
+            raise CliError(str(why)) from why
+        if named is not None:
+            keywords[named[0]] = named[1]
+        elif keywords:
+            raise CliError(f"--example-input {spec}: a positional input after a keyword one")
+        else:
+            positional.append(torch.randn(parse_shape(spec), generator=gen).to(dtype=dtype, device=args.device))
+    return ExampleCall(tuple(positional), keywords)
 
 
 def check_output_path(path: str, *, what: str, force: bool, inputs: Sequence[str]) -> None:
@@ -675,7 +716,8 @@ def serialize(saved, fmt: str, inputs, model_code: Sequence[str] = ()) -> bytes:
     if fmt == "export":
         try:
             from .capture_export import export_program
-            program = export_program(saved, tuple(inputs))  # batch and sizes dynamic where the model allows
+            # batch and sizes dynamic where the model allows
+            program = export_program(saved, inputs.args, inputs.kwargs)
         except Exception as why:
             raise CliError(f"torch.export cannot export the fused model ({_short(why, 200)}); "
                            "use --format graphmodule", EXIT_INTERNAL) from why
@@ -706,8 +748,8 @@ def measure_latency(models: Sequence[Any], inputs, budget_s: float = 1.0, max_ro
 
     def once(model) -> float:
         t0 = time.perf_counter()
-        model(*inputs)
-        if any(getattr(t, "is_cuda", False) for t in inputs):
+        inputs(model)
+        if any(getattr(t, "is_cuda", False) for t in inputs.tensors()):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -735,7 +777,7 @@ def count_flops(model, inputs) -> Optional[int]:
 
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+            inputs(model)
         return int(counter.get_total_flops())
     except Exception:
         return None
@@ -754,7 +796,7 @@ def measure(original, fused, inputs, benchmark: bool) -> Dict[str, Any]:
         "flops_after": None,
         "latency_ms_before": None,
         "latency_ms_after": None,
-        "device": str(inputs[0].device) if inputs else "cpu",
+        "device": str(inputs.tensors()[0].device) if inputs.tensors() else "cpu",
     }
     if benchmark:
         gains["flops_before"], gains["flops_after"] = count_flops(original, inputs), count_flops(fused, inputs)
@@ -827,7 +869,7 @@ def report_document(command: str, args, report, gains, inputs, *, output: Option
         "output": output,
         "format": getattr(args, "format", None),
         "written": written,
-        "example_inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs],
+        "example_inputs": inputs.described(),
         "gains": gains,
         "report": json.loads(report.to_json()),
     }
@@ -842,10 +884,10 @@ def _compile(args, progress: Progress, graph: bool = True):
 
     model, origin = load_model(args)
     inputs = example_inputs(args, model)
-    progress.note(f"model: {origin}; example input {_describe_inputs(inputs)}")
+    progress.note(f"model: {origin}; example input {inputs}")
     with progress.step("compiling (trace, merge affine regions, verify)", bars=True):
         try:
-            fused = repc.compile(model, inputs, verify=True, tolerance=args.tolerance, graph=graph,
+            fused = repc.compile(model, inputs.args, inputs.kwargs, verify=True, tolerance=args.tolerance, graph=graph,
                                  progress=not progress.quiet, cost=args.cost)
         except repc.ReparamError as why:
             raise CliError(str(why).splitlines()[0] if str(why) else type(why).__name__) from why
@@ -868,54 +910,56 @@ def _verification_failed(report) -> Optional[str]:
 
 
 def cmd_fuse_directory(args, progress: Progress) -> int:
-    """``repc fuse BASE_DIR [--adapter ADAPTER_DIR] -o OUT_DIR`` (:mod:`repc.pretrained`)."""
-    import repc
-    from . import pretrained
-    from .api import adapter_layers_left
+    """``repc fuse BASE_DIR [--adapter ADAPTER_DIR] -o OUT_DIR``: merged unit by unit, weights
+    read from the shards as each unit needs them (:mod:`repc.out_of_core`)."""
+    import transformers
+
+    from . import out_of_core, pretrained
 
     try:
         pretrained.check_out_dir(args.output, args.input, args.adapter, args.force)
-        shard = pretrained.parse_size(args.max_shard_size) if args.max_shard_size else \
-            pretrained.largest_shard_bytes(args.input)
-        with progress.step(f"loading {args.input}" + (f" and {args.adapter}" if args.adapter else "")):
-            model, config, origin = pretrained.load(args.input, args.adapter, args.trust_remote_code, args.device)
-        kwargs = pretrained.example_inputs(config, args.example_input, args.seed, args.device)
-    except pretrained.PretrainedError as why:
+        shard = pretrained.parse_size(args.max_shard_size) if args.max_shard_size else None
+        unit = pretrained.parse_size(args.unit_size, "--unit-size") if args.unit_size else \
+            shard or pretrained.largest_shard_bytes(args.input)
+        config = transformers.AutoConfig.from_pretrained(args.input, local_files_only=True,
+                                                         trust_remote_code=args.trust_remote_code)
+        kwargs = pretrained.example_inputs(config, args.example_input, args.seed, args.device,
+                                           default_float=out_of_core.CheckpointReader(args.input).floating_dtype())
+    except (pretrained.PretrainedError, out_of_core.OutOfCoreError) as why:
         raise CliError(str(why)) from why
     except (OSError, ValueError) as why:
-        raise CliError(f"cannot load {args.input}: {_short(why)}") from why
+        raise CliError(f"cannot read {args.input}: {_short(why)}") from why
     shown = ", ".join(f"{k} {'x'.join(map(str, v.shape))} {str(v.dtype).replace('torch.', '')}" for k, v in kwargs.items())
-    progress.note(f"model: {origin}; example input {shown}")
-    with progress.step("merging in place (capture, merge affine regions, verify)", bars=True):
-        try:
-            fused = repc.compile(model, (), kwargs, tolerance=args.tolerance, progress=not progress.quiet,
-                                 cost=args.cost, in_place=True)
-        except repc.ReparamError as why:
-            raise CliError(str(why).splitlines()[0], EXIT_VERIFICATION) from why
-    report = fused.repc_report
-    gains = measure(None, fused, tuple(kwargs.values()), benchmark=False)
-    print(render(report, gains, detailed=False))
-    failure = _verification_failed(report)
-    if failure is None and (report.output != "module-preserving" or not hasattr(fused, "save_pretrained")):
-        failure = f"the result is not the architecture's own class ({report.output}: {report.output_note}), " \
-                  "so no checkpoint of it would reload as that architecture"
-    left = adapter_layers_left(fused)
-    if failure is None and left:
-        failure = f"the adapter is left unmerged in {len(left)} layer(s) ({left[0][0]}: {left[0][1]}" + \
-                  (", ..." if len(left) > 1 else "") + "), so saving would write the adapter, not a merged model"
-    if failure is not None:
-        raise CliError(failure + "; nothing written", EXIT_VERIFICATION)
-    doc = report_document("fuse", args, report, gains, tuple(kwargs.values()), output=args.output, written=True)
-    doc["adapter"] = args.adapter
-    doc["merged_layers"] = [sw.path for sw in report.swaps if sw.becomes not in ("unchanged", "not applied")]
-    with progress.step(f"writing {args.output}"):
-        try:
-            files, size = pretrained.save(fused, args.input, args.output, shard, doc)
-        except OSError as why:
-            raise CliError(f"cannot write {args.output}: {_short(why)}", EXIT_INTERNAL) from why
-    print(f"\nwrote {args.output} ({files} weight file(s), {size:,} bytes, and {pretrained.REPORT_NAME}); load it "
-          f"with transformers.{type(fused).__name__}.from_pretrained(path)")
+    progress.note(f"merging {args.input}" + (f" and the adapter {args.adapter}" if args.adapter else "") +
+                  f" unit by unit (units of at most {unit / 2 ** 20:.0f} MiB of weights); example input {shown}")
+    doc = {"command": "fuse", "input": args.input, "adapter": args.adapter, "output": args.output,
+           "example_inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in kwargs.items()},
+           "unit_bytes": unit, "max_shard_bytes": shard}
+    try:
+        result = out_of_core.merge_directory(
+            args.input, args.adapter, args.output, kwargs, max_shard_bytes=shard, unit_bytes=unit,
+            trust_remote_code=args.trust_remote_code, device=args.device, tolerance=args.tolerance, cost=args.cost,
+            whole_model_check=not args.no_whole_model_check, extra_files=pretrained.copied_file,
+            report_name=pretrained.REPORT_NAME, report_extra=doc, note=progress.note)
+    except out_of_core.MergeFailed as why:
+        raise CliError(f"{why}; nothing written", EXIT_VERIFICATION) from why
+    except out_of_core.OutOfCoreError as why:
+        raise CliError(str(why)) from why
+    except OSError as why:
+        raise CliError(f"cannot merge into {args.output}: {_short(why)}", EXIT_INTERNAL) from why
+    print(_merged_summary(result))
+    print(f"wrote {args.output} ({len(result.files)} weight file(s), {result.bytes_written:,} bytes, "
+          f"{result.copied} weight(s) copied unchanged, and {pretrained.REPORT_NAME}) in {result.seconds:.1f} s; "
+          f"load it with transformers.AutoModel*.from_pretrained(path)")
     return EXIT_OK
+
+
+def _merged_summary(result) -> str:
+    check = result.check
+    return (f"merged {len(result.merged_layers)} layer(s) in {len(result.units)} unit(s) "
+            f"({sum(u.rewrites for u in result.units)} rewrite(s)), each unit verified on its own; "
+            + (f"the written model matches the original on the example (max deviation {check['max_deviation']:.1e}, "
+               f"tolerance {check['tolerance']:.1e})" if check else "whole-model check skipped"))
 
 
 def cmd_fuse(args, progress: Progress) -> int:
@@ -925,6 +969,7 @@ def cmd_fuse(args, progress: Progress) -> int:
     if args.input and is_model_dir(args.input):
         return cmd_fuse_directory(args, progress)
     for flag, value in (("--adapter", args.adapter), ("--max-shard-size", args.max_shard_size),
+                        ("--unit-size", args.unit_size), ("--no-whole-model-check", args.no_whole_model_check),
                         ("--trust-remote-code", args.trust_remote_code)):
         if value:
             raise CliError(f"{flag} applies to a transformers model directory as IN (one with a config.json)")

@@ -37,6 +37,7 @@ The caller verifies the result as a whole, as it verifies the graph.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import inspect
@@ -45,7 +46,7 @@ import re
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -606,6 +607,41 @@ def _forward_parameters(module: nn.Module):
     return params
 
 
+def saved_names(module: nn.Module) -> Set[str]:
+    """The names ``module``'s tensors have in a checkpoint of its architecture: its state dict's,
+    with each PEFT layer's taken as its base layer's (``q_proj.base_layer.weight`` is
+    ``q_proj.weight``; the adapter's own tensors are not the architecture's)."""
+    peft_layers = [path for path, m in module.named_modules()
+                   if is_peft(m) and isinstance(getattr(m, "base_layer", None), nn.Module)]
+    names = set()
+    for key in module.state_dict(keep_vars=True):
+        owner = next((p for p in peft_layers if key == p or key.startswith(p + ".") or not p), None)
+        if owner is None:
+            names.add(key)
+            continue
+        inner = key[len(owner) + 1:] if owner else key
+        if inner.startswith("base_layer."):
+            names.add((owner + "." if owner else "") + inner[len("base_layer."):])
+    return names
+
+
+_KEEPING_NAMES = False
+
+
+@contextlib.contextmanager
+def keeping_parameter_names():
+    """Within: every model is written back as one saved by parameter names is (as a model with
+    ``save_pretrained``): each module in its place keeps its parameters' names.  For a part of
+    such a model merged on its own (:mod:`repc.out_of_core`), whose merged weights go into the
+    model's checkpoint under their names."""
+    global _KEEPING_NAMES
+    before, _KEEPING_NAMES = _KEEPING_NAMES, True
+    try:
+        yield
+    finally:
+        _KEEPING_NAMES = before
+
+
 class Preserver:
     """Writes a fused graph back into a copy of the model (see the module docstring)."""
 
@@ -616,7 +652,7 @@ class Preserver:
         self.varying = dict(varying or {})
         # a model saved by parameter names (transformers' save_pretrained, reloaded by its class):
         # a module in its place must keep its parameters' names, or the checkpoint reloads wrong
-        self.checkpointed = callable(getattr(model, "save_pretrained", None))
+        self.checkpointed = _KEEPING_NAMES or callable(getattr(model, "save_pretrained", None))
         self.progress = progress
         # the copy's parameters are the model's own until the swaps are done (:func:`preserve`
         # copies those still shared then: most are replaced by fused ones, which need no copy)
@@ -738,8 +774,9 @@ class Preserver:
         if not nodes:
             raise _Refused("none of its ops are in the graph")
         replacement, becomes = self._subgraph(path, module, call, nodes)
-        if self.checkpointed and isinstance(replacement, (fx.GraphModule, nn.Sequential)):
-            raise _Refused(_RENAMES)
+        if self.checkpointed and (isinstance(replacement, (fx.GraphModule, nn.Sequential)) or
+                                  saved_names(replacement) != saved_names(module)):
+            raise _Refused(_RENAMES)  # (a conv in place of a conv-norm-activation block: its weights renamed)
         placed = self._set(path, replacement)
         becomes = becomes if placed is replacement else type(placed).__name__
         return ModuleSwap(path, _class_name(module), becomes, self._rewrites_in(path))

@@ -144,15 +144,16 @@ def test_llm_merge_quick_runs_each_merge_in_its_own_process(tmp_path, capsys):
         assert run["seconds"] > 0 and run["params"] == results["repc"]["params"] > 0
 
 
-def test_llm_checkpoint_quick_merges_a_saved_directory_three_ways(tmp_path, capsys):
+def test_llm_checkpoint_quick_merges_a_saved_directory_and_compares_it_with_peft(tmp_path, capsys):
     pytest.importorskip("peft")
     bench_llm_checkpoint = _load("bench_llm_checkpoint")
     out = tmp_path / "checkpoint.json"
     bench_llm_checkpoint.main(["--quick", "--json", str(out)])
     assert "repc fuse s / peak GiB" in capsys.readouterr().out
     results = json.loads(out.read_text())["quick"]
-    assert set(results) == {"checkpoint", "copy", "peft", "repc"}
-    assert all(results[m]["seconds"] > 0 and results[m]["peak_gib"] > 0 for m in ("copy", "peft", "repc"))
+    assert set(results) == {"checkpoint", "copy", "export", "peft", "repc", "compare"}
+    assert all(results[m]["seconds"] > 0 and results[m]["peak_gib"] > 0 for m in ("copy", "export", "peft", "repc"))
+    assert results["compare"]["relative_difference"] < 1e-5  # (float32: the two merges agree)
 
 
 def test_cost_model_quick_compares_each_way_of_merging_with_the_clock(tmp_path, capsys, one_thread, monkeypatch):

@@ -58,6 +58,25 @@ class Pair(nn.Module):
 
 def pair(d=8):
     return randomize_bn(Pair(d), seed=2)
+
+
+class Tokens(nn.Module):
+    """Token ids through an embedding, a masked mean over the sequence, a linear-BN chain."""
+
+    def __init__(self, vocab=50, d=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.head = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d))
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head(h.mean(1))
+
+
+def tokens(vocab=50, d=8):
+    return randomize_bn(Tokens(vocab, d), seed=3)
 '''
 
 
@@ -430,6 +449,32 @@ def test_several_example_inputs(work, tmp_path, capsys, monkeypatch):
     assert code == 2 and "fails on the example input" in err and "Traceback" not in err
 
 
+def test_keyword_example_inputs_with_their_dtypes_for_a_state_dict(work, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(work))
+    model = __import__(FACTORY_MODULE).tokens().eval()
+    write_safetensors(tmp_path / "tokens.safetensors", model.state_dict())
+    out, report = tmp_path / "tokens_fused.pt", tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "fuse", tmp_path / "tokens.safetensors", "--model", f"{FACTORY_MODULE}:tokens",
+                           "--example-input", "input_ids=3x7:int64", "--example-input", "attention_mask=3x7",
+                           "-o", out, "--report", report, "-q", "--no-benchmark")
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["example_inputs"] == [{"name": "input_ids", "shape": [3, 7], "dtype": "int64"},
+                                     {"name": "attention_mask", "shape": [3, 7], "dtype": "int64"}]
+    assert doc["report"]["rewrites"]  # the BN folded into the linear
+    fused = torch.load(out, weights_only=False)
+    ids = torch.randint(0, 50, (4, 5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        assert torch.allclose(fused(input_ids=ids, attention_mask=mask), model(input_ids=ids, attention_mask=mask),
+                              atol=1e-5)
+    code, _, err = run_cli(capsys, "fuse", tmp_path / "tokens.safetensors", "--model", f"{FACTORY_MODULE}:tokens",
+                           "--example-input", "input_ids=3x7:int6", "-o", tmp_path / "x.pt", "-q")
+    assert code == 2 and "unknown dtype 'int6'" in err and "Traceback" not in err
+
+
 def test_example_inputs_follow_the_model_dtype_unless_told(work, tmp_path, capsys):
     torch.save(tiny().double(), tmp_path / "double.pt")
     out, report = tmp_path / "fused.pt", tmp_path / "r.json"
@@ -780,3 +825,38 @@ def test_a_model_directory_whose_adapter_is_left_unmerged_somewhere_writes_nothi
     assert code == cli.EXIT_VERIFICATION, err
     assert "adapter is left unmerged in 1 layer(s)" in err and "embed_tokens" in err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".merged")]
+
+
+def test_a_vision_model_directory_takes_pixel_values_and_says_when_it_cannot_guess_them(tmp_path, capsys):
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64)
+    vit = transformers.ViTModel(config).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    out = tmp_path / "merged"
+    code = cli.main(["fuse", str(tmp_path / "vit"), "-o", str(out), "-q"])  # pixel_values 1x3x16x16, from the config
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "repc_report.json").read_text())
+    assert report["example_inputs"] == {"pixel_values": {"shape": [1, 3, 16, 16], "dtype": "torch.float32"}}
+    reloaded, info = transformers.ViTModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reloaded.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want, got = vit(x), reloaded(x)
+        for name in ("last_hidden_state", "pooler_output"):
+            assert (got[name] - want[name]).abs().max() / want[name].abs().max() < 1e-5
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "no_pooler")
+    capsys.readouterr()
+    assert cli.main(["fuse", str(tmp_path / "no_pooler"), "-o", str(tmp_path / "p"), "-q"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err  # (from_pretrained would draw that weight at random: not a merge of this one)
+    assert "the checkpoint has no weight pooler.dense.weight" in err and len(err.strip().splitlines()) == 1
+    resnet = transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
+    resnet.save_pretrained(tmp_path / "resnet")
+    capsys.readouterr()
+    assert cli.main(["fuse", str(tmp_path / "resnet"), "-o", str(tmp_path / "r"), "-q"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "no vocabulary and no image size" in err and "pixel_values=1x3x224x224" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
