@@ -959,7 +959,9 @@ def _merged_summary(result) -> str:
     return (f"merged {len(result.merged_layers)} layer(s) in {len(result.units)} unit(s) "
             f"({sum(u.rewrites for u in result.units)} rewrite(s)), each unit verified on its own; "
             + (f"the written model matches the original on the example (max deviation {check['max_deviation']:.1e}, "
-               f"tolerance {check['tolerance']:.1e})" if check else "whole-model check skipped"))
+               f"tolerance {check['tolerance']:.1e}" + (f"; within 4x the {check['rounding_noise']:.1e} that rounding "
+                                                        "the original's weights brings" if check.get("within_noise")
+                                                        else "") + ")" if check else "whole-model check skipped"))
 
 
 def cmd_fuse(args, progress: Progress) -> int:

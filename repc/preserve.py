@@ -1339,8 +1339,10 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
                           varying, recorded)
     preserved, swaps = preserver.run()
     base = base_of_peft(preserved)
-    if base is not None:  # (PEFT's wrappers that only call the copy they train: that copy, as merge_and_unload gives)
-        inside = {id(m) for m in base.modules() if m is not base}
+    scope = preserved if base is None else base  # (the base model, or a model PEFT's layers were put in)
+    inside = {id(m) for m in scope.modules() if m is not scope}
+    if base is not None or any(is_peft(m) for m in scope.modules() if id(m) in inside):
+        # PEFT's wrappers that only call the copy they train: that copy, as merge_and_unload gives
         swaps = swaps + unwrap_delegating(preserved, preserver.calls, lambda m: is_peft(m) and id(m) in inside)
     if recorded is None:
         own_copies(preserved, model)  # (the parameters of the modules kept as written)

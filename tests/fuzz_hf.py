@@ -285,6 +285,35 @@ def _default_compile(model: nn.Module, kwargs: Dict[str, torch.Tensor]) -> nn.Mo
     return repc.compile(model, (), kwargs)
 
 
+def through_directory(unit_size: str) -> Callable[[nn.Module, Dict[str, torch.Tensor]], nn.Module]:
+    """A compile that goes through the files users merge: the base model saved by
+    ``save_pretrained``, the adapter by PEFT's, ``repc fuse BASE --adapter ADAPTER -o OUT
+    --unit-size SIZE`` (out of core, unit by unit), and OUT loaded back with ``from_pretrained``
+    in the base's class."""
+    import os
+    import tempfile
+
+    from repc import cli
+
+    def compile_fn(model: nn.Module, kwargs: Dict[str, torch.Tensor]) -> nn.Module:
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = copy.deepcopy(model).unload()
+            base.save_pretrained(os.path.join(folder, "base"))
+            model.save_pretrained(os.path.join(folder, "adapter"))
+            argv = ["fuse", os.path.join(folder, "base"), "--adapter", os.path.join(folder, "adapter"),
+                    "-o", os.path.join(folder, "out"), "-q", "--unit-size", unit_size]
+            for name, value in kwargs.items():
+                argv += ["--example-input", f"{name}={'x'.join(map(str, value.shape))}:{str(value.dtype)[6:]}"]
+            code = cli.main(argv)
+            if code:
+                raise RuntimeError(f"repc fuse exited with {code}")
+            return type(base).from_pretrained(os.path.join(folder, "out"),  # (eager and sdpa differ on padded rows)
+                                              attn_implementation=base.config._attn_implementation).eval()
+
+    return compile_fn
+
+
 def run_case(case: HFCase, compile_fn: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], nn.Module]] = None
              ) -> CaseResult:
     """Build ``case``, compile it with ``compile_fn`` (``repc.compile``'s default output), and
@@ -415,6 +444,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the case draw")
     parser.add_argument("--quick", action="store_true", help="run CASES_QUICK instead of random cases")
     parser.add_argument("--out", help="append one JSON line per case to this file")
+    parser.add_argument("--through-directory", metavar="UNIT_SIZE",
+                        help="merge through the files: save_pretrained, repc fuse DIR --adapter A --unit-size "
+                             "UNIT_SIZE, from_pretrained (out of core)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
@@ -425,7 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, case in enumerate(cases):
         start = time.perf_counter()
         try:
-            result = run_case(case)
+            result = run_case(case, through_directory(args.through_directory) if args.through_directory else None)
         except Exception as e:  # a bug of this fuzzer, not a finding: reported, and the run goes on
             traceback.print_exc()
             result = CaseResult(case, FUZZER_ERROR, _first_line(e))

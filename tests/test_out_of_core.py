@@ -312,3 +312,59 @@ def test_gpt2_conv1d_layers_with_a_tied_head_merge_by_units_or_whole(tmp_path, u
     ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(2))
     want = _logits(merged, ids)
     assert (_logits(reloaded.eval(), ids) - want).abs().max() / want.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["vera", "dora", "classifier head"])
+def test_adapters_with_shared_buffers_magnitudes_or_a_trained_head_copy_merge_as_merge_and_unload(tmp_path, method):
+    # VeRA: projections shared by every layer (buffers the adapter holds); DoRA: magnitudes;
+    # modules_to_save: PEFT trains a copy of the classifier head, which the merge takes
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    cls = transformers.LlamaForSequenceClassification if method == "classifier head" else transformers.LlamaForCausalLM
+    base = cls(config).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    base.save_pretrained(tmp_path / "base")
+    adapter = {"vera": peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+               "dora": peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True,
+                                       init_lora_weights=False),
+               "classifier head": peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["score"],
+                                                  init_lora_weights=False)}[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = peft.get_peft_model(base, adapter)
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "modules_to_save" in name or "lora_magnitude" in name or "vera_lambda" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    lora.save_pretrained(tmp_path / "lora")
+    out = tmp_path / "merged"
+    out_of_core.merge_directory(str(tmp_path / "base"), str(tmp_path / "lora"), str(out), _example(), unit_bytes=1)
+    reloaded = cls.from_pretrained(out).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = peft.PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"),
+                                                tmp_path / "lora").merge_and_unload().eval()
+    ids = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = reloaded(input_ids=ids).logits.double(), merged(input_ids=ids).logits.double()
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", [
+    # found by tests/fuzz_hf.py --through-directory 20KB (seed 8): bfloat16 rounding through the
+    # layers moves the output past the dtype's tolerance; rounding the original's own weights moves
+    # it as far, so the written model is within the noise (as the compile's own check judges it)
+    "HFCase(arch='vit', method='vera', targets='all', attn='eager', use_cache=False, seed=30072, dtype='bfloat16')",
+    # found with --through-directory 1KB (seed 7): a classifier head PEFT trains a copy of was left wrapped
+    "HFCase(arch='llama', method='rslora', targets='mlp', attn='sdpa', use_cache=False, seed=16448, "
+    "head='classifier')",
+])
+def test_fuzz_cases_through_the_directory_path_are_exact(case):
+    import fuzz_hf
+    from fuzz_hf import HFCase  # noqa: F401 (the case's repr names it)
+
+    result = fuzz_hf.run_case(eval(case), fuzz_hf.through_directory("20KB"))
+    assert result.outcome == "exact", result.detail
