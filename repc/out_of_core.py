@@ -654,7 +654,7 @@ class UnitRunner:
                     if "meta" not in str(why):
                         raise
                     raise OutOfCoreError("the model reads a weight outside the call of the module that holds it, "
-                                         "so it cannot be read unit by unit: raise --max-shard-size to the model's "
+                                         "so it cannot be read unit by unit: raise --unit-size to the model's "
                                          "size to merge it in memory") from why
         finally:
             for h in hooks:
