@@ -363,10 +363,14 @@ def architecture(config, trust_remote_code: bool):
     return transformers.AutoModelForCausalLM if names[0].endswith("ForCausalLM") else transformers.AutoModel
 
 
-def weightless_model(config, cls, dtype: torch.dtype) -> nn.Module:
-    """``cls`` built from ``config`` in ``dtype``, its parameters on the meta device, in eval mode."""
+def weightless_model(config, cls, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """``cls`` built from ``config`` in ``dtype``, its parameters on the meta device, in eval mode
+    (an Auto class, for a directory's own code, through ``from_config``)."""
     with parameters_on_meta():
-        model = cls._from_config(config, dtype=dtype)
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=dtype)
+        else:
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -888,7 +892,7 @@ def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, exa
                                                      trust_remote_code=trust_remote_code)
     cls = architecture(config, trust_remote_code)
     dtype = reader.floating_dtype() or torch.float32
-    model = weightless_model(config, cls, dtype)
+    model = weightless_model(config, cls, dtype, trust_remote_code)
     saved = SavedNames(model, reader)
     names = checkpoint_names(model, saved)
     load_buffers(model, reader, saved, device)
@@ -917,8 +921,8 @@ def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, exa
         if whole_model_check:
             note("checking the written model against the original on the example")
             result.check = check_written(
-                weightless_model(config, cls, dtype), CheckpointReader(tmp), budget, (), call, reference,
-                resolve_tolerance(tolerance, dtype), device,
+                weightless_model(config, cls, dtype, trust_remote_code), CheckpointReader(tmp), budget, (), call,
+                reference, resolve_tolerance(tolerance, dtype), device,
                 rounded_original=lambda: UnitRunner(model, plan, reader, device, perturbed=0).run((), call))
         for name in sorted(os.listdir(base_dir)):  # config, tokenizer, generation settings, model card...
             source = os.path.join(base_dir, name)

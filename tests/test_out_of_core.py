@@ -146,6 +146,18 @@ def test_a_model_built_without_weights_holds_its_adapter_and_buffers_but_no_base
     assert all(b.device.type == "cpu" for b in model.buffers())  # (rotary frequencies, computed at build)
 
 
+def test_a_directory_naming_code_of_its_own_is_built_through_an_auto_class_without_weights(tmp_path):
+    base_dir, _ = _llama(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(base_dir)
+    config.architectures = ["MyOwnForCausalLM"]
+    with pytest.raises(out_of_core.OutOfCoreError, match="pass --trust-remote-code"):
+        out_of_core.architecture(config, trust_remote_code=False)
+    cls = out_of_core.architecture(config, trust_remote_code=True)
+    model = out_of_core.weightless_model(config, cls, torch.bfloat16, trust_remote_code=True)
+    assert isinstance(model, transformers.LlamaForCausalLM) and not model.training
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+
+
 def test_units_are_the_largest_modules_under_the_budget_and_peft_layers_are_never_split(tmp_path):
     base_dir, adapter_dir = _llama(tmp_path)
     model, names = _weightless(base_dir, adapter_dir)
