@@ -57,8 +57,8 @@ from .memory import FreedMemory
 from .preserve import keeping_parameter_names
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-GARBAGE_BYTES = 256 * 2 ** 20  # units' weights compiled between two collections of the compiles' garbage
 SAFETENSORS_SINGLE = "model.safetensors"
+GARBAGE_BYTES = 256 * 2 ** 20  # units' weights compiled between two collections of the compiles' garbage
 
 
 class OutOfCoreError(Exception):
@@ -424,7 +424,7 @@ def attach_adapter(model: nn.Module, adapter_dir: str, device: str = "cpu") -> n
 class UnitPlan:
     """Where each weight comes from and which modules run as units."""
 
-    units: Dict[int, str]  # id(module) -> its path in the checkpoint's names ("model.layers.3")
+    units: Dict[int, str]  # id(module) -> its path in the architecture ("model.layers.3")
     keys: Dict[Tuple[int, str], str]  # (id(module), parameter name) -> checkpoint key, for weights on meta
     held: List[Tuple[nn.Module, str]]  # weights read once and held (outside every unit)
     budget: int
@@ -437,8 +437,7 @@ def _callable(module: nn.Module) -> bool:
 def _is_peft_layer(module: nn.Module) -> bool:
     from .preserve import is_peft
 
-    return is_peft(module) and not hasattr(module, "get_base_model") and \
-        type(module).__name__ not in ("LoraModel",) and not _is_tuner(module)
+    return is_peft(module) and not hasattr(module, "get_base_model") and not _is_tuner(module)
 
 
 def _is_tuner(module: nn.Module) -> bool:
@@ -492,7 +491,7 @@ def plan_units(model: nn.Module, names: Dict[Tuple[int, str], str], budget: int)
             visit(f"{path}.{child_name}" if path else child_name, child)
 
     visit("", model)
-    return UnitPlan(units=units, keys={k: v for k, v in names.items()}, held=held, budget=budget)
+    return UnitPlan(units=units, keys=dict(names), held=held, budget=budget)
 
 
 class SavedNames:
@@ -765,8 +764,9 @@ def _unit_weights(path: str, fused: nn.Module, reader: CheckpointReader,
 
 
 def merge_units(model: nn.Module, plan: UnitPlan, reader: CheckpointReader, saved: SavedNames,
-                writer: CheckpointWriter, args: tuple, kwargs: Dict[str, Any], *, device: str = "cpu", tolerance: Optional[float] = None,
-                cost: str = "macs", note: Callable[[str], None] = lambda text: None) -> Tuple[Any, MergeResult]:
+                writer: CheckpointWriter, args: tuple, kwargs: Dict[str, Any], *, device: str = "cpu",
+                tolerance: Optional[float] = None, cost: str = "macs",
+                note: Callable[[str], None] = lambda text: None) -> Tuple[Any, MergeResult]:
     """One forward of ``model`` on the example, unit by unit (:class:`UnitRunner`): each unit
     compiled and verified on the inputs it is given, its merged weights written by ``writer``
     under the checkpoint's names; then the weights no unit wrote, copied.  Returns the
