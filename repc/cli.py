@@ -549,6 +549,10 @@ def example_inputs(args, model) -> ExampleCall:
     return ExampleCall(tuple(positional), keywords)
 
 
+# --------------------------------------------------------------------------------------------
+# output
+
+
 def check_output_path(path: str, *, what: str, force: bool, inputs: Sequence[str]) -> None:
     """Refuse before any work: OUT equal to an input, anything but a regular file (a directory, a
     device such as /dev/null, a FIFO, a socket, a link to one of those; even with --force), a
