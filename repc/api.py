@@ -24,8 +24,8 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import (PreserveError, base_of_peft, is_peft, module_scopes, own_copies, preserve, record_calls,
-                       region_paths, snapshot, source_paths, varying_scopes)
+from .preserve import (PreserveError, base_of_peft, is_peft, is_peft_layer, module_scopes, own_copies, preserve,
+                       record_calls, region_paths, snapshot, source_paths, varying_scopes)
 from .reasons import RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
@@ -343,15 +343,12 @@ def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
     """(path, class) of each outermost PEFT layer in ``model`` (LoRA's ``peft.Linear``, a
     ``ModulesToSaveWrapper``), not counting the PEFT model and tuner that wrap the base model;
     none where peft is not imported."""
-    tuners = sys.modules.get("peft.tuners.tuners_utils")
-    if tuners is None:
+    if sys.modules.get("peft.tuners.tuners_utils") is None:
         return []
     left: List[Tuple[str, str]] = []
     for path, m in model.named_modules():
-        if not is_peft(m) or hasattr(m, "get_base_model") or \
-                isinstance(m, tuners.BaseTuner) or any(path.startswith(p + ".") for p, _ in left):
-            continue
-        left.append((path, _short_class(m)))
+        if is_peft_layer(m) and not any(path.startswith(p + ".") for p, _ in left):
+            left.append((path, _short_class(m)))
     return left
 
 

@@ -54,7 +54,7 @@ from torch import nn
 
 from .capture_export import CaptureCache, reusing_captures
 from .memory import FreedMemory
-from .preserve import keeping_parameter_names
+from .preserve import is_peft, is_peft_layer, keeping_parameter_names
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -434,19 +434,6 @@ def _callable(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward
 
 
-def _is_peft_layer(module: nn.Module) -> bool:
-    from .preserve import is_peft
-
-    return is_peft(module) and not hasattr(module, "get_base_model") and not _is_tuner(module)
-
-
-def _is_tuner(module: nn.Module) -> bool:
-    import sys
-
-    tuners = sys.modules.get("peft.tuners.tuners_utils")
-    return tuners is not None and isinstance(module, tuners.BaseTuner)
-
-
 def plan_units(model: nn.Module, names: Dict[Tuple[int, str], str], budget: int) -> UnitPlan:
     """Units of ``model`` (the architecture, with any adapter layers in it) under ``budget``
     bytes of weights.  ``names``: (id(module), parameter name) -> checkpoint key of each weight
@@ -478,9 +465,9 @@ def plan_units(model: nn.Module, names: Dict[Tuple[int, str], str], budget: int)
         leaf = not any(True for c in module.children() if any(True for _ in c.parameters()))
         # a PEFT layer merged on its own is a module replaced at the root, which keeps its class:
         # the module that calls it is the unit (or the layer itself, where nothing calls it alone)
-        indivisible = leaf or _is_peft_layer(module) or any(_is_peft_layer(c) for c in module.children())
+        indivisible = leaf or is_peft_layer(module) or any(is_peft_layer(c) for c in module.children())
         if _callable(module) and whole and (size <= budget or indivisible) and \
-                not _is_tuner(module) and not hasattr(module, "get_base_model"):
+                not (is_peft(module) and not is_peft_layer(module)):  # (not the PEFT model or its tuner)
             units[id(module)] = path
             return
             units[id(module)] = path

@@ -43,6 +43,7 @@ import itertools
 import inspect
 import operator
 import re
+import sys
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -1272,6 +1273,15 @@ def _drop_unread(graph: fx.Graph) -> None:
 def is_peft(module: nn.Module) -> bool:
     """A module of PEFT's classes (a LoRA layer, a ModulesToSaveWrapper, the PeftModel)."""
     return type(module).__module__.split(".")[0] == "peft"
+
+
+def is_peft_layer(module: nn.Module) -> bool:
+    """A layer PEFT put in the base model (LoRA's ``peft.Linear``, a ``ModulesToSaveWrapper``),
+    not the PEFT model or the tuner that wrap the base model."""
+    if not is_peft(module) or hasattr(module, "get_base_model"):
+        return False
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is None or not isinstance(module, tuners.BaseTuner)
 
 
 def unwrap_delegating(root: nn.Module, calls: Dict[str, "_Call"], chosen: Callable[[nn.Module], bool]
