@@ -923,8 +923,7 @@ def cmd_fuse_directory(args, progress: Progress) -> int:
     try:
         pretrained.check_out_dir(args.output, args.input, args.adapter, args.force)
         shard = pretrained.parse_size(args.max_shard_size) if args.max_shard_size else None
-        unit = pretrained.parse_size(args.unit_size, "--unit-size") if args.unit_size else \
-            shard or pretrained.largest_shard_bytes(args.input)
+        unit = pretrained.parse_size(args.unit_size, "--unit-size") if args.unit_size else None
         config = transformers.AutoConfig.from_pretrained(args.input, local_files_only=True,
                                                          trust_remote_code=args.trust_remote_code)
         kwargs = pretrained.example_inputs(config, args.example_input, args.seed, args.device,
@@ -933,12 +932,11 @@ def cmd_fuse_directory(args, progress: Progress) -> int:
         raise CliError(str(why)) from why
     except (OSError, ValueError) as why:
         raise CliError(f"cannot read {args.input}: {_short(why)}") from why
-    shown = ", ".join(f"{k} {'x'.join(map(str, v.shape))} {str(v.dtype).replace('torch.', '')}" for k, v in kwargs.items())
     progress.note(f"merging {args.input}" + (f" and the adapter {args.adapter}" if args.adapter else "") +
-                  f" unit by unit (units of at most {unit / 2 ** 20:.0f} MiB of weights); example input {shown}")
+                  f" unit by unit; example input {ExampleCall((), kwargs)}")
     doc = {"command": "fuse", "input": args.input, "adapter": args.adapter, "output": args.output,
            "example_inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in kwargs.items()},
-           "unit_bytes": unit, "max_shard_bytes": shard}
+           "max_shard_bytes": shard}
     try:
         result = out_of_core.merge_directory(
             args.input, args.adapter, args.output, kwargs, max_shard_bytes=shard, unit_bytes=unit,

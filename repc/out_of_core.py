@@ -8,7 +8,7 @@
    frequencies are computed by the model's own code, and those the checkpoint holds, such as a
    norm's running statistics, read from it); a PEFT adapter is attached, its small weights read.
 2. **Units.**  The model's modules are cut into *units* (:func:`plan_units`): the largest
-   modules whose weights fit the unit budget (by default the largest input shard), that hold
+   modules whose weights fit the unit budget (by default the largest input file), that hold
    every weight they share, and that run a forward of their own.  A module that calls a PEFT
    layer is a unit whatever its size (the layer's base weight and adapter merge together, and
    the layer is replaced by a plain one inside it).  The weights outside
@@ -123,6 +123,10 @@ class CheckpointReader:
         for key, entry in self._entries.items():
             files.setdefault(os.path.basename(entry[0]), []).append(key)
         return list(files.items())
+
+    def largest_file_bytes(self) -> int:
+        """The size of the checkpoint's largest weight file."""
+        return max(os.path.getsize(entry[0]) for entry in self._entries.values()) if self._entries else 0
 
     def nbytes(self, key: str) -> int:
         entry = self._entries[key]
@@ -671,6 +675,7 @@ class MergeResult:
     bytes_written: int = 0
     check: Optional[Dict[str, Any]] = None  # the whole-model check: deviation, tolerance (None: skipped)
     seconds: float = 0.0
+    unit_bytes: int = 0  # the budget the units were cut to
 
     @property
     def merged_layers(self) -> List[str]:
@@ -681,7 +686,7 @@ class MergeResult:
                 "weights_copied_unchanged": self.copied, "files": self.files, "bytes_written": self.bytes_written,
                 "whole_model_check": self.check if self.check is not None else "skipped",
                 "per_unit_checks": "each unit's compile verified it on the example and on random inputs",
-                "seconds": round(self.seconds, 2)}
+                "unit_bytes": self.unit_bytes, "seconds": round(self.seconds, 2)}
 
 
 def _unit_failure(path: str, fused: nn.Module) -> Optional[str]:
@@ -865,7 +870,7 @@ def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, exa
 
     OUT_DIR's weight files are BASE_DIR's (the same names, keys and sizes), or cut at
     ``max_shard_bytes`` where given.  Units hold at most ``unit_bytes`` of weights (by default
-    the largest shard).  OUT_DIR is written as a temporary sibling and renamed at the end (an
+    ``max_shard_bytes``, else the size of BASE_DIR's largest weight file).  OUT_DIR is written as a temporary sibling and renamed at the end (an
     earlier OUT_DIR replaced only then); a failure leaves nothing.  ``extra_files(name)``: which
     of BASE_DIR's files besides ``config.json`` (always copied) go with it: tokenizer, generation
     settings..."""
@@ -887,7 +892,8 @@ def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, exa
         model = attach_adapter(model, adapter_dir, device)
     tree = model.get_base_model() if hasattr(model, "get_base_model") else model
     layout = cut_layout(reader, max_shard_bytes) if max_shard_bytes else same_layout(reader)
-    budget = unit_bytes or max(sum(reader.nbytes(k) for k, _, _ in entries) for _, entries in layout)
+    budget = unit_bytes or max_shard_bytes or reader.largest_file_bytes()
+    note(f"units of at most {budget / 2 ** 20:.0f} MiB of weights")
     plan = plan_units(tree, names, budget)
     call = dict(example)
     if getattr(config, "use_cache", None) is not None:
@@ -902,7 +908,7 @@ def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, exa
             result.files = writer.finish()
         finally:
             writer.close()
-        result.bytes_written = writer.total_bytes
+        result.bytes_written, result.unit_bytes = writer.total_bytes, budget
         gc.collect()  # (the last units' compiles: not held through the check)
         FreedMemory().give_back()
         if whole_model_check:

@@ -96,13 +96,6 @@ def example_inputs(config, specs, seed: int, device: str = "cpu", default_float=
     return out
 
 
-def largest_shard_bytes(base_dir: str) -> int:
-    """The size of BASE_DIR's largest weight file: the output's shards are cut at it."""
-    sizes = [os.path.getsize(os.path.join(base_dir, f)) for f in os.listdir(base_dir)
-             if WEIGHT_FILES.match(f) and not f.endswith(".json")]
-    return max(sizes, default=5 * 2 ** 30)
-
-
 def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text or "", re.IGNORECASE)
     if m is None or float(m.group(1)) <= 0:
