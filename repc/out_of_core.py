@@ -778,8 +778,7 @@ def merge_units(model: nn.Module, plan: UnitPlan, reader: CheckpointReader, save
         if failure is not None:
             raise MergeFailed(failure)
         for key, tensor in _unit_weights(path, fused, reader, saved).items():
-            if key not in writer.written:
-                writer.write(key, tensor)
+            writer.write(key, tensor)
         report = fused.repc_report
         prefix = f"{path}." if path else ""
         merged = [prefix + sw.path if sw.path else path for sw in report.swaps
