@@ -10,7 +10,8 @@ on the example it was compiled with.  The outcome is one of :data:`OUTCOMES`:
 
 * ``exact``: every input within :data:`TOLERANCES` of the case's dtype (relative max deviation),
   or, below float32, within twice the deviation of PEFT's own ``merge_and_unload`` (the rounding
-  of merged weights to bfloat16);
+  of merged weights to bfloat16), or within twice the model's own distance from its exact
+  function (its weights computed in float64) of that exact function;
 * ``miscompile``: some input deviates beyond it, and repc did not roll back (or rolled back to a
   model that still deviates);
 * ``crash``: the result raises on an input the unfused model accepts;
@@ -314,6 +315,29 @@ def through_directory(unit_size: str) -> Callable[[nn.Module, Dict[str, torch.Te
     return compile_fn
 
 
+def _own_rounding(model: nn.Module, inputs, references: Dict[str, torch.Tensor], compared: str
+                  ) -> Dict[str, Tuple[torch.Tensor, float]]:
+    """Per input, the model's exact output (its weights as they are, computed in float64) and how
+    far the model's own output in its dtype is from it (finite only).  An ill-conditioned input
+    (a chaotic random classifier) moves a bfloat16 model several percent off its own function; a
+    merged model is then as far off it, another rounding of the same weights, though neither
+    is wrong, and PEFT's merge of fewer ops may happen to land closer."""
+    exact_model = copy.deepcopy(model).double()
+    out: Dict[str, Tuple[torch.Tensor, float]] = {}
+    with torch.no_grad():
+        for name, kwargs in inputs:
+            if name not in references:
+                continue
+            try:
+                exact = getattr(exact_model(**kwargs), compared)
+            except Exception:  # (a model that does not run in float64: the other bounds alone)
+                return {}
+            own = relative_deviation(references[name], exact)
+            if math.isfinite(own):
+                out[name] = (exact, own)
+    return out
+
+
 def run_case(case: HFCase, compile_fn: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], nn.Module]] = None
              ) -> CaseResult:
     """Build ``case``, compile it with ``compile_fn`` (``repc.compile``'s default output), and
@@ -352,6 +376,7 @@ def run_case(case: HFCase, compile_fn: Optional[Callable[[nn.Module, Dict[str, t
                     theirs = relative_deviation(getattr(merged(**kwargs), compared), references[name])
                     bounds[name] = max(bounds[name], 2 * theirs)
         del merged
+    own_rounding = _own_rounding(model, inputs, references, compared) if case.dtype != "float32" else {}
     try:
         result = compile_fn(model, example)
     except Exception as e:
@@ -367,6 +392,12 @@ def run_case(case: HFCase, compile_fn: Optional[Callable[[nn.Module, Dict[str, t
                 except Exception as e:
                     crashes.append(f"{name}: {_first_line(e)}")
     beyond = {name: d for name, d in deviations.items() if not d <= bounds[name]}
+    for name in list(beyond):  # (below float32: as close to the model's exact function as the model itself, 2x)
+        if name in own_rounding:
+            exact, own = own_rounding[name]
+            with torch.no_grad():
+                if relative_deviation(getattr(result(**dict(inputs)[name]), compared), exact) <= 2 * own:
+                    del beyond[name]
 
     report = getattr(result, "repc_report", None)
     rolled_back = bool(report is not None and report.rolled_back)
