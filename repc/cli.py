@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--no-whole-model-check", action="store_true",
                      help="skip reading OUT_DIR back to compare the merged model with the original on the example "
                           "(each unit is still verified on its own)")
+    hub.add_argument("--compile-every-unit", action="store_true",
+                     help="compile each unit; by default a unit like two merged before (a language model's layers) "
+                          "runs the ops that computed the second one's merged weights on its own weights, and is "
+                          "checked against itself on the example and random inputs")
     hub.add_argument("--trust-remote-code", action="store_true",
                      help="run the model code IN's config.json asks for (only for directories from a trusted source)")
     fuse.add_argument("--force", "-f", action="store_true", help="overwrite an existing OUT / REPORT.json")
@@ -941,7 +945,8 @@ def cmd_fuse_directory(args, progress: Progress) -> int:
         result = out_of_core.merge_directory(
             args.input, args.adapter, args.output, kwargs, max_shard_bytes=shard, unit_bytes=unit,
             trust_remote_code=args.trust_remote_code, device=args.device, tolerance=args.tolerance, cost=args.cost,
-            whole_model_check=not args.no_whole_model_check, extra_files=pretrained.copied_file,
+            whole_model_check=not args.no_whole_model_check, replay=not args.compile_every_unit,
+            extra_files=pretrained.copied_file,
             report_name=pretrained.REPORT_NAME, report_extra=doc, note=progress.note)
     except out_of_core.MergeFailed as why:
         raise CliError(f"{why}; nothing written", EXIT_VERIFICATION) from why
@@ -974,6 +979,7 @@ def cmd_fuse(args, progress: Progress) -> int:
         return cmd_fuse_directory(args, progress)
     for flag, value in (("--adapter", args.adapter), ("--max-shard-size", args.max_shard_size),
                         ("--unit-size", args.unit_size), ("--no-whole-model-check", args.no_whole_model_check),
+                        ("--compile-every-unit", args.compile_every_unit),
                         ("--trust-remote-code", args.trust_remote_code)):
         if value:
             raise CliError(f"{flag} applies to a transformers model directory as IN (one with a config.json)")

@@ -39,6 +39,8 @@ of the output and renamed at the end: a failure leaves nothing.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import gc
 import json
 import os
@@ -55,10 +57,12 @@ from torch import nn
 from .capture_export import CaptureCache, reusing_captures
 from .memory import FreedMemory
 from .preserve import is_peft, is_peft_layer, keeping_parameter_names
+from .replay import WeightProgram, WeightRecorder, _weights, check_replayed, replay_key, with_weights
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 GARBAGE_BYTES = 256 * 2 ** 20  # units' weights compiled between two collections of the compiles' garbage
+COMPILED_ONCE = "compiled once"  # a replay key's first unit: the next one like it is compiled and recorded
 
 
 class OutOfCoreError(Exception):
@@ -474,8 +478,6 @@ def plan_units(model: nn.Module, names: Dict[Tuple[int, str], str], budget: int)
                 not (is_peft(module) and not is_peft_layer(module)):  # (not the PEFT model or its tuner)
             units[id(module)] = path
             return
-            units[id(module)] = path
-            return
         held.extend((module, name) for name, p in module._parameters.items()
                     if p is not None and (id(module), name) in names)
         for child_name, child in module.named_children():
@@ -571,11 +573,11 @@ def load_buffers(model: nn.Module, reader: CheckpointReader, saved: SavedNames, 
 
 class UnitRunner:
     """Runs the model on one call, reading each unit's weights when it is called and dropping
-    them when it returns; ``on_unit(path, module, args, kwargs)`` is called on each unit's first
-    return, its weights still there."""
+    them when it returns; ``on_unit(path, module, args, kwargs, output)`` is called on each unit's
+    first return, its weights still there."""
 
     def __init__(self, model: nn.Module, plan: UnitPlan, reader: CheckpointReader, device: str = "cpu",
-                 on_unit: Optional[Callable[[str, nn.Module, tuple, dict], None]] = None,
+                 on_unit: Optional[Callable[[str, nn.Module, tuple, dict, Any], None]] = None,
                  perturbed: Optional[int] = None):
         """``perturbed``: a seed; each weight read is then moved by an ulp, times ``1 +- eps`` at
         random (:func:`repc.verify.check.perturbed_copies`, one unit at a time)."""
@@ -584,6 +586,7 @@ class UnitRunner:
         self.active: Optional[nn.Module] = None
         self.done: set = set()
         self.busy = False
+        self.freed = FreedMemory()
 
     def _read(self, module: nn.Module, name: str) -> None:
         p = module._parameters[name]
@@ -611,6 +614,9 @@ class UnitRunner:
             for name, p in list(module._parameters.items()):
                 if p is not None and (id(module), name) in self.plan.keys and p.device.type != "meta":
                     module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                    # (glibc keeps freed weights in its heap, and the next unit's reads may not fit
+                    # there: resident memory grew by a layer per unit in a pass without compiles)
+                    self.freed.dropped_bytes(p.numel() * p.element_size())
 
     def run(self, args: tuple, kwargs: Dict[str, Any]) -> Any:
         for module, name in self.plan.held:
@@ -629,7 +635,7 @@ class UnitRunner:
                 if self.on_unit is not None and id(module) not in self.done:
                     self.done.add(id(module))
                     self.busy = True
-                    self.on_unit(units[id(module)], module, args, kw)
+                    self.on_unit(units[id(module)], module, args, kw, output)
             finally:
                 self.busy = False
                 self._drop_unit(module)
@@ -665,6 +671,7 @@ class UnitResult:
     merged_layers: List[str]
     max_deviation: float
     front_end: str
+    replay: str = ""  # how the merged weights were computed where not by the unit's own compile (replay.py)
 
 
 @dataclass
@@ -755,28 +762,94 @@ def _unit_weights(path: str, fused: nn.Module, reader: CheckpointReader,
     return weights
 
 
+@dataclass
+class _Replayable:
+    """What a unit like ``path`` needs to be merged without a compile: the ops of ``path``'s merged
+    weights, and its compiled module's structure (weights on the meta device) with its report."""
+    path: str
+    program: WeightProgram
+    template: nn.Module
+
+
+def _recorded(path: str, fused: nn.Module, recorder: WeightRecorder) -> Tuple[Optional[_Replayable], str]:
+    program, why = recorder.program(fused)
+    if program is None:
+        return None, why
+    template = with_weights(fused, {n: torch.empty_like(t, device="meta") for n, t in _weights(fused).items()})
+    template.repc_report = fused.repc_report
+    return _Replayable(path, program, template), ""
+
+
+def _replayed_unit(kept: _Replayable, unit: nn.Module, args: tuple, kwargs: dict, output: Any,
+                   tolerance: Optional[float]) -> Tuple[Optional[nn.Module], float, str]:
+    """(the unit merged by ``kept``'s program, the check's deviation, "") or (None, ..., why not);
+    ``output``: the unit's own on ``(args, kwargs)``."""
+    try:
+        weights = kept.program.run(_weights(unit))
+    except Exception as why:  # (an op that refuses this unit's weights: compiled instead)
+        return None, float("inf"), f"{type(why).__name__}: {why}"
+    fused = with_weights(kept.template, weights)
+    dev, failure = check_replayed(fused, unit, args, kwargs, tolerance, expected=output)
+    if failure is not None:
+        return None, dev, failure
+    report = copy.copy(kept.template.repc_report)
+    report.verification = dataclasses.replace(report.verification, max_deviation=dev,
+                                              inputs_checked=["example", "random values of its shapes"],
+                                              inputs_skipped=[], within_noise=[])
+    fused.repc_report = report
+    return fused, dev, ""
+
+
 def merge_units(model: nn.Module, plan: UnitPlan, reader: CheckpointReader, saved: SavedNames,
                 writer: CheckpointWriter, args: tuple, kwargs: Dict[str, Any], *, device: str = "cpu",
-                tolerance: Optional[float] = None, cost: str = "macs",
+                tolerance: Optional[float] = None, cost: str = "macs", replay: bool = True,
                 note: Callable[[str], None] = lambda text: None) -> Tuple[Any, MergeResult]:
     """One forward of ``model`` on the example, unit by unit (:class:`UnitRunner`): each unit
     compiled and verified on the inputs it is given, its merged weights written by ``writer``
     under the checkpoint's names; then the weights no unit wrote, copied.  Returns the
-    original's output on the example and what was merged."""
+    original's output on the example and what was merged.
+
+    With ``replay``, units made and called alike (:func:`repc.replay.replay_key`: a language
+    model's layers) are compiled twice, the second time recording the ops its merged weights
+    come from (:class:`repc.replay.WeightRecorder`); each further one runs those ops on its own
+    weights and is checked as a whole against itself (:func:`repc.replay.check_replayed`), and
+    compiled where that fails."""
     result = MergeResult()
     count = len(plan.units)
     captures = CaptureCache()
+    programs: Dict[Any, Any] = {}  # replay key -> COMPILED_ONCE, a _Replayable, or None (none kept)
     compiled = [0]  # bytes of the units compiled since garbage was last collected
 
-    def merge_unit(path: str, unit: nn.Module, unit_args: tuple, unit_kwargs: dict) -> None:
+    def merge_unit(path: str, unit: nn.Module, unit_args: tuple, unit_kwargs: dict, output: Any) -> None:
         began = time.perf_counter()
-        fused, failure = _compile_unit(path, unit, unit_args, unit_kwargs, captures, tolerance=tolerance, cost=cost)
-        reused = captures.took
-        if failure is not None and reused:  # (the capture of a unit like it may not be this one's)
-            fused, failure = _compile_unit(path, unit, unit_args, unit_kwargs, None, tolerance=tolerance, cost=cost)
+        key = replay_key(unit, unit_args, unit_kwargs) if replay else None
+        kept = programs.get(key) if key is not None else None
+        fused, replayed = None, ""
+        if isinstance(kept, _Replayable):
+            fused, _, why = _replayed_unit(kept, unit, unit_args, unit_kwargs, output, tolerance)
+            replayed = f"the ops of {kept.path}'s merged weights, replayed" if fused is not None else \
+                f"compiled: replaying {kept.path}'s failed ({why})"
+        if fused is None:
+            recorder = WeightRecorder(unit) if key is not None and kept is COMPILED_ONCE else None
+            with recorder if recorder is not None else contextlib.nullcontext():
+                fused, failure = _compile_unit(path, unit, unit_args, unit_kwargs, captures, tolerance=tolerance,
+                                               cost=cost)
+            reused = captures.took
+            if failure is not None and reused:  # (the capture of a unit like it may not be this one's)
+                fused, failure = _compile_unit(path, unit, unit_args, unit_kwargs, None, tolerance=tolerance,
+                                               cost=cost)
+                reused, recorder = False, None
+            if failure is not None:
+                raise MergeFailed(failure)
+            if key is not None and key not in programs:
+                programs[key] = COMPILED_ONCE
+            elif recorder is not None:
+                programs[key], why = _recorded(path, fused, recorder)
+                replayed = "recorded for the units like it" if programs[key] is not None else \
+                    f"not recorded for the units like it: {why}"
+            del recorder
+        else:
             reused = False
-        if failure is not None:
-            raise MergeFailed(failure)
         for key, tensor in _unit_weights(path, fused, reader, saved).items():
             writer.write(key, tensor)
         report = fused.repc_report
@@ -787,7 +860,7 @@ def merge_units(model: nn.Module, plan: UnitPlan, reader: CheckpointReader, save
                                  rewrites=len(report.rewrites), merged_layers=merged,
                                  max_deviation=report.verification.max_deviation if report.verification else 0.0,
                                  front_end=report.front_end + (" (a capture of a unit like it, reused)"
-                                                               if reused else ""))
+                                                               if reused else ""), replay=replayed)
         result.units.append(unit_result)
         note(f"[{len(result.units)}/{count}] {path or 'the model'}: {len(report.rewrites)} rewrite(s), "
              f"{len(merged)} layer(s) merged ({unit_result.seconds:.1f} s)")
@@ -861,7 +934,7 @@ def _written_in_place_of(out_dir: str) -> Iterator[str]:
 def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, example: Dict[str, Any], *,
                     max_shard_bytes: Optional[int] = None, unit_bytes: Optional[int] = None,
                     trust_remote_code: bool = False, device: str = "cpu", tolerance: Optional[float] = None,
-                    cost: str = "macs", whole_model_check: bool = True,
+                    cost: str = "macs", whole_model_check: bool = True, replay: bool = True,
                     extra_files: Callable[[str], bool] = lambda name: True, report_name: str = "repc_report.json",
                     report_extra: Optional[Dict[str, Any]] = None,
                     note: Callable[[str], None] = lambda text: None) -> MergeResult:
@@ -872,7 +945,8 @@ def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, exa
     ``max_shard_bytes``, else the size of BASE_DIR's largest weight file).  OUT_DIR is written as a temporary sibling and renamed at the end (an
     earlier OUT_DIR replaced only then); a failure leaves nothing.  ``extra_files(name)``: which
     of BASE_DIR's files besides ``config.json`` (always copied) go with it: tokenizer, generation
-    settings..."""
+    settings...  ``replay``: units like one merged before run the ops of its merged weights
+    (:func:`merge_units`); False compiles every unit."""
     import transformers
 
     from .verify.equivalence import resolve_tolerance
@@ -903,7 +977,7 @@ def merge_directory(base_dir: str, adapter_dir: Optional[str], out_dir: str, exa
                                   on_file=lambda name, size: note(f"wrote {name} ({size / 2 ** 20:.0f} MiB)"))
         try:
             reference, result = merge_units(model, plan, reader, saved, writer, (), call, device=device,
-                                            tolerance=tolerance, cost=cost, note=note)
+                                            tolerance=tolerance, cost=cost, replay=replay, note=note)
             result.files = writer.finish()
         finally:
             writer.close()

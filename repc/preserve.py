@@ -577,6 +577,12 @@ class GraphForward:
             self._function = _forward_from_src(self.source, {})
         return self._function(self.owner, *args, **kwargs)
 
+    def bound_to(self, owner: nn.Module) -> "GraphForward":
+        """The same code run on ``owner``'s attributes."""
+        other = copy.copy(self)
+        other.owner = owner
+        return other
+
     def __getstate__(self):
         return {"owner": self.owner, "source": self.source}
 

@@ -208,6 +208,27 @@ def test_a_directory_merged_layer_by_layer_reloads_to_merge_and_unload(tmp_path,
         assert (got - want).abs().max() / want.abs().max() < (1e-5 if dtype == torch.float32 else 3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_after_the_second_replay_its_ops_and_write_what_their_own_compiles_write(tmp_path, dtype):
+    base_dir, adapter_dir = _llama(tmp_path, dtype=dtype, layers=4)
+    runs = {}
+    for replay in (True, False):
+        out = tmp_path / f"merged-{replay}"
+        runs[replay] = out_of_core.merge_directory(str(base_dir), str(adapter_dir), str(out), _example(),
+                                                   unit_bytes=60_000, replay=replay)
+    layers = {u.path: u for u in runs[True].units if ".layers." in u.path}
+    assert layers["model.layers.0"].replay == "" and layers["model.layers.1"].replay.startswith("recorded")
+    assert all(layers[f"model.layers.{i}"].replay.startswith("the ops of model.layers.1's") for i in (2, 3))
+    assert not any(u.replay for u in runs[False].units)
+    assert runs[True].merged_layers == runs[False].merged_layers
+    replayed, compiled = CheckpointReader(str(tmp_path / "merged-True")), CheckpointReader(str(tmp_path / "merged-False"))
+    assert replayed.keys() == compiled.keys()
+    eps = torch.finfo(dtype).eps
+    for key in compiled.keys():  # (float64 sums in another order: an ulp of the dtype at most)
+        a, b = replayed.read(key).double(), compiled.read(key).double()
+        assert ((a - b).abs() <= eps * b.abs() + 1e-30).all(), key
+
+
 def test_weights_are_read_one_unit_at_a_time(tmp_path, monkeypatch):
     base_dir, adapter_dir = _llama(tmp_path, layers=4)
     total = sum(os.path.getsize(base_dir / f) for f in os.listdir(base_dir) if f.endswith(".safetensors"))
