@@ -21,7 +21,10 @@
    and its weights are dropped.  The forward goes on with the unit's original output: each unit
    is compiled on the inputs the original model gives it.  A unit called again is run, not
    compiled again.  A unit made and called as one compiled before takes that one's capture
-   (:class:`repc.capture_export.CaptureCache`), with its own weights.
+   (:class:`repc.capture_export.CaptureCache`), with its own weights; the second such unit is
+   compiled while the ops its merged weights come from are recorded, and each further one runs
+   those ops on its own weights (:mod:`repc.replay`), checked as a whole against itself on
+   the example and on random values of its shapes, and compiled where that fails.
 4. **Copy-through.**  Every weight that no unit wrote (a module never called, the weights held
    outside units) is copied as it is.  The output's files are laid out before any tensor is
    written (the input's own, or cut at a shard size: a merge keeps every name, dtype and shape),

@@ -227,8 +227,8 @@ class WeightRecorder(TorchDispatchMode):
             if big is not None and getattr(node.op, "overloadpacket", None) not in _VALUE_BLIND:
                 return None, (f"{node.op} reads a tensor of {big.numel()} values the recording did not see computed "
                               "(made from Python or NumPy data, which may come from the module's weights)")
-        read = {source_nodes[i] for i in needed if i in source_nodes}
-        gone = [n for n in self.sources if n not in outputs and n not in read and self.sources[n].is_floating_point()]
+        read = {id(self.sources[source_nodes[i]]) for i in needed if i in source_nodes}  # (a tensor of several names)
+        gone = [n for n, t in self.sources.items() if n not in outputs and id(t) not in read and t.is_floating_point()]
         if gone:
             return None, f"the module's {gone[0]} is neither kept nor read by the ops of the compiled weights"
         program = WeightProgram([self.nodes[i] if i in needed else None for i in range(len(self.nodes))], outputs)

@@ -126,3 +126,36 @@ def test_replay_keys_hold_float_attributes_not_layer_indices():
     b.down.scale = a.down.scale * 2  # (a LoRA scale: read into the merged weight)
     assert replay_key(a, (x,), {}) != replay_key(b, (x,), {})
     assert replay_key(a, (x[:1],), {}) != replay_key(a, (x,), {})  # (another call)
+
+
+class SharedFactor(nn.Module):
+    """Two LoRA layers holding one ``lora_A`` (as VeRA's layers hold one projection buffer)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.up, self.side, self.down = LoRALinear(d, 2 * d), LoRALinear(d, 2 * d), LoRALinear(2 * d, d)
+        self.side.lora_A = self.up.lora_A
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)) + self.side(x))
+
+
+def test_a_weight_held_under_two_names_and_merged_keeps_the_program():
+    blocks = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        block = SharedFactor().eval()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        blocks.append(block)
+    first, other = blocks
+    x = torch.randn(2, 5, 16)
+    assert _weights(first)["up.lora_A.weight"] is _weights(first)["side.lora_A.weight"]
+    recorder = WeightRecorder(first)
+    compiled = _compiled(first, x, recorder)
+    assert not any("lora" in name for name in _weights(compiled))  # (both layers merged: the factor is gone)
+    program, why = recorder.program(compiled)
+    assert program is not None, why
+    dev, failure = check_replayed(with_weights(compiled, program.run(_weights(other))), other, (x,), {})
+    assert failure is None and dev < 1e-5, failure
