@@ -229,6 +229,16 @@ def test_layers_after_the_second_replay_its_ops_and_write_what_their_own_compile
         assert ((a - b).abs() <= eps * b.abs() + 1e-30).all(), key
 
 
+def test_a_layer_whose_replay_fails_its_check_is_compiled_and_says_why(tmp_path, monkeypatch):
+    base_dir, adapter_dir = _llama(tmp_path, layers=3)
+    monkeypatch.setattr(out_of_core, "check_replayed", lambda *a, **k: (0.5, "on the example: deviation 5.00e-01"))
+    result = out_of_core.merge_directory(str(base_dir), str(adapter_dir), str(tmp_path / "merged"), _example(),
+                                         unit_bytes=60_000)
+    third = next(u for u in result.units if u.path == "model.layers.2")
+    assert third.replay.startswith("compiled: replaying model.layers.1's failed (on the example: deviation")
+    assert third.rewrites == len(TARGETS) and result.check["max_deviation"] <= result.check["tolerance"]
+
+
 def test_weights_are_read_one_unit_at_a_time(tmp_path, monkeypatch):
     base_dir, adapter_dir = _llama(tmp_path, layers=4)
     total = sum(os.path.getsize(base_dir / f) for f in os.listdir(base_dir) if f.endswith(".safetensors"))
