@@ -10,12 +10,13 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_input_model_is_untouched():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_input_model_is_untouched(graph):
     model = example_net()
     before = _state(model)
     flags = [m.training for m in model.modules()]
     grads = [p.requires_grad for p in model.parameters()]
-    fused = repc.compile(model, torch.randn(2, 3, 32, 32), graph=True)
+    fused = repc.compile(model, torch.randn(2, 3, 32, 32), graph=graph)
     after = _state(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -41,9 +42,10 @@ def test_submodule_left_in_training_mode_is_named():
         repc.compile(model, torch.randn(2, 3, 32, 32))
 
 
-def test_single_tensor_example_and_report():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_single_tensor_example_and_report(graph):
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=graph)
     report = fused.repc_report
     assert len(report.rewrites) == 1
     rw = report.rewrites[0]
@@ -85,10 +87,11 @@ class _Shell(nn.Module):
         return self.b(x)
 
 
-def test_untraceable_model_compiles_its_traceable_parts():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_untraceable_model_compiles_its_traceable_parts(graph):
     model = randomize_bn(_Shell()).eval()
     x = torch.randn(1, 4, 8, 8)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x, graph=graph)
     report = fused.repc_report
     assert any(s.path == "<model>" for s in report.skipped)
     assert len(report.rewrites) >= 1
@@ -98,7 +101,8 @@ def test_untraceable_model_compiles_its_traceable_parts():
             assert torch.allclose(fused(y), model(y), atol=1e-5)
 
 
-def test_report_says_why_a_region_was_kept():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_report_says_why_a_region_was_kept(graph):
     class BnBeforePaddedConv(nn.Module):
         def __init__(self):
             super().__init__()
@@ -109,7 +113,7 @@ def test_report_says_why_a_region_was_kept():
             return self.conv(self.bn(x))
 
     model = randomize_bn(BnBeforePaddedConv()).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=graph)
     reasons = " ".join(r.reason for r in fused.repc_report.rejected)
     assert "border" in reasons
     assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
@@ -143,6 +147,11 @@ def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_defa
     with pytest.raises(AssertionError, match="mask has been specialized"):
         fused(x, mask=torch.ones(2, 5))  # by keyword too: the argument keeps its name
     assert torch.allclose(fused(x, mask=None), model(x), atol=1e-5)
+    default = repc.compile(model, (x,))  # (the model's own forward: the mask's path stays its code)
+    mask = torch.rand(2, 5)
+    with torch.no_grad():
+        assert torch.allclose(default(x), model(x), atol=1e-5)
+        assert torch.allclose(default(x, mask), model(x, mask), atol=1e-5)
 
 
 def test_a_none_example_input_is_guarded_too():
@@ -153,7 +162,8 @@ def test_a_none_example_input_is_guarded_too():
         fused(x, torch.ones(2, 5))
 
 
-def test_a_model_returning_a_dict_is_fused_as_a_whole():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_a_model_returning_a_dict_is_fused_as_a_whole(graph):
     class Heads(nn.Module):
         def __init__(self):
             super().__init__()
@@ -164,19 +174,20 @@ def test_a_model_returning_a_dict_is_fused_as_a_whole():
 
     model = Heads().eval()
     x = torch.randn(2, 4)
-    fused = repc.compile(model, (x,), graph=True)
+    fused = repc.compile(model, (x,), graph=graph)
     assert not fused.repc_report.skipped and len(fused.repc_report.rewrites) == 1
     out = fused(x)
     assert torch.allclose(out["logits"], model(x)["logits"], atol=1e-6)
 
 
-def test_a_model_giving_nan_on_the_example_is_rolled_back_and_the_report_says_why():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_a_model_giving_nan_on_the_example_is_rolled_back_and_the_report_says_why(graph):
     """A NaN in one BatchNorm's running_var used to pass verification (the checks compared
     around it); now nothing is compared around the original's NaN: every rewrite is rolled back."""
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 4))).eval()
     with torch.no_grad():
         model[1].dense[1].running_var[2] = float("nan")
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=graph)
     report = fused.repc_report
     assert report.rolled_back and not report.rewrites and not report.verification.ok
     assert report.verification.failing_input == "example"
@@ -190,13 +201,14 @@ def test_a_model_giving_nan_on_the_example_is_rolled_back_and_the_report_says_wh
 # --------------------------------------------------------------------------- issue 13
 
 
-def test_the_result_is_in_eval_mode_like_the_model():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_the_result_is_in_eval_mode_like_the_model(graph):
     x = torch.randn(1, 4, 8, 8)
     for model in (randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval(), randomize_bn(_Shell()).eval()):
-        fused = repc.compile(model, x, graph=True)
+        fused = repc.compile(model, x, graph=graph)
         assert fused.repc_report.rewrites  # (new GraphModules were made)
         assert [n for n, m in fused.named_modules() if m.training] == []
-        again = repc.compile(fused, x, graph=True)  # repc's own output is accepted as input
+        again = repc.compile(fused, x, graph=graph)  # repc's own output is accepted as input
         with torch.no_grad():
             assert torch.allclose(again(x), model(x), atol=1e-5)
 

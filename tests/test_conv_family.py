@@ -280,12 +280,14 @@ def test_float64_model_is_fused_exactly():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_is_merged_in_float64(dtype):
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_half_precision_is_merged_in_float64(dtype, graph):
     """The fused half-precision model is no less accurate than the original (merged in float64)."""
     model = randomize(nn.Sequential(RepVGG(8, 8), ACNet(8, 8), RepVGG(8, 8, groups=2))).to(dtype)
     reference = copy.deepcopy(model).double()  # the same rounded parameters, computed exactly
     x = torch.randn(4, 8, 12, 12)
-    fused = repc.compile(model, x.to(dtype), graph=True)
+    fused = repc.compile(model, x.to(dtype), graph=graph)
+    EXAMPLES[fused] = (x.to(dtype),)  # (op_counts runs the default output on it)
     assert not fused.repc_report.rolled_back and op_counts(fused)["conv"] == 3
     assert all(c.weight.dtype == dtype for c in fused_convs(fused))
     with torch.no_grad():
@@ -636,7 +638,8 @@ def test_nonlinearity_between_branches_is_not_merged():
     assert "ReLU" in _reasons(fused)
 
 
-def test_mismatched_strides_are_not_merged():
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
+def test_mismatched_strides_are_not_merged(graph):
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -648,7 +651,8 @@ def test_mismatched_strides_are_not_merged():
 
     model = randomize(Block())
     x = torch.randn(2, 4, 8, 8)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x, graph=graph)
+    EXAMPLES[fused] = (x,)
     assert "strides differ" in _reasons(fused)
     assert op_counts(fused) == Counter(conv=2)
     with torch.no_grad():

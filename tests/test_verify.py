@@ -249,12 +249,13 @@ def _rms(y: torch.Tensor, truth: torch.Tensor) -> float:
     return float((y.double() - truth).norm() / truth.norm())
 
 
+@pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_fusion_is_no_further_from_float64_truth(dtype):
+def test_half_precision_fusion_is_no_further_from_float64_truth(dtype, graph):
     """Merged in float64 and cast once, a half-precision fused model is as close to the exact
     function of the half-precision weights as the unfused half-precision model is."""
     model = copy.deepcopy(example_net()).to(dtype)
-    fused = repc.compile(model, torch.randn(2, 3, 32, 32).to(dtype), graph=True)
+    fused = repc.compile(model, torch.randn(2, 3, 32, 32).to(dtype), graph=graph)
     report = fused.repc_report
     assert report.rewrites and report.verification.ok, str(report)
     assert all(p.dtype == dtype for p in fused.parameters())
