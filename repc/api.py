@@ -26,7 +26,7 @@ from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
 from .preserve import (PreserveError, base_of_peft, is_peft, is_peft_layer, module_scopes, own_copies, preserve,
                        record_calls, region_paths, snapshot, source_paths, varying_scopes)
-from .reasons import RejectionKind
+from .reasons import MergeRule, RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
 from .verify.calls import canonical_calls, observe
@@ -857,7 +857,7 @@ def _average_experts(model, gm, example_inputs, limit, report: Report, fixed):
         return None
     for a in averaged:
         report.rewrites.append(Rewrite(
-            rule="average-experts", root=a.root, replaced=a.replaced,
+            rule={MergeRule.AVERAGE_EXPERTS}, root=a.root, replaced=a.replaced,
             result=[f"one expert with the weights averaged over {a.experts} (weights {a.weights})"],
             params_before=a.params_before, params_after=a.params_after, flops_before=a.flops_before,
             flops_after=a.flops_after,

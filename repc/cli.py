@@ -827,7 +827,7 @@ def _change(before: Optional[float], after: Optional[float]) -> str:
 def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
     """The report as text: a table of the rewrites (with what each becomes when ``detailed``),
     the regions kept and why, the parts not captured, verification and the totals."""
-    from .report import describe_region, describe_rule, format_table, group_rewrites, rewrite_rows
+    from .report import describe_region, describe_rules, format_table, group_rewrites, rewrite_rows
     lines: List[str] = []
     if report.rewrites:
         lines.append(f"{len(report.rewrites)} fusable region(s):" if detailed else
@@ -837,7 +837,7 @@ def render(report, gains: Dict[str, Any], *, detailed: bool) -> str:
             lines.append("")
             for where, members in group_rewrites(report.rewrites):
                 r = members[0]
-                lines.append(f"  {where}: {describe_region(r)} ({describe_rule(r.rule)}"
+                lines.append(f"  {where}: {describe_region(r)} ({describe_rules(r.rules)}"
                              f"{'' if r.exact else ', approximate'}{f'; ×{len(members)}' if len(members) > 1 else ''}):")
                 lines.append(f"    replaces: {', '.join(r.replaced)}")
                 for res in r.result:

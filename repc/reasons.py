@@ -9,6 +9,8 @@ Three stages can say no, each with its own exception or record and its own enum 
 * the collapse pass (:mod:`repc.passes.collapse`): a region with a closed form is left as
   written -- :class:`repc.report.Rejection` with a :class:`RejectionKind`.
 
+And how a region that merged was built: its :class:`MergeRule` s.
+
 ``str()`` of an exception is its words alone.  The kinds are strings too (their values), so a
 report's JSON holds them as words.
 """
@@ -16,6 +18,21 @@ report's JSON holds them as words.
 from __future__ import annotations
 
 import enum
+
+
+class MergeRule(str, enum.Enum):
+    """How a region's merged form was built: the local rules of :mod:`repc.patterns.regions`
+    and the passes that build forms of their own.  A rewrite holds the set of them
+    (:attr:`repc.report.Rewrite.rules`); :data:`repc.report.RULE_WORDS` says each in words."""
+    COMPOSE = "compose"  # chained ops composed
+    SUM = "sum"  # branches summed
+    CONCAT = "concat"  # a concatenation split into its parts
+    SELECT = "select"  # channel slices
+    DISTRIBUTE = "distribute"  # an op over a concatenation distributed
+    LAYOUT = "layout"  # through reshapes and transposes
+    FOLD_PARAMETERS = "fold-parameters"  # weights computed from parameters at each call, folded
+    SYNTHESIZE = "synthesize"  # read off as one dense map
+    AVERAGE_EXPERTS = "average-experts"  # experts averaged (approximate)
 
 
 class OpaqueKind(str, enum.Enum):

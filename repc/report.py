@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.fx as fx
 import torch.nn as nn
 
-from .reasons import RejectionKind
+from .reasons import MergeRule, RejectionKind
 
 
 @dataclass(init=False)
@@ -25,7 +25,7 @@ class Rewrite:
     """One region replaced by merged ops.  ``flops_before``, ``flops_after`` and ``shared_flops``
     are accepted and readable as the former names of the ``macs_*`` counts (they always held
     multiply-adds)."""
-    rule: str  # the local rules that built the region: compose, sum, concat, select (in words: describe_rule)
+    rules: Tuple[MergeRule, ...]  # how the region's form was built: compose, sum... (in words: describe_rules)
     root: str  # the value the merged op now computes
     replaced: List[str]  # the original nodes / modules of the region
     result: List[str]  # the merged op(s), one per source
@@ -42,7 +42,10 @@ class Rewrite:
     def __init__(self, rule, root, replaced, result, params_before, params_after, macs_before=None, macs_after=None,
                  exact=True, max_deviation=0.0, shape_specialized=False, shared_macs=None, module=None, *,
                  flops_before=None, flops_after=None, shared_flops=None):
-        self.rule, self.root, self.replaced, self.result = rule, root, list(replaced), list(result)
+        if isinstance(rule, str):  # ("compose+sum": a report written by hand)
+            rule = [MergeRule(part) for part in rule.split("+") if part and part != "fold"]
+        self.rules = tuple(sorted(set(rule), key=lambda r: r.value))
+        self.root, self.replaced, self.result = root, list(replaced), list(result)
         self.params_before, self.params_after = params_before, params_after
         self.macs_before = macs_before if macs_before is not None else flops_before or 0
         self.macs_after = macs_after if macs_after is not None else flops_after or 0
@@ -56,7 +59,13 @@ class Rewrite:
         approximates (averaged experts); else it only rewrites ops in place of as many (a cast
         merged into a multiply), and the module-preserving output keeps its modules as written."""
         return self.macs_after < self.macs_before - self.shared_macs or self.params_after < self.params_before \
-            or "fold-parameters" in self.rule or not self.exact
+            or MergeRule.FOLD_PARAMETERS in self.rules or not self.exact
+
+    @property
+    def rule(self) -> str:
+        """The rules as one string, as the report's JSON holds them: ``compose+sum`` (``fold``: a
+        region of one op and the weights it folds)."""
+        return "+".join(r.value for r in self.rules) or "fold"
 
     # the former names (multiply-adds all along)
     flops_before = property(lambda self: self.macs_before, lambda self, v: setattr(self, "macs_before", v))
@@ -131,6 +140,9 @@ class Report:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["macs_saved"] = self.macs_saved
+        for rewrite, written in zip(self.rewrites, d["rewrites"]):
+            written["rules"] = [r.value for r in rewrite.rules]
+            written["rule"] = rewrite.rule
         return d
 
     def to_json(self, **kwargs) -> str:
@@ -201,17 +213,17 @@ class Report:
 
 
 RULE_WORDS = {
-    "compose": "chained ops composed", "sum": "branches summed", "concat": "concatenation split into its parts",
-    "select": "channel slices", "distribute": "an op over a concatenation distributed", "layout":
-    "through reshapes and transposes", "fold-parameters": "weights computed from parameters folded",
-    "synthesize": "read off as one dense map", "average-experts": "experts averaged (approximate)",
-    "fold": "folded",
+    MergeRule.COMPOSE: "chained ops composed", MergeRule.SUM: "branches summed",
+    MergeRule.CONCAT: "concatenation split into its parts", MergeRule.SELECT: "channel slices",
+    MergeRule.DISTRIBUTE: "an op over a concatenation distributed", MergeRule.LAYOUT: "through reshapes and transposes",
+    MergeRule.FOLD_PARAMETERS: "weights computed from parameters folded",
+    MergeRule.SYNTHESIZE: "read off as one dense map", MergeRule.AVERAGE_EXPERTS: "experts averaged (approximate)",
 }
 
 
-def describe_rule(rule: str) -> str:
-    """``compose+sum`` -> ``chained ops composed, branches summed``."""
-    return ", ".join(RULE_WORDS.get(part, part) for part in rule.split("+") if part)
+def describe_rules(rules) -> str:
+    """``(COMPOSE, SUM)`` -> ``chained ops composed, branches summed`` (none: ``folded``)."""
+    return ", ".join(RULE_WORDS[r] for r in rules) or "folded"
 
 
 _KINDS = [  # (words for a kind of op, names it goes by in a region's list) in the order shown
@@ -238,7 +250,7 @@ def describe_region(rewrite: Rewrite) -> str:
         if n:
             parts.append(f"{n} {word}" if n > 1 else word)
     what = " + ".join(parts) or f"{len(kinds)} ops"
-    if "sum" in rewrite.rule.split("+"):
+    if MergeRule.SUM in rewrite.rules:
         what += " branches"
     results = [r.split("(")[0].strip() for r in rewrite.result]
     if len(results) == 1:
@@ -309,7 +321,7 @@ def rewrite_rows(rewrites: List[Rewrite]) -> List[Tuple[str, ...]]:
     for where, members in group_rewrites(rewrites):
         r = members[0]
         n = len(members)
-        rows.append((where, describe_region(r), describe_rule(r.rule), f"×{n}" if n > 1 else "",
+        rows.append((where, describe_region(r), describe_rules(r.rules), f"×{n}" if n > 1 else "",
                      f"{r.params_before:,} -> {r.params_after:,}",
                      f"{r.macs_before - r.shared_macs:,} -> {r.macs_after:,}",
                      f"{max(m.max_deviation for m in members):.1e}"))

@@ -4,6 +4,7 @@ import torch.nn as nn
 
 import repc
 from repc.examples import RepVGGBlock, example_net, randomize_bn
+from repc.reasons import MergeRule
 
 
 def _state(model):
@@ -49,7 +50,7 @@ def test_single_tensor_example_and_report(graph):
     report = fused.repc_report
     assert len(report.rewrites) == 1
     rw = report.rewrites[0]
-    assert "sum" in rw.rule and "compose" in rw.rule
+    assert "sum" in rw.rule and "compose" in rw.rule and {MergeRule.SUM, MergeRule.COMPOSE} <= set(rw.rules)
     assert rw.params_after < rw.params_before and rw.flops_after < rw.flops_before
     assert rw.max_deviation < 1e-5 and rw.exact
     assert report.verification.ok
@@ -59,6 +60,7 @@ def test_single_tensor_example_and_report(graph):
     assert "rewrite" in text and "verification passed" in text
     d = report.to_dict()
     assert d["rewrites"][0]["root"] == rw.root
+    assert d["rewrites"][0]["rule"] == rw.rule and d["rewrites"][0]["rules"] == [r.value for r in rw.rules]
     assert '"rewrites"' in report.to_json()
 
 

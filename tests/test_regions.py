@@ -18,6 +18,7 @@ from repc.meanings import GraphFacts
 from repc.passes.inplace import functionalize_inplace
 from repc.passes.metadata_reads import detach_metadata_reads
 from repc.ops import Conv
+from repc.reasons import MergeRule
 from repc.passes.record import record_values
 from repc.reasons import OpaqueKind
 from repc.patterns.regions import RegionMatcher
@@ -89,7 +90,7 @@ def test_compose_chain_is_one_region_on_the_input():
     assert m.sources(root) == ["input_1"]
     (op,) = root.form.values()
     assert isinstance(op, Conv) and op.kernel_size == (3, 3)
-    assert "compose" in root.rules
+    assert MergeRule.COMPOSE in root.rules
     assert {n.name for n in root.region} == {"_0", "_1", "_2", "_3", "_4"}
     assert {n.name for n in m.matcher.absorbed} == {"_0", "_1", "_2", "_3"}
 
@@ -146,7 +147,7 @@ def test_concat_of_different_sources_is_distributed_into_its_consumer():
     m = matched(randomize(Mixed()), (2, 3, 5, 5), (2, 3, 5, 5))
     root = m.root()
     assert sorted(m.sources(root)) == ["x", "y"]
-    assert "distribute" in root.rules
+    assert MergeRule.DISTRIBUTE in root.rules
 
 
 def test_concat_of_a_source_and_a_map_is_one_map_per_source():
@@ -166,7 +167,7 @@ def test_concat_of_a_source_and_a_map_is_one_map_per_source():
 
     m = matched(PartlyActive(), (2, 5, 4))
     (cat,) = [n for n in m.gm.graph.nodes if n.op == "call_function" and n.target is torch.cat]
-    assert "concat" in m.exprs[cat].rules and sorted(m.sources(m.exprs[cat])) == ["relu", "x"]
+    assert MergeRule.CONCAT in m.exprs[cat].rules and sorted(m.sources(m.exprs[cat])) == ["relu", "x"]
 
 
 def test_slices_of_a_value_read_only_by_slices_are_distributed():
@@ -182,7 +183,7 @@ def test_slices_of_a_value_read_only_by_slices_are_distributed():
 
     m = matched(randomize(Halves()), (2, 3, 5, 5))
     root = m.root()
-    assert m.sources(root) == ["x"] and "select" in root.rules
+    assert m.sources(root) == ["x"] and MergeRule.SELECT in root.rules
     (op,) = root.form.values()
     assert op.out_channels == 4
 

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 import repc
 from repc.examples import RepVGGBlock, randomize_bn
-from repc.report import ModuleSwap, Report, Rewrite, _ranges, describe_region, describe_rule, rewrite_rows
+from repc.reasons import MergeRule
+from repc.report import ModuleSwap, Report, Rewrite, _ranges, describe_region, describe_rules, rewrite_rows
 
 
 def _rewrite(module, macs=(100, 80), params=(10, 8), rule="compose+sum", result="Conv2d(8->8, k=3x3, s=(1, 1))"):
@@ -18,8 +19,10 @@ def _rewrite(module, macs=(100, 80), params=(10, 8), rule="compose+sum", result=
 
 
 def test_rules_and_regions_are_said_in_words():
-    assert describe_rule("compose+sum") == "chained ops composed, branches summed"
-    assert describe_rule("compose+layout") == "chained ops composed, through reshapes and transposes"
+    assert describe_rules((MergeRule.COMPOSE, MergeRule.SUM)) == "chained ops composed, branches summed"
+    assert describe_rules(Rewrite("compose+layout", "x", [], [], 1, 1).rules) == \
+        "chained ops composed, through reshapes and transposes"
+    assert describe_rules(()) == "folded" and Rewrite("fold", "x", [], [], 1, 1).rule == "fold"
     assert describe_region(_rewrite("s.0")) == "2 conv + 2 BN branches → one 3×3 conv"
     chain = Rewrite("compose", "bn", ["conv (Conv2d)", "bn (BatchNorm2d)"], ["Conv2d(3->8, k=1x1)"], 1, 1, 2, 1)
     assert describe_region(chain) == "conv + BN → one 1×1 conv"

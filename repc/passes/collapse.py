@@ -31,7 +31,7 @@ from ..graph_predicates import target_name, writes_in_place
 from ..meanings import AffineCall, Combine, GraphFacts
 from ..ops import Conv, Elementwise, Float64Field, Linear, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
-from ..reasons import OpaqueKind, RejectionKind
+from ..reasons import MergeRule, OpaqueKind, RejectionKind
 from ..report import Rejection, Rewrite
 from ..verify.check import deviation, output_dtype, tolerance
 from ..verify.region_check import RegionChecker, RegionRunner, non_finite_weights
@@ -429,7 +429,7 @@ class GraphWriter:
         shared = sum(self.matcher.own_cost.get(n, 0) for n in expr.region if n in self.counted)
         self.counted |= expr.region
         self.result.rewrites.append(Rewrite(
-            rule="+".join(sorted(expr.rules | ({"fold-parameters"} if computed else set()))) or "fold",
+            rule=expr.rules | ({MergeRule.FOLD_PARAMETERS} if computed else set()),
             root=self.prefix + expr.node.name,
             replaced=[self.prefix + _describe_node(n, self.facts) for n in self.matcher.in_order(expr.region)],
             result=[repr(op) for op in expr.form.values()],

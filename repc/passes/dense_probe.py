@@ -20,7 +20,7 @@ import torch.fx as fx
 from ..meanings import Layout
 from ..ops import Dense, NotMergeable
 from ..patterns.regions import Expr, RegionMatcher
-from ..reasons import MergeKind
+from ..reasons import MergeKind, MergeRule
 from ..verify.region_check import RegionRunner
 
 
@@ -56,7 +56,7 @@ class DenseProbe:
         partial = (self.matcher.form_cost(expr.form, node) if expr.has_form else expr.cost) + rest
         if dense_cost >= min(as_written, partial):
             return None
-        probe = Expr(node, "dense", region=set(cone), rules={"synthesize"})
+        probe = Expr(node, "dense", region=set(cone), rules={MergeRule.SYNTHESIZE})
         if self.accepts_other_sizes(probe, sources):
             return None
         try:

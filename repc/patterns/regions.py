@@ -33,7 +33,7 @@ from ..meanings import AffineCall, Combine, Concat, Constant, GraphFacts, Layout
 from ..passes.inplace import VIEW_MUTATED
 from ..vocabulary import describe, is_float_cast
 from ..ops import AffineOp, Conv, Elementwise, Linear, NotMergeable, flops, identity
-from ..reasons import MergeKind, Opaque, OpaqueKind
+from ..reasons import MergeKind, MergeRule, Opaque, OpaqueKind
 
 Form = Dict[fx.Node, AffineOp]
 
@@ -97,7 +97,7 @@ class Expr:
     reason: Optional[str] = None
     region: Set[fx.Node] = field(default_factory=set)  # original nodes computed inside
     cost: int = 0  # multiply-accumulates of the region as written
-    rules: Set[str] = field(default_factory=set)
+    rules: Set[MergeRule] = field(default_factory=set)
     cut_reason: Optional[str] = None  # why the operands were not merged into this node
     # a value that is a layout change (transpose, flatten, view...) of an affine expression:
     # value = base.flatten()[layout], with base = sum_s pending[s](s)
@@ -249,35 +249,35 @@ class RegionMatcher:
                     self._compute(expr, lambda: compose_form(child.pending, e), pending=True)
                     if expr.has_pending:
                         expr.layout, expr.base = child.layout, child.base
-                expr.rules |= {"compose", "layout"}
+                expr.rules |= {MergeRule.COMPOSE, MergeRule.LAYOUT}
             elif child.kind == "concat" and (not child.has_form or len(child.form) > 1):
                 # (parts of several sources: each part's own columns of the op, not zero blocks)
                 ndim = len(self.facts.shape(child.node))
                 sizes = [self.facts.shape(c.node)[child.meaning.axis] for c in child.children]
                 self._compute(expr, lambda: distribute_form([c.form for c in child.children], sizes,
                                                             child.meaning.axis, ndim, meaning.op))
-                expr.rules.add("distribute")
+                expr.rules.add(MergeRule.DISTRIBUTE)
             else:
                 self._compute(expr, lambda: compose_form(child.form, meaning.op))
-            expr.rules |= {"compose"} if not child.is_leaf else set()
+            expr.rules |= {MergeRule.COMPOSE} if not child.is_leaf else set()
         elif isinstance(meaning, Combine):
             children = [self._operand(a, node, cut) for a, _ in meaning.terms]
             expr = self._expr(node, "combine", meaning, children, None)
             self._compute(expr, lambda: sum_forms([c.form for c in children], [w for _, w in meaning.terms]))
-            expr.rules.add("sum")
+            expr.rules.add(MergeRule.SUM)
         elif isinstance(meaning, Concat):
             children = [self._operand(a, node, cut) for a in meaning.inputs]
             expr = self._expr(node, "concat", meaning, children, None)
             ndim = len(self.facts.shape(node))
             sizes = [(self.facts.shape(a) or (None,) * ndim)[meaning.axis] for a in meaning.inputs]
             self._compute(expr, lambda: concat_forms([c.form for c in children], meaning.axis, ndim, sizes))
-            expr.rules.add("concat")
+            expr.rules.add(MergeRule.CONCAT)
         else:  # Slice
             child = self._operand(meaning.input, node, cut)
             expr = self._expr(node, "slice", meaning, [child], None)
             ndim = len(self.facts.shape(node))
             self._compute(expr, lambda: slice_form(child.form, meaning.axis, ndim, meaning.start, meaning.stop))
-            expr.rules.add("select")
+            expr.rules.add(MergeRule.SELECT)
         return expr
 
     def _absorb_forks(self, expr: Expr) -> Expr:
@@ -320,7 +320,7 @@ class RegionMatcher:
                 if not inside:  # (inside: the operand that computes it has counted its cost)
                     expr.cost += inner.cost
                 expr.region |= inner.region
-                expr.rules |= inner.rules | {"compose"}
+                expr.rules |= inner.rules | {MergeRule.COMPOSE}
                 self.absorbed.add(src)
                 changed = True
                 break
@@ -445,7 +445,7 @@ class RegionMatcher:
 
     def _layout(self, expr: Expr, child: Expr) -> None:
         """A layout change of ``child``: pending until another one undoes it."""
-        expr.rules.add("layout")
+        expr.rules.add(MergeRule.LAYOUT)
         if child.has_pending:
             index, pending, base = child.layout, child._pending, child.base
         elif child.has_form:
