@@ -588,7 +588,7 @@ def test_a_conv_bn_chain_before_an_in_place_activation_is_swapped_as_a_chain():
 
 def test_module_paths_through_a_slice_of_a_container_are_the_items_own():
     # export records `self.layers[:n]` as `layers.slice(None, n, None).i`
-    from repc.preserve import _without_slices
+    from repc.preserve.provenance import _without_slices
     assert _without_slices("model.layers.slice(None, 2, None).1.mlp") == "model.layers.1.mlp"
     assert _without_slices("blocks.slice(2, None, 3).1.attn") == "blocks.5.attn"
     assert _without_slices("blocks.slice(-2, None, None).0") == "blocks.slice(-2, None, None).0"  # (length unknown)
@@ -634,7 +634,8 @@ def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_
     its nodes give out of it of the output's shape and float dtype, not already another
     output's -- and the replacement is kept only if, run on the inputs the module was given, it
     returns the module's output."""
-    from repc.preserve import _Call, _Refused, _refuse_unless_same_call, _sole_value_out
+    from repc.preserve.observation import _Call, _refuse_unless_same_call, _sole_value_out
+    from repc.preserve.provenance import _Refused
 
     graph = fx.Graph()
     a, b, c = graph.placeholder("a"), graph.placeholder("b"), graph.placeholder("c")
