@@ -134,125 +134,181 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
 
 def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate, approximate_tolerance,
              front_end, graph=False, phases: Optional["Phases"] = None, cost: str = "macs", in_place: bool = False):
-    phases = phases or Phases([], False)
-    if in_place and (graph or allow_approximate):
-        raise ReparamError("in_place=True writes merged weights into the model and returns the model's own class: "
-                           "not with graph=True, nor with allow_approximate")
-    if cost not in COSTS:
-        raise ReparamError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
-    if not isinstance(model, nn.Module):
-        raise ReparamError(f"repc.compile expects an nn.Module, got {type(model).__name__}")
-    if front_end not in FRONT_ENDS:
-        raise ReparamError(f"front_end must be one of {', '.join(FRONT_ENDS)}, got {front_end!r}")
-    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    example_inputs = _with_specialized_values(model, example_inputs, specialize)
-    training = _training_modules(model)
-    if training:
-        raise ReparamError(
-            f"the model is in training mode ({', '.join(training[:3])}{'...' if len(training) > 3 else ''}): "
-            "call model.eval() first; merging BatchNorm is only valid with its running statistics")
-    # the model run on the example and the calls users make (masks all ones or padded, inputs
-    # left out, other sizes): the references of the check, and the modules whose forward stays
-    # the model's code (called otherwise there, or given a cache they update), which no region spans
-    try:
-        observed = observe(model, canonical_calls(model, example_inputs, kwargs))
-    except Exception as why:
-        raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
-    expected = observed.calls[0].reference
-    register_output_dataclasses(expected)  # so that captures and checks see into ``Output(logits=...)``
-    if tolerance is not None:
-        _check_tolerance(tolerance, model, expected)
-    positional = _as_positional(model, example_inputs, kwargs)
-    constants = _specialized_arguments(model, positional if positional is not None else example_inputs, specialize)
-    fixed = _positions(model, constants)
-    build = dict(model=model, example_inputs=example_inputs, kwargs=kwargs, positional=positional,
-                 constants=constants, fixed=fixed, expected=expected, allow_approximate=allow_approximate,
-                 approximate_tolerance=approximate_tolerance, front_end=front_end, specialize=specialize,
-                 cost_model=_cost_model(cost, model), captures={},
-                 varying={} if graph else observed.varying)
-    varying = observed.varying
-    recorded = None
-    if in_place:  # (what placement and the checks read off the model, taken before anything is written)
-        build["write_into"] = _writable_storages(model)
-        recorded = record_calls(model, example_inputs, kwargs)
-    if not verify:
-        with phases.step("capture and fuse"):
-            fused, report, reference = _build(**build, synthesize=True)
-    else:
-        check_inputs, as_flat = _flat_calling(example_inputs, kwargs)
+    return Compilation(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate,
+                       approximate_tolerance, front_end, graph, phases, cost, in_place).run()
+
+
+class Compilation:
+    """One call of :func:`compile`, as named stages, each a method:
+
+    * **call** (``__init__``): the arguments checked, the model observed on the example and on
+      the calls users make (:func:`repc.verify.calls.observe`: the references of the checks,
+      and the modules whose forward stays the model's code);
+    * **build** (:meth:`build`): capture and fuse, one graph (:func:`_build`);
+    * **place** (:meth:`place`): the fused graph written back into a copy of the model's modules,
+      built again with regions kept inside modules where some spanned modules no swap expresses;
+    * **verify** (:meth:`check`): the result against the model, on the example, random inputs of
+      other sizes and the calls users make;
+    * **finish** (:meth:`finish`): what is returned and what the report counts and says.
+
+    :meth:`run` runs them; a build whose result fails is built again as the failure asks (a
+    dense map read off by probing, an export graph that holds for fewer inputs than the model
+    accepts), and a result that still fails is rolled back (:meth:`verified_build`)."""
+
+    def __init__(self, model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate,
+                 approximate_tolerance, front_end, graph=False, phases: Optional["Phases"] = None, cost: str = "macs",
+                 in_place: bool = False):
+        self.phases = phases or Phases([], False)
+        if in_place and (graph or allow_approximate):
+            raise ReparamError("in_place=True writes merged weights into the model and returns the model's own class: "
+                               "not with graph=True, nor with allow_approximate")
+        if cost not in COSTS:
+            raise ReparamError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+        if not isinstance(model, nn.Module):
+            raise ReparamError(f"repc.compile expects an nn.Module, got {type(model).__name__}")
+        if front_end not in FRONT_ENDS:
+            raise ReparamError(f"front_end must be one of {', '.join(FRONT_ENDS)}, got {front_end!r}")
+        if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)
+        example_inputs = _with_specialized_values(model, tuple(example_inputs), specialize)
+        training = _training_modules(model)
+        if training:
+            raise ReparamError(
+                f"the model is in training mode ({', '.join(training[:3])}{'...' if len(training) > 3 else ''}): "
+                "call model.eval() first; merging BatchNorm is only valid with its running statistics")
+        self.model, self.example_inputs, self.kwargs = model, example_inputs, kwargs
+        self.verify, self.tolerance, self.graph, self.in_place, self.front_end = verify, tolerance, graph, in_place, \
+            front_end
+        # the model run on the example and the calls users make (masks all ones or padded, inputs
+        # left out, other sizes): the references of the check, and the modules whose forward stays
+        # the model's code (called otherwise there, or given a cache they update), which no region spans
+        try:
+            self.observed = observe(model, canonical_calls(model, example_inputs, kwargs))
+        except Exception as why:
+            raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
+        self.expected = self.observed.calls[0].reference
+        register_output_dataclasses(self.expected)  # so that captures and checks see into ``Output(logits=...)``
+        if tolerance is not None:
+            _check_tolerance(tolerance, model, self.expected)
+        positional = _as_positional(model, example_inputs, kwargs)
+        constants = _specialized_arguments(model, positional if positional is not None else example_inputs,
+                                           specialize)
+        self.fixed = _positions(model, constants)
+        self.build_args = dict(model=model, example_inputs=example_inputs, kwargs=kwargs, positional=positional,
+                               constants=constants, fixed=self.fixed, expected=self.expected,
+                               allow_approximate=allow_approximate, approximate_tolerance=approximate_tolerance,
+                               front_end=front_end, specialize=specialize, cost_model=_cost_model(cost, model),
+                               captures={}, varying={} if graph else self.observed.varying)
+        self.varying = self.observed.varying
+        self.recorded = None
+        if in_place:  # (what placement and the checks read off the model, taken before anything is written)
+            self.build_args["write_into"] = _writable_storages(model)
+            self.recorded = record_calls(model, example_inputs, kwargs)
+        self.check_inputs, self.as_flat = _flat_calling(example_inputs, kwargs)
         # the inputs held as given: the specialized positions, or among flat leaves the non-tensors
-        held = fixed if not kwargs else {i for i, v in enumerate(check_inputs) if not isinstance(v, torch.Tensor)}
-        variants = None
-        if in_place:  # the original's outputs on the check's inputs, before the compile writes into it
+        self.held = self.fixed if not kwargs else \
+            {i for i, v in enumerate(self.check_inputs) if not isinstance(v, torch.Tensor)}
+        self.variants = None
+        if in_place and verify:  # the original's outputs on the check's inputs, before the compile writes into it
             skipped: list = []
-            variants = (variants_with_references(as_flat(model), check_inputs, held, skipped), skipped)
+            self.variants = (variants_with_references(self.as_flat(model), self.check_inputs, self.held, skipped),
+                             skipped)
 
-        def check(fused, reference, whole_graph: bool = False):
-            # the original's output on the example is `expected`, computed above: not run again
-            result = compare(as_flat(fused), None if in_place else as_flat(reference), check_inputs, tolerance, held,
-                             expected=expected if reference is model else None, variants=variants)
-            if reference is not model:
-                return result  # (expert averaging: the reference is the averaged graph)
-            # then the calls users make, whose references were computed above (a whole-model graph
-            # asked for takes every input of the example: calls that leave one out are skipped)
-            return compare_calls(fused, None if in_place else model, observed.calls, result, tolerance,
-                                 structure_kept=whole_graph)
+    # -- stages -------------------------------------------------------------------------------
+    def build(self, **overrides):
+        """Capture and fuse: (the fused graph or module, its report, the reference it fuses)."""
+        return _build(**{**self.build_args, **overrides})
 
-        def verified_output(fused, report, reference, build):
-            """The output to return, verified, with its report: the module-preserving copy where it
-            applies and passes (built again with regions kept inside modules where some spanned
-            modules no swap expresses), else the graph (one whole-model check where a copy passes)."""
-            if not graph and isinstance(fused, fx.GraphModule):
-                with phases.step("write back into the model's modules"):
-                    written = _write_back(fused, model, report, reference, example_inputs, kwargs, phases.enabled,
-                                          varying=varying, recorded=recorded)
-                with phases.step("capture and fuse"):  # (the write-back of the rebuild counts here)
-                    # (not once the model was written into: a rebuild would read merged weights)
-                    confined = None if in_place else \
-                        _confined_copy(written, lambda scopes: _build(**build, confine=scopes), model,
-                                       example_inputs, kwargs, phases.enabled, varying,
-                                       first_applied=_applied(written, report))
-                if confined is not None:
-                    copy_, swaps, confined_report, confined_reference = confined
-                    with phases.step("verify"):
-                        result = check(copy_, confined_reference)
-                    if result.ok:
-                        _accept_copy(confined_report, swaps, confined=True)
-                        return copy_, confined_report, result
-                if written is not None and written[0] is not None:
-                    with phases.step("verify"):
-                        result = check(written[0], reference)
-                    if result.ok:
-                        _accept_copy(report, written[1])
-                        return written[0], report, result
+    def place(self, fused, report, reference, build_args):
+        """The module-preserving copy where it applies: (copy, swaps, report, reference, confined)
+        candidates in the order they are tried (a build confined to module scopes first, where
+        the first copy left regions out), each not yet verified; none where the fused result is
+        already the output (fx in parts, or graph=True)."""
+        model, in_place = self.model, self.in_place
+        with self.phases.step("write back into the model's modules"):
+            written = _write_back(fused, model, report, reference, self.example_inputs, self.kwargs,
+                                  self.phases.enabled, varying=self.varying, recorded=self.recorded)
+        with self.phases.step("capture and fuse"):  # (the write-back of the rebuild counts here)
+            # (not once the model was written into: a rebuild would read merged weights)
+            confined = None if in_place else \
+                _confined_copy(written, lambda scopes: self.build(**build_args, confine=scopes), model,
+                               self.example_inputs, self.kwargs, self.phases.enabled, self.varying,
+                               first_applied=_applied(written, report))
+        candidates = []
+        if confined is not None:
+            copy_, swaps, confined_report, confined_reference = confined
+            candidates.append((copy_, swaps, confined_report, confined_reference, True))
+        if written is not None and written[0] is not None:
+            candidates.append((written[0], written[1], report, reference, False))
+        return candidates
+
+    def check(self, fused, reference, whole_graph: bool = False):
+        """``fused`` against the model: the example (whose reference was computed when the model
+        was observed), random inputs of other sizes, then the calls users make."""
+        model, in_place = self.model, self.in_place
+        result = compare(self.as_flat(fused), None if in_place else self.as_flat(reference), self.check_inputs,
+                         self.tolerance, self.held, expected=self.expected if reference is model else None,
+                         variants=self.variants)
+        if reference is not model:
+            return result  # (expert averaging: the reference is the averaged graph)
+        # (a whole-model graph asked for takes every input of the example: calls that leave one out are skipped)
+        return compare_calls(fused, None if in_place else model, self.observed.calls, result, self.tolerance,
+                             structure_kept=whole_graph)
+
+    def verified_output(self, fused, report, reference, build_args):
+        """The output to return, verified, with its report: the module-preserving copy where it
+        applies and passes (built again with regions kept inside modules where some spanned
+        modules no swap expresses), else the graph (one whole-model check where a copy passes)."""
+        if not self.graph and isinstance(fused, fx.GraphModule):
+            for copy_, swaps, copy_report, copy_reference, confined in self.place(fused, report, reference,
+                                                                                  build_args):
+                with self.phases.step("verify"):
+                    result = self.check(copy_, copy_reference)
+                if result.ok:
+                    _accept_copy(copy_report, swaps, confined=confined)
+                    return copy_, copy_report, result
+                if not confined:
                     report.output_note = _copy_failed(result)
-            with phases.step("verify"):
-                return fused, report, check(fused, reference, whole_graph=graph)
+        with self.phases.step("verify"):
+            return fused, report, self.check(fused, reference, whole_graph=self.graph)
 
-        def verified_build(build):
-            with phases.step("capture and fuse"):
-                fused, report, reference = _build(**build, synthesize=True)
-            fused, report, result = verified_output(fused, report, reference, dict(build, synthesize=True))
-            dense = [r.root for r in report.rewrites if r.shape_specialized]
-            if not result.ok and dense and not report.written_in_place:
-                # a map read off by probing fits the example's size; the model accepts others
-                fused, report, reference = _build(**build, synthesize=False)
-                fused, report, result = verified_output(fused, report, reference, dict(build, synthesize=False))
-                report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
-                                                       "example's per-sample size only, and the model accepts others",
-                                                 RejectionKind.CHECK_FAILED)
-                                       for root in dense)
-            return fused, report, reference, result
+    def verified_build(self, build_args):
+        """Build, place and verify; where the result fails and the build read a dense map off by
+        probing (it fits the example's size only), built again without."""
+        with self.phases.step("capture and fuse"):
+            fused, report, reference = self.build(**build_args, synthesize=True)
+        fused, report, result = self.verified_output(fused, report, reference, dict(build_args, synthesize=True))
+        dense = [r.root for r in report.rewrites if r.shape_specialized]
+        if not result.ok and dense and not report.written_in_place:
+            # a map read off by probing fits the example's size; the model accepts others
+            fused, report, reference = self.build(**build_args, synthesize=False)
+            fused, report, result = self.verified_output(fused, report, reference,
+                                                         dict(build_args, synthesize=False))
+            report.rejected.extend(Rejection(root, "rolled back: the dense map read off this region fits the "
+                                                   "example's per-sample size only, and the model accepts others",
+                                             RejectionKind.CHECK_FAILED)
+                                   for root in dense)
+        return fused, report, reference, result
 
-        fused, report, reference, result = verified_build(build)
+    def run(self) -> nn.Module:
+        """The stages in order; the result (see :func:`compile`)."""
+        if not self.verify:
+            with self.phases.step("capture and fuse"):
+                fused, report, reference = self.build(synthesize=True)
+            with self.phases.step("write back into the model's modules"):
+                fused, report = _module_preserving(
+                    fused, self.model, report, reference, self.graph, self.example_inputs, self.kwargs,
+                    self.expected, self.tolerance, self.phases.enabled,
+                    rebuild=None if self.in_place else lambda scopes: self.build(synthesize=True, confine=scopes),
+                    varying=self.varying, recorded=self.recorded)
+            return self.finish(fused, report)
+        fused, report, reference, result = self.verified_build({})
         if not result.ok and report.front_end == "torch.export" and GUARD_WORDS in (result.error or "") \
-                and front_end == "auto" and not report.written_in_place:
+                and self.front_end == "auto" and not report.written_in_place:
             # export's graph holds for fewer inputs than the model accepts (a branch on a size, a
             # size-1 axis): the fx front end captures what holds for all of them
             refused = f"on the {result.failing_input} input, which the model accepts, {result.error}"
-            fused, report, reference, result = verified_build(dict(build, front_end="fx"))
+            fused, report, reference, result = self.verified_build(dict(front_end="fx"))
             report.front_ends_declined["torch.export"] = refused
         report.verification = Verification(result.ok, result.max_deviation, result.tolerance, result.checked,
                                            result.skipped, result.failing_input, result.error, result.within_noise)
@@ -264,35 +320,35 @@ def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow
                 "valid: reload it and compile without in_place")
         if not result.ok:
             # a miscompile that slipped past the per-region checks: never return it
-            fused = copy.deepcopy(model)
+            fused = copy.deepcopy(self.model)
             report.rolled_back = True
             for r in report.rewrites:
                 report.rejected.append(Rejection(r.root, "rolled back: whole-model verification failed",
                                                  RejectionKind.CHECK_FAILED))
             report.rewrites = []
             report.nodes_after = report.nodes_before
-    if not verify:
-        with phases.step("write back into the model's modules"):
-            fused, report = _module_preserving(fused, model, report, reference, graph, example_inputs, kwargs,
-                                               expected, tolerance, phases.enabled,
-                                               rebuild=None if in_place else
-                                               lambda scopes: _build(**build, synthesize=True, confine=scopes),
-                                               varying=varying, recorded=recorded)
-    elif isinstance(fused, fx.GraphModule):
-        _write_back(fused, model, report, reference, example_inputs, kwargs, False, modules_only=True)
-    else:
-        report.output = "module-preserving"  # (the verified copy, fx in parts, or rolled back: the model's class)
-    if isinstance(fused, fx.GraphModule) and not in_place:
-        own_copies(fused, model)  # the graph is the output: it shares nothing with the model
-    # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
-    original_buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
-    report.params_after = sum(p.numel() for p in fused.parameters()) + \
-        sum(b.numel() for n, b in fused.named_buffers()
-            if n.rsplit(".", 1)[-1] not in original_buffers and b.is_floating_point())
-    _say_if_unchanged(report)
-    _say_if_adapters_left(fused, report)
-    fused.repc_report = report
-    return fused.eval()  # like the model: new GraphModules start in training mode
+        if isinstance(fused, fx.GraphModule):
+            _write_back(fused, self.model, report, reference, self.example_inputs, self.kwargs, False,
+                        modules_only=True)
+        else:
+            report.output = "module-preserving"  # (the verified copy, fx in parts, or rolled back: the model's class)
+        return self.finish(fused, report)
+
+    def finish(self, fused: nn.Module, report: Report) -> nn.Module:
+        """The result as returned: sharing nothing with the model (unless compiled in place), its
+        report's parameter count, the warnings it owes, in eval mode."""
+        model = self.model
+        if isinstance(fused, fx.GraphModule) and not self.in_place:
+            own_copies(fused, model)  # the graph is the output: it shares nothing with the model
+        # parameters, plus the tensors repc registered as buffers (merged scales, norm affines)
+        original_buffers = {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
+        report.params_after = sum(p.numel() for p in fused.parameters()) + \
+            sum(b.numel() for n, b in fused.named_buffers()
+                if n.rsplit(".", 1)[-1] not in original_buffers and b.is_floating_point())
+        _say_if_unchanged(report)
+        _say_if_adapters_left(fused, report)
+        fused.repc_report = report
+        return fused.eval()  # like the model: new GraphModules start in training mode
 
 
 class UnchangedWarning(UserWarning):
