@@ -663,3 +663,27 @@ def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_
         _refuse_unless_same_call(wrong, call)
     with pytest.raises(_Refused):
         _refuse_unless_same_call(nn.Linear(4, 3), call)  # fails on the recorded input
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_peft_layer_compiled_on_its_own_comes_back_as_its_plain_merged_layer(kind):
+    # a PEFT layer is a wrapper, as the PEFT model is: its merge is the plain layer PEFT's own
+    # merge gives, not the PEFT class holding a graph (whose save would hold repc's names)
+    import warnings
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12) if kind == "linear" else nn.Conv2d(4, 6, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    layer = wrapped.base_model.model[0].eval()
+    x = torch.randn(2, 16) if kind == "linear" else torch.randn(2, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no adapter-left warning: nothing is left)
+        fused = repc.compile(layer, x)
+    assert type(fused) is (nn.Linear if kind == "linear" else nn.Conv2d), type(fused)
+    assert fused.repc_report.swaps[0].becomes == type(fused).__name__
+    others = (torch.randn(3, 5, 16),) if kind == "linear" else (torch.randn(1, 4, 11, 7),)
+    with torch.no_grad():
+        for y in (x,) + others:
+            assert torch.allclose(fused(y), layer(y), atol=1e-5)

@@ -25,7 +25,8 @@ from .provenance import (CapturedNode, PreserveError, _Refused, _class_name, _pa
 from .observation import (_Call, _as_written_in_place, _close, _is_size, _module_chain, _refuse_unless_same_call,
                           _same_kind, _sole_value_out, graph_values, in_the_layers_own_class, record_calls)
 from .layers import (GraphForward, _RENAMES, _forward_parameters, _merged_away_name, _refuse_given_state, base_of_peft,
-                     is_peft, keeping_names, own_copies, saved_names, sharing_tensors, unwrap_delegating)
+                     is_peft, is_peft_layer, keeping_names, own_copies, saved_names, sharing_tensors,
+                     unwrap_delegating)
 
 
 class Preserver:
@@ -182,6 +183,10 @@ class Preserver:
         _refuse_given_state(call)
         nodes = [n for n in self.fused.graph.nodes if n in self.tags and n.op != "get_attr"]
         gm, becomes = self._subgraph("", self.copy, call, nodes, into=self.copy)
+        plain = self._plain_layer(gm, call)
+        if plain is not None:  # (a PEFT layer compiled on its own: its plain merged layer, as PEFT merges it)
+            original, self.copy = _class_name(self.copy), plain
+            return ModuleSwap("<model>", original, type(plain).__name__, self._rewrites_in(""))
         used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
         for name, module in list(self.copy.named_modules()):
             # a module of the model the graph no longer reads, nor anything in it (a BN folded into
@@ -200,6 +205,24 @@ class Preserver:
         object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph))  # (the class keeps its own)
         becomes = "forward: " + becomes.replace("GraphModule", "its graph", 1)
         return ModuleSwap("<model>", _class_name(self.copy), becomes, self._rewrites_in(""))
+
+    def _plain_layer(self, gm: fx.GraphModule, call: _Call) -> Optional[nn.Module]:
+        """Where the model is a PEFT layer (a wrapper, as the PEFT model is) whose graph calls one
+        merged module and gives the layer's output on the example: that module (LoRA's
+        ``peft.Linear`` becomes the ``nn.Linear`` PEFT's merge gives); else None, and the layer
+        keeps its class.  The graph's shape checks go with it: the merged layer holds for every
+        input its class takes."""
+        if not is_peft_layer(self.copy):
+            return None
+        called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+        if len(called) != 1:
+            return None
+        plain = gm.get_submodule(called[0])
+        try:
+            _refuse_unless_same_call(plain, call)
+        except _Refused:
+            return None
+        return plain.eval()
 
     def _merged_away(self, module: nn.Module) -> nn.Module:
         """What takes the place of a leaf merged into the one before it: ``nn.Identity``; in a
