@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn

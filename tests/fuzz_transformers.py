@@ -32,7 +32,6 @@ example's batch or sequence length, so the compiled model is compared on other s
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 

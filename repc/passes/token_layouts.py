@@ -12,7 +12,6 @@ into the linear map on either side.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch

@@ -11,9 +11,7 @@ The whole-model check after all rewrites is :mod:`repc.verify.check`.
 
 from __future__ import annotations
 
-import math
-
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
