@@ -775,7 +775,10 @@ class _Replayable:
 
 
 def _recorded(path: str, fused: nn.Module, recorder: WeightRecorder) -> Tuple[Optional[_Replayable], str]:
-    program, why = recorder.program(fused)
+    try:
+        program, why = recorder.program(fused)
+    except Exception as error:  # (an op recorded that does not run again: the units like it are compiled)
+        program, why = None, f"running the ops recorded failed ({type(error).__name__}: {error})"
     if program is None:
         return None, why
     template = with_weights(fused, {n: torch.empty_like(t, device="meta") for n, t in _weights(fused).items()})

@@ -20,6 +20,9 @@ A program is kept only where
   weight and factors) is read by the program: a merge that left out a term because of its values
   (a zero factor) is not replayed on a module where that term is not zero;
 * nothing is written into the module's own weights;
+* no op it keeps reads the values of a tensor of more than :data:`CONSTANT_NUMEL` entries that
+  the recording did not see made (one made from NumPy or Python data, which may hold the recorded
+  module's own weights by another road; reading only its shape, as ``empty_like`` does, is fine);
 * running it on the recorded module's own weights gives its compiled weights again, each entry
   within an ulp of its dtype (the rounding of a float64 sum taken in another order: a random
   draw, or a write the recording did not see, fails this).
@@ -142,6 +145,7 @@ class WeightRecorder(TorchDispatchMode):
         self.nodes: List[_Node] = []
         self.by_object: Dict[int, Tuple[weakref.ref, _Ref]] = {}
         self.by_address: Dict[Tuple, Tuple[_Ref, weakref.ref]] = {}
+        self.failed: Optional[str] = None  # why the recording stopped, where it did
         for name, t in self.sources.items():
             self.nodes.append(_Node(_Source(name)))
             self._returned(t, _Ref(len(self.nodes) - 1, 0))
@@ -168,6 +172,14 @@ class WeightRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.failed is None:
+            try:
+                self._record(func, args, kwargs, out)
+            except Exception as why:  # (the compile goes on as if unrecorded; no program is kept)
+                self.failed = f"{type(why).__name__}: {why}"
+        return out
+
+    def _record(self, func, args, kwargs, out) -> None:
         leaves, spec = tree_flatten((args, kwargs))
         recorded = []
         for leaf in leaves:
@@ -191,11 +203,12 @@ class WeightRecorder(TorchDispatchMode):
         for i, t in enumerate(tree_flatten(out)[0]):
             if isinstance(t, torch.Tensor):
                 self._returned(t, _Ref(node, i))
-        return out
 
     def program(self, compiled: nn.Module) -> Tuple[Optional["WeightProgram"], str]:
         """The ops ``compiled``'s weights come from, as a :class:`WeightProgram` checked on the
         recorded module's own weights; (None, why) where it cannot be kept."""
+        if self.failed is not None:
+            return None, f"the recording failed ({self.failed})"
         outputs: Dict[str, _Ref] = {}
         for name, t in _weights(compiled).items():
             ref = self.known(t)

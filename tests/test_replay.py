@@ -159,3 +159,17 @@ def test_a_weight_held_under_two_names_and_merged_keeps_the_program():
     assert program is not None, why
     dev, failure = check_replayed(with_weights(compiled, program.run(_weights(other))), other, (x,), {})
     assert failure is None and dev < 1e-5, failure
+
+
+def test_a_recording_that_fails_lets_the_compile_go_on_and_keeps_no_program(monkeypatch):
+    block, x = _layer("lora mlp", 0)
+    recorder = WeightRecorder(block)
+
+    def broken(*args):
+        raise RuntimeError("bookkeeping")
+
+    monkeypatch.setattr(recorder, "_record", broken)
+    compiled = _compiled(block, x, recorder)
+    assert compiled.repc_report.verification.ok and compiled.repc_report.rewrites
+    program, why = recorder.program(compiled)
+    assert program is None and why == "the recording failed (RuntimeError: bookkeeping)"
