@@ -24,8 +24,8 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import (PreserveError, base_of_peft, is_peft, is_peft_layer, module_scopes, own_copies, preserve,
-                       record_calls, region_paths, snapshot, source_paths, varying_scopes)
+from .preserve import (PreserveError, Provenance, base_of_peft, is_peft, is_peft_layer, own_copies, preserve,
+                       record_calls, snapshot, varying_scopes)
 from .reasons import MergeRule, RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
@@ -413,38 +413,39 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
                 recorded=None):
     """The module-preserving copy of the model with ``fused``'s regions swapped in, not yet
     verified, its swaps, and the module scopes of the regions no swap applied (for a build
-    confined to them: :func:`module_scopes`; empty where all applied); None (and the reason in
+    confined to them: :meth:`Provenance.module_scopes`; empty where all applied); None (and the reason in
     ``report.output_note``) where it does not apply.  Names each rewrite's module in the report
     either way (``modules_only``: only that).  ``varying``: the modules whose forward stays the
     model's code (:func:`repc.verify.calls.observe`), which are not replaced.  ``recorded``: the
     model's module calls recorded before the compile wrote into it (``in_place``)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
+    provenance, unplaced = None, "no captured graph to write back"
     if source is not None:  # each rewrite's and rejection's module, for the report (whichever output is returned)
         try:
-            modules = region_paths(source["source"], report.rewrites, source["prefix"], source["captured"], fused)
-            computed_by = {n.name: p for n, p in source_paths(source["source"], source["prefix"],
-                                                               source["captured"]).items()}
-        except Exception:  # (the report then names the fx nodes)
-            modules, computed_by = {}, {}
+            provenance = Provenance(source["source"], source["prefix"], source["captured"], fused)
+            modules, computed_by = provenance.region_paths(report.rewrites), provenance.computed_by()
+        except Exception as why:  # (the report then names the fx nodes)
+            provenance, modules, computed_by = None, {}, {}
+            unplaced = f"the fused graph could not be written back into the model's modules ({_short(why)})"
         for r in report.rewrites:
             r.module = modules.get(r.root, r.module)
         for r in report.rejected:
             r.module = computed_by.get(r.root, r.module)
     if modules_only or not isinstance(fused, fx.GraphModule):
         return None  # (fx in parts, or rolled back: already the model's own class)
-    if source is None or reference is not model:
+    if provenance is None or reference is not model:
         report.output_note = "expert averaging: its reference is the averaged graph" if reference is not model \
-            else "no captured graph to write back"
+            else unplaced
         return None
     try:
         preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites,
-                                    progress=progress, varying=varying, recorded=recorded, **source)
+                                    progress=progress, varying=varying, recorded=recorded, provenance=provenance,
+                                    **source)
     except PreserveError as why:
         report.output_note = str(why)
         # no copy; a build confined to modules may still give one
-        scopes = module_scopes(source["source"], report.rewrites, set(why.left_out), source["prefix"],
-                               source["captured"], fused) if why.left_out else {}
+        scopes = provenance.module_scopes(report.rewrites, set(why.left_out)) if why.left_out else {}
         return (None, None, scopes) if scopes else None
     except Exception as why:  # a case the write-back does not handle: the graph is still a verified result
         report.output_note = f"the fused graph could not be written back into the model's modules ({_short(why)})"
@@ -458,8 +459,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         for r in report.rewrites + report.rejected:
             r.module = r.module[len(at) + 1:] if r.module and r.module.startswith(at + ".") else r.module
     left_out = {root for s in swaps if s.becomes == "not applied" for root in s.rewrites}
-    scopes = module_scopes(source["source"], report.rewrites, left_out, source["prefix"], source["captured"], fused) \
-        if left_out else {}
+    scopes = provenance.module_scopes(report.rewrites, left_out) if left_out else {}
     if base is not None:
         left = sorted({_short_class(m) for m in base.modules() if is_peft(m)})
         if left:  # the PEFT model itself then, with the merges that apply (not a base model with adapters)

@@ -70,7 +70,7 @@ def collapse(gm: fx.GraphModule, example_inputs: Tuple[Any, ...], *, check: bool
     :class:`repc.passes.cost.LatencyCost`).  ``confine`` (node name -> the module that computed
     it, None for its enclosing module's own forward) keeps every region that holds such nodes
     inside one of those modules: a merge the model's own modules can take, where a wider one
-    could not be swapped in (:func:`repc.preserve.module_scopes`).  ``scopes``: a function of the
+    could not be swapped in (:meth:`repc.preserve.Provenance.module_scopes`).  ``scopes``: a function of the
     prepared graph giving more such names and scopes (:func:`repc.preserve.varying_scopes`),
     where the nodes the preparation made are known, across which the matcher builds no region;
     ``confine`` takes precedence over them.  ``write_into``: the storages (``data_ptr``) of the

@@ -39,10 +39,8 @@ from .layers import (GraphForward, base_of_peft, is_peft, is_peft_layer, keeping
                      saved_names, sharing_tensors, unwrap_delegating)
 from .observation import in_the_layers_own_class, record_calls
 from .planning import Preserver, preserve
-from .provenance import (PreserveError, module_scopes, node_path, region_paths, snapshot, source_paths,
-                         varying_scopes)
+from .provenance import PreserveError, Provenance, node_path, snapshot, source_paths, varying_scopes
 
-__all__ = ["GraphForward", "Preserver", "PreserveError", "base_of_peft", "in_the_layers_own_class", "is_peft",
-           "is_peft_layer", "keeping_parameter_names", "module_scopes", "node_path", "own_copies", "preserve",
-           "record_calls", "region_paths", "saved_names", "sharing_tensors", "snapshot", "source_paths",
-           "unwrap_delegating", "varying_scopes"]
+__all__ = ["GraphForward", "Preserver", "PreserveError", "Provenance", "base_of_peft", "in_the_layers_own_class",
+           "is_peft", "is_peft_layer", "keeping_parameter_names", "node_path", "own_copies", "preserve", "record_calls",
+           "saved_names", "sharing_tensors", "snapshot", "source_paths", "unwrap_delegating", "varying_scopes"]

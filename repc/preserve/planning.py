@@ -20,8 +20,8 @@ from ..graph_predicates import fetch_attr
 from ..passes.collapse import EMITTED_FOR
 from ..progress import counter, each
 from ..report import ModuleSwap
-from .provenance import (CapturedNode, PreserveError, _Refused, _class_name, _parent, _region_nodes, _strip,
-                         _target_name, _within, common_path, copied_from, region_paths, source_paths, tag_nodes)
+from .provenance import (CapturedNode, PreserveError, Provenance, _Refused, _class_name, _parent, _region_nodes,
+                         _strip, _target_name, _within, common_path)
 from .observation import (_Call, _as_written_in_place, _close, _is_size, _module_chain, _refuse_unless_same_call,
                           _same_kind, _sole_value_out, graph_values, in_the_layers_own_class, record_calls)
 from .layers import (GraphForward, _RENAMES, _forward_parameters, _merged_away_name, _refuse_given_state, base_of_peft,
@@ -34,7 +34,8 @@ class Preserver:
 
     def __init__(self, model: nn.Module, fused: fx.GraphModule, source: fx.GraphModule, captured, flat_inputs,
                  args, kwargs, rewrites, prefix: str = "", progress: bool = False,
-                 varying: Optional[Dict[str, str]] = None, recorded: Optional[Dict[str, "_Call"]] = None):
+                 varying: Optional[Dict[str, str]] = None, recorded: Optional[Dict[str, "_Call"]] = None,
+                 provenance: Optional[Provenance] = None):
         self.fused, self.source, self.rewrites, self.prefix = fused, source, rewrites, prefix
         self.varying = dict(varying or {})
         # a model saved by parameter names (transformers' save_pretrained, reloaded by its class):
@@ -46,12 +47,13 @@ class Preserver:
         self.copy = copy.deepcopy(model, {id(p): p for p in model.parameters()})
         self.calls = recorded if recorded is not None else record_calls(self.copy, args, kwargs)
         self.values = graph_values(fused, flat_inputs)
-        self.tags, self.owners = tag_nodes(fused, source, rewrites, prefix, captured)
-        self.known = source_paths(source, prefix, captured)
-        self.copies = copied_from(fused, source)  # fused node -> the source node it copies
-        self.kept = set(self.copies.values())
+        provenance = provenance or Provenance(source, prefix, captured, fused)
+        self.tags, self.owners = provenance.tag_nodes(rewrites)
+        self.known = provenance.paths
+        self.copies = provenance.copies  # fused node -> the source node it copies
+        self.kept = provenance.kept
         self.captured = {name: CapturedNode(_strip(c.path, prefix), c.inputs) for name, c in captured.items()}
-        placed = region_paths(source, rewrites, prefix, captured, fused)
+        placed = provenance.region_paths(rewrites)
         # a rewrite that saves no multiply-adds and no parameters (an eval-mode dropout dropped from
         # a linear and its residual add) leaves its modules as they were: the same ops, the model's code
         self.unchanged = {r.root: placed[r.root] for r in rewrites if not r.saves}
@@ -673,7 +675,7 @@ def _drop_unread(graph: fx.Graph) -> None:
 
 def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
              progress: bool = False, varying: Optional[Dict[str, str]] = None,
-             recorded: Optional[Dict[str, "_Call"]] = None):
+             recorded: Optional[Dict[str, "_Call"]] = None, provenance: Optional[Provenance] = None):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
     before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take.  ``varying``: the
@@ -681,9 +683,10 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
     users make, or given a cache), which are not replaced.  ``recorded``: the model's module
     calls on the example (:func:`record_calls`), recorded before the compile wrote merged
     weights into the model's own tensors; the copy then shares every tensor with the model,
-    which the compile consumed."""
+    which the compile consumed.  ``provenance``: where ``source``'s nodes come from
+    (:class:`Provenance`), where the caller has it."""
     preserver = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix, progress,
-                          varying, recorded)
+                          varying, recorded, provenance)
     preserved, swaps = preserver.run()
     base = base_of_peft(preserved)
     scope = preserved if base is None else base  # (the base model, or a model PEFT's layers were put in)

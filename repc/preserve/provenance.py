@@ -144,59 +144,6 @@ def source_paths(source: fx.GraphModule, prefix: str, captured: Dict[str, Captur
     return {n: _strip(p, prefix) for n, p in paths.items()}
 
 
-def region_paths(source: fx.GraphModule, rewrites, prefix: str, captured, fused: Optional[fx.GraphModule] = None
-                 ) -> Dict[str, str]:
-    """Rewrite root -> the deepest module enclosing the nodes of its region that ``fused`` no
-    longer holds as they were."""
-    out = {}
-    known = source_paths(source, prefix, captured)
-    kept = set(copied_from(fused, source).values()) if fused is not None else set()
-    for r in rewrites:
-        nodes = _region_nodes(source.graph, r.replaced)
-        # the nodes the rewrite changed: a layout op the region read through may stay as it was
-        changed = [n for n in nodes if n not in kept] or nodes
-        # a layout op merged through (a no-op ``view`` at the top) does not place the region: the
-        # swapped module's outputs are checked to be what the model's code reads there
-        changed = [n for n in changed if _target_name(n) not in _LAYOUT] or changed
-        # nor does an identity (an eval dropout: RepViT's model-level ``head_drop`` before its
-        # head's two BN-linears): the module after it is given the very same values
-        changed = [n for n in changed if not _is_identity_op(n, source)] or changed
-        paths = [known[n] for n in changed if known.get(n) is not None]
-        out[r.root] = common_path(paths) if paths else ""
-    return out
-
-
-def module_scopes(source: fx.GraphModule, rewrites, roots, prefix: str, captured,
-                  fused: Optional[fx.GraphModule] = None) -> Dict[str, Optional[str]]:
-    """For the regions of the rewrites ``roots`` (ones no swap of a module applies), each region
-    node's name -> the scope a build confined to them keeps it in
-    (:func:`repc.passes.collapse.collapse`'s ``confine``):
-
-    * a region that reaches out of the module placing it (a layout op of the caller merged in:
-      EfficientViT's ``qkv(feat).view(B, -1, H, W)``, which no swap of the ``qkv`` module
-      gives): that module's nodes keep together, each node outside it in its own module;
-    * a region inside its module whose swap fails, or in the model's own forward (LeViT's
-      distilled heads averaged): each child module's nodes keep together, the module's own
-      nodes (None) join none (each head's BatchNorm then folds into its linear)."""
-    chosen = [r for r in rewrites if r.root in roots]
-    placed = region_paths(source, chosen, prefix, captured, fused)
-    known = source_paths(source, prefix, captured)
-    scopes: Dict[str, Optional[str]] = {}
-    for r in chosen:
-        at = placed[r.root]
-        nodes = [(n, known[n]) for n in _region_nodes(source.graph, r.replaced) if known.get(n) is not None]
-        reaches_out = any(not _within(path, at) for _, path in nodes)
-        for node, path in nodes:  # (a node repc's passes made has no path: its neighbours place it)
-            if reaches_out:
-                scopes[node.name] = at if _within(path, at) else path
-            elif path == at:
-                scopes[node.name] = None
-            else:
-                child = (path[len(at) + 1:] if at else path).split(".")[0]
-                scopes[node.name] = f"{at}.{child}" if at else child
-    return scopes
-
-
 def varying_scopes(gm: fx.GraphModule, captured: Dict[str, CapturedNode], varying: Dict[str, str],
                    prefix: str = "") -> Dict[str, Optional[str]]:
     """The scopes (for :func:`repc.passes.collapse.collapse`) that keep every region out of the
@@ -266,62 +213,126 @@ def copied_from(fused: fx.GraphModule, source: fx.GraphModule) -> Dict[fx.Node, 
     return out
 
 
-def tag_nodes(fused: fx.GraphModule, source: fx.GraphModule, rewrites, prefix: str, captured
-              ) -> Tuple[Dict[fx.Node, str], Dict[fx.Node, str]]:
-    """Every node of ``fused`` with the module path that computes it: copied nodes from their
-    record, emitted nodes from the region they merge (found from the names repc gives emitted
-    modules and tensors, ``<root>_fused``, and passed along to the unnamed nodes next to them).
-    Also the emitted nodes' rewrite (its root)."""
-    regions = region_paths(source, rewrites, prefix, captured, fused)
-    known = source_paths(source, prefix, captured)
-    by_name = {n.name: p for n, p in known.items()}
-    origin = copied_from(fused, source)
-    tags: Dict[fx.Node, str] = {}
-    owners: Dict[fx.Node, str] = {}
-    new = []
-    for node in fused.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        path = known.get(origin[node]) if node in origin else None
-        if path is not None:
-            tags[node] = path
-        else:
-            new.append(node)
-    for node in new:
-        root = node.meta.get(EMITTED_FOR)
-        if root in regions:  # tagged by collapse with the rewrite that emitted it
-            tags[node], owners[node] = regions[root], root
-        elif node.op in ("call_module", "get_attr"):
-            match = _HINT.match(str(node.target))
-            hint = match.group("hint") if match else None
-            if hint in regions:
-                tags[node], owners[node] = regions[hint], hint
-            elif by_name.get(hint) is not None:
-                tags[node] = by_name[hint]
-    pending = [n for n in new if n not in tags]
-    while pending:
-        progressed = False
-        for node in list(pending):
-            before = node.target in (F.pad, torch.flatten)  # runs before the emitted module
-            neighbours = (list(node.users) + node.all_input_nodes) if before else \
-                (node.all_input_nodes + list(node.users))
-            # its own tensors first (the emitted norm's weight), then its emitted neighbours
-            found = next((a for a in node.all_input_nodes if a.op == "get_attr" and a in tags and a in new), None)
-            if found is None:
-                found = next((n for n in neighbours if n in tags and n in new), None)
-            if found is None:
-                found = next((n for n in neighbours if n in tags), None)
-            if found is not None:
-                tags[node] = tags[found]
-                if found in owners:
-                    owners[node] = owners[found]
-                pending.remove(node)
-                progressed = True
-        if not progressed:
-            for node in pending:
-                tags[node] = ""  # nothing to go by: the root (its swap is refused)
-            break
-    return tags, owners
+class Provenance:
+    """Where each node of the graph the rewrites name comes from, computed once per fused graph and
+    shared by placement (:class:`repc.preserve.planning.Preserver`), the scopes of a build confined
+    to modules, and the report's module names: each node's module path (:func:`source_paths`), the
+    source node each node of ``fused`` copies (:func:`copied_from`), each rewrite's module."""
+
+    def __init__(self, source: fx.GraphModule, prefix: str, captured: Dict[str, CapturedNode],
+                 fused: Optional[fx.GraphModule] = None):
+        self.source, self.prefix, self.captured, self.fused = source, prefix, captured, fused
+        self.paths = source_paths(source, prefix, captured)  # source node -> its module path
+        self.copies = copied_from(fused, source) if fused is not None else {}  # fused node -> source node
+        self.kept = set(self.copies.values())
+        self._regions: Dict[str, str] = {}
+
+    def region_paths(self, rewrites) -> Dict[str, str]:
+        """Rewrite root -> the deepest module enclosing the nodes of its region that ``fused`` no
+        longer holds as they were."""
+        for r in rewrites:
+            if r.root not in self._regions:
+                nodes = _region_nodes(self.source.graph, r.replaced)
+                # the nodes the rewrite changed: a layout op the region read through may stay as it was
+                changed = [n for n in nodes if n not in self.kept] or nodes
+                # a layout op merged through (a no-op ``view`` at the top) does not place the region: the
+                # swapped module's outputs are checked to be what the model's code reads there
+                changed = [n for n in changed if _target_name(n) not in _LAYOUT] or changed
+                # nor does an identity (an eval dropout: RepViT's model-level ``head_drop`` before its
+                # head's two BN-linears): the module after it is given the very same values
+                changed = [n for n in changed if not _is_identity_op(n, self.source)] or changed
+                paths = [self.paths[n] for n in changed if self.paths.get(n) is not None]
+                self._regions[r.root] = common_path(paths) if paths else ""
+        return {r.root: self._regions[r.root] for r in rewrites}
+
+    def computed_by(self) -> Dict[str, Optional[str]]:
+        """Node name -> the module that computed it (the report's rejections)."""
+        return {n.name: p for n, p in self.paths.items()}
+
+    def module_scopes(self, rewrites, roots) -> Dict[str, Optional[str]]:
+        """For the regions of the rewrites ``roots`` (ones no swap of a module applies), each region
+        node's name -> the scope a build confined to them keeps it in
+        (:func:`repc.passes.collapse.collapse`'s ``confine``):
+
+        * a region that reaches out of the module placing it (a layout op of the caller merged in:
+          EfficientViT's ``qkv(feat).view(B, -1, H, W)``, which no swap of the ``qkv`` module
+          gives): that module's nodes keep together, each node outside it in its own module;
+        * a region inside its module whose swap fails, or in the model's own forward (LeViT's
+          distilled heads averaged): each child module's nodes keep together, the module's own
+          nodes (None) join none (each head's BatchNorm then folds into its linear)."""
+        chosen = [r for r in rewrites if r.root in roots]
+        placed = self.region_paths(chosen)
+        scopes: Dict[str, Optional[str]] = {}
+        for r in chosen:
+            at = placed[r.root]
+            nodes = [(n, self.paths[n]) for n in _region_nodes(self.source.graph, r.replaced)
+                     if self.paths.get(n) is not None]
+            reaches_out = any(not _within(path, at) for _, path in nodes)
+            for node, path in nodes:  # (a node repc's passes made has no path: its neighbours place it)
+                if reaches_out:
+                    scopes[node.name] = at if _within(path, at) else path
+                elif path == at:
+                    scopes[node.name] = None
+                else:
+                    child = (path[len(at) + 1:] if at else path).split(".")[0]
+                    scopes[node.name] = f"{at}.{child}" if at else child
+        return scopes
+
+    def tag_nodes(self, rewrites) -> Tuple[Dict[fx.Node, str], Dict[fx.Node, str]]:
+        """Every node of ``fused`` with the module path that computes it: copied nodes from their
+        record, emitted nodes from the region they merge (found from the names repc gives emitted
+        modules and tensors, ``<root>_fused``, and passed along to the unnamed nodes next to them).
+        Also the emitted nodes' rewrite (its root)."""
+        fused = self.fused
+        regions = self.region_paths(rewrites)
+        known, origin = self.paths, self.copies
+        by_name = {n.name: p for n, p in known.items()}
+        tags: Dict[fx.Node, str] = {}
+        owners: Dict[fx.Node, str] = {}
+        new = []
+        for node in fused.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            path = known.get(origin[node]) if node in origin else None
+            if path is not None:
+                tags[node] = path
+            else:
+                new.append(node)
+        for node in new:
+            root = node.meta.get(EMITTED_FOR)
+            if root in regions:  # tagged by collapse with the rewrite that emitted it
+                tags[node], owners[node] = regions[root], root
+            elif node.op in ("call_module", "get_attr"):
+                match = _HINT.match(str(node.target))
+                hint = match.group("hint") if match else None
+                if hint in regions:
+                    tags[node], owners[node] = regions[hint], hint
+                elif by_name.get(hint) is not None:
+                    tags[node] = by_name[hint]
+        pending = [n for n in new if n not in tags]
+        while pending:
+            progressed = False
+            for node in list(pending):
+                before = node.target in (F.pad, torch.flatten)  # runs before the emitted module
+                neighbours = (list(node.users) + node.all_input_nodes) if before else \
+                    (node.all_input_nodes + list(node.users))
+                # its own tensors first (the emitted norm's weight), then its emitted neighbours
+                found = next((a for a in node.all_input_nodes if a.op == "get_attr" and a in tags and a in new), None)
+                if found is None:
+                    found = next((n for n in neighbours if n in tags and n in new), None)
+                if found is None:
+                    found = next((n for n in neighbours if n in tags), None)
+                if found is not None:
+                    tags[node] = tags[found]
+                    if found in owners:
+                        owners[node] = owners[found]
+                    pending.remove(node)
+                    progressed = True
+            if not progressed:
+                for node in pending:
+                    tags[node] = ""  # nothing to go by: the root (its swap is refused)
+                break
+        return tags, owners
 
 
 class _Refused(Exception):
