@@ -60,7 +60,7 @@ from torch import nn
 from .capture_export import CaptureCache, reusing_captures
 from .memory import FreedMemory
 from .preserve import is_peft, is_peft_layer, keeping_parameter_names
-from .replay import WeightProgram, WeightRecorder, _weights, check_replayed, replay_key, with_weights
+from .replay import WeightProgram, WeightRecorder, check_replayed, module_weights, replay_key, with_weights
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -781,7 +781,7 @@ def _recorded(path: str, fused: nn.Module, recorder: WeightRecorder) -> Tuple[Op
         program, why = None, f"running the ops recorded failed ({type(error).__name__}: {error})"
     if program is None:
         return None, why
-    template = with_weights(fused, {n: torch.empty_like(t, device="meta") for n, t in _weights(fused).items()})
+    template = with_weights(fused, {n: torch.empty_like(t, device="meta") for n, t in module_weights(fused).items()})
     template.repc_report = fused.repc_report
     return _Replayable(path, program, template), ""
 
@@ -791,7 +791,7 @@ def _replayed_unit(kept: _Replayable, unit: nn.Module, args: tuple, kwargs: dict
     """(the unit merged by ``kept``'s program, the check's deviation, "") or (None, ..., why not);
     ``output``: the unit's own on ``(args, kwargs)``."""
     try:
-        weights = kept.program.run(_weights(unit))
+        weights = kept.program.run(module_weights(unit))
     except Exception as why:  # (an op that refuses this unit's weights: compiled instead)
         return None, float("inf"), f"{type(why).__name__}: {why}"
     fused = with_weights(kept.template, weights)
@@ -836,7 +836,7 @@ def merge_units(model: nn.Module, plan: UnitPlan, reader: CheckpointReader, save
             replayed = f"the ops of {kept.path}'s merged weights, replayed" if fused is not None else \
                 f"compiled: replaying {kept.path}'s failed ({why})"
         if fused is None:
-            recorder = WeightRecorder(unit) if key is not None and kept is COMPILED_ONCE else None
+            recorder = WeightRecorder(unit) if key is not None and kept == COMPILED_ONCE else None
             with recorder if recorder is not None else contextlib.nullcontext():
                 fused, failure = _compile_unit(path, unit, unit_args, unit_kwargs, captures, tolerance=tolerance,
                                                cost=cost)

@@ -115,7 +115,9 @@ def replay_key(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Option
     return key, tuple(_attributes(m) for m in module.modules())
 
 
-def _weights(module: nn.Module) -> Dict[str, torch.Tensor]:
+def module_weights(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``module``'s parameters and buffers by state-dict name, a tensor held under several names
+    under each."""
     named = dict(module.named_parameters(remove_duplicate=False))
     named.update(module.named_buffers(remove_duplicate=False))
     return {n: t for n, t in named.items() if t is not None}
@@ -141,7 +143,7 @@ class WeightRecorder(TorchDispatchMode):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        self.sources = _weights(module)
+        self.sources = module_weights(module)
         self.nodes: List[_Node] = []
         self.by_object: Dict[int, Tuple[weakref.ref, _Ref]] = {}
         self.by_address: Dict[Tuple, Tuple[_Ref, weakref.ref]] = {}
@@ -210,7 +212,7 @@ class WeightRecorder(TorchDispatchMode):
         if self.failed is not None:
             return None, f"the recording failed ({self.failed})"
         outputs: Dict[str, _Ref] = {}
-        for name, t in _weights(compiled).items():
+        for name, t in module_weights(compiled).items():
             ref = self.known(t)
             if ref is None:
                 return None, f"the compiled {name} was not computed by a recorded op"
@@ -246,7 +248,7 @@ class WeightRecorder(TorchDispatchMode):
             return None, f"the module's {gone[0]} is neither kept nor read by the ops of the compiled weights"
         program = WeightProgram([self.nodes[i] if i in needed else None for i in range(len(self.nodes))], outputs)
         replayed = program.run(self.sources)
-        for name, t in _weights(compiled).items():
+        for name, t in module_weights(compiled).items():
             if not _same_but_rounding(replayed[name], t):
                 return None, f"the ops recorded do not give the compiled {name} again"
         return program, ""

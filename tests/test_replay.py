@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import repc
-from repc.replay import WeightRecorder, _weights, check_replayed, replay_key, with_weights
+from repc.replay import WeightRecorder, check_replayed, module_weights, replay_key, with_weights
 
 from blocks import RepVGG, randomize
 from linear_blocks import LoRALinear
@@ -55,8 +55,8 @@ def test_a_program_recorded_on_one_layer_gives_another_layers_compiled_weights(n
     assert program is not None, why
     other, _ = _layer(name, 1)
     assert replay_key(other, (x,), {}) == replay_key(first, (x,), {})
-    replayed = program.run(_weights(other))
-    want = _weights(_compiled(other, x))
+    replayed = program.run(module_weights(other))
+    want = module_weights(_compiled(other, x))
     assert replayed.keys() == want.keys()
     for key, t in want.items():  # (float64 sums in another order: an ulp at most)
         assert torch.allclose(replayed[key], t, rtol=1e-6, atol=1e-7), key
@@ -74,7 +74,7 @@ def test_a_program_replayed_with_wrong_weights_fails_its_check():
     compiled = _compiled(first, x, recorder)
     program, why = recorder.program(compiled)
     other, _ = _layer("lora mlp", 1)
-    weights = program.run(_weights(other))
+    weights = program.run(module_weights(other))
     weights["up.weight"] = weights["up.weight"] * 1.01  # (a term replayed with another scale)
     dev, failure = check_replayed(with_weights(compiled, weights), other, (x,), {})
     assert failure is not None and "deviation" in failure and dev > 1e-3
@@ -151,13 +151,13 @@ def test_a_weight_held_under_two_names_and_merged_keeps_the_program():
         blocks.append(block)
     first, other = blocks
     x = torch.randn(2, 5, 16)
-    assert _weights(first)["up.lora_A.weight"] is _weights(first)["side.lora_A.weight"]
+    assert module_weights(first)["up.lora_A.weight"] is module_weights(first)["side.lora_A.weight"]
     recorder = WeightRecorder(first)
     compiled = _compiled(first, x, recorder)
-    assert not any("lora" in name for name in _weights(compiled))  # (both layers merged: the factor is gone)
+    assert not any("lora" in name for name in module_weights(compiled))  # (both layers merged: the factor is gone)
     program, why = recorder.program(compiled)
     assert program is not None, why
-    dev, failure = check_replayed(with_weights(compiled, program.run(_weights(other))), other, (x,), {})
+    dev, failure = check_replayed(with_weights(compiled, program.run(module_weights(other))), other, (x,), {})
     assert failure is None and dev < 1e-5, failure
 
 
