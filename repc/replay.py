@@ -340,35 +340,26 @@ def with_weights(compiled: nn.Module, weights: Dict[str, torch.Tensor]) -> nn.Mo
 def check_replayed(replayed: nn.Module, module: nn.Module, args: tuple, kwargs: Dict[str, Any],
                    tolerance: Optional[float] = None, seed: int = 0, expected: Any = None) -> Tuple[float, Optional[str]]:
     """``replayed`` against ``module`` on the call ``(args, kwargs)`` and on random values of its
-    shapes (:func:`repc.verify.check.compare`'s way: relative deviation, the dtype's tolerance
+    shapes, by :func:`repc.verify.check.compare` (relative deviation, the dtype's tolerance
     unless one is given, and beyond it the rounding-noise floor of copies of ``module`` moved by
     an ulp).  Returns (the largest deviation, None) or (it, why the check failed).  The module a
     program was recorded on was compiled and checked in full (other sizes, masks, the calls users
     make); a module it is replayed on computes with the same code, so its own weights are what
     is checked here.  ``expected``: ``module``'s output on the call, where the caller has it."""
-    from .verify.check import NOISE_FACTOR, _draw, deviation, output_dtype, perturbed_copies
-    from .verify.check import tolerance as dtype_tolerance
+    from .api import _flat_calling
+    from .verify.check import Variant, _draw, compare
 
     gen = torch.Generator().manual_seed(seed)
     drawn = tree_map(lambda t: _draw(t, t.shape, gen) if isinstance(t, torch.Tensor) and t.is_floating_point()
                      else t, (args, kwargs))
-    worst, copies = 0.0, None
+    flat, as_flat = _flat_calling(args, kwargs)
+    drawn_flat, _ = _flat_calling(*drawn)
+    held = {i for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)}
     with torch.no_grad():
-        for name, (a, kw) in (("example", (args, kwargs)), ("random values of its shapes", drawn)):
-            want = expected if expected is not None and name == "example" else module(*a, **kw)
-            try:
-                got = replayed(*a, **kw)
-            except Exception as why:
-                return float("inf"), f"on the {name}: {type(why).__name__}: {why}"
-            dev = deviation(got, want)
-            worst = max(worst, dev)
-            limit = tolerance if tolerance is not None else dtype_tolerance(output_dtype(want))
-            if dev <= limit:
-                continue
-            if tolerance is None and dev != float("inf"):
-                copies = copies or perturbed_copies(module)
-                noise = max(deviation(c(*a, **kw), want) for c in copies)
-                if dev <= NOISE_FACTOR * noise:
-                    continue
-            return worst, f"on the {name}: deviation {dev:.2e} > tolerance {limit:g}"
-    return worst, None
+        reference = as_flat(module)(*drawn_flat)
+    result = compare(as_flat(replayed), as_flat(module), flat, tolerance, held, expected=expected,
+                     variants=([Variant("random values of its shapes", drawn_flat, reference)], []))
+    if result.ok:
+        return result.max_deviation, None
+    return result.max_deviation, f"on the {result.failing_input}: " + \
+        (result.error or f"deviation {result.max_deviation:.2e} > tolerance {result.tolerance:g}")
