@@ -123,19 +123,13 @@ def compile(model: nn.Module, example_inputs: Any = (), kwargs: Optional[Dict[st
     gc.disable()  # the graphs built here are webs of objects that all die together at the end
     phases = Phases(["capture and fuse", "verify", "write back into the model's modules"], wanted(progress))
     try:
-        return _compile(model, example_inputs, dict(kwargs or {}), verify, tolerance, specialize, allow_approximate,
-                        approximate_tolerance, front_end, GRAPH_BY_DEFAULT if graph is None else graph, phases,
-                        cost, in_place)
+        return Compilation(model, example_inputs, dict(kwargs or {}), verify, tolerance, specialize,
+                           allow_approximate, approximate_tolerance, front_end,
+                           GRAPH_BY_DEFAULT if graph is None else graph, phases, cost, in_place).run()
     finally:
         phases.close()
         if enabled:
             gc.enable()
-
-
-def _compile(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate, approximate_tolerance,
-             front_end, graph=False, phases: Optional["Phases"] = None, cost: str = "macs", in_place: bool = False):
-    return Compilation(model, example_inputs, kwargs, verify, tolerance, specialize, allow_approximate,
-                       approximate_tolerance, front_end, graph, phases, cost, in_place).run()
 
 
 class Compilation:
@@ -714,7 +708,7 @@ def _build_traced(model, example_inputs, constants, fixed, expected, allow_appro
     report.specialized = {name: _brief(value) for name, value in constants.items()}
     reference = model
     # the traced graph's leaves are the model's own modules: repc only reads them, and the
-    # graph copies what it still shares with the model where it is the output (in _compile)
+    # graph copies what it still shares with the model where it is the output (in Compilation.finish)
     gm = _trace_whole(model, constants, report, example_inputs) if whole else None
     opaque = _opaque_leaves(gm) if gm is not None and not opaque_leaves else []
     if opaque:
