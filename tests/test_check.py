@@ -185,6 +185,10 @@ def test_other_sizes_are_small_and_the_smallest_the_model_accepts():
     # probing never ran the model at the example's size or larger (the batch of 8 included)
     assert all(s[0][0] <= 2 and s[0][2] <= 128 and s[0][3] <= 128 for s in model.shapes), model.shapes
 
+    # the random values at the example's per-sample shapes, at the smaller batch, are the probe
+    # of the smaller batch: the model is not run at that size a second time
+    assert model.shapes.count(((2, 3, 128, 128),)) == 1, model.shapes
+
 
 def test_the_whole_model_check_costs_a_few_forward_passes_and_reuses_the_expected_output():
     torch.manual_seed(0)

@@ -308,11 +308,15 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
     last = None
     rejected = []
     shrinking = [t for t in batch if small_sizes(*t)[0] < t[1]]  # a smaller batch first: later trials run on it
+    accepted: Dict[frozenset, Any] = {}  # (the runs at a smaller batch alone, which the variants below reuse)
     for tie in shrinking + others + [t for t in batch if t not in shrinking]:
         for size in small_sizes(*tie):
-            got = probe.run({**chosen, tie: size})
+            sizes = {**chosen, tie: size}
+            got = probe.run(sizes)
             if got is not None:
                 chosen[tie], last = size, got
+                if all(t in shrinking for t in sizes):
+                    accepted[frozenset(sizes.items())] = got
                 break
         else:
             rejected.append(tie)
@@ -329,7 +333,7 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
         skipped.extend(f"axis {axis} (size {size})" for axis, size in sorted(rejected))
     # random values at the example's per-sample shapes, at a smaller batch where one was accepted
     smaller = {t: chosen[t] for t in batch if t in chosen and chosen[t] < t[1]}
-    full = probe.run(smaller) if smaller else None
+    full = (accepted.get(frozenset(smaller.items())) or probe.run(smaller)) if smaller else None
     # (where only the batch varied, a model of fixed sizes, the last variant is random values at
     # the example's per-sample shapes already: both models need not run on them twice)
     batch_only = last is not None and all(axis == 0 for axis, _ in chosen)
