@@ -242,12 +242,19 @@ class Compilation:
         model, in_place = self.model, self.in_place
         result = compare(self.as_flat(fused), None if in_place else self.as_flat(reference), self.check_inputs,
                          self.tolerance, self.held, expected=self.expected if reference is model else None,
-                         variants=self.variants)
+                         variants=self.variants, beyond=self.beyond_largest_sizes())
         if reference is not model:
             return result  # (expert averaging: the reference is the averaged graph)
         # (a whole-model graph asked for takes every input of the example: calls that leave one out are skipped)
         return compare_calls(fused, None if in_place else model, self.observed.calls, result, self.tolerance,
                              structure_kept=whole_graph)
+
+    def beyond_largest_sizes(self) -> List[Tuple[int, int, int]]:
+        """(flat input, axis, size) one above each size the model's export holds up to (the
+        branch of a test on a size the example took): the check tries them, whatever front end
+        the result came from."""
+        capture = self.build_args["captures"].get("export")
+        return [(leaf, axis, size + 1) for leaf, axis, size in getattr(capture, "largest_sizes", ())]
 
     def verified_output(self, fused, report, reference, build_args):
         """The output to return, verified, with its report: the module-preserving copy where it
@@ -681,6 +688,13 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
             captures["export"] = CaptureError(str(why) if isinstance(why, CaptureError) else _short(why))
     if isinstance(captures["export"], CaptureError):
         report.front_ends_declined["torch.export"] = str(captures["export"])
+        return None
+    if write_into is not None and captures["export"].largest_sizes:
+        # (the check tries sizes above them on the original, which in_place will have written into)
+        leaf, axis, size = captures["export"].largest_sizes[0]
+        report.front_ends_declined["torch.export"] = (
+            f"its graph holds up to size {size} on axis {axis} of input {leaf} only (the branch of a test on that "
+            "size the example took), which in_place cannot check beyond")
         return None
     captured = captures["export"].fresh()
     report.front_end = "torch.export"

@@ -51,6 +51,9 @@ class ExportedGraph:
     guards: List[Tuple[str, str]]  # export's conditions on the inputs: (code over ``P[i]``, words)
     argument_names: List[str]  # one per positional input, then the keyword inputs' names
     prefix: str = ""  # the name of the model in its nodes' module paths where export was given a wrapper
+    # (flat input, axis, the largest size the graph holds for): sizes export bounded from above,
+    # where the example took one side of a test on a size (``if x.shape[-1] > 12``)
+    largest_sizes: List[Tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
     def fresh(self) -> "ExportedGraph":
         """This capture with a graph of its own to edit (the same tensors and leaf modules): a
@@ -250,6 +253,7 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     except Exception as why:  # (torch's own helpers for them, which may change between versions)
         raise CaptureError(f"torch.export's guards could not be read: {short_error(why)}") from why
     prefix = "model." if wrapped else ""
+    largest = _largest_sizes(ep, unlifted)
     gm = _flat_graph(unlifted, guards, prefix)
     lower_aten(gm)
     calls_of_standard_modules(gm, model, prefix)
@@ -258,7 +262,26 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
         node.meta.pop("val", None)
     if names is None:
         names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
-    return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names, prefix)
+    return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names, prefix, largest)
+
+
+def _largest_sizes(ep, unlifted: fx.GraphModule) -> List[Tuple[int, int, int]]:
+    """(flat input, axis, largest size) for each input axis whose size export bounded from above
+    (its range constraint): the graph computes the branch the example took, which holds up to
+    that size only.  The checks try one more, where the model may take its other branch."""
+    from torch.utils._sympy.numbers import int_oo
+    largest = []
+    for i, node in enumerate(unlifted.graph.find_nodes(op="placeholder")):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        for axis, size in enumerate(value.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            bounds = ep.range_constraints.get(size.node.expr)
+            if bounds is not None and bounds.upper != int_oo and getattr(bounds.upper, "is_Integer", False):
+                largest.append((i, axis, int(bounds.upper)))
+    return largest
 
 
 def register_output_dataclasses(output: Any) -> List[type]:

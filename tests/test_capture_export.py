@@ -1,6 +1,7 @@
 """repc.capture_export: models written the way libraries write them are captured by torch.export
 and fuse as far as their own conversion code goes."""
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -144,6 +145,46 @@ def test_a_size_dependent_branch_falls_back_to_fx_and_says_why():
     assert GUARD_WORDS in report.front_ends_declined["torch.export"], report  # (and fx not whole either)
     y = torch.randn(2, 4, 9, 9)  # odd: the other branch, which the fused model still computes
     assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
+
+
+
+class BranchAboveASize(nn.Module):
+    """A branch taken only above the example's width: export's graph holds up to it."""
+
+    def __init__(self, c=4, widest=12):
+        super().__init__()
+        self.a, self.b, self.widest = ConvNorm(c, c, 3), ConvNorm(c, c, 1), widest
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x)
+        if x.shape[-1] > self.widest:
+            y = y + F.avg_pool2d(x, 3, 1, 1)
+        return F.relu(y)
+
+
+def test_export_records_the_largest_size_its_graph_holds_for():
+    model = random_model(BranchAboveASize())
+    captured = export_graph(model, (torch.randn(2, 4, 12, 12),), {})
+    assert captured.largest_sizes == [(0, 3, 12)]  # (input 0, its width; the height is unbounded)
+    assert export_graph(random_model(SizeBranch()), (torch.randn(2, 4, 8, 8),), {}).largest_sizes == []
+
+
+@pytest.mark.parametrize("how", ["default", "graph", "in_place"])
+def test_a_branch_taken_only_above_the_example_size_is_checked_there(how):
+    """The checks try a size above the largest export's graph holds for: the result computes the
+    model's other branch there too (before, every check ran at or below the example's width, and
+    the default output silently computed the example's branch)."""
+    model = random_model(BranchAboveASize())
+    x = torch.randn(2, 4, 12, 12)
+    work = copy.deepcopy(model) if how == "in_place" else model
+    fused = repc.compile(work, (x,), graph=how == "graph", in_place=how == "in_place")
+    report = fused.repc_report
+    assert report.verification.ok and not report.rolled_back, report
+    assert "torch.export" in report.front_ends_declined, report  # (fx captures what holds for all widths)
+    for shape in ((2, 4, 12, 12), (1, 4, 16, 16), (3, 4, 13, 9)):
+        y = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4), shape
 
 
 def clip_if_large(t):

@@ -193,6 +193,24 @@ class SizeProbe:
         except Exception:
             return None
 
+    def ties_of(self, sizes: Sequence[Tuple[int, int, int]]) -> List[Tuple[Tuple[int, int], int]]:
+        """``(leaf, axis, size)`` (``leaf`` counting the flat leaves of all inputs, in order) as
+        ``(tie, size)``, each tie once, leaving out the leaves and axes not varied."""
+        members: Dict[int, Tuple[int, int]] = {}
+        for i, x in enumerate(self.example_inputs):
+            for j in range(len(tree_flatten(x)[0])):
+                members[len(members)] = (i, j)
+        out: Dict[Tuple[int, int], int] = {}
+        for leaf, axis, size in sizes:
+            member = members.get(leaf)
+            if member is None or self.flat[member[0]] is None:
+                continue
+            shape = self._leaf(member).shape
+            tie = (axis, shape[axis]) if axis < len(shape) else None
+            if tie in self.ties and member in self.ties[tie]:
+                out.setdefault(tie, size)
+        return list(out.items())
+
     def shapes(self, inputs: Tuple[Any, ...]) -> str:
         """The varied tensors' shapes, ``2x3x7x7`` (the first three, comma-separated)."""
         shapes = ["x".join(map(str, t.shape)) for i, flat in enumerate(self.flat) if flat is not None
@@ -272,7 +290,7 @@ class Variant:
 
 
 def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), original: Optional[Callable] = None,
-                   skipped: Optional[List[str]] = None) -> List[Variant]:
+                   skipped: Optional[List[str]] = None, beyond: Sequence[Tuple[int, int, int]] = ()) -> List[Variant]:
     """The inputs the whole-model check runs: the example itself, random values of its shape,
     and random values at other sizes on every axis ``original`` accepts them on, small.
 
@@ -287,6 +305,11 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
       so that the later trials run small), each trial one forward pass; the accepted trial's output is kept as the
       reference.  Axes of equal size that are only accepted together (a model that needs
       square maps) are tried together.
+    * ``random <shapes>`` beyond a size: for each ``(leaf, axis, size)`` of ``beyond`` (``leaf``
+      counting the flat leaves of the inputs, in order; a size above the largest an exported
+      graph holds for), random values with that axis, and those tied to it, at ``size`` (at the
+      smaller batch where one was accepted), where the model accepts it: a branch on a size
+      that the example is at the top of is taken only above it, and the sizes above are small.
 
     The channels of a map (axis 1 of an input with four or more axes) are not varied: every
     merged conv fixes them, as the model's own convs do, and a model of pools and sums only
@@ -344,6 +367,10 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
         variants.append(Variant(f"random {probe.shapes(inputs)}", inputs))
     if last is not None:
         variants.append(Variant(f"random {probe.shapes(last[0])}", *last))
+    for tie, size in probe.ties_of(beyond):
+        got = probe.run({**smaller, tie: size})
+        if got is not None:
+            variants.append(Variant(f"random {probe.shapes(got[0])}", *got))
     return variants
 
 
@@ -408,13 +435,15 @@ def quiet_call(fn: Callable, inputs: Tuple[Any, ...]):
 
 
 def variants_with_references(original: Callable, example_inputs: Tuple[Any, ...], fixed=(),
-                             skipped: Optional[List[str]] = None) -> List[Variant]:
+                             skipped: Optional[List[str]] = None, beyond: Sequence[Tuple[int, int, int]] = ()
+                             ) -> List[Variant]:
     """The :func:`input_variants` beyond the example, each with ``original``'s output on it; those
     the original refuses are left out (named in ``skipped``)."""
     skipped = [] if skipped is None else skipped
     out = []
     with torch.no_grad():
-        for variant in input_variants(example_inputs, fixed=fixed, original=original, skipped=skipped)[1:]:
+        for variant in input_variants(example_inputs, fixed=fixed, original=original, skipped=skipped,
+                                      beyond=beyond)[1:]:
             if variant.reference is None:
                 try:
                     variant.reference = quiet_call(original, variant.inputs)
@@ -427,8 +456,10 @@ def variants_with_references(original: Callable, example_inputs: Tuple[Any, ...]
 
 def compare(fused: Callable, original: Optional[Callable], example_inputs: Tuple[Any, ...],
             tol: Optional[float] = None, fixed=(), noise_floor: bool = True, expected: Any = None,
-            variants: Optional[Tuple[List[Variant], List[str]]] = None) -> CheckResult:
-    """Run both on every input variant (:func:`input_variants`); the worst deviation decides.
+            variants: Optional[Tuple[List[Variant], List[str]]] = None,
+            beyond: Sequence[Tuple[int, int, int]] = ()) -> CheckResult:
+    """Run both on every input variant (:func:`input_variants`, sizes ``beyond`` included); the
+    worst deviation decides.
 
     ``expected``: the original's output on the example, when the caller already has it (it is
     not computed again).  ``variants``: the variants with their references and the ones skipped
@@ -490,7 +521,7 @@ def compare(fused: Callable, original: Optional[Callable], example_inputs: Tuple
         if failed is not None:
             return failed
         if variants is None:
-            variants = (variants_with_references(original, example_inputs, fixed, skipped), [])
+            variants = (variants_with_references(original, example_inputs, fixed, skipped, beyond), [])
         skipped.extend(variants[1])
         for variant in variants[0]:
             failed = check(variant.name, variant.inputs, variant.reference)
