@@ -522,7 +522,8 @@ def _accept_copy(report: Report, swaps, confined: bool = False) -> None:
                              "modules, which no swap of a module expresses (graph=True applies them all)"
     elif confined:
         spanning = sum(r.kind is RejectionKind.MODULE_BOUNDARY for r in report.rejected)
-        report.output_note = f"{spanning} region(s) spanning modules merged inside each module instead, so that " \
+        report.output_note = f"{f'{spanning} region(s)' if spanning else 'Regions'} spanning modules merged inside " \
+                             "each module instead, so that " \
                              "the model keeps its modules (graph=True merges them whole)"
 
 

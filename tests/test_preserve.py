@@ -2,6 +2,7 @@
 region swapped in at the module that computed it, verified like the whole-model graph."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -440,6 +441,50 @@ def test_branches_summed_in_the_models_own_forward_merge_by_default_and_the_resu
         # the graph reads the model's own attributes at each call: a conversion of the model reaches it
         assert _same(copy.deepcopy(fused).double()(y.double()), copy.deepcopy(model).double()(y.double()))
     assert sum(p.numel() for p in fused.parameters()) == 4 * 4 * 9 + 4
+
+
+
+@dataclasses.dataclass
+class BlockOutput:
+    features: torch.Tensor
+
+
+class BranchesReturningAnOutputClass(BranchesInTheModelsForward):
+    """The branches summed in the model's own forward, returned in a dataclass or a ModelOutput."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.output == "dataclass":
+            return BlockOutput(y)
+        from transformers.modeling_outputs import BaseModelOutput
+        return BaseModelOutput(last_hidden_state=y)
+
+
+@pytest.mark.parametrize("output", ["dataclass", "ModelOutput"])
+@pytest.mark.parametrize("front_end", ["auto", "export"])
+def test_a_models_own_forward_returning_an_output_class_merges_as_one_returning_a_tensor(output, front_end,
+                                                                                         tmp_path):
+    model = _random_affines(BranchesReturningAnOutputClass(output))
+    x = torch.randn(2, 4, 8, 8)
+    fused = repc.compile(model, (x,), front_end=front_end)
+    report = fused.repc_report
+    assert type(fused) is BranchesReturningAnOutputClass and report.output == "module-preserving", report
+    assert [s.path for s in report.swaps] == ["<model>"], report.swaps  # (before: each BN folded, no branch merged)
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    y = torch.randn(3, 4, 9, 7)
+    first = lambda out: getattr(out, dataclasses.fields(out)[0].name)  # noqa: E731
+    with torch.no_grad():
+        got, want = fused(y), model(y)
+        assert type(got) is type(want) and _same(first(got), first(want))
+        torch.save(fused, tmp_path / "fused.pt")
+        reloaded = torch.load(tmp_path / "fused.pt", weights_only=False)
+        assert type(reloaded(y)) is type(want) and _same(first(reloaded(y)), first(want))
+        assert _same(first(copy.deepcopy(fused)(y)), first(want))
 
 
 class ConvNorm(nn.Sequential):

@@ -33,20 +33,29 @@ class GraphForward:
     """A module's ``forward`` (an instance attribute) run as the code of an fx graph over the
     module's own attributes: they are read at each call, so ``.to()``, ``.half()`` and
     ``load_state_dict`` on the module reach what it computes with.  It keeps the graph's Python
-    source (as a ``GraphModule`` pickles itself), so it pickles and deep-copies with its module."""
+    source (as a ``GraphModule`` pickles itself), so it pickles and deep-copies with its module.
+    ``output_spec``: the pytree spec of the module's output where it is not made of tuples, lists
+    and dicts (a dataclass, a ``ModelOutput``): the graph gives its leaves, rebuilt with it."""
 
-    def __init__(self, owner: nn.Module, graph: fx.Graph):
+    def __init__(self, owner: nn.Module, graph: fx.Graph, output_spec=None):
         from torch.fx.graph_module import _format_import_block
         from torch.package import sys_importer
         code = graph.python_code(root_module="self")
         self.owner, self.source = owner, _format_import_block(code.globals, sys_importer) + code.src
-        self._function = None
+        # (held as plain tuples: a TreeSpec warns where it is pickled or deep-copied)
+        self.output_structure = None if output_spec is None else _structure(output_spec)
+        self._function, self._spec = None, output_spec
 
     def __call__(self, *args, **kwargs):
         if self._function is None:
             from torch.fx.graph_module import _forward_from_src
             self._function = _forward_from_src(self.source, {})
-        return self._function(self.owner, *args, **kwargs)
+        out = self._function(self.owner, *args, **kwargs)
+        if self.output_structure is None:
+            return out
+        if self._spec is None:
+            self._spec = _spec(self.output_structure)
+        return pytree.tree_unflatten(list(out), self._spec)
 
     def bound_to(self, owner: nn.Module) -> "GraphForward":
         """The same code run on ``owner``'s attributes."""
@@ -55,10 +64,21 @@ class GraphForward:
         return other
 
     def __getstate__(self):
-        return {"owner": self.owner, "source": self.source}
+        return {"owner": self.owner, "source": self.source, "output_structure": self.output_structure}
 
     def __setstate__(self, state):
-        self.owner, self.source, self._function = state["owner"], state["source"], None
+        self.owner, self.source, self._function, self._spec = state["owner"], state["source"], None, None
+        self.output_structure = state.get("output_structure")
+
+
+def _structure(spec):
+    """A pytree spec as nested tuples ``(type, context, children)``, a leaf as None."""
+    return None if spec.is_leaf() else (spec.type, spec.context, tuple(_structure(c) for c in spec.children()))
+
+
+def _spec(structure):
+    return pytree.treespec_leaf() if structure is None else \
+        pytree.TreeSpec(structure[0], structure[1], [_spec(c) for c in structure[2]])
 
 
 def _refuse_given_state(call: "_Call") -> None:

@@ -129,7 +129,8 @@ class Preserver:
             raise PreserveError(f"no module of the model encloses a fused region that can be swapped ({why})", left_out)
         for root in left_out:
             p = self.regions[root]
-            chain, why = [], "it spans the model's own forward" if p == "" else ""
+            chain, why = [], "" if p else "it spans the model's own forward" + \
+                (f", which stays as written: {refused['']}" if "" in refused else "")
             while p:
                 if p in refused:
                     chain.append(f"{p}: {refused[p]}")
@@ -204,7 +205,7 @@ class Preserver:
             # functional block passes to F.conv2d itself, merged into one conv)
             if not any(_within(tensor, u) for u in used):
                 delattr(self.copy, tensor)
-        object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph))  # (the class keeps its own)
+        object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph, gm.meta["output_spec"]))  # (the class keeps its own)
         becomes = "forward: " + becomes.replace("GraphModule", "its graph", 1)
         return ModuleSwap("<model>", _class_name(self.copy), becomes, self._rewrites_in(""))
 
@@ -483,14 +484,16 @@ class Preserver:
                 attributes.pop(name)
         # the outputs: the forward's output leaves, each a graph value (read outside, or the last one equal)
         leaves, spec = pytree.tree_flatten(call.output)
-        if not _builtin(spec):
+        if not _builtin(spec) and into is None:
             raise _Refused(f"it returns a {type(call.output).__name__}")
         # (a cast that changes nothing, read outside too: the caller's code reads the value it
         # already holds, the very tensor the cast returned on the example)
         # (a size computed inside and read outside -- export computes each size expression once
         # and every later layer reads it -- is computed again where it is read: not an output)
+        # (and the node that builds a dataclass output from its leaves: the forward rebuilds it)
+        structured = None if _builtin(spec) else type(call.output)
         read_outside = [n for n in nodes if any(u not in inside for u in n.users) and not self._alias(n)
-                        and not _is_size(self.values.get(n))]
+                        and not _is_size(self.values.get(n)) and type(self.values.get(n)) is not structured]
         candidates = read_outside + [n for n in reversed(nodes) if n not in read_outside]
         out_nodes, matched_nodes = [], []
         by_structure = False
@@ -520,12 +523,15 @@ class Preserver:
         if len(matched) != len(read_outside):
             missing = next(n for n in read_outside if n not in matched)
             raise _Refused(f"{missing.name}, computed inside it, is read outside it")
-        graph.output(pytree.tree_unflatten(out_nodes, spec))
+        # (the model's own forward returning a dataclass or ``ModelOutput``: the graph gives its
+        # leaves, which the forward rebuilds with the spec, see GraphForward)
+        graph.output(pytree.tree_unflatten(out_nodes, spec) if _builtin(spec) else tuple(out_nodes))
         _drop_unread(graph)
         root = nn.Module() if into is None else into
         for target, value in attributes.items():
             _install(root, target, value)
         gm = fx.GraphModule(root, graph, class_name=f"Fused{type(module).__name__}")
+        gm.meta["output_spec"] = None if _builtin(spec) else spec
         gm.eval()
         if by_structure:
             _refuse_unless_same_call(gm, call)
