@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 
 from .aten import lower_aten
 from .capture import CaptureError
-from .graph_predicates import fetch_attr, short_error
+from .graph_predicates import SYMBOLIC_SIZES, fetch_attr, short_error
 from .values import has_opaque, without_opaque
 
 
@@ -259,10 +259,22 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     calls_of_standard_modules(gm, model, prefix)
     modules_for_layer_calls(gm)
     for node in gm.graph.nodes:
-        node.meta.pop("val", None)
+        symbolic = _symbolic_sizes(node.meta.pop("val", None))
+        if symbolic is not None:
+            node.meta[SYMBOLIC_SIZES] = symbolic
     if names is None:
         names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
     return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names, prefix, largest)
+
+
+def _symbolic_sizes(value) -> Any:
+    """What export knows of a node's sizes, where one is symbolic: a size's expression over the
+    inputs' size symbols (a sympy expression), or a tensor's, one per axis (an int where fixed)."""
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    if isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape):
+        return tuple(size.node.expr if isinstance(size, torch.SymInt) else int(size) for size in value.shape)
+    return None
 
 
 def _largest_sizes(ep, unlifted: fx.GraphModule) -> List[Tuple[int, int, int]]:

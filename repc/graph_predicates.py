@@ -26,6 +26,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+# a node's meta key: its size's expression, or its tensor's per axis, over the inputs' size
+# symbols (a sympy expression each; an int where fixed), where torch.export traced them
+# symbolically (:func:`repc.capture_export.export_graph`)
+SYMBOLIC_SIZES = "repc_symbolic_sizes"
+
 IN_PLACE_OPERATORS: Dict[Callable, Callable] = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
     operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.imod: operator.mod,

@@ -487,6 +487,46 @@ def test_a_models_own_forward_returning_an_output_class_merges_as_one_returning_
         assert _same(first(copy.deepcopy(fused)(y)), first(want))
 
 
+
+class TokenAttention(nn.Module):
+    """Reads its token count and width from its input, as attention blocks do."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj, self.norm = nn.Linear(d, d), nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (f(x).view(b, n, 2, c // 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        o = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+        o = self.proj(o.transpose(1, 2).reshape(b, n, c))
+        return x + self.norm(o.flatten(0, 1)).reshape_as(o)
+
+
+class PatchesToTokens(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.embed, self.block, self.head = nn.Conv2d(3, d, 2, 2), TokenAttention(d), nn.Linear(d, 5)
+
+    def forward(self, pixel_values):
+        x = self.embed(pixel_values).flatten(2).transpose(1, 2)
+        return self.head(self.block(x).mean(1))
+
+
+def test_a_size_read_outside_a_module_is_read_again_only_from_an_axis_that_holds_that_size():
+    """Export reads the image's sizes once, at the top; the block's token count is their product.
+    On an 8x8 example the token width is 8 too: the block must not read the image's height off
+    its own width axis (before, the result failed on 12x12 images)."""
+    model = _random_affines(PatchesToTokens())
+    fused = repc.compile(model, (), {"pixel_values": torch.randn(2, 3, 8, 8)}, front_end="export")
+    assert fused.repc_report.verification.ok
+    for shape in ((2, 3, 12, 12), (1, 3, 16, 8), (3, 3, 10, 14)):
+        y = torch.randn(shape)
+        with torch.no_grad():
+            assert _same(fused(pixel_values=y), model(y)), shape
+
+
 class ConvNorm(nn.Sequential):
     def __init__(self, cin, cout, k=1, groups=1):
         super().__init__()

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph_predicates import target_name, writes_in_place
+from ..graph_predicates import SYMBOLIC_SIZES, target_name, writes_in_place
 from ..meanings import AffineCall, Combine, GraphFacts
 from ..ops import Conv, Elementwise, Float64Field, Linear, NotMergeable, params
 from ..patterns.regions import Expr, RegionMatcher, _is_slice_of, effective_users, is_container
@@ -234,6 +234,8 @@ class GraphWriter:
                 break
             if not node.meta:  # (a copy of a value the form reads keeps its own record)
                 node.meta[EMITTED_FOR] = self.prefix + expr.node.name
+        if SYMBOLIC_SIZES in expr.node.meta and SYMBOLIC_SIZES not in out.meta:  # (the value it replaces: its sizes)
+            out.meta[SYMBOLIC_SIZES] = expr.node.meta[SYMBOLIC_SIZES]
         return out
 
     def _emit_form(self, expr: Expr) -> fx.Node:

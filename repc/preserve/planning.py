@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
-from ..graph_predicates import fetch_attr
+from ..graph_predicates import SYMBOLIC_SIZES, fetch_attr
 from ..passes.collapse import EMITTED_FOR
 from ..progress import counter, each
 from ..report import ModuleSwap
@@ -340,6 +340,32 @@ class Preserver:
             swaps.append(ModuleSwap(d, _class_name(module), becomes_d, [root], f"takes {u}'s affine"))
         return swaps
 
+    def _axis_holding(self, size: fx.Node, value: int, passed_in: List[fx.Node], arguments: Dict[str, Any]
+                      ) -> Optional[Tuple[str, int]]:
+        """(argument, axis) that holds the size ``size`` computes outside a module (``value`` on
+        the example), to read it again inside; None where none does.
+
+        Where export traced the sizes (:data:`SYMBOLIC_SIZES`), the axis of a tensor passed in
+        whose size is the same expression: a size equal on the example alone (an image's height
+        and a token width, both 8) is another size.  Otherwise, the first tensor argument that
+        has the value on one axis only."""
+        expr = size.meta.get(SYMBOLIC_SIZES)
+        traced = [b for b in passed_in if isinstance(b.meta.get(SYMBOLIC_SIZES), tuple)]
+        if expr is not None and not isinstance(expr, tuple) and traced:
+            for b in traced:
+                shape = b.meta[SYMBOLIC_SIZES]
+                if shape.count(expr) != 1:
+                    continue
+                for name, given in arguments.items():
+                    if isinstance(given, torch.Tensor) and _close(self.values.get(b), given):
+                        return name, shape.index(expr)
+            return None
+        for name, given in arguments.items():
+            axes = [i for i, n in enumerate(given.shape) if n == value] if isinstance(given, torch.Tensor) else []
+            if len(axes) == 1:
+                return name, axes[0]
+        return None
+
     def _passed_in(self, node: fx.Node, path: str) -> bool:
         """``node`` copies a source node computed outside module ``path`` that nodes of ``path``
         read in the captured graph: a value the module's caller passed in."""
@@ -414,6 +440,7 @@ class Preserver:
         env: Dict[fx.Node, fx.Node] = {}
         attributes: Dict[str, Any] = {}
         names: Dict[str, str] = {}
+        passed_in = list(dict.fromkeys(b for n in nodes for b in n.all_input_nodes if b not in inside))
 
         def from_outside(a: fx.Node, depth: int) -> fx.Node:
             if a in given_inputs:
@@ -435,12 +462,10 @@ class Preserver:
                         return placeholders[name]
             elif isinstance(value, int) and not isinstance(value, bool):
                 # a size read outside (export reads each input size once, at the top): read again
-                # from the first tensor argument that has it on one axis only
-                for name, given in arguments.items():
-                    axes = [i for i, size in enumerate(given.shape) if size == value] \
-                        if isinstance(given, torch.Tensor) else []
-                    if len(axes) == 1:
-                        return graph.call_method("size", (placeholders[name], axes[0]))
+                # from an axis of an argument that holds it
+                held = self._axis_holding(a, value, passed_in, arguments)
+                if held is not None:
+                    return graph.call_method("size", (placeholders[held[0]], held[1]))
             # computed outside from sizes and constants only (a mask the model builds once for all
             # its layers): computed again inside
             if a.op in ("call_function", "call_method") and depth < 32:
