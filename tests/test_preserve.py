@@ -711,6 +711,38 @@ def test_a_bn_folded_into_a_bias_free_conv_of_a_checkpointed_model_reloads_to_th
         assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
 
 
+
+def test_a_norm_before_a_bias_free_linear_of_a_checkpointed_model_keeps_its_shift_and_reloads(tmp_path):
+    # Swin's patch merging: a LayerNorm read only by a linear without bias.  Folding the norm
+    # gives the linear a bias the architecture lacks (from_pretrained drops it as unexpected and
+    # reloads another function): in a model saved by parameter names, that fold is refused
+    transformers = pytest.importorskip("transformers")
+
+    class TinyConfig(transformers.PretrainedConfig):
+        model_type = "repc-tiny-merge"
+
+    class TinyMerge(transformers.PreTrainedModel):
+        config_class = TinyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.norm, self.reduction = nn.LayerNorm(16), nn.Linear(16, 8, bias=False)
+            self.post_init()
+
+        def forward(self, x):
+            return self.reduction(self.norm(x))
+
+    model = _random_affines(TinyMerge(TinyConfig()))
+    fused = repc.compile(model, (torch.randn(2, 5, 16),))
+    assert type(fused) is TinyMerge and fused.state_dict().keys() == model.state_dict().keys()
+    fused.save_pretrained(tmp_path)
+    reloaded, info = TinyMerge.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    y = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
+
+
 # ----------------------------------------------------------------------------- outputs matched by structure
 
 def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_value_out_and_recomputes_the_call():
