@@ -30,8 +30,8 @@ from .reasons import MergeRule, RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
 from .verify.calls import canonical_calls, observe
-from .verify.check import (compare, compare_calls, deviation, output_dtype, tolerance as dtype_tolerance,
-                           variants_with_references)
+from .verify.check import (attributes_kept, compare, compare_calls, deviation, output_dtype,
+                           tolerance as dtype_tolerance, variants_with_references)
 
 
 class ReparamError(ValueError):
@@ -177,7 +177,8 @@ class Compilation:
         # left out, other sizes): the references of the check, and the modules whose forward stays
         # the model's code (called otherwise there, or given a cache they update), which no region spans
         try:
-            self.observed = observe(model, canonical_calls(model, example_inputs, kwargs))
+            with attributes_kept(model):  # (the calls at other sizes leave the model as it was)
+                self.observed = observe(model, canonical_calls(model, example_inputs, kwargs))
         except Exception as why:
             raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
         self.expected = self.observed.calls[0].reference
@@ -205,8 +206,9 @@ class Compilation:
         self.variants = None
         if in_place and verify:  # the original's outputs on the check's inputs, before the compile writes into it
             skipped: list = []
-            self.variants = (variants_with_references(self.as_flat(model), self.check_inputs, self.held, skipped),
-                             skipped)
+            with attributes_kept(model):
+                self.variants = (variants_with_references(self.as_flat(model), self.check_inputs, self.held,
+                                                          skipped), skipped)
 
     # -- stages -------------------------------------------------------------------------------
     def build(self, **overrides):
@@ -240,14 +242,15 @@ class Compilation:
         """``fused`` against the model: the example (whose reference was computed when the model
         was observed), random inputs of other sizes, then the calls users make."""
         model, in_place = self.model, self.in_place
-        result = compare(self.as_flat(fused), None if in_place else self.as_flat(reference), self.check_inputs,
-                         self.tolerance, self.held, expected=self.expected if reference is model else None,
-                         variants=self.variants, beyond=self.beyond_largest_sizes())
-        if reference is not model:
-            return result  # (expert averaging: the reference is the averaged graph)
-        # (a whole-model graph asked for takes every input of the example: calls that leave one out are skipped)
-        return compare_calls(fused, None if in_place else model, self.observed.calls, result, self.tolerance,
-                             structure_kept=whole_graph)
+        with attributes_kept(model, fused):  # (the calls at other sizes leave both as they were)
+            result = compare(self.as_flat(fused), None if in_place else self.as_flat(reference), self.check_inputs,
+                             self.tolerance, self.held, expected=self.expected if reference is model else None,
+                             variants=self.variants, beyond=self.beyond_largest_sizes())
+            if reference is not model:
+                return result  # (expert averaging: the reference is the averaged graph)
+            # (a whole-model graph asked for takes every input of the example: calls that leave one out are skipped)
+            return compare_calls(fused, None if in_place else model, self.observed.calls, result, self.tolerance,
+                                 structure_kept=whole_graph)
 
     def beyond_largest_sizes(self) -> List[Tuple[int, int, int]]:
         """(flat input, axis, size) one above each size the model's export holds up to (the

@@ -30,6 +30,33 @@ def test_input_model_is_untouched(graph):
     assert not {t.untyped_storage().data_ptr() for t in ours} & {t.untyped_storage().data_ptr() for t in theirs}
 
 
+
+class AdaptsItsWindow(nn.Module):
+    """Like transformers' Swin: a forward that lowers an attribute to a small input's size and
+    keeps it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.window = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), 12
+
+    def forward(self, x):
+        if x.shape[-1] < self.window:
+            self.window = x.shape[-1]
+        return self.bn(self.conv(x)) * (self.window / 12)
+
+
+def test_the_checks_calls_at_other_sizes_leave_the_models_attributes_as_they_were():
+    model = AdaptsItsWindow()
+    randomize_bn(model.bn)
+    model.eval()
+    x = torch.randn(2, 3, 12, 12)
+    fused = repc.compile(model, x)
+    assert any("x7" in name for name in fused.repc_report.verification.inputs_checked)  # (a smaller width ran)
+    assert model.window == 12 and fused.window == 12
+    with torch.no_grad():
+        assert torch.allclose(fused(x), AdaptsItsWindow.forward(model, x), atol=1e-5)
+
+
 def test_training_mode_is_refused_with_a_clear_message():
     model = example_net().train()
     with pytest.raises(repc.ReparamError, match=r"eval\(\)"):
