@@ -743,6 +743,33 @@ def test_a_norm_before_a_bias_free_linear_of_a_checkpointed_model_keeps_its_shif
         assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
 
 
+
+class ChunkedGateUp(nn.Module):
+    """Phi-3's MLP: one projection for gate and up, its output read in two chunks."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(up * torch.nn.functional.silu(gate))
+
+
+def test_a_lora_layer_whose_output_is_read_in_chunks_is_swapped_for_its_merged_linear():
+    # the graph writes each chunk read as a slice; the slices are the caller's, not the layer's
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(ChunkedGateUp(), peft.LoraConfig(r=2, init_lora_weights=False,
+                                                                 target_modules=["gate_up"])).eval()
+    x = torch.randn(2, 5, 8)
+    fused = repc.compile(model, (x,))
+    assert type(fused) is ChunkedGateUp and type(fused.gate_up) is nn.Linear, fused.repc_report.swaps
+    y = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        assert _same(fused(y), model(y))
+
+
 # ----------------------------------------------------------------------------- outputs matched by structure
 
 def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_value_out_and_recomputes_the_call():

@@ -221,7 +221,9 @@ class GraphWriter:
         if expr.kind == "slice":
             m = expr.meaning
             index = (slice(None),) * m.axis + (slice(m.start, m.stop),)
-            return self.graph.call_function(operator.getitem, (self.materialize(expr.children[0]), index))
+            out = self.graph.call_function(operator.getitem, (self.materialize(expr.children[0]), index))
+            out.meta = dict(expr.node.meta)  # (the item of a chunk or split it writes: where that was computed)
+            return out
         return self.graph.node_copy(expr.node, arg)
 
     def _emit(self, expr: Expr) -> fx.Node:
