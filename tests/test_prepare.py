@@ -126,6 +126,28 @@ def test_an_inplace_write_into_an_input_through_an_identity_name_stays_in_place(
     assert gm.act.inplace
 
 
+
+class CastThenAddInPlace(nn.Module):
+    """PEFT's LoRA ends with ``result.to(dtype)``; Falcon's caller adds into it in place."""
+
+    def forward(self, x):
+        out = (x.float() * 2).to(torch.bfloat16)
+        out.add_(x)
+        return out
+
+
+def test_a_cast_that_copies_on_the_example_is_not_an_alias_of_its_input():
+    gm = fx.symbolic_trace(CastThenAddInPlace())
+    x = torch.randn(2, 5, dtype=torch.bfloat16)
+    want = CastThenAddInPlace()(x)
+    # without values, the cast may return its input: the write stays in place and pins them
+    assert functionalize_inplace(copy.deepcopy(gm)) == 0
+    # with them, the cast made a bfloat16 copy of a float32 value: the add goes out of place
+    assert functionalize_inplace(gm, record_values(gm, (x,))) == 1
+    assert not any(n.meta.get(VIEW_MUTATED) for n in gm.graph.nodes)
+    assert torch.equal(gm(x), want)
+
+
 def test_inplace_op_through_a_view_stays_and_is_marked():
 
     class ViewMutation(nn.Module):

@@ -10,8 +10,9 @@ Which nodes write in place is :func:`repc.graph_predicates.in_place_kind`.
 from __future__ import annotations
 
 import copy
-from typing import List
+from typing import Any, Callable, Dict, List, Optional
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -22,7 +23,7 @@ from ..graph_predicates import IDENTITY_MODULES, in_place_kind, inplace_position
 VIEW_MUTATED = "repc_view_mutated"  # node.meta key: this value is mutated in place through an alias
 
 
-def functionalize_inplace(gm: fx.GraphModule) -> int:
+def functionalize_inplace(gm: fx.GraphModule, values: Optional[Dict[fx.Node, Any]] = None) -> int:
     """Make in-place ops out-of-place, rewiring later readers of the mutated value to the result.
 
     An in-place op ``m`` on ``v`` makes every reader of ``v`` that runs after ``m`` see ``m``'s
@@ -33,9 +34,17 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
     views, the mutation reaches values that are not ``v``: such an op stays in place and every
     alias of it is marked ``VIEW_MUTATED`` (the matcher leaves those values, and their readers,
     where they are).  Runs on repc's own copy of the model only.  Returns how many ops were changed.
+
+    ``values``, the nodes' values on the example where recorded: a cast whose value there has
+    another dtype or device than its input is a copy, not a name of it (PEFT's LoRA casting its
+    float32 sum back to bfloat16 before the caller adds into it in place).
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     modules = dict(gm.named_modules())
+    values = values or {}
+
+    def aliasing(n: fx.Node) -> bool:
+        return may_alias(n, modules) and not _cast_to_a_copy(n, values)
     changed = 0
     for node in list(gm.graph.nodes):
         kind = in_place_kind(node, modules)
@@ -44,8 +53,8 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
         mutated = node.args[0]
         replacement = out_of_place_target(node) if kind in ("operator", "method", "function") else None
         stays = kind in ("setitem", "schema") or (kind in ("operator", "method", "function") and replacement is None)
-        aliased = may_alias(mutated, modules) or any(may_alias(u, modules) for u in mutated.users)
-        aliases = _aliases(mutated, modules) if aliased else [mutated]
+        aliased = aliasing(mutated) or any(aliasing(u) for u in mutated.users)
+        aliases = _aliases(mutated, aliasing) if aliased else [mutated]
         if stays or (aliased and not _whole_aliases(aliases, modules)):
             for alias in aliases:
                 alias.meta[VIEW_MUTATED] = True
@@ -97,14 +106,26 @@ def _whole_aliases(aliases: List[fx.Node], modules) -> bool:
     return True
 
 
-def _aliases(node: fx.Node, modules) -> List[fx.Node]:
+def _aliases(node: fx.Node, aliasing: Callable[[fx.Node], bool]) -> List[fx.Node]:
     """``node``, the value it is a view of, and every view taken of those."""
     base = node
-    while may_alias(base, modules) and base.args and isinstance(base.args[0], fx.Node):
+    while aliasing(base) and base.args and isinstance(base.args[0], fx.Node):
         base = base.args[0]
     out, todo = [], [base]
     while todo:
         n = todo.pop()
         out.append(n)
-        todo.extend(u for u in n.users if may_alias(u, modules) and u.args and u.args[0] is n)
+        todo.extend(u for u in n.users if aliasing(u) and u.args and u.args[0] is n)
     return out
+
+
+_CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type", "type_as"})
+
+
+def _cast_to_a_copy(node: fx.Node, values: Dict[fx.Node, Any]) -> bool:
+    """A cast whose value on the example has another dtype or device than its input: a copy."""
+    if node.op not in ("call_function", "call_method") or target_name(node) not in _CASTS or not node.args:
+        return False
+    out, source = values.get(node), values.get(node.args[0])
+    return isinstance(out, torch.Tensor) and isinstance(source, torch.Tensor) and \
+        (out.dtype != source.dtype or out.device != source.device)

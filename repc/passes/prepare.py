@@ -43,7 +43,7 @@ from .weighted_stacks import expand_weighted_stacks
 
 PREPARATION: Sequence[Pass] = (
     Pass("fold_border_fill", lambda c: fold_border_fill(c.gm, c.values)),
-    Pass("functionalize_inplace", lambda c: functionalize_inplace(c.gm), reads_values=False),
+    Pass("functionalize_inplace", lambda c: functionalize_inplace(c.gm, c.values)),  # (which casts copy)
     Pass("split_masked_activations", lambda c: split_masked_activations(c.gm, c.values)),
     Pass("crops_as_padding", lambda c: crops_as_padding(c.gm)),  # reads shapes
     Pass("split_norm_affine", lambda c: split_norm_affine(c.gm)),
