@@ -831,3 +831,49 @@ def test_a_peft_layer_compiled_on_its_own_comes_back_as_its_plain_merged_layer(k
     with torch.no_grad():
         for y in (x,) + others:
             assert torch.allclose(fused(y), layer(y), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- wrappers that delegate
+
+class CallsItsCopy(nn.Module):
+    """PEFT's ModulesToSaveWrapper: an untrained original beside the copy it calls."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.original, self.copy = layer, copy.deepcopy(layer)
+
+    def forward(self, x):
+        return self.copy(x)
+
+
+class UpdatesWeightsForTheCall(nn.Module):
+    """PEFT's ParamWrapper: the base layer's weight swapped for an updated one during its call."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.base_layer, self.delta = layer, nn.Linear(layer.in_features, layer.out_features, bias=False)
+
+    def forward(self, x):
+        stored = self.base_layer.weight
+        try:
+            del self.base_layer.weight
+            self.base_layer.weight = stored + self.delta.weight
+            return self.base_layer(x)
+        finally:
+            self.base_layer.weight = stored
+
+
+@pytest.mark.parametrize("wrapper, unwrapped", [(CallsItsCopy, True), (UpdatesWeightsForTheCall, False)])
+def test_a_wrapper_is_replaced_by_the_layer_it_calls_only_where_that_layer_alone_gives_its_output(wrapper,
+                                                                                                  unwrapped):
+    from repc.preserve.layers import unwrap_delegating
+    from repc.preserve.observation import record_calls
+    torch.manual_seed(0)
+    model = nn.Sequential(wrapper(nn.Linear(4, 4)), nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        want = model(x)
+    swaps = unwrap_delegating(model, record_calls(model, (x,), {}), lambda m: isinstance(m, wrapper))
+    assert (type(model[0]) is nn.Linear) == unwrapped and len(swaps) == int(unwrapped)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)

@@ -12,6 +12,7 @@ import inspect
 import sys
 from typing import Callable, Dict, List, Optional, Set
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
@@ -173,12 +174,26 @@ def unwrap_delegating(root: nn.Module, calls: Dict[str, "_Call"], chosen: Callab
                       and c.count == 1 and equal_values((c.args, c.kwargs, c.output), given)), None)
         if inner is None or not _only_delegates(module, path, inner, calls):
             continue
-        parent, _, name = path.rpartition(".")
         replacement = module.get_submodule(inner)
+        if not _same_called_alone(replacement, call):
+            continue
+        parent, _, name = path.rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, name, replacement)
         swaps.append(ModuleSwap(path, _class_name(module), _class_name(replacement), [],
                                 f"its call is one of {inner}'s, which takes its place"))
     return swaps
+
+
+def _same_called_alone(inner: nn.Module, call: "_Call") -> bool:
+    """``inner`` called on its own, outside the wrapper, gives the wrapper's output: the wrapper
+    changes nothing around its call (PEFT's ``ParamWrapper`` swaps LoRA-updated weights into its
+    base layer for the call, which then gives the adapted output inside it only)."""
+    try:
+        with torch.no_grad():
+            again = inner(*call.args, **call.kwargs)
+    except Exception:
+        return False
+    return equal_values(again, call.output)
 
 
 def _holds_tensors(module: nn.Module) -> bool:
