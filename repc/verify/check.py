@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -402,7 +403,9 @@ def perturbed_copies(model: torch.nn.Module, count: int = 2, seed: int = 0) -> L
     gen = torch.Generator().manual_seed(seed)
     copies = []
     for _ in range(count):
-        c = copy.deepcopy(model)
+        with warnings.catch_warnings():  # (torch's own, copying the pytree specs a model may hold)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            c = copy.deepcopy(model)
         with torch.no_grad():
             for t in list(c.parameters()) + list(c.buffers()):
                 if t.is_floating_point():
