@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph_predicates import short_error, writes_in_place
+from .graph_predicates import may_alias, short_error, writes_in_place
 
 
 class CaptureError(Exception):
@@ -113,15 +113,27 @@ class Tracer(fx.Tracer):
             return None
         return value if isinstance(value, torch.Size) else None
 
+    @staticmethod
+    def _writes_into_given(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+        """The tensor ``node`` writes into is an input or one of the model's (or a view of one)."""
+        base = node.args[0] if node.args else None
+        while isinstance(base, fx.Node) and may_alias(base, modules) and base.args and \
+                isinstance(base.args[0], fx.Node):
+            base = base.args[0]
+        return not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr")
+
     def _example_value(self, target: fx.Node):
+        modules = dict(self.root.named_modules())
         interpreter = fx.Interpreter(self.root, graph=self.graph)
         interpreter.env = self._example_values
         # the model's modules run for real here, not through the tracer's patched Module.__call__
         with torch.no_grad(), _real_calls():
             for node in self.graph.nodes:
                 if node not in self._example_values:
-                    if writes_in_place(node):  # running it would write into the model's tensors
-                        raise LookupError("an in-place write comes first")
+                    if writes_in_place(node, modules) and self._writes_into_given(node, modules):
+                        # running it would write into the example's or the model's tensors (a write
+                        # into a value computed here changes no size, dtype or device read off it)
+                        raise LookupError("an in-place write into an input or the model's tensors comes first")
                     if node.op == "placeholder":
                         name = node.target.lstrip("*")
                         if name not in self.example_arguments:

@@ -138,6 +138,36 @@ def test_unpacking_a_shape_never_runs_a_write_into_the_models_buffers():
     assert torch.equal(model.seen, torch.zeros(4))
 
 
+
+class GatedAfterAnInPlaceAct(nn.Module):
+    """RepMLP's global perceptron: an in-place ReLU on a computed value, then a shape unpacked."""
+
+    def __init__(self, write_into_input=False):
+        super().__init__()
+        self.conv, self.write_into_input = nn.Conv2d(4, 4, 1), write_into_input
+
+    def forward(self, x):
+        if self.write_into_input:
+            x.mul_(2)  # into the caller's tensor
+        gate = torch.sigmoid(torch.relu_(x.mean((2, 3), keepdim=True)))
+        return self.conv(x).flatten(1).reshape(*x.size()) * gate
+
+
+def test_a_shape_unpacked_after_an_in_place_op_on_a_computed_value_traces():
+    model = GatedAfterAnInPlaceAct().eval()
+    x = torch.randn(2, 4, 6, 6)
+    gm = trace(model, example_inputs=(x,))  # (the write into the mean changes no size read off it)
+    y = torch.randn(3, 4, 5, 7)
+    assert torch.equal(gm(y), model(y))
+    # a write into the input itself is never run to learn a size: the caller's tensor stays
+    writer, kept = GatedAfterAnInPlaceAct(write_into_input=True).eval(), x.clone()
+    try:
+        trace(writer, example_inputs=(x,))
+    except Exception:
+        pass
+    assert torch.equal(x, kept)
+
+
 def test_learning_the_shape_of_a_submodules_output_runs_it_outside_the_trace():
     class Heads(nn.Module):
         def __init__(self):
