@@ -130,6 +130,8 @@ LOWERINGS: Dict[Any, Callable[..., Call]] = {
     aten.split_with_sizes: _split_with_sizes,
     aten.sym_size: _sym_size,
     aten.view: _method("view"),
+    aten.view_as: _method("view_as"),
+    aten.reshape_as: _method("reshape_as"),
     aten.expand: _expand,
     aten.t: _method("t"),
     aten.contiguous: _method("contiguous"),

@@ -32,6 +32,8 @@ ROWS = [
     (aten.split.Tensor, (x4, 3, 1), torch.split),
     (aten.chunk.default, (x4, 2, 1), torch.chunk),
     (aten.view.default, (x4, [2, 6, 25]), "view"),
+    (aten.view_as.default, (x4.flatten(2), x4), "view_as"),
+    (aten.reshape_as.default, (x4.flatten(0, 1), x4), "reshape_as"),  # (LeViT's BN1d over flattened tokens)
     (aten.expand.default, (torch.randn(1, 6, 1, 1), [2, 6, 5, 5]), "expand"),
     (aten.t.default, (lin,), "t"),
     (aten._to_copy.default, (x4,), "to"),

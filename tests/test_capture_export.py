@@ -354,3 +354,24 @@ def test_an_input_broadcast_over_the_batch_is_not_tied_to_it():
     other = torch.randn(3, 5, 8)
     with torch.no_grad():
         assert torch.allclose(fused(other, cos), model(other, cos), atol=1e-5)
+
+
+class LinearThenTokenNorm(nn.Module):
+    """LeViT's linear then BatchNorm1d over the flattened tokens, shaped back with ``reshape_as``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.linear, self.batch_norm = nn.Linear(d, 2 * d, bias=False), nn.BatchNorm1d(2 * d)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.batch_norm(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_a_norm_shaped_back_with_reshape_as_folds_through_export():
+    model = random_model(LinearThenTokenNorm())
+    fused = repc.compile(model, (torch.randn(2, 5, 8),), front_end="export", graph=True)
+    assert len(fused.repc_report.rewrites) == 1 and "batch_norm" not in op_counts(fused), op_counts(fused)
+    y = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
