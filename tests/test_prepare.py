@@ -549,3 +549,33 @@ def test_which_layout_changes_keep_the_last_axis_is_read_off_their_axes_not_the_
         if shape == (1, 1, 1, 1):  # (a last axis of one element: no view or reshape is taken)
             want = {**want, "reshape": False}
         assert got == want, (shape, got)
+
+
+class ViewAfterATransposedLinear(nn.Module):
+    """``F.multi_head_attention_forward``'s in-projection of a batch-first input transposed to
+    sequence-first, then viewed into heads: the linear's output is contiguous, the view needs it."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+
+    def forward(self, h):  # (B, T, d)
+        q = F.linear(h.transpose(0, 1), self.q.weight, self.q.bias)  # (T, B, d)
+        return q.view(q.shape[0], q.shape[1] * 2, -1) * 2
+
+
+def test_a_view_of_a_value_whose_layout_moved_below_its_linear_becomes_a_reshape():
+    from repc.passes.metadata_reads import detach_metadata_reads
+    from repc.passes.token_layouts import sink_token_layouts
+
+    model = ViewAfterATransposedLinear().eval()
+    x = torch.randn(2, 5, 8)
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    detach_metadata_reads(gm, record_values(gm, (x,)))
+    assert sink_token_layouts(gm, record_values(gm, (x,))) >= 1
+    gm.recompile()
+    # (the transpose now follows the linear: its value has strides no view of it takes)
+    assert not any(n.op == "call_method" and n.target == "view" for n in gm.graph.nodes), gm.code
+    for shape in ((2, 5, 8), (3, 4, 8)):
+        y = torch.randn(shape)
+        torch.testing.assert_close(gm(y), model(y))

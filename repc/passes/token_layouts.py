@@ -35,6 +35,17 @@ _AXIS_RESHAPES = {"flatten", "unflatten"}
 _ELEMENTWISE = {"mul", "add", "sub", "truediv", "div"}
 
 
+_STRIDED_VIEWS = {"view": "reshape", "view_as": "reshape_as"}
+
+
+def _reshapes_for_views(node: fx.Node) -> None:
+    """A ``view`` of ``node`` as a ``reshape``: the same values, where ``node`` (a layout change
+    moved below the map that made its value contiguous) may have strides no view takes."""
+    for reader in node.users:
+        if reader.op == "call_method" and reader.target in _STRIDED_VIEWS and reader.args[0] is node:
+            reader.target = _STRIDED_VIEWS[reader.target]
+
+
 def sink_token_layouts(gm: fx.GraphModule, values: Dict[fx.Node, Any], limit: int = 10_000) -> int:
     """Move each last-axis-keeping layout change below the linear maps, per-feature constants
     and same-layout sums that read it; returns how many ops were moved past.  Runs on repc's
@@ -70,6 +81,7 @@ def sink_token_layouts(gm: fx.GraphModule, values: Dict[fx.Node, Any], limit: in
             took_place_of(user, inner, outer)
             user.replace_all_uses_with(outer)
             graph.erase_node(user)
+            _reshapes_for_views(outer)
             todo.append(outer)
             # the ops now reading h (and the other operand of a sum) may move below h's own layout
             todo.extend(a for a in inner.all_input_nodes if a in layouts and a not in todo)
