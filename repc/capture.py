@@ -234,17 +234,18 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Non
         ShapeProp(gm).propagate(*example_inputs)
 
 
-def record_submodule_inputs(model: nn.Module, example_inputs: Tuple[Any, ...]) -> Dict[str, Tuple[Any, ...]]:
-    """The positional inputs each submodule received first when ``model`` ran on the example."""
-    seen: Dict[str, Tuple[Any, ...]] = {}
+def record_submodule_inputs(model: nn.Module, example_inputs: Tuple[Any, ...]) -> Dict[str, Optional[Tuple[Any, ...]]]:
+    """The positional inputs each submodule received first when ``model`` ran on the example;
+    None for one first called with keyword arguments (a part traced alone takes positional ones)."""
+    seen: Dict[str, Optional[Tuple[Any, ...]]] = {}
     hooks = []
     for name, mod in model.named_modules():
         if not name:
             continue
 
         def hook(m, args, kwargs, name=name):
-            if name not in seen and not kwargs:
-                seen[name] = tuple(args)
+            if name not in seen:
+                seen[name] = None if kwargs else tuple(args)
         hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -271,6 +272,10 @@ def split_untraceable(model: nn.Module, example_inputs, reason: str) -> Tuple[Li
                     visit(path, child)  # a container is never called itself, but its blocks may be
                 else:
                     skipped.append(Skipped(path, "not called on the example inputs"))
+                continue
+            if inputs[path] is None:  # (a transformers encoder given output_hidden_states=...): its blocks
+                skipped.append(Skipped(path, "called with keyword arguments: its parts are compiled"))
+                visit(path, child)
                 continue
             try:
                 trace(child, example_inputs=inputs[path])

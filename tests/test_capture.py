@@ -247,3 +247,47 @@ def test_a_part_fused_on_its_own_keeps_the_attributes_its_caller_reads():
     assert report.front_end == "fx (in parts)" and len(report.rewrites) == 1 and not report.rolled_back, report
     assert isinstance(fused.attn, fx.GraphModule) and fused.attn.resolution == 7
     assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
+
+class EncoderWithFlags(nn.Module):
+    """A transformers-style encoder: called with keyword flags, its blocks called positionally."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+                                    for _ in range(2))
+
+    def forward(self, x, output_hidden_states=False):
+        states = []
+        for block in self.blocks:
+            x = block(x)
+            states.append(x)
+        return (x, states) if output_hidden_states else x
+
+
+class UntraceableTop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = EncoderWithFlags()
+
+    def forward(self, x):
+        if float(x.sum()) > -1e9:  # (a data-dependent branch: fx cannot trace the model whole)
+            x = x + 0
+        return self.encoder(x, output_hidden_states=False)
+
+
+def test_the_blocks_of_a_module_called_with_keywords_are_compiled_in_parts():
+    from repc.examples import randomize_bn
+    model = UntraceableTop()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            randomize_bn(m)
+    model.eval()
+    x = torch.randn(2, 4, 8, 8)
+    fused = repc.compile(model, (x,), front_end="fx", graph=True)
+    report = fused.repc_report
+    assert len(report.rewrites) == 2, report  # (each block's conv and BN; before: the encoder was skipped whole)
+    assert any(s.path == "encoder" and "keyword" in s.reason for s in report.skipped), report.skipped
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
