@@ -770,6 +770,42 @@ def test_a_lora_layer_whose_output_is_read_in_chunks_is_swapped_for_its_merged_l
         assert _same(fused(y), model(y))
 
 
+
+def test_a_lora_on_a_bias_free_conv_before_a_norm_of_a_checkpointed_model_merges_and_reloads(tmp_path):
+    # LoRA on HF ResNet's convolutions: the merged conv comes back without the (zero) bias its
+    # architecture lacks, so the swap keeps the checkpoint's names (before: the PEFT model unchanged)
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+    class TinyConfig(transformers.PretrainedConfig):
+        model_type = "repc-tiny-lora-conv"
+
+    class TinyConvNet(transformers.PreTrainedModel):
+        config_class = TinyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.convolution = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+            self.normalization, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+            self.post_init()
+
+        def forward(self, pixel_values):
+            return self.head(torch.relu(self.normalization(self.convolution(pixel_values))))
+
+    model = peft.get_peft_model(_random_affines(TinyConvNet(TinyConfig())),
+                                peft.LoraConfig(r=2, init_lora_weights=False, target_modules=["convolution"])).eval()
+    x = torch.randn(2, 3, 16, 16)
+    fused = repc.compile(model, (x,))
+    assert type(fused) is TinyConvNet and type(fused.convolution) is nn.Conv2d, fused.repc_report.output_note
+    assert fused.convolution.bias is None
+    fused.save_pretrained(tmp_path)
+    reloaded, info = TinyConvNet.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    y = torch.randn(3, 3, 18, 14)
+    with torch.no_grad():
+        assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
+
+
 # ----------------------------------------------------------------------------- outputs matched by structure
 
 def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_value_out_and_recomputes_the_call():
