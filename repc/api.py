@@ -491,8 +491,11 @@ def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: b
         scopes = {**scopes, **current[2]}  # (a later round's scope of a node is the narrower one)
         fused, report, reference = rebuild(scopes)
         rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, varying=varying)
-        if rewritten is None or rewritten[0] is None:
+        if rewritten is None:
             break
+        if rewritten[0] is None:  # (still no copy: the regions it left out are kept finer in the next round)
+            current = rewritten
+            continue
         applied = len(report.rewrites) - _left_out(rewritten[1])
         # (kept while it applies more: a build cut finer can leave fewer out by merging less)
         if applied < current_applied or (applied == current_applied and

@@ -806,6 +806,30 @@ def test_a_lora_on_a_bias_free_conv_before_a_norm_of_a_checkpointed_model_merges
         assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
 
 
+
+def test_regions_kept_finer_over_several_confined_builds_give_back_the_architecture(tmp_path):
+    # Whisper's encoder (saved by parameter names): its norms fold into q/k/v and fc1 across
+    # modules, which no swap keeps the names of; the first confined build still leaves some out,
+    # the next keeps them finer (before: the whole-model GraphModule came back, no save_pretrained)
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                        num_mel_bins=8, max_source_positions=16)
+    model = _random_affines(WhisperEncoder(config))
+    x = torch.randn(2, 8, 32)
+    fused = repc.compile(model, (x,))
+    report = fused.repc_report
+    assert type(fused) is WhisperEncoder and report.output == "module-preserving" and report.rewrites, report
+    fused.save_pretrained(tmp_path)
+    reloaded, info = WhisperEncoder.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        want = model(x).last_hidden_state
+        assert _same(fused(x).last_hidden_state, want) and _same(reloaded.eval()(x).last_hidden_state, want)
+
+
 # ----------------------------------------------------------------------------- outputs matched by structure
 
 def test_a_module_output_matched_by_structure_is_taken_only_where_it_is_the_one_value_out_and_recomputes_the_call():
