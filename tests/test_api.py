@@ -57,6 +57,35 @@ def test_the_checks_calls_at_other_sizes_leave_the_models_attributes_as_they_wer
         assert torch.allclose(fused(x), AdaptsItsWindow.forward(model, x), atol=1e-5)
 
 
+
+class DrawsAMask(nn.Module):
+    """Like ViT-MAE without its ``noise`` input: draws at random in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, noise=None):
+        noise = torch.rand(x.shape[0], 1, x.shape[2], x.shape[3]) if noise is None else noise
+        return self.bn(self.conv(x)) * (noise > 0.5)
+
+
+def test_a_model_drawing_at_random_is_compared_from_the_same_random_state_and_the_callers_is_kept():
+    model = DrawsAMask()
+    randomize_bn(model.bn)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    state = torch.random.get_rng_state()
+    fused = repc.compile(model, x)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    report = fused.repc_report
+    assert report.verification.ok and not report.rolled_back and len(report.rewrites) == 1, report
+    noise = torch.rand(3, 1, 9, 9)
+    y = torch.randn(3, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(fused(y, noise), model(y, noise), atol=1e-5)
+
+
 def test_training_mode_is_refused_with_a_clear_message():
     model = example_net().train()
     with pytest.raises(repc.ReparamError, match=r"eval\(\)"):

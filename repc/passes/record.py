@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..graph_predicates import writes_in_place
-from ..verify.check import deviation
+from ..verify.check import deviation, seeded_call
 
 
 class ValueRecorder(ShapeProp):
@@ -63,7 +63,7 @@ def record_values(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Dict[f
     # real tensors, even when called from inside a dynamo backend (no ambient fake mode)
     with torch._guards.tracing(None), torch.no_grad():
         recorder = ValueRecorder(gm)
-        recorder.propagate(*example_inputs)
+        seeded_call(recorder.propagate, *example_inputs)  # (drawing at random as the checks' calls do)
     return recorder.values
 
 

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..verify.check import seeded_call
 from .provenance import _Refused
 
 
@@ -67,7 +68,7 @@ def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            seeded_call(model, *args, **kwargs)  # (drawing at random as the checks' calls do)
     finally:
         for h in hooks:
             h.remove()
@@ -85,7 +86,7 @@ def graph_values(gm: fx.GraphModule, flat_inputs) -> Dict[fx.Node, Any]:
             return out
 
     with torch.no_grad():
-        Recorder(gm).run(*flat_inputs, enable_io_processing=False)
+        seeded_call(Recorder(gm).run, *flat_inputs, enable_io_processing=False)
     return values
 
 

@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..values import holds_state
+from .check import seeded_call
 
 
 @dataclass
@@ -197,7 +198,7 @@ def observe(model: nn.Module, calls: List[Call]) -> Observation:
     model itself refuses are dropped."""
     if len(calls) == 1:
         with torch.no_grad():
-            calls[0].reference = model(*calls[0].args, **calls[0].kwargs)
+            calls[0].reference = seeded_call(model, *calls[0].args, **calls[0].kwargs)
         return Observation(calls)
     structures: List[Dict[str, List[Any]]] = []
     hooks = []
@@ -217,7 +218,7 @@ def observe(model: nn.Module, calls: List[Call]) -> Observation:
             for i, call in enumerate(calls):
                 current = {}
                 try:
-                    out = model(*call.args, **call.kwargs)
+                    out = seeded_call(model, *call.args, **call.kwargs)
                 except Exception:
                     if i == 0:
                         raise
