@@ -3,6 +3,7 @@ region swapped in at the module that computed it, verified like the whole-model 
 
 import copy
 import dataclasses
+from typing import Callable
 
 import pytest
 import torch
@@ -443,7 +444,6 @@ def test_branches_summed_in_the_models_own_forward_merge_by_default_and_the_resu
     assert sum(p.numel() for p in fused.parameters()) == 4 * 4 * 9 + 4
 
 
-
 @dataclasses.dataclass
 class BlockOutput:
     features: torch.Tensor
@@ -485,7 +485,6 @@ def test_a_models_own_forward_returning_an_output_class_merges_as_one_returning_
         reloaded = torch.load(tmp_path / "fused.pt", weights_only=False)
         assert type(reloaded(y)) is type(want) and _same(first(reloaded(y)), first(want))
         assert _same(first(copy.deepcopy(fused)(y)), first(want))
-
 
 
 class TokenAttention(nn.Module):
@@ -679,69 +678,55 @@ def test_module_paths_through_a_slice_of_a_container_are_the_items_own():
     assert _without_slices("blocks.slice(-2, None, None).0") == "blocks.slice(-2, None, None).0"  # (length unknown)
 
 
-def test_a_bn_folded_into_a_bias_free_conv_of_a_checkpointed_model_reloads_to_the_fused_outputs(tmp_path):
-    # a model saved by parameter names: the conv keeps no bias (its architecture has none), the
-    # BatchNorm stays with identity statistics and carries the shift, so from_pretrained gives it back
+def _saved_by_names(name: str, layers: Callable[[nn.Module], None], forward: Callable) -> type:
+    """A transformers model class (saved by parameter names, like every ``PreTrainedModel``) whose
+    ``__init__`` makes the layers ``layers`` sets on it, with ``forward``."""
     transformers = pytest.importorskip("transformers")
+    config_class = type(f"{name}Config", (transformers.PretrainedConfig,), {"model_type": f"repc-{name.lower()}"})
 
-    class TinyConfig(transformers.PretrainedConfig):
-        model_type = "repc-tiny-conv"
+    def __init__(self, config=None):
+        transformers.PreTrainedModel.__init__(self, config if config is not None else config_class())
+        layers(self)
+        self.post_init()
+    return type(name, (transformers.PreTrainedModel,), {"config_class": config_class, "__init__": __init__,
+                                                        "forward": forward})
 
-    class TinyConv(transformers.PreTrainedModel):
-        config_class = TinyConfig
 
-        def __init__(self, config):
-            super().__init__(config)
-            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-            self.act, self.head = nn.ReLU(), nn.Conv2d(8, 4, 1)
-            self.post_init()
-
-        def forward(self, pixel_values):
-            return self.head(self.act(self.bn(self.conv(pixel_values))))
-
-    model = _random_affines(TinyConv(TinyConfig()))
-    x = torch.randn(2, 3, 8, 8)
-    fused = repc.compile(model, (x,))
-    assert type(fused) is TinyConv and fused.conv.bias is None and isinstance(fused.bn, nn.BatchNorm2d)
+def _reloads_to_the_model(fused: nn.Module, model: nn.Module, tmp_path, y: torch.Tensor) -> None:
+    """``fused`` saved with ``save_pretrained`` reloads, every key in place, to ``model``'s function."""
     fused.save_pretrained(tmp_path)
-    reloaded, info = TinyConv.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    y = torch.randn(3, 3, 9, 7)
+    reloaded, info = type(fused).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
         assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
 
+
+def test_a_bn_folded_into_a_bias_free_conv_of_a_checkpointed_model_reloads_to_the_fused_outputs(tmp_path):
+    # a model saved by parameter names: the conv keeps no bias (its architecture has none), the
+    # BatchNorm stays with identity statistics and carries the shift, so from_pretrained gives it back
+    def layers(m):
+        m.conv, m.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        m.act, m.head = nn.ReLU(), nn.Conv2d(8, 4, 1)
+
+    TinyConv = _saved_by_names("TinyConv", layers, lambda m, pixel_values: m.head(m.act(m.bn(m.conv(pixel_values)))))
+    model = _random_affines(TinyConv())
+    fused = repc.compile(model, (torch.randn(2, 3, 8, 8),))
+    assert type(fused) is TinyConv and fused.conv.bias is None and isinstance(fused.bn, nn.BatchNorm2d)
+    _reloads_to_the_model(fused, model, tmp_path, torch.randn(3, 3, 9, 7))
 
 
 def test_a_norm_before_a_bias_free_linear_of_a_checkpointed_model_keeps_its_shift_and_reloads(tmp_path):
     # Swin's patch merging: a LayerNorm read only by a linear without bias.  Folding the norm
     # gives the linear a bias the architecture lacks (from_pretrained drops it as unexpected and
     # reloads another function): in a model saved by parameter names, that fold is refused
-    transformers = pytest.importorskip("transformers")
+    def layers(m):
+        m.norm, m.reduction = nn.LayerNorm(16), nn.Linear(16, 8, bias=False)
 
-    class TinyConfig(transformers.PretrainedConfig):
-        model_type = "repc-tiny-merge"
-
-    class TinyMerge(transformers.PreTrainedModel):
-        config_class = TinyConfig
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.norm, self.reduction = nn.LayerNorm(16), nn.Linear(16, 8, bias=False)
-            self.post_init()
-
-        def forward(self, x):
-            return self.reduction(self.norm(x))
-
-    model = _random_affines(TinyMerge(TinyConfig()))
+    TinyMerge = _saved_by_names("TinyMerge", layers, lambda m, x: m.reduction(m.norm(x)))
+    model = _random_affines(TinyMerge())
     fused = repc.compile(model, (torch.randn(2, 5, 16),))
     assert type(fused) is TinyMerge and fused.state_dict().keys() == model.state_dict().keys()
-    fused.save_pretrained(tmp_path)
-    reloaded, info = TinyMerge.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    y = torch.randn(3, 7, 16)
-    with torch.no_grad():
-        assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
-
+    _reloads_to_the_model(fused, model, tmp_path, torch.randn(3, 7, 16))
 
 
 class ChunkedGateUp(nn.Module):
@@ -770,41 +755,23 @@ def test_a_lora_layer_whose_output_is_read_in_chunks_is_swapped_for_its_merged_l
         assert _same(fused(y), model(y))
 
 
-
 def test_a_lora_on_a_bias_free_conv_before_a_norm_of_a_checkpointed_model_merges_and_reloads(tmp_path):
     # LoRA on HF ResNet's convolutions: the merged conv comes back without the (zero) bias its
     # architecture lacks, so the swap keeps the checkpoint's names (before: the PEFT model unchanged)
-    transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
 
-    class TinyConfig(transformers.PretrainedConfig):
-        model_type = "repc-tiny-lora-conv"
+    def layers(m):
+        m.convolution = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        m.normalization, m.head = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
 
-    class TinyConvNet(transformers.PreTrainedModel):
-        config_class = TinyConfig
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.convolution = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
-            self.normalization, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
-            self.post_init()
-
-        def forward(self, pixel_values):
-            return self.head(torch.relu(self.normalization(self.convolution(pixel_values))))
-
-    model = peft.get_peft_model(_random_affines(TinyConvNet(TinyConfig())),
+    TinyConvNet = _saved_by_names("TinyConvNet", layers, lambda m, pixel_values: m.head(torch.relu(
+        m.normalization(m.convolution(pixel_values)))))
+    model = peft.get_peft_model(_random_affines(TinyConvNet()),
                                 peft.LoraConfig(r=2, init_lora_weights=False, target_modules=["convolution"])).eval()
-    x = torch.randn(2, 3, 16, 16)
-    fused = repc.compile(model, (x,))
+    fused = repc.compile(model, (torch.randn(2, 3, 16, 16),))
     assert type(fused) is TinyConvNet and type(fused.convolution) is nn.Conv2d, fused.repc_report.output_note
     assert fused.convolution.bias is None
-    fused.save_pretrained(tmp_path)
-    reloaded, info = TinyConvNet.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    y = torch.randn(3, 3, 18, 14)
-    with torch.no_grad():
-        assert _same(reloaded.eval()(y), model(y)) and _same(fused(y), model(y))
-
+    _reloads_to_the_model(fused, model, tmp_path, torch.randn(3, 3, 18, 14))
 
 
 def test_regions_kept_finer_over_several_confined_builds_give_back_the_architecture(tmp_path):
