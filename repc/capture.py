@@ -83,6 +83,7 @@ class Tracer(fx.Tracer):
         super().__init__()
         self.example_arguments = example_arguments
         self._example_values: Dict[fx.Node, Any] = {}
+        self._modules_by_path: Optional[Dict[str, nn.Module]] = None  # (of the root, once it is traced)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AssignableProxy(node, self)
@@ -123,7 +124,9 @@ class Tracer(fx.Tracer):
         return not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr")
 
     def _example_value(self, target: fx.Node):
-        modules = dict(self.root.named_modules())
+        if self._modules_by_path is None:
+            self._modules_by_path = dict(self.root.named_modules())
+        modules = self._modules_by_path
         interpreter = fx.Interpreter(self.root, graph=self.graph)
         interpreter.env = self._example_values
         # the model's modules run for real here, not through the tracer's patched Module.__call__
@@ -234,7 +237,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> Non
         ShapeProp(gm).propagate(*example_inputs)
 
 
-def record_submodule_inputs(model: nn.Module, example_inputs: Tuple[Any, ...]) -> Dict[str, Optional[Tuple[Any, ...]]]:
+def record_submodule_inputs(model: nn.Module, example_inputs: Tuple[Any, ...]
+                            ) -> Dict[str, Optional[Tuple[Any, ...]]]:
     """The positional inputs each submodule received first when ``model`` ran on the example;
     None for one first called with keyword arguments (a part traced alone takes positional ones)."""
     seen: Dict[str, Optional[Tuple[Any, ...]]] = {}
@@ -244,8 +248,10 @@ def record_submodule_inputs(model: nn.Module, example_inputs: Tuple[Any, ...]) -
             continue
 
         def hook(m, args, kwargs, name=name):
-            if name not in seen:
-                seen[name] = None if kwargs else tuple(args)
+            if kwargs:
+                seen.setdefault(name, None)
+            elif seen.get(name) is None:
+                seen[name] = tuple(args)
         hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():

@@ -207,7 +207,8 @@ class Preserver:
             # functional block passes to F.conv2d itself, merged into one conv)
             if not any(_within(tensor, u) for u in used):
                 delattr(self.copy, tensor)
-        object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph, gm.meta["output_spec"]))  # (the class keeps its own)
+        # (an instance attribute: the class keeps its own forward)
+        object.__setattr__(self.copy, "forward", GraphForward(self.copy, gm.graph, gm.meta["output_spec"]))
         becomes = "forward: " + becomes.replace("GraphModule", "its graph", 1)
         return ModuleSwap("<model>", _class_name(self.copy), becomes, self._rewrites_in(""))
 

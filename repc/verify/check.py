@@ -310,7 +310,7 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
       counting the flat leaves of the inputs, in order; a size above the largest an exported
       graph holds for), random values with that axis, and those tied to it, at ``size`` (at the
       smaller batch where one was accepted), where the model accepts it: a branch on a size
-      that the example is at the top of is taken only above it, and the sizes above are small.
+      that the example is at the top of is taken only above it.
 
     The channels of a map (axis 1 of an input with four or more axes) are not varied: every
     merged conv fixes them, as the model's own convs do, and a model of pools and sums only
