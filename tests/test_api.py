@@ -30,7 +30,6 @@ def test_input_model_is_untouched(graph):
     assert not {t.untyped_storage().data_ptr() for t in ours} & {t.untyped_storage().data_ptr() for t in theirs}
 
 
-
 class AdaptsItsWindow(nn.Module):
     """Like transformers' Swin: a forward that lowers an attribute to a small input's size and
     keeps it."""
@@ -55,7 +54,6 @@ def test_the_checks_calls_at_other_sizes_leave_the_models_attributes_as_they_wer
     assert model.window == 12 and fused.window == 12
     with torch.no_grad():
         assert torch.allclose(fused(x), AdaptsItsWindow.forward(model, x), atol=1e-5)
-
 
 
 class DrawsAMask(nn.Module):

@@ -138,7 +138,6 @@ def test_unpacking_a_shape_never_runs_a_write_into_the_models_buffers():
     assert torch.equal(model.seen, torch.zeros(4))
 
 
-
 class GatedAfterAnInPlaceAct(nn.Module):
     """RepMLP's global perceptron: an in-place ReLU on a computed value, then a shape unpacked."""
 
@@ -247,7 +246,6 @@ def test_a_part_fused_on_its_own_keeps_the_attributes_its_caller_reads():
     assert report.front_end == "fx (in parts)" and len(report.rewrites) == 1 and not report.rolled_back, report
     assert isinstance(fused.attn, fx.GraphModule) and fused.attn.resolution == 7
     assert torch.allclose(fused(x), model(x), atol=1e-5)
-
 
 
 class EncoderWithFlags(nn.Module):

@@ -147,7 +147,6 @@ def test_a_size_dependent_branch_falls_back_to_fx_and_says_why():
     assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
 
 
-
 class BranchAboveASize(nn.Module):
     """A branch taken only above the example's width: export's graph holds up to it."""
 

@@ -126,7 +126,6 @@ def test_an_inplace_write_into_an_input_through_an_identity_name_stays_in_place(
     assert gm.act.inplace
 
 
-
 class CastThenAddInPlace(nn.Module):
     """PEFT's LoRA ends with ``result.to(dtype)``; Falcon's caller adds into it in place."""
 
@@ -235,7 +234,6 @@ def test_without_a_map_to_fold_into_the_scale_moves_only_onto_a_smaller_operand(
     module = ScaledScores(maps=False)
     gm, count = scale_pass(module, long)
     assert count == 1 and torch.allclose(gm(long), module(long), atol=1e-6)
-
 
 
 class FusedQKVScores(nn.Module):
