@@ -165,7 +165,7 @@ def compose(first: AffineOp, second: AffineOp) -> AffineOp:
             return constant_like(first, second)
         if isinstance(first, Conv):
             s, t = second.channel_vectors(1)
-            return scale_conv_outputs(first, s, t)
+            return scale_conv_outputs(first, s, t if second.shift is not None else None)
         if isinstance(first, Linear):
             return scale_linear_outputs(first, second)
     if isinstance(first, Conv) and isinstance(second, Conv):
@@ -199,12 +199,17 @@ def compose_elementwise(first: Elementwise, second: Elementwise) -> Elementwise:
     return Elementwise(scale, shift, second.shape)
 
 
-def scale_conv_outputs(conv: Conv, scale: Tensor, shift: Tensor) -> Conv:
-    """Per-output-channel ``conv(x) * s + t``: ``W'[o] = s[o] W[o]``, ``b' = s b + t``."""
+def scale_conv_outputs(conv: Conv, scale: Tensor, shift: Optional[Tensor]) -> Conv:
+    """Per-output-channel ``conv(x) * s + t``: ``W'[o] = s[o] W[o]``, ``b' = s b + t``; no bias
+    where neither the conv nor the map has one (``t`` None: a LoRA's scaling of a bias-free conv),
+    as ``scale_linear_outputs`` gives none."""
     if scale.numel() != conv.out_channels:
         raise NotMergeable(MergeKind.SHAPES_DIFFER, "per-channel scale does not match the conv's output channels")
     w = conv.weight * scale.reshape((-1,) + (1,) * (len(conv.weight_shape) - 1))
-    b = shift if conv.bias is None else conv.bias * scale + shift
+    if shift is None:
+        b = None if conv.bias is None else conv.bias * scale
+    else:
+        b = shift if conv.bias is None else conv.bias * scale + shift
     return conv.replace(weight=w, bias=b)
 
 

@@ -82,6 +82,18 @@ def test_batchnorm_affine_matches_eval_batch_norm(affine):
     assert scale.dtype == shift.dtype == F64
 
 
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_scale_without_shift_after_a_conv_gives_a_bias_only_where_the_conv_has_one(bias):
+    # (a LoRA's scaling of a bias-free conv: the merged conv has no bias, as the architecture's)
+    conv = Conv(rnd(4, 3, 3, 3, seed=1), rnd(4, seed=2) if bias else None, (1, 1), ((1, 1), (1, 1)), (1, 1))
+    scale = per_channel((2, 4, 5, 5), shift=False)
+    merged = algebra.compose(conv, scale)
+    assert (merged.bias is not None) == bias
+    x = rnd(2, 3, 5, 5, seed=3)
+    close(run(merged, x), run(scale, run(conv, x)))
+
+
 def test_batchnorm_affine_computes_in_float64():
     mean = torch.tensor([1e4], dtype=torch.float32)
     var = torch.tensor([1e-6], dtype=torch.float32)

@@ -164,8 +164,6 @@ class Preserver:
         if not nodes:
             raise _Refused("none of its ops are in the graph")
         replacement, becomes = self._subgraph(path, module, call, nodes)
-        if self.checkpointed:
-            _drop_zero_bias(replacement, module)
         if self.checkpointed and (isinstance(replacement, (fx.GraphModule, nn.Sequential)) or
                                   saved_names(replacement) != saved_names(module)):
             raise _Refused(_RENAMES)  # (a conv in place of a conv-norm-activation block: its weights renamed)
@@ -683,16 +681,6 @@ def _same_content(a, b) -> bool:
         return False
     mine, theirs = a.state_dict(), b.state_dict()
     return mine.keys() == theirs.keys() and all(_same_content(mine[k], theirs[k]) for k in mine)
-
-
-def _drop_zero_bias(replacement: nn.Module, module: nn.Module) -> None:
-    """A merged layer's bias that is zero in every entry, where the layer it replaces has none
-    (a LoRA merge whose terms carry a zero shift): dropped, as the architecture saves no bias."""
-    bias = getattr(replacement, "bias", None)
-    if isinstance(bias, torch.Tensor) and isinstance(replacement, (nn.Linear, nn.modules.conv._ConvNd)) and \
-            "bias" in saved_names(replacement) and "bias" not in saved_names(module) and \
-            not bool(torch.count_nonzero(bias)):
-        replacement.register_parameter("bias", None)
 
 
 def _install(root: nn.Module, target: str, value) -> None:
