@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from .capture import CaptureError, split_untraceable, trace
+from .capture import CaptureError, python_state_kept, split_untraceable, trace
 from .capture_export import GUARD_WORDS, export_graph, register_output_dataclasses
 from .graph_predicates import short_error as _short
 from .latency import latency_model
@@ -30,8 +30,8 @@ from .reasons import MergeRule, RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
 from .verify.calls import canonical_calls, observe
-from .verify.check import (attributes_kept, compare, compare_calls, deviation, output_dtype,
-                           tolerance as dtype_tolerance, variants_with_references)
+from .verify.check import (compare, compare_calls, deviation, output_dtype, tolerance as dtype_tolerance,
+                           variants_with_references)
 
 
 class ReparamError(ValueError):
@@ -177,7 +177,7 @@ class Compilation:
         # left out, other sizes): the references of the check, and the modules whose forward stays
         # the model's code (called otherwise there, or given a cache they update), which no region spans
         try:
-            with attributes_kept(model):  # (the calls at other sizes leave the model as it was)
+            with python_state_kept(model):  # (the calls at other sizes leave the model as it was)
                 self.observed = observe(model, canonical_calls(model, example_inputs, kwargs))
         except Exception as why:
             raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
@@ -206,7 +206,7 @@ class Compilation:
         self.variants = None
         if in_place and verify:  # the original's outputs on the check's inputs, before the compile writes into it
             skipped: list = []
-            with attributes_kept(model):
+            with python_state_kept(model):
                 self.variants = (variants_with_references(self.as_flat(model), self.check_inputs, self.held,
                                                           skipped), skipped)
 
@@ -242,7 +242,8 @@ class Compilation:
         """``fused`` against the model: the example (whose reference was computed when the model
         was observed), random inputs of other sizes, then the calls users make."""
         model, in_place = self.model, self.in_place
-        with attributes_kept(model, fused):  # (the calls at other sizes leave both as they were)
+        # (the calls at other sizes leave both as they were: Swin keeps a window size lowered on a small input)
+        with python_state_kept(model), python_state_kept(fused):
             result = compare(self.as_flat(fused), None if in_place else self.as_flat(reference), self.check_inputs,
                              self.tolerance, self.held, expected=self.expected if reference is model else None,
                              variants=self.variants, beyond=self.beyond_largest_sizes())

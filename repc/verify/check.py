@@ -427,34 +427,6 @@ def _plain_containers(value: Any) -> Any:
     return value  # other containers (named tuples, OrderedDict subclasses) are compared as they are
 
 
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _plain(value: Any) -> bool:
-    return isinstance(value, _PLAIN) or isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
-
-
-@contextlib.contextmanager
-def attributes_kept(*models: torch.nn.Module):
-    """Run the block, then give every module of ``models`` back the plain attributes (numbers,
-    flags, strings, tuples and lists of them) it had before: a forward that adapts an attribute to
-    its input's size and keeps it (transformers' Swin lowers its window size on a small image)
-    is left as it was by the checks' calls at other sizes."""
-    before = [(module, {k: (list(v) if isinstance(v, list) else v) for k, v in vars(module).items() if _plain(v)})
-              for model in models for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, attributes in before:
-            for name, value in attributes.items():
-                now = vars(module).get(name, _MISSING)
-                if now is _MISSING or type(now) is not type(value) or now != value:
-                    object.__setattr__(module, name, value)
-
-
-_MISSING = object()
-
-
 CALL_SEED = 0  # the random state every compared call starts from
 
 
