@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph_predicates import may_alias, short_error, writes_in_place
+from .graph_predicates import alias_base, may_alias, short_error, writes_in_place
 
 
 class CaptureError(Exception):
@@ -117,11 +117,10 @@ class Tracer(fx.Tracer):
     @staticmethod
     def _writes_into_given(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
         """The tensor ``node`` writes into is an input or one of the model's (or a view of one)."""
-        base = node.args[0] if node.args else None
-        while isinstance(base, fx.Node) and may_alias(base, modules) and base.args and \
-                isinstance(base.args[0], fx.Node):
-            base = base.args[0]
-        return not isinstance(base, fx.Node) or base.op in ("placeholder", "get_attr")
+        written = node.args[0] if node.args else None
+        if not isinstance(written, fx.Node):
+            return True
+        return alias_base(written, lambda n: may_alias(n, modules)).op in ("placeholder", "get_attr")
 
     def _example_value(self, target: fx.Node):
         if self._modules_by_path is None:

@@ -155,6 +155,14 @@ def may_alias(node: fx.Node, modules: Optional[Dict[str, nn.Module]] = None) -> 
     return name in VIEW_NAMES or name in SAME_TENSOR_NAMES
 
 
+def alias_base(node: fx.Node, aliasing: Callable[[fx.Node], bool]) -> fx.Node:
+    """The value ``node`` is a view or another name of: its first argument followed while
+    ``aliasing`` (:func:`may_alias`, or a caller's narrower test) says so."""
+    while aliasing(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def call_target(node: fx.Node):
     """The target of a function or method call (a callable, or a method's name); None for other nodes."""
     return node.target if node.op in ("call_function", "call_method") else None

@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph_predicates import IDENTITY_MODULES, in_place_kind, inplace_position, may_alias, out_of_place_target, \
-    target_name
+from ..graph_predicates import (IDENTITY_MODULES, alias_base, in_place_kind, inplace_position, may_alias,
+                                out_of_place_target, target_name)
 
 
 VIEW_MUTATED = "repc_view_mutated"  # node.meta key: this value is mutated in place through an alias
@@ -108,10 +108,7 @@ def _whole_aliases(aliases: List[fx.Node], modules) -> bool:
 
 def _aliases(node: fx.Node, aliasing: Callable[[fx.Node], bool]) -> List[fx.Node]:
     """``node``, the value it is a view of, and every view taken of those."""
-    base = node
-    while aliasing(base) and base.args and isinstance(base.args[0], fx.Node):
-        base = base.args[0]
-    out, todo = [], [base]
+    out, todo = [], [alias_base(node, aliasing)]
     while todo:
         n = todo.pop()
         out.append(n)
