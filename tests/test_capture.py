@@ -283,9 +283,10 @@ def test_the_blocks_of_a_module_called_with_keywords_are_compiled_in_parts():
             randomize_bn(m)
     model.eval()
     x = torch.randn(2, 4, 8, 8)
-    fused = repc.compile(model, (x,), front_end="fx", graph=True)
+    fused = repc.compile(model, (x,), front_end="fx")
     report = fused.repc_report
     assert len(report.rewrites) == 2, report  # (each block's conv and BN; before: the encoder was skipped whole)
+    assert type(fused) is UntraceableTop and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert any(s.path == "encoder" and "keyword" in s.reason for s in report.skipped), report.skipped
     with torch.no_grad():
         assert torch.allclose(fused(x), model(x), atol=1e-5)

@@ -501,15 +501,21 @@ class TokenLayouts(nn.Module):
         return F.linear(out, self.a.weight, self.a.bias), out.transpose(-1, -2), self.head(x.transpose(0, 1))
 
 
-def test_token_layout_changes_move_below_linear_maps_scales_and_same_layout_sums():
+def _layouts_sunk(model: nn.Module, x: torch.Tensor):
+    """``model`` traced, its metadata reads detached, then ``sink_token_layouts`` run on it: (the
+    graph, how many ops it moved layouts past)."""
     from repc.passes.metadata_reads import detach_metadata_reads
     from repc.passes.token_layouts import sink_token_layouts
 
-    model = TokenLayouts().eval()
-    x = torch.randn(2, 5, 6)
     gm = fx.symbolic_trace(copy.deepcopy(model))
     detach_metadata_reads(gm, record_values(gm, (x,)))
-    assert sink_token_layouts(gm, record_values(gm, (x,))) >= 5
+    return gm, sink_token_layouts(gm, record_values(gm, (x,)))
+
+
+def test_token_layout_changes_move_below_linear_maps_scales_and_same_layout_sums():
+    model = TokenLayouts().eval()
+    gm, moved = _layouts_sunk(model, torch.randn(2, 5, 6))
+    assert moved >= 5
     def name(n):
         return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
 
@@ -563,14 +569,9 @@ class ViewAfterATransposedLinear(nn.Module):
 
 
 def test_a_view_of_a_value_whose_layout_moved_below_its_linear_becomes_a_reshape():
-    from repc.passes.metadata_reads import detach_metadata_reads
-    from repc.passes.token_layouts import sink_token_layouts
-
     model = ViewAfterATransposedLinear().eval()
-    x = torch.randn(2, 5, 8)
-    gm = fx.symbolic_trace(copy.deepcopy(model))
-    detach_metadata_reads(gm, record_values(gm, (x,)))
-    assert sink_token_layouts(gm, record_values(gm, (x,))) >= 1
+    gm, moved = _layouts_sunk(model, torch.randn(2, 5, 8))
+    assert moved >= 1
     gm.recompile()
     # (the transpose now follows the linear: its value has strides no view of it takes)
     assert not any(n.op == "call_method" and n.target == "view" for n in gm.graph.nodes), gm.code
