@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import gc
@@ -24,8 +25,8 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import (PreserveError, Provenance, base_of_peft, is_peft, is_peft_layer, own_copies, preserve,
-                       record_calls, snapshot, varying_scopes)
+from .preserve import (PreserveError, Provenance, base_of_peft, calls_recorded, is_peft, is_peft_layer, own_copies,
+                       preserve, snapshot, varying_scopes)
 from .reasons import MergeRule, RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
@@ -176,9 +177,13 @@ class Compilation:
         # the model run on the example and the calls users make (masks all ones or padded, inputs
         # left out, other sizes): the references of the check, and the modules whose forward stays
         # the model's code (called otherwise there, or given a cache they update), which no region spans
+        # each module's call on the example, recorded on that run, for placement (the whole-model
+        # graph asked for places nothing); before the compile writes into the model (in_place)
+        self.recorded = {} if not graph else None
+        record = (lambda: calls_recorded(model, self.recorded)) if not graph else contextlib.nullcontext
         try:
             with python_state_kept(model):  # (the calls at other sizes leave the model as it was)
-                self.observed = observe(model, canonical_calls(model, example_inputs, kwargs))
+                self.observed = observe(model, canonical_calls(model, example_inputs, kwargs), around_example=record)
         except Exception as why:
             raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
         self.expected = self.observed.calls[0].reference
@@ -195,10 +200,8 @@ class Compilation:
                                front_end=front_end, specialize=specialize, cost_model=_cost_model(cost, model),
                                captures={}, varying={} if graph else self.observed.varying)
         self.varying = self.observed.varying
-        self.recorded = None
-        if in_place:  # (what placement and the checks read off the model, taken before anything is written)
+        if in_place:  # (what the checks read off the model, taken before anything is written)
             self.build_args["write_into"] = _writable_storages(model)
-            self.recorded = record_calls(model, example_inputs, kwargs)
         self.check_inputs, self.as_flat = _flat_calling(example_inputs, kwargs)
         # the inputs held as given: the specialized positions, or among flat leaves the non-tensors
         self.held = self.fixed if not kwargs else \
@@ -223,13 +226,13 @@ class Compilation:
         model, in_place = self.model, self.in_place
         with self.phases.step("write back into the model's modules"):
             written = _write_back(fused, model, report, reference, self.example_inputs, self.kwargs,
-                                  self.phases.enabled, varying=self.varying, recorded=self.recorded)
+                                  self.phases.enabled, varying=self.varying, recorded=self.recorded, in_place=in_place)
         with self.phases.step("capture and fuse"):  # (the write-back of the rebuild counts here)
             # (not once the model was written into: a rebuild would read merged weights)
             confined = None if in_place else \
                 _confined_copy(written, lambda scopes: self.build(**build_args, confine=scopes), model,
                                self.example_inputs, self.kwargs, self.phases.enabled, self.varying,
-                               first_applied=_applied(written, report))
+                               first_applied=_applied(written, report), recorded=self.recorded)
         candidates = []
         if confined is not None:
             copy_, swaps, confined_report, confined_reference = confined
@@ -305,7 +308,7 @@ class Compilation:
                     fused, self.model, report, reference, self.graph, self.example_inputs, self.kwargs,
                     self.expected, self.tolerance, self.phases.enabled,
                     rebuild=None if self.in_place else lambda scopes: self.build(synthesize=True, confine=scopes),
-                    varying=self.varying, recorded=self.recorded)
+                    varying=self.varying, recorded=self.recorded, in_place=self.in_place)
             return self.finish(fused, report)
         fused, report, reference, result = self.verified_build({})
         if not result.ok and report.front_end == "torch.export" and GUARD_WORDS in (result.error or "") \
@@ -415,14 +418,15 @@ def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
 
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,
                 progress: bool = False, modules_only: bool = False, varying: Optional[Dict[str, str]] = None,
-                recorded=None):
+                recorded=None, in_place: bool = False):
     """The module-preserving copy of the model with ``fused``'s regions swapped in, not yet
     verified, its swaps, and the module scopes of the regions no swap applied (for a build
     confined to them: :meth:`Provenance.module_scopes`; empty where all applied); None (and the reason in
     ``report.output_note``) where it does not apply.  Names each rewrite's module in the report
     either way (``modules_only``: only that).  ``varying``: the modules whose forward stays the
     model's code (:func:`repc.verify.calls.observe`), which are not replaced.  ``recorded``: the
-    model's module calls recorded before the compile wrote into it (``in_place``)."""
+    model's module calls on the example, recorded when it was observed (before the compile
+    wrote into it, ``in_place``: the copy then shares the model's tensors)."""
     source = fused.meta.pop("repc_source", None) if isinstance(fused, fx.GraphModule) else None
     report.output = "graph" if isinstance(fused, fx.GraphModule) else "module-preserving"
     provenance, unplaced = None, "no captured graph to write back"
@@ -445,7 +449,8 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
         return None
     try:
         preserved, swaps = preserve(model, fused, args=args, kwargs=kwargs, rewrites=report.rewrites,
-                                    progress=progress, varying=varying, recorded=recorded, provenance=provenance,
+                                    progress=progress, varying=varying, recorded=recorded, in_place=in_place,
+                                    provenance=provenance,
                                     **source)
     except PreserveError as why:
         report.output_note = str(why)
@@ -476,7 +481,7 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
 
 
 def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: bool, varying=None,
-                   rounds: int = 3, first_applied: int = 0):
+                   rounds: int = 3, first_applied: int = 0, recorded=None):
     """Where the written-back copy (``_write_back``'s result) left regions out that span modules
     no swap expresses: the model built again by ``rebuild(scopes)`` with those regions kept
     inside modules, written back, as (copy, swaps, its report, its reference) when it applies
@@ -491,7 +496,8 @@ def _confined_copy(written, rebuild, model: nn.Module, args, kwargs, progress: b
             break
         scopes = {**scopes, **current[2]}  # (a later round's scope of a node is the narrower one)
         fused, report, reference = rebuild(scopes)
-        rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, varying=varying)
+        rewritten = _write_back(fused, model, report, reference, args, kwargs, progress, varying=varying,
+                                recorded=recorded)
         if rewritten is None:
             break
         if rewritten[0] is None:  # (still no copy: the regions it left out are kept finer in the next round)
@@ -541,7 +547,8 @@ def _copy_failed(result) -> str:
 
 
 def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, reference, graph: bool, args, kwargs,
-                       expected, tolerance, progress: bool = False, rebuild=None, varying=None, recorded=None):
+                       expected, tolerance, progress: bool = False, rebuild=None, varying=None, recorded=None,
+                       in_place: bool = False):
     """With ``verify=False``: (the output, its report): the module-preserving copy where it
     applies and computes the graph's output on the example (built again by ``rebuild(scopes)``
     with regions kept inside modules where some spanned modules no swap expresses), else
@@ -553,11 +560,12 @@ def _module_preserving(fused: nn.Module, model: nn.Module, report: Report, refer
         return dev if dev > (tolerance or dtype_tolerance(output_dtype(expected))) else None
 
     written = _write_back(fused, model, report, reference, args, kwargs, progress, modules_only=graph, varying=varying,
-                          recorded=recorded)
+                          recorded=recorded, in_place=in_place)
     if written is None:
         return fused, report
     confined = _confined_copy(written, rebuild, model, args, kwargs, progress, varying,
-                              first_applied=_applied(written, report)) if rebuild is not None else None
+                              first_applied=_applied(written, report), recorded=recorded) \
+        if rebuild is not None else None
     if confined is not None and deviates(confined[0]) is None:
         _accept_copy(confined[2], confined[1], confined=True)
         return confined[0], confined[2]

@@ -904,3 +904,44 @@ def test_a_wrapper_is_replaced_by_the_layer_it_calls_only_where_that_layer_alone
     assert (type(model[0]) is nn.Linear) == unwrapped and len(swaps) == int(unwrapped)
     with torch.no_grad():
         assert torch.equal(model(x), want)
+
+
+def test_placement_reads_the_module_calls_recorded_when_the_model_was_observed(monkeypatch):
+    # the model runs once on the example for the check's reference and for placement: placement,
+    # over the several confined builds of Whisper's encoder too, never runs it again
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    from repc.preserve import planning
+
+    def no_second_run(*args, **kwargs):
+        raise AssertionError("placement ran the model on the example again")
+
+    monkeypatch.setattr(planning, "record_calls", no_second_run)
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                        num_mel_bins=8, max_source_positions=16)
+    x = torch.randn(2, 8, 32)
+    for model in (_random_affines(BranchesInTheModelsForward()), _random_affines(WhisperEncoder(config))):
+        example = (torch.randn(2, 4, 8, 8),) if isinstance(model, BranchesInTheModelsForward) else (x,)
+        fused = repc.compile(model, example)
+        assert type(fused) is type(model) and fused.repc_report.output == "module-preserving", fused.repc_report
+        assert fused.repc_report.rewrites and fused.repc_report.verification.ok
+
+
+def test_a_recorded_call_runs_a_module_on_copies_of_its_arguments():
+    # the records serve every write-back of a compile: a module that writes its argument in place
+    # (an activation written in place, run to match a module's output) must not change them
+    from repc.preserve.observation import calls_recorded
+
+    class WritesItsInput(nn.Module):
+        def forward(self, x):
+            return x.mul_(2)
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU()).eval()
+    with calls_recorded(model) as calls, torch.no_grad():
+        model(torch.randn(2, 3))
+    before = calls["1"].args[0].clone()
+    with torch.no_grad():
+        assert torch.equal(calls["1"].run(WritesItsInput()), before * 2)
+    assert torch.equal(calls["1"].args[0], before)

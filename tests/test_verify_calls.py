@@ -106,3 +106,19 @@ def test_a_mask_pattern_equal_to_the_example_is_not_run_again():
     names = [c.name for c in canonical_calls(MaskedTokenModel(), (), example)]
     assert "all-ones mask" not in names  # (the example is that call)
     assert {"example", "right-padded mask", "left-padded mask", "without attention_mask"} <= set(names)
+
+
+def test_the_examples_run_is_recorded_module_by_module_once_and_the_other_calls_are_not():
+    from repc.preserve import calls_recorded, record_calls
+    model = randomize(MaskedTokenModel())
+    example = masked_token_example(2, 6)
+    recorded: dict = {}
+    with torch.no_grad():
+        seen = observe(model, canonical_calls(model, (), example),
+                       around_example=lambda: calls_recorded(model, recorded))
+    assert len(seen.calls) > 1  # (other calls ran: none of them is in the record)
+    again = record_calls(model, (), example)  # (what placement recorded with a run of its own before)
+    assert recorded.keys() == again.keys() and all(recorded[p].count == again[p].count for p in again)
+    assert torch.equal(recorded[""].output, seen.calls[0].reference)
+    for path, call in again.items():
+        assert torch.equal(recorded[path].output, call.output), path

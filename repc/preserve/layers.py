@@ -190,7 +190,7 @@ def _same_called_alone(inner: nn.Module, call: "_Call") -> bool:
     base layer for the call, which then gives the adapted output inside it only)."""
     try:
         with torch.no_grad():
-            again = inner(*call.args, **call.kwargs)
+            again = call.run(inner)
     except Exception:
         return False
     return equal_values(again, call.output)

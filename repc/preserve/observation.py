@@ -4,10 +4,11 @@ the layer's own class where that computes the same (:func:`in_the_layers_own_cla
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -27,10 +28,30 @@ class _Call:
     output: Any
     count: int = 1
 
+    def run(self, module: Callable) -> Any:
+        """``module`` called on copies of the recorded arguments: the records share their copies
+        (a module's output is the next one's input) and serve every write-back of a compile, so
+        a module that writes its argument in place must not write them."""
+        args, kwargs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
+                                       (self.args, self.kwargs))
+        return module(*args, **kwargs)
+
 
 def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
     """Each submodule's first call on the example (its arguments and output) and how often it ran."""
-    calls: Dict[str, _Call] = {}
+    with calls_recorded(model) as calls, torch.no_grad():
+        seeded_call(model, *args, **kwargs)  # (drawing at random as the checks' calls do)
+    return calls
+
+
+@contextlib.contextmanager
+def calls_recorded(model: nn.Module, calls: Optional[Dict[str, _Call]] = None) -> Iterator[Dict[str, _Call]]:
+    """While inside, each submodule's first call (its arguments and output, copied) and how often
+    it ran are recorded into ``calls`` (a new dict where not given), which is yielded: what
+    :func:`record_calls` records, for a caller that runs the model on the example itself
+    (:func:`repc.verify.calls.observe`, whose run gives the check's reference too: the model is
+    not run once more to place the regions)."""
+    calls = {} if calls is None else calls
     given: Dict[str, Tuple[Any, Any]] = {}
     hooks = []
     copies: Dict[int, Tuple[Any, int, torch.Tensor]] = {}  # id -> (weak reference, version, its copy)
@@ -67,12 +88,11 @@ def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
         hooks.append(module.register_forward_pre_hook(before, with_kwargs=True))
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
-            seeded_call(model, *args, **kwargs)  # (drawing at random as the checks' calls do)
+        yield calls
     finally:
         for h in hooks:
             h.remove()
-    return calls
+        copies.clear()
 
 
 def graph_values(gm: fx.GraphModule, flat_inputs) -> Dict[fx.Node, Any]:
@@ -112,7 +132,7 @@ def _refuse_unless_same_call(replacement: nn.Module, call: "_Call") -> None:
     not value."""
     try:
         with torch.no_grad():
-            got = replacement(*call.args, **call.kwargs)
+            got = call.run(replacement)
     except Exception as why:
         raise _Refused(f"run on its recorded inputs, it fails ({type(why).__name__})") from None
     got_leaves, want_leaves = pytree.tree_leaves(got), pytree.tree_leaves(call.output)

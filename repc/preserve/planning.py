@@ -646,10 +646,8 @@ def _with_identity_affine(module: nn.Module, call: "_Call", want) -> Optional[nn
         candidate.weight.fill_(1.0)
         if getattr(candidate, "bias", None) is not None:
             candidate.bias.zero_()
-        args, kwargs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
-                                       (call.args, call.kwargs))  # (records share their copies: not written)
         try:
-            got = candidate(*args, **kwargs)
+            got = call.run(candidate)
         except Exception:
             return None
     return candidate if _close(got, want) else None
@@ -712,15 +710,17 @@ def _drop_unread(graph: fx.Graph) -> None:
 
 def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix: str = "",
              progress: bool = False, varying: Optional[Dict[str, str]] = None,
-             recorded: Optional[Dict[str, "_Call"]] = None, provenance: Optional[Provenance] = None):
+             recorded: Optional[Dict[str, "_Call"]] = None, in_place: bool = False,
+             provenance: Optional[Provenance] = None):
     """``model``'s copy with the fused regions swapped in, and the swaps (see the module docstring).
     ``source`` is the captured graph as the rewrites name it, ``captured`` the names of its nodes
     before repc's passes, ``flat_inputs`` what ``fused``'s placeholders take.  ``varying``: the
     modules whose forward stays the model's code (path -> why: called otherwise on the calls
     users make, or given a cache), which are not replaced.  ``recorded``: the model's module
-    calls on the example (:func:`record_calls`), recorded before the compile wrote merged
-    weights into the model's own tensors; the copy then shares every tensor with the model,
-    which the compile consumed.  ``provenance``: where ``source``'s nodes come from
+    calls on the example (:func:`record_calls`, :func:`calls_recorded`), where the caller
+    recorded them (recorded here otherwise); never written.  ``in_place``: the compile wrote
+    merged weights into the model's own tensors (the calls were recorded before): the copy
+    shares every tensor with the model, which the compile consumed.  ``provenance``: where ``source``'s nodes come from
     (:class:`Provenance`), where the caller has it."""
     preserver = Preserver(model, fused, source, captured, flat_inputs, args, kwargs, rewrites, prefix, progress,
                           varying, recorded, provenance)
@@ -731,7 +731,7 @@ def preserve(model, fused, source, captured, flat_inputs, args, kwargs, rewrites
     if base is not None or any(is_peft(m) for m in scope.modules() if id(m) in inside):
         # PEFT's wrappers that only call the copy they train: that copy, as merge_and_unload gives
         swaps = swaps + unwrap_delegating(preserved, preserver.calls, lambda m: is_peft(m) and id(m) in inside)
-    if recorded is None:
+    if not in_place:
         own_copies(preserved, model)  # (the parameters of the modules kept as written)
     return preserved, swaps
 

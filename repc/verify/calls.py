@@ -25,6 +25,7 @@ code there: its forward is never replaced by a traced graph (:mod:`repc.preserve
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -192,12 +193,13 @@ class Observation:
     varying: Dict[str, str] = field(default_factory=dict)
 
 
-def observe(model: nn.Module, calls: List[Call]) -> Observation:
+def observe(model: nn.Module, calls: List[Call], around_example=contextlib.nullcontext) -> Observation:
     """Run ``model`` on ``calls`` (the first is the example: the model failing on it raises; its
     module calls are recorded only where there are other calls to compare them with); calls the
-    model itself refuses are dropped."""
+    model itself refuses are dropped.  The example's call runs inside ``around_example()`` (a
+    context that records what that run does, for a caller that would otherwise run it again)."""
     if len(calls) == 1:
-        with torch.no_grad():
+        with torch.no_grad(), around_example():
             calls[0].reference = seeded_call(model, *calls[0].args, **calls[0].kwargs)
         return Observation(calls)
     structures: List[Dict[str, List[Any]]] = []
@@ -218,7 +220,8 @@ def observe(model: nn.Module, calls: List[Call]) -> Observation:
             for i, call in enumerate(calls):
                 current = {}
                 try:
-                    out = seeded_call(model, *call.args, **call.kwargs)
+                    with around_example() if i == 0 else contextlib.nullcontext():
+                        out = seeded_call(model, *call.args, **call.kwargs)
                 except Exception:
                     if i == 0:
                         raise
