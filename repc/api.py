@@ -215,8 +215,12 @@ class Compilation:
 
     # -- stages -------------------------------------------------------------------------------
     def build(self, **overrides):
-        """Capture and fuse: (the fused graph or module, its report, the reference it fuses)."""
-        return _build(**{**self.build_args, **overrides})
+        """Capture and fuse: (the fused graph or module, its report, the reference it fuses).  The
+        model's Python state and buffers are put back after (a captured graph holds the model's
+        own buffers, and runs on the example may write them); merged weights written into its
+        parameters (``in_place``) stay."""
+        with python_state_kept(self.model):
+            return _build(**{**self.build_args, **overrides})
 
     def place(self, fused, report, reference, build_args):
         """The module-preserving copy where it applies: (copy, swaps, report, reference, confined)

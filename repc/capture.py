@@ -179,16 +179,10 @@ def _trace(module: nn.Module, concrete_args, example_inputs) -> fx.GraphModule:
         # proxy; a forward that writes a constant into a buffer would then really write it
         tracer = Tracer(arguments)
         tracer.proxy_buffer_attributes = False
-        buffers = [(b, b.clone()) for b in module.buffers()]
-        try:
+        try:  # (the buffer's contents are put back by python_state_kept, around the trace)
             graph = tracer.trace(module, concrete_args)
         except Exception:
             raise first from None
-        finally:
-            with torch.no_grad():
-                for buffer, before in buffers:
-                    if not torch.equal(buffer, before):
-                        buffer.copy_(before)
     name = module.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -198,15 +192,25 @@ _CONTAINERS = (dict, list, set)
 
 @contextlib.contextmanager
 def python_state_kept(module: nn.Module):
-    """Every submodule's Python attributes, and the contents of the dicts, lists and sets they
-    hold, as they were before: tracing runs the forward's Python, which may store what it
-    computes (timm's ``attention_bias_cache[str(x.device)] = ...`` then holds a proxy of a graph
-    that is gone, which the next trace of that module reads back)."""
+    """Every submodule's Python attributes, the contents of the dicts, lists and sets they hold,
+    and the values of its buffers, as they were before: tracing runs the forward's Python, which
+    may store what it computes (timm's ``attention_bias_cache[str(x.device)] = ...`` then holds a
+    proxy of a graph that is gone, which the next trace of that module reads back; transformers'
+    long RoPE keeps ``long_inv_freq``, a fake tensor under ``torch.export``), and a forward, or
+    a captured graph run on the model's own tensors, may write a buffer in place (the same RoPE
+    writes the frequencies of the last input's length into ``inv_freq``)."""
     saved = []
     for m in module.modules():
         attributes = dict(m.__dict__)
         contents = {k: copy.copy(v) for k, v in attributes.items() if isinstance(v, _CONTAINERS)}
         saved.append((m, attributes, contents))
+    buffers = {}  # id -> (buffer, its version, its value), each buffer once
+    for _, b in module.named_buffers(remove_duplicate=False):
+        if id(b) not in buffers:
+            try:
+                buffers[id(b)] = (b, b._version, b.clone())
+            except RuntimeError:  # (an inference tensor, no version counter: not written in place)
+                pass
     try:
         yield
     finally:
@@ -218,6 +222,10 @@ def python_state_kept(module: nn.Module):
                 now = attributes[k]
                 now.clear()
                 (now.extend if isinstance(now, list) else now.update)(before)
+        with torch.no_grad():
+            for buffer, version, before in buffers.values():
+                if buffer._version != version:
+                    buffer.copy_(before)
 
 
 def _arguments_by_name(module: nn.Module, example_inputs: Optional[Tuple[Any, ...]]) -> Optional[Dict[str, Any]]:

@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,7 +37,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .aten import lower_aten
-from .capture import CaptureError
+from .capture import CaptureError, python_state_kept
 from .graph_predicates import SYMBOLIC_SIZES, fetch_attr, short_error
 from .values import has_opaque, without_opaque
 
@@ -238,8 +239,12 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
         if wrapped:
             example_args, example_kwargs = (example_args, example_kwargs), {}
         try:
-            ep = torch.export.export(exported, example_args, example_kwargs, strict=False,
-                                     dynamic_shapes=_auto_shapes(exported, example_args, example_kwargs))
+            # (export runs the forward's Python on fake tensors; what it stores is put back, so
+            # torch's warning about a tensor attribute assigned during export says nothing here)
+            with python_state_kept(model), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
+                ep = torch.export.export(exported, example_args, example_kwargs, strict=False,
+                                         dynamic_shapes=_auto_shapes(exported, example_args, example_kwargs))
             break
         except Exception as why:  # a model export cannot run as Python under fake tensors
             first_error = first_error or why

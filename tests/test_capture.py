@@ -1,5 +1,6 @@
 """Capture (repc.capture): tracing with item assignment and shapes that unpack on the example."""
 
+import copy
 import operator
 
 import pytest
@@ -8,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import repc
-from repc.capture import trace
+from repc.capture import python_state_kept, trace
 
 
 class HeadSplit(nn.Module):
@@ -222,6 +223,50 @@ def test_tracing_leaves_the_modules_python_state_as_it_was():
         assert module.cache == {} and not hasattr(module, "_tensor_constant0")
         assert torch.allclose(gm(x), module(x)) and set(module.cache) == {"cpu"}
         module.cache.clear()
+
+
+class LengthDependentFrequencies(nn.Module):
+    """transformers' long RoPE: a tensor kept as a plain attribute on the first call, and a
+    buffer written in place with the frequencies of the input's length (long above 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("short", torch.linspace(0.5, 1.0, 4), persistent=False)
+        self.register_buffer("freq", self.short.clone(), persistent=False)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        long = getattr(self, "long", None)
+        if long is None:
+            long = self.short * 3
+        self.long = long
+        self.freq.copy_(torch.where(torch.tensor(x.shape[1]) > 6, long, self.short))
+        return self.fc(x) * torch.cos(torch.arange(x.shape[1])[:, None] * self.freq)
+
+
+def test_python_state_kept_puts_back_attributes_and_buffers_written_in_place():
+    module = LengthDependentFrequencies()
+    before = module.freq.clone()
+    with python_state_kept(module):
+        module(torch.randn(2, 9, 4))
+        assert hasattr(module, "long") and not torch.equal(module.freq, before)
+    assert not hasattr(module, "long") and torch.equal(module.freq, before)
+
+
+def test_a_compile_leaves_a_model_that_keeps_state_as_it_was_and_its_result_follows_the_length():
+    # torch.export left a fake tensor in the attribute (the model could no longer be copied) and
+    # the captured graph, run on the model's own buffers, wrote into them
+    torch.manual_seed(0)
+    model = LengthDependentFrequencies().eval()
+    x = torch.randn(2, 5, 4)
+    fused = repc.compile(model, (x,))
+    assert not hasattr(model, "long") and torch.equal(model.freq, model.short)
+    copy.deepcopy(model)
+    assert fused.repc_report.verification.ok
+    for length in (3, 5, 9):
+        y = torch.randn(3, length, 4)
+        with torch.no_grad():
+            assert torch.allclose(fused(y), LengthDependentFrequencies.forward(copy.deepcopy(model), y), atol=1e-6)
 
 
 class ReadsItsPartsAttributes(nn.Module):

@@ -460,3 +460,35 @@ def test_a_sequence_classifier_with_lora_comes_back_as_its_architecture_with_the
     assert fused.state_dict().keys() == merged.state_dict().keys()
     assert_same_logits(fused, merged, (example, {"input_ids": example["input_ids"]}))
     assert_reloads_as(fused, transformers.BertForSequenceClassification, tmp_path, example)
+
+
+def test_a_long_rope_phi3_with_lora_is_left_as_it_was_and_merges_for_inputs_past_its_original_length():
+    # the rotary embedding keeps long_inv_freq as a plain attribute (a fake tensor under
+    # torch.export, which was left in the user's model: a copy of it then raised) and writes the
+    # frequencies of the last input's length into its inv_freq buffer
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=64, pad_token_id=0,
+                                     max_position_embeddings=64, original_max_position_embeddings=16,
+                                     rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(4)],
+                                                   "long_factor": [2.0 + 0.3 * i for i in range(4)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.Phi3ForCausalLM(config).eval()
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj", "o_proj", "gate_up_proj",
+                                                                               "down_proj"],
+                                                          init_lora_weights=False)).eval()
+        rotary = base.model.rotary_emb
+        kept = {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        ids = torch.randint(1, 128, (2, 12))
+        fused = repc.compile(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert {k: v for k, v in vars(rotary).items() if not k.startswith("_")}.keys() == kept.keys()
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    copy.deepcopy(model)
+    assert type(fused) is transformers.Phi3ForCausalLM and fused.repc_report.rewrites
+    for batch, length in ((1, 5), (3, 12), (2, 30)):  # (past 16 the long factors apply)
+        x = torch.randint(1, 128, (batch, length))
+        with torch.no_grad():
+            want = model(input_ids=x).logits
+            assert (fused(input_ids=x).logits - want).abs().max() <= 1e-4 * want.abs().max()
