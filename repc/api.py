@@ -25,8 +25,8 @@ from .passes.average_experts import average_experts
 from .passes.collapse import CaptureMismatch, collapse
 from .passes.cost import LatencyCost, MacCost, MeasuredCost
 from .progress import Phases, wanted
-from .preserve import (PreserveError, Provenance, base_of_peft, calls_recorded, is_peft, is_peft_layer, own_copies,
-                       preserve, snapshot, varying_scopes)
+from .preserve import (InputGuards, PreserveError, Provenance, base_of_peft, calls_recorded, is_peft, is_peft_layer,
+                       own_copies, preserve, runs_graph_code, snapshot, varying_scopes)
 from .reasons import MergeRule, RejectionKind
 from .report import Rejection, Report, Rewrite, SkippedPart, Verification
 from .values import without_opaque
@@ -253,19 +253,19 @@ class Compilation:
         with python_state_kept(model), python_state_kept(fused):
             result = compare(self.as_flat(fused), None if in_place else self.as_flat(reference), self.check_inputs,
                              self.tolerance, self.held, expected=self.expected if reference is model else None,
-                             variants=self.variants, beyond=self.beyond_largest_sizes())
+                             variants=self.variants, beyond=self.sizes_outside_the_graph())
             if reference is not model:
                 return result  # (expert averaging: the reference is the averaged graph)
             # (a whole-model graph asked for takes every input of the example: calls that leave one out are skipped)
             return compare_calls(fused, None if in_place else model, self.observed.calls, result, self.tolerance,
                                  structure_kept=whole_graph)
 
-    def beyond_largest_sizes(self) -> List[Tuple[int, int, int]]:
-        """(flat input, axis, size) one above each size the model's export holds up to (the
-        branch of a test on a size the example took): the check tries them, whatever front end
-        the result came from."""
+    def sizes_outside_the_graph(self) -> List[Tuple[int, int, int]]:
+        """(flat input, axis, size) just outside the sizes the model's export holds for (the other
+        side of a test on a size the example took): the check tries them, whatever front end the
+        result came from."""
         capture = self.build_args["captures"].get("export")
-        return [(leaf, axis, size + 1) for leaf, axis, size in getattr(capture, "largest_sizes", ())]
+        return list(getattr(capture, "sizes_outside", ()))
 
     def verified_output(self, fused, report, reference, build_args):
         """The output to return, verified, with its report: the module-preserving copy where it
@@ -481,6 +481,17 @@ def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, a
                                  "merge): the PEFT model is returned with the merges that apply"
         else:
             preserved = base.eval()
+    guards = fused.meta.get("repc_guards")
+    if guards and runs_graph_code(preserved, model):
+        # parts of export's graph hold where its guards do (the branch of a test on a size the
+        # example took, in a module whose forward is now its part): the copy refuses the rest, as
+        # the whole-model graph does
+        checked = InputGuards.made(preserved, guards, source["flat_inputs"], args, kwargs)
+        if checked is None:
+            report.output_note = "export's conditions on the inputs could not be placed on the model's arguments, " \
+                                 "which the modules running parts of its graph need: the whole-model graph is returned"
+            return None
+        preserved.register_forward_pre_hook(checked, with_kwargs=True)
     return preserved, swaps, scopes
 
 
@@ -709,12 +720,12 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
     if isinstance(captures["export"], CaptureError):
         report.front_ends_declined["torch.export"] = str(captures["export"])
         return None
-    if write_into is not None and captures["export"].largest_sizes:
-        # (the check tries sizes above them on the original, which in_place will have written into)
-        leaf, axis, size = captures["export"].largest_sizes[0]
+    if write_into is not None and captures["export"].sizes_outside:
+        # (the check tries sizes outside them on the original, which in_place will have written into)
+        leaf, axis, size = captures["export"].sizes_outside[0]
         report.front_ends_declined["torch.export"] = (
-            f"its graph holds up to size {size} on axis {axis} of input {leaf} only (the branch of a test on that "
-            "size the example took), which in_place cannot check beyond")
+            f"its graph does not hold for size {size} on axis {axis} of input {leaf} (the other side of a test on "
+            "that size the example took), which in_place cannot check")
         return None
     captured = captures["export"].fresh()
     report.front_end = "torch.export"
@@ -728,6 +739,7 @@ def _fuse_exported(model, args, kwargs, defaults, constants, expected, report: R
         report.front_end, report.nodes_before = "", 0
         return None
     captured.give_signature(fused, defaults)
+    fused.meta["repc_guards"] = captured.guards  # (a module-preserving copy running parts of the graph checks them)
     report.specialized = {name: _brief(value) for name, value in constants.items()}
     return fused  # (sharing the model's tensors that stay: copied only where the graph is the output)
 

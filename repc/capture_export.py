@@ -52,9 +52,10 @@ class ExportedGraph:
     guards: List[Tuple[str, str]]  # export's conditions on the inputs: (code over ``P[i]``, words)
     argument_names: List[str]  # one per positional input, then the keyword inputs' names
     prefix: str = ""  # the name of the model in its nodes' module paths where export was given a wrapper
-    # (flat input, axis, the largest size the graph holds for): sizes export bounded from above,
-    # where the example took one side of a test on a size (``if x.shape[-1] > 12``)
-    largest_sizes: List[Tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    # (flat input, axis, a size just outside those the graph holds for): one above each size export
+    # bounded from above, one below each it bounded from below beyond its own floor of 2, where the
+    # example took one side of a test on a size (``if x.shape[-1] > 12``)
+    sizes_outside: List[Tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
     def fresh(self) -> "ExportedGraph":
         """This capture with a graph of its own to edit (the same tensors and leaf modules): a
@@ -258,7 +259,7 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
     except Exception as why:  # (torch's own helpers for them, which may change between versions)
         raise CaptureError(f"torch.export's guards could not be read: {short_error(why)}") from why
     prefix = "model." if wrapped else ""
-    largest = _largest_sizes(ep, unlifted)
+    outside = _sizes_outside(ep, unlifted)
     gm = _flat_graph(unlifted, guards, prefix)
     lower_aten(gm)
     calls_of_standard_modules(gm, model, prefix)
@@ -269,7 +270,7 @@ def export_graph(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
             node.meta[SYMBOLIC_SIZES] = symbolic
     if names is None:
         names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
-    return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names, prefix, largest)
+    return ExportedGraph(gm, tuple(leaves), in_spec, unlifted._out_spec, guards, names, prefix, outside)
 
 
 def _symbolic_sizes(value) -> Any:
@@ -282,12 +283,13 @@ def _symbolic_sizes(value) -> Any:
     return None
 
 
-def _largest_sizes(ep, unlifted: fx.GraphModule) -> List[Tuple[int, int, int]]:
-    """(flat input, axis, largest size) for each input axis whose size export bounded from above
-    (its range constraint): the graph computes the branch the example took, which holds up to
-    that size only.  The checks try one more, where the model may take its other branch."""
+def _sizes_outside(ep, unlifted: fx.GraphModule) -> List[Tuple[int, int, int]]:
+    """(flat input, axis, size) one above the largest and one below the smallest size export
+    holds each input axis to (its range constraint; below only where that is above export's own
+    floor of 2 for a dynamic size): the graph computes the branch the example took, which holds
+    within them only.  The checks try those sizes, where the model may take its other branch."""
     from torch.utils._sympy.numbers import int_oo
-    largest = []
+    outside = []
     for i, node in enumerate(unlifted.graph.find_nodes(op="placeholder")):
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
@@ -296,9 +298,13 @@ def _largest_sizes(ep, unlifted: fx.GraphModule) -> List[Tuple[int, int, int]]:
             if not isinstance(size, torch.SymInt):
                 continue
             bounds = ep.range_constraints.get(size.node.expr)
-            if bounds is not None and bounds.upper != int_oo and getattr(bounds.upper, "is_Integer", False):
-                largest.append((i, axis, int(bounds.upper)))
-    return largest
+            if bounds is None:
+                continue
+            if bounds.upper != int_oo and getattr(bounds.upper, "is_Integer", False):
+                outside.append((i, axis, int(bounds.upper) + 1))
+            if getattr(bounds.lower, "is_Integer", False) and int(bounds.lower) > 2:
+                outside.append((i, axis, int(bounds.lower) - 1))
+    return outside
 
 
 def register_output_dataclasses(output: Any) -> List[type]:
@@ -515,6 +521,30 @@ class _GuardTranslator(ast.NodeVisitor):
         if named in _MODULE_FUNCTIONS and not node.keywords:
             return self.graph.call_function(_MODULE_FUNCTIONS[named], tuple(self.visit(a) for a in node.args))
         self.generic_visit(node)
+
+
+class _Computed:
+    """What :class:`_GuardTranslator` writes as graph nodes, computed on values instead: a guard
+    evaluated on a call's inputs (:func:`guard_holds`)."""
+
+    @staticmethod
+    def call_function(fn, args, kwargs=None):
+        return fn(*args, **(kwargs or {}))
+
+    @staticmethod
+    def call_method(name, args, kwargs=None):
+        return getattr(args[0], name)(*args[1:], **(kwargs or {}))
+
+
+def guard_inputs(code: str) -> List[int]:
+    """The flat inputs ``P[i]`` a guard's code reads."""
+    return sorted({n.slice.value for n in ast.walk(ast.parse(code, mode="eval"))
+                   if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "P"})
+
+
+def guard_holds(code: str, inputs: Dict[int, Any]) -> bool:
+    """Export's guard ``code`` (over ``P[i]``) on the values ``inputs`` (flat input -> value)."""
+    return bool(_GuardTranslator(_Computed, inputs).visit(ast.parse(code, mode="eval").body))
 
 
 # ----------------------------------------------------------------------------- layers as modules

@@ -7,10 +7,12 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 import repc
+import repc.api
 from repc.capture_export import GUARD_WORDS, export_graph
 from repc.report import op_counts
 from repc.examples import randomize_bn
@@ -161,11 +163,14 @@ class BranchAboveASize(nn.Module):
         return F.relu(y)
 
 
-def test_export_records_the_largest_size_its_graph_holds_for():
+def test_export_records_the_sizes_just_outside_those_its_graph_holds_for():
     model = random_model(BranchAboveASize())
     captured = export_graph(model, (torch.randn(2, 4, 12, 12),), {})
-    assert captured.largest_sizes == [(0, 3, 12)]  # (input 0, its width; the height is unbounded)
-    assert export_graph(random_model(SizeBranch()), (torch.randn(2, 4, 8, 8),), {}).largest_sizes == []
+    assert captured.sizes_outside == [(0, 3, 13)]  # (input 0, its width; the height is unbounded)
+    assert export_graph(random_model(SizeBranch()), (torch.randn(2, 4, 8, 8),), {}).sizes_outside == []
+    # the example above the threshold: the graph holds from it up (export's own floor, 2, is not a bound)
+    above = export_graph(random_model(BranchAboveASize(widest=4)), (torch.randn(2, 4, 8, 8),), {})
+    assert above.sizes_outside == [(0, 3, 4)]
 
 
 @pytest.mark.parametrize("how", ["default", "graph", "in_place"])
@@ -184,6 +189,52 @@ def test_a_branch_taken_only_above_the_example_size_is_checked_there(how):
         y = torch.randn(shape)
         with torch.no_grad():
             assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4), shape
+
+
+class SmallInputsOtherwise(nn.Module):
+    """timm's habit: a block that takes another path below a width, inside the model."""
+
+    def __init__(self, c=4, narrowest=5):
+        super().__init__()
+        self.stem = ConvNorm(3, c, 3)
+        self.block = BranchAboveASize(c, widest=narrowest - 1)
+
+    def forward(self, x):
+        return self.block(F.relu(self.stem(x)))
+
+
+def test_a_branch_inside_a_module_taken_below_the_example_size_is_checked_there():
+    # export's graph holds from width 5 up; the default output swapped the block for its part of
+    # the graph and computed the example's branch on narrower inputs (off by 0.8-1.0), which no
+    # check tried (they ran at or above the example's width)
+    model = random_model(SmallInputsOtherwise())
+    fused = repc.compile(model, (torch.randn(1, 3, 6, 6),))
+    report = fused.repc_report
+    assert report.verification.ok and report.output == "module-preserving", report
+    assert any(s.endswith("x4") for s in report.verification.inputs_checked), report.verification
+    for shape in ((2, 3, 4, 4), (2, 3, 6, 4), (1, 3, 3, 3), (2, 3, 9, 7)):
+        y = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4), shape
+
+
+def test_a_copy_running_parts_of_exports_graph_refuses_inputs_the_graph_does_not_hold_for(monkeypatch, tmp_path):
+    # where the check does not reach the other side of a test on a size (a parity, a product of
+    # sizes), the module-preserving copy checks export's conditions on the model's inputs, as the
+    # whole-model graph does: a refusal, never the example's branch computed on them
+    monkeypatch.setattr(repc.api.Compilation, "sizes_outside_the_graph", lambda self: [])
+    model = random_model(SmallInputsOtherwise())
+    fused = repc.compile(model, (torch.randn(1, 3, 6, 6),))
+    assert fused.repc_report.output == "module-preserving" and fused.repc_report.front_end == "torch.export"
+    assert isinstance(fused.block, fx.GraphModule), fused  # (the block runs its part of the graph)
+    torch.save(fused, tmp_path / "fused.pt")
+    for result in (fused, torch.load(tmp_path / "fused.pt", weights_only=False)):
+        with torch.no_grad():
+            y = torch.randn(2, 3, 7, 9)
+            assert torch.allclose(result(y), model(y), atol=1e-5, rtol=1e-4)
+            assert torch.allclose(result(x=y), model(y), atol=1e-5, rtol=1e-4)
+            with pytest.raises(AssertionError, match=r"holds only where x\.size\(\)\[3\] >= 5"):
+                result(torch.randn(2, 3, 4, 4))
 
 
 def clip_if_large(t):

@@ -35,12 +35,13 @@ modules repc did not touch) as it was.
 The caller verifies the result as a whole, as it verifies the graph.
 """
 
-from .layers import (GraphForward, base_of_peft, is_peft, is_peft_layer, keeping_parameter_names, own_copies,
-                     saved_names, sharing_tensors, unwrap_delegating)
+from .layers import (GraphForward, InputGuards, base_of_peft, is_peft, is_peft_layer, keeping_parameter_names,
+                     own_copies, runs_graph_code, saved_names, sharing_tensors, unwrap_delegating)
 from .observation import calls_recorded, in_the_layers_own_class, record_calls
 from .planning import Preserver, preserve
 from .provenance import PreserveError, Provenance, node_path, snapshot, source_paths, varying_scopes
 
-__all__ = ["GraphForward", "Preserver", "PreserveError", "Provenance", "base_of_peft", "in_the_layers_own_class",
-           "calls_recorded", "is_peft", "is_peft_layer", "keeping_parameter_names", "node_path", "own_copies", "preserve", "record_calls",
-           "saved_names", "sharing_tensors", "snapshot", "source_paths", "unwrap_delegating", "varying_scopes"]
+__all__ = ["GraphForward", "InputGuards", "Preserver", "PreserveError", "Provenance", "base_of_peft",
+           "calls_recorded", "in_the_layers_own_class", "is_peft", "is_peft_layer", "keeping_parameter_names",
+           "node_path", "own_copies", "preserve", "record_calls", "runs_graph_code", "saved_names", "sharing_tensors",
+           "snapshot", "source_paths", "unwrap_delegating", "varying_scopes"]

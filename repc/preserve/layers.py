@@ -10,13 +10,14 @@ import copy
 import itertools
 import inspect
 import sys
-from typing import Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..capture_export import GUARD_WORDS, guard_holds, guard_inputs
 from ..report import ModuleSwap
 from ..values import holds_state
 from ..verify.calls import equal_values
@@ -80,6 +81,85 @@ def _structure(spec):
 def _spec(structure):
     return pytree.treespec_leaf() if structure is None else \
         pytree.TreeSpec(structure[0], structure[1], [_spec(c) for c in structure[2]])
+
+
+class InputGuards:
+    """Export's conditions on the model's inputs (what its graph holds for), checked before each
+    call of a module-preserving result whose modules run parts of that graph: an input the graph
+    does not hold for (the other side of ``if x.shape[-1] > 4`` in a module whose forward is now
+    its part of the graph) is refused with export's condition, as the whole-model graph refuses
+    it, instead of computing the example's branch.  A forward pre-hook (``with_kwargs``); each
+    guard reads the inputs at the places (argument name, then items or attributes) the example
+    had them, and is not applied to a call that leaves one of them out or gives a non-tensor
+    there (a call of another structure: an attention mask left out)."""
+
+    def __init__(self, guards, places: Dict[int, tuple]):
+        self.guards = [(code, words, guard_inputs(code)) for code, words in guards]
+        self.places = places  # flat input of the capture -> (argument name, (kind, key)...)
+
+    @classmethod
+    def made(cls, module: nn.Module, guards, flat_inputs, args, kwargs) -> Optional["InputGuards"]:
+        """The guards for ``module`` (the result's root) called as on the example ``(args,
+        kwargs)``, whose tensor leaves ``flat_inputs`` (the capture's, by identity) the guards
+        read; None where a guard reads an input the example's arguments do not place."""
+        bound = _bound_arguments(module, args, kwargs)
+        if bound is None:
+            return None
+        where: Dict[int, tuple] = {}
+        for path, leaf in pytree.tree_flatten_with_path(bound)[0]:
+            if isinstance(leaf, torch.Tensor):
+                where.setdefault(id(leaf), (path[0].key,) + _plain_path(path[1:]))
+        places = {i: where[id(v)] for i, v in enumerate(flat_inputs) if isinstance(v, torch.Tensor) and id(v) in where}
+        read = {i for code, _ in guards for i in guard_inputs(code)}
+        if not read <= set(places):
+            return None
+        return cls(guards, places)
+
+    def __call__(self, module: nn.Module, args, kwargs):
+        bound = _bound_arguments(module, args, kwargs)
+        if bound is None:
+            return None  # (the forward refuses the call itself)
+        values = {i: _at(bound, place) for i, place in self.places.items()}
+        for code, words, read in self.guards:
+            if all(isinstance(values.get(i), torch.Tensor) for i in read) and not guard_holds(code, values):
+                raise AssertionError(f"{GUARD_WORDS} {words}")
+        return None
+
+
+def _bound_arguments(module: nn.Module, args, kwargs) -> Optional[Dict[str, Any]]:
+    """The call's arguments by the name of the module class's ``forward`` parameter."""
+    try:
+        bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(arguments)), None)  # (the module itself)
+    return arguments
+
+
+def _plain_path(path) -> tuple:
+    """A pytree key path as plain values: ``("attr", name)`` or ``("item", key)`` per step."""
+    return tuple(("attr", k.name) if isinstance(k, pytree.GetAttrKey) else
+                 ("item", k.key if isinstance(k, pytree.MappingKey) else k.idx) for k in path)
+
+
+def _at(arguments: Dict[str, Any], place: tuple):
+    """The value at ``place`` (an argument's name, then its steps) in the bound ``arguments``."""
+    value = arguments.get(place[0])
+    for kind, key in place[1:]:
+        try:
+            value = getattr(value, key) if kind == "attr" else value[key]
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def runs_graph_code(module: nn.Module, model: nn.Module) -> bool:
+    """A module of ``module`` (a result) that is not one of ``model``'s runs graph code: a
+    GraphModule, or a module whose forward is its part of a fused graph (:class:`GraphForward`)."""
+    own = {id(m) for m in model.modules()}
+    return any((id(m) not in own and isinstance(m, fx.GraphModule)) or isinstance(m.__dict__.get("forward"), GraphForward)
+               for m in module.modules())
 
 
 def _refuse_given_state(call: "_Call") -> None:
