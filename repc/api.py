@@ -187,6 +187,11 @@ class Compilation:
         except Exception as why:
             raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
         self.expected = self.observed.calls[0].reference
+        if self.recorded is not None and \
+                _bytes_held(self.recorded) > max(RECORDS_FLOOR, RECORDS_KEPT * _bytes_held(model.parameters())):
+            # (a net of large maps: its modules' inputs and outputs, held through the build beside
+            # its values, would cost more memory than running the model again to place the regions)
+            self.recorded = None
         register_output_dataclasses(self.expected)  # so that captures and checks see into ``Output(logits=...)``
         if tolerance is not None:
             _check_tolerance(tolerance, model, self.expected)
@@ -418,6 +423,21 @@ def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
         if is_peft_layer(m) and not any(path.startswith(p + ".") for p, _ in left):
             left.append((path, _short_class(m)))
     return left
+
+
+# the module calls recorded on the example are kept for placement up to this fraction of the
+# weights' bytes, or up to this many bytes
+RECORDS_KEPT, RECORDS_FLOOR = 0.25, 64 * 2 ** 20
+
+
+def _bytes_held(values) -> int:
+    """Bytes of the distinct tensors in ``values`` (any nesting of containers and recorded calls)."""
+    seen = {}
+    for leaf in tree_leaves(list(values) if not isinstance(values, dict) else
+                            [(c.args, c.kwargs, c.output) for c in values.values()]):
+        if isinstance(leaf, torch.Tensor):
+            seen[id(leaf)] = leaf.numel() * leaf.element_size()
+    return sum(seen.values())
 
 
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,

@@ -945,3 +945,20 @@ def test_a_recorded_call_runs_a_module_on_copies_of_its_arguments():
     with torch.no_grad():
         assert torch.equal(calls["1"].run(WritesItsInput()), before * 2)
     assert torch.equal(calls["1"].args[0], before)
+
+
+def test_module_calls_larger_than_a_share_of_the_weights_are_recorded_again_at_placement(monkeypatch):
+    # a net of large maps and few weights: its modules' inputs and outputs are not held through the
+    # build (they would cost more memory than the weights); placement runs the model once for them
+    from repc.preserve import planning
+    runs = []
+    record = planning.record_calls
+    monkeypatch.setattr(planning, "record_calls", lambda *a, **k: runs.append(1) or record(*a, **k))
+    monkeypatch.setattr(repc.api, "RECORDS_FLOOR", 0)
+    model = _random_affines(BranchesInTheModelsForward())
+    x = torch.randn(2, 4, 8, 8)
+    fused = repc.compile(model, (x,))
+    assert type(fused) is type(model) and fused.repc_report.output == "module-preserving", fused.repc_report
+    assert len(runs) == 1
+    with torch.no_grad():
+        assert _same(fused(x), model(x))
