@@ -176,9 +176,9 @@ class Compilation:
             front_end
         # the model run on the example and the calls users make (masks all ones or padded, inputs
         # left out, other sizes): the references of the check, and the modules whose forward stays
-        # the model's code (called otherwise there, or given a cache they update), which no region spans
-        # each module's call on the example, recorded on that run, for placement (the whole-model
-        # graph asked for places nothing); before the compile writes into the model (in_place)
+        # the model's code (called otherwise there, or given a cache they update), which no region
+        # spans; and, on the example's run, each module's call, for placement (the whole-model graph
+        # asked for places nothing), recorded before the compile writes into the model (in_place)
         self.recorded = {} if not graph else None
         record = (lambda: calls_recorded(model, self.recorded)) if not graph else contextlib.nullcontext
         try:
@@ -188,7 +188,8 @@ class Compilation:
             raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
         self.expected = self.observed.calls[0].reference
         if self.recorded is not None and \
-                _bytes_held(self.recorded) > max(RECORDS_FLOOR, RECORDS_KEPT * _bytes_held(model.parameters())):
+                _tensor_bytes([(c.args, c.kwargs, c.output) for c in self.recorded.values()]) > \
+                max(RECORDS_FLOOR, RECORDS_KEPT * _tensor_bytes(list(model.parameters()))):
             # (a net of large maps: its modules' inputs and outputs, held through the build beside
             # its values, would cost more memory than running the model again to place the regions)
             self.recorded = None
@@ -430,11 +431,10 @@ def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
 RECORDS_KEPT, RECORDS_FLOOR = 0.25, 64 * 2 ** 20
 
 
-def _bytes_held(values) -> int:
-    """Bytes of the distinct tensors in ``values`` (any nesting of containers and recorded calls)."""
+def _tensor_bytes(tree) -> int:
+    """Bytes of the distinct tensors among the leaves of ``tree`` (containers of values)."""
     seen = {}
-    for leaf in tree_leaves(list(values) if not isinstance(values, dict) else
-                            [(c.args, c.kwargs, c.output) for c in values.values()]):
+    for leaf in tree_leaves(tree):
         if isinstance(leaf, torch.Tensor):
             seen[id(leaf)] = leaf.numel() * leaf.element_size()
     return sum(seen.values())

@@ -415,7 +415,7 @@ def _flat_graph(unlifted: fx.GraphModule, guards: List[Tuple[str, str]], prefix:
     attributes: Dict[str, Any] = {}  # the new graph's attribute and module targets -> their values
     translator = _GuardTranslator(graph, inputs)  # one for all: each size is read once
     for code, words in dict.fromkeys(guards):
-        condition = translator.visit(ast.parse(code, mode="eval").body)
+        condition = translator.visit(guard_expression(code))
         graph.call_function(torch._assert, (condition, f"{GUARD_WORDS} {words}"))
     for node in source:
         if node.op == "placeholder":
@@ -536,15 +536,28 @@ class _Computed:
         return getattr(args[0], name)(*args[1:], **(kwargs or {}))
 
 
-def guard_inputs(code: str) -> List[int]:
-    """The flat inputs ``P[i]`` a guard's code reads."""
-    return sorted({n.slice.value for n in ast.walk(ast.parse(code, mode="eval"))
+def guard_expression(code: str) -> ast.expr:
+    """Export's guard ``code`` (over the flat inputs ``P[i]``), parsed."""
+    return ast.parse(code, mode="eval").body
+
+
+def guard_inputs(expression: ast.expr) -> List[int]:
+    """The flat inputs ``P[i]`` a guard's expression reads."""
+    return sorted({n.slice.value for n in ast.walk(expression)
                    if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "P"})
 
 
-def guard_holds(code: str, inputs: Dict[int, Any]) -> bool:
-    """Export's guard ``code`` (over ``P[i]``) on the values ``inputs`` (flat input -> value)."""
-    return bool(_GuardTranslator(_Computed, inputs).visit(ast.parse(code, mode="eval").body))
+class _ComputedTranslator(_GuardTranslator):
+    """:class:`_GuardTranslator` on values: a size read twice is read again (cheaper than the
+    key that would share it)."""
+
+    def _read(self, node, build):
+        return build()
+
+
+def guard_holds(expression: ast.expr, inputs: Dict[int, Any]) -> bool:
+    """A guard's expression on the values ``inputs`` (flat input -> value)."""
+    return bool(_ComputedTranslator(_Computed, inputs).visit(expression))
 
 
 # ----------------------------------------------------------------------------- layers as modules

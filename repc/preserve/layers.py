@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from ..capture_export import GUARD_WORDS, guard_holds, guard_inputs
+from ..capture_export import GUARD_WORDS, guard_expression, guard_holds, guard_inputs
 from ..report import ModuleSwap
 from ..values import holds_state
 from ..verify.calls import equal_values
@@ -91,11 +91,19 @@ class InputGuards:
     it, instead of computing the example's branch.  A forward pre-hook (``with_kwargs``); each
     guard reads the inputs at the places (argument name, then items or attributes) the example
     had them, and is not applied to a call that leaves one of them out or gives a non-tensor
-    there (a call of another structure: an attention mask left out)."""
+    there (a call of another structure: an attention mask left out).  It pickles as the guards'
+    code; their parsed form and the forward's signature are made again on the first call."""
 
     def __init__(self, guards, places: Dict[int, tuple]):
-        self.guards = [(code, words, guard_inputs(code)) for code, words in guards]
+        self.guards = list(guards)  # (code over the flat inputs P[i], the same over the arguments' names)
         self.places = places  # flat input of the capture -> (argument name, (kind, key)...)
+        self._parsed, self._signature = None, None
+
+    def __getstate__(self):
+        return {"guards": self.guards, "places": self.places}
+
+    def __setstate__(self, state):
+        self.guards, self.places, self._parsed, self._signature = state["guards"], state["places"], None, None
 
     @classmethod
     def made(cls, module: nn.Module, guards, flat_inputs, args, kwargs) -> Optional["InputGuards"]:
@@ -110,26 +118,32 @@ class InputGuards:
             if isinstance(leaf, torch.Tensor):
                 where.setdefault(id(leaf), (path[0].key,) + _plain_path(path[1:]))
         places = {i: where[id(v)] for i, v in enumerate(flat_inputs) if isinstance(v, torch.Tensor) and id(v) in where}
-        read = {i for code, _ in guards for i in guard_inputs(code)}
+        read = {i for code, _ in guards for i in guard_inputs(guard_expression(code))}
         if not read <= set(places):
             return None
         return cls(guards, places)
 
     def __call__(self, module: nn.Module, args, kwargs):
-        bound = _bound_arguments(module, args, kwargs)
+        if self._signature is None:
+            self._signature = inspect.signature(type(module).forward)
+        bound = _bound_arguments(module, args, kwargs, self._signature)
         if bound is None:
             return None  # (the forward refuses the call itself)
+        if self._parsed is None:
+            self._parsed = [(expression, words, guard_inputs(expression))
+                            for expression, words in ((guard_expression(code), words) for code, words in self.guards)]
         values = {i: _at(bound, place) for i, place in self.places.items()}
-        for code, words, read in self.guards:
-            if all(isinstance(values.get(i), torch.Tensor) for i in read) and not guard_holds(code, values):
+        for expression, words, read in self._parsed:
+            if all(isinstance(values.get(i), torch.Tensor) for i in read) and not guard_holds(expression, values):
                 raise AssertionError(f"{GUARD_WORDS} {words}")
         return None
 
 
-def _bound_arguments(module: nn.Module, args, kwargs) -> Optional[Dict[str, Any]]:
-    """The call's arguments by the name of the module class's ``forward`` parameter."""
+def _bound_arguments(module: nn.Module, args, kwargs, signature=None) -> Optional[Dict[str, Any]]:
+    """The call's arguments by the name of the module class's ``forward`` parameter (``signature``:
+    that forward's, where the caller has it)."""
     try:
-        bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+        bound = (signature or inspect.signature(type(module).forward)).bind(module, *args, **kwargs)
     except (TypeError, ValueError):
         return None
     arguments = dict(bound.arguments)

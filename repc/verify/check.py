@@ -307,10 +307,10 @@ def input_variants(example_inputs: Tuple[Any, ...], seed: int = 0, fixed=(), ori
       reference.  Axes of equal size that are only accepted together (a model that needs
       square maps) are tried together.
     * ``random <shapes>`` beyond a size: for each ``(leaf, axis, size)`` of ``beyond`` (``leaf``
-      counting the flat leaves of the inputs, in order; a size above the largest an exported
-      graph holds for), random values with that axis, and those tied to it, at ``size`` (at the
-      smaller batch where one was accepted), where the model accepts it: a branch on a size
-      that the example is at the top of is taken only above it.
+      counting the flat leaves of the inputs, in order; a size just above the largest or below
+      the smallest an exported graph holds for), random values with that axis, and those tied
+      to it, at ``size`` (at the smaller batch where one was accepted), where the model accepts
+      it: a branch on a size that the example is at one end of is taken only past it.
 
     The channels of a map (axis 1 of an input with four or more axes) are not varied: every
     merged conv fixes them, as the model's own convs do, and a model of pools and sums only
