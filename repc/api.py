@@ -180,19 +180,19 @@ class Compilation:
         # spans; and, on the example's run, each module's call, for placement (the whole-model graph
         # asked for places nothing), recorded before the compile writes into the model (in_place)
         self.recorded = {} if not graph else None
-        record = (lambda: calls_recorded(model, self.recorded)) if not graph else contextlib.nullcontext
+        # (kept up to a quarter of the weights' bytes, or 64 MiB: a net of large maps would hold
+        # its modules' inputs and outputs through the build beside its values, so placement runs
+        # the model once more for them instead; not in_place, whose model then holds merged weights)
+        budget = None if in_place else \
+            max(RECORDS_FLOOR, RECORDS_KEPT * sum(p.numel() * p.element_size() for p in model.parameters()))
+        record = (lambda: calls_recorded(model, self.recorded, budget)) if not graph else contextlib.nullcontext
         try:
             with python_state_kept(model):  # (the calls at other sizes leave the model as it was)
                 self.observed = observe(model, canonical_calls(model, example_inputs, kwargs), around_example=record)
         except Exception as why:
             raise ReparamError(f"the model fails on the example inputs: {_short(why)}") from why
         self.expected = self.observed.calls[0].reference
-        if self.recorded is not None and \
-                _tensor_bytes([(c.args, c.kwargs, c.output) for c in self.recorded.values()]) > \
-                max(RECORDS_FLOOR, RECORDS_KEPT * _tensor_bytes(list(model.parameters()))):
-            # (a net of large maps: its modules' inputs and outputs, held through the build beside
-            # its values, would cost more memory than running the model again to place the regions)
-            self.recorded = None
+        self.recorded = self.recorded or None  # (empty: past its budget, recorded again at placement)
         register_output_dataclasses(self.expected)  # so that captures and checks see into ``Output(logits=...)``
         if tolerance is not None:
             _check_tolerance(tolerance, model, self.expected)
@@ -429,15 +429,6 @@ def adapter_layers_left(model: nn.Module) -> List[Tuple[str, str]]:
 # the module calls recorded on the example are kept for placement up to this fraction of the
 # weights' bytes, or up to this many bytes
 RECORDS_KEPT, RECORDS_FLOOR = 0.25, 64 * 2 ** 20
-
-
-def _tensor_bytes(tree) -> int:
-    """Bytes of the distinct tensors among the leaves of ``tree`` (containers of values)."""
-    seen = {}
-    for leaf in tree_leaves(tree):
-        if isinstance(leaf, torch.Tensor):
-            seen[id(leaf)] = leaf.numel() * leaf.element_size()
-    return sum(seen.values())
 
 
 def _write_back(fused: nn.Module, model: nn.Module, report: Report, reference, args, kwargs,

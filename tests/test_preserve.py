@@ -3,6 +3,7 @@ region swapped in at the module that computed it, verified like the whole-model 
 
 import copy
 import dataclasses
+from collections import Counter
 from typing import Callable
 
 import pytest
@@ -13,6 +14,8 @@ import torch.nn as nn
 import repc
 import repc.api
 from repc.examples import RepVGGBlock, conv_bn, randomize_bn
+
+from blocks import ops_run
 
 
 def _state(model):
@@ -386,7 +389,7 @@ def test_a_region_spanning_the_models_forward_replaces_its_forward_and_the_model
     # forward becomes its graph (one linear), as graph=True merges it
     model = _random_affines(DistilledNet())
     x = torch.randn(2, 3, 8, 8)
-    whole = repc.compile(model, (x,), graph=True, verify=verify)
+    whole = repc.compile(model, (x,), graph=True, verify=verify)  # (the graph's nodes: one linear call)
     assert sum(n.op == "call_module" and isinstance(whole.get_submodule(n.target), nn.Linear)
                for n in whole.graph.nodes) == 1, whole.code
     fused = repc.compile(model, (x,), verify=verify)
@@ -395,6 +398,7 @@ def test_a_region_spanning_the_models_forward_replaces_its_forward_and_the_model
     assert [s.path for s in report.swaps] == ["<model>"] and report.swaps[0].becomes.startswith("forward: ")
     assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in fused.modules()), fused
     assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1
+    assert ops_run(fused, x) == ops_run(whole, x) == Counter(conv=1, linear=1)  # what runs: the graph's ops
     for shape in ((1, 3, 8, 8), (3, 3, 12, 10)):
         y = torch.randn(shape)
         with torch.no_grad():
@@ -962,3 +966,15 @@ def test_module_calls_larger_than_a_share_of_the_weights_are_recorded_again_at_p
     assert len(runs) == 1
     with torch.no_grad():
         assert _same(fused(x), model(x))
+
+
+def test_recording_calls_stops_and_leaves_nothing_past_its_budget():
+    from repc.preserve.observation import calls_recorded
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(8, 64)  # (each copy 2 KiB: the input, two outputs between, the output)
+    with calls_recorded(model, budget=5 * 2 ** 10) as calls, torch.no_grad():
+        model(x)
+    assert calls == {}
+    with calls_recorded(model, budget=64 * 2 ** 10) as calls, torch.no_grad():
+        model(x)
+    assert set(calls) == {"", "0", "1", "2"} and torch.equal(calls["0"].args[0], x)

@@ -45,16 +45,20 @@ def record_calls(model: nn.Module, args, kwargs) -> Dict[str, _Call]:
 
 
 @contextlib.contextmanager
-def calls_recorded(model: nn.Module, calls: Optional[Dict[str, _Call]] = None) -> Iterator[Dict[str, _Call]]:
+def calls_recorded(model: nn.Module, calls: Optional[Dict[str, _Call]] = None,
+                   budget: Optional[int] = None) -> Iterator[Dict[str, _Call]]:
     """While inside, each submodule's first call (its arguments and output, copied) and how often
     it ran are recorded into ``calls`` (a new dict where not given), which is yielded: what
     :func:`record_calls` records, for a caller that runs the model on the example itself
     (:func:`repc.verify.calls.observe`, whose run gives the check's reference too: the model is
-    not run once more to place the regions)."""
+    not run once more to place the regions).  ``budget``: the bytes the copies may take; past
+    it, recording stops and ``calls`` is left empty (a net of large maps: the caller records
+    again later, when it needs them, rather than hold them)."""
     calls = {} if calls is None else calls
     given: Dict[str, Tuple[Any, Any]] = {}
     hooks = []
     copies: Dict[int, Tuple[Any, int, torch.Tensor]] = {}  # id -> (weak reference, version, its copy)
+    held = [0, False]  # bytes copied, over the budget
 
     def copy_of(v: torch.Tensor) -> torch.Tensor:
         # one copy per tensor and version: a module's output is the next one's input, and a LoRA
@@ -62,6 +66,12 @@ def calls_recorded(model: nn.Module, calls: Optional[Dict[str, _Call]] = None) -
         hit = copies.get(id(v))
         if hit is not None and hit[0]() is v and hit[1] == v._version:
             return hit[2]
+        held[0] += v.numel() * v.element_size()
+        if budget is not None and held[0] > budget and not held[1]:
+            held[1] = True
+            calls.clear()
+            given.clear()
+            copies.clear()
         out = v.clone()
         try:
             copies[id(v)] = (weakref.ref(v), v._version, out)
@@ -76,15 +86,21 @@ def calls_recorded(model: nn.Module, calls: Optional[Dict[str, _Call]] = None) -
 
     for name, module in model.named_modules():
         def before(m, a, k, name=name):
-            if name not in calls and name not in given:
-                given[name] = (kept(tuple(a)), kept(dict(k)))
+            if name not in calls and name not in given and not held[1]:
+                arguments = (kept(tuple(a)), kept(dict(k)))
+                if not held[1]:  # (the copies may have passed the budget)
+                    given[name] = arguments
 
         def hook(m, a, k, out, name=name):
+            if held[1]:
+                return
             if name in calls:
                 calls[name].count += 1
             else:
                 a, k = given.pop(name, (tuple(a), dict(k)))
-                calls[name] = _Call(a, k, kept(out))
+                output = kept(out)
+                if not held[1]:
+                    calls[name] = _Call(a, k, output)
         hooks.append(module.register_forward_pre_hook(before, with_kwargs=True))
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
