@@ -38,10 +38,13 @@ class Rewrite:
     shape_specialized: bool = False  # valid only for the example's per-sample shape
     shared_macs: int = 0  # of macs_before, what an earlier rewrite's region already counted
     module: Optional[str] = None  # the module of the model enclosing the region ("stages.1.0"; "" the model)
+    # the compile's cost model priced the merged form below the region as written (``cost="latency"``:
+    # fewer ops that take more multiply-adds, a 3x3 and a dilated 3x3 as one 5x5)
+    cheaper: bool = False
 
     def __init__(self, rule, root, replaced, result, params_before, params_after, macs_before=None, macs_after=None,
-                 exact=True, max_deviation=0.0, shape_specialized=False, shared_macs=None, module=None, *,
-                 flops_before=None, flops_after=None, shared_flops=None):
+                 exact=True, max_deviation=0.0, shape_specialized=False, shared_macs=None, module=None, cheaper=False,
+                 *, flops_before=None, flops_after=None, shared_flops=None):
         if isinstance(rule, str):  # ("compose+sum": a report written by hand)
             rule = [MergeRule(part) for part in rule.split("+") if part and part != "fold"]
         self.rules = tuple(sorted(set(rule), key=lambda r: r.value))
@@ -52,14 +55,16 @@ class Rewrite:
         self.shared_macs = shared_macs if shared_macs is not None else shared_flops or 0
         self.exact, self.max_deviation, self.shape_specialized, self.module = exact, max_deviation, \
             shape_specialized, module
+        self.cheaper = cheaper
 
     @property
     def saves(self) -> bool:
-        """Whether it saves multiply-adds or parameters, folds weights computed at each call, or
-        approximates (averaged experts); else it only rewrites ops in place of as many (a cast
-        merged into a multiply), and the module-preserving output keeps its modules as written."""
+        """Whether it saves multiply-adds or parameters, costs less by the compile's cost model,
+        folds weights computed at each call, or approximates (averaged experts); else it only
+        rewrites ops in place of as many (a cast merged into a multiply), and the
+        module-preserving output keeps its modules as written."""
         return self.macs_after < self.macs_before - self.shared_macs or self.params_after < self.params_before \
-            or MergeRule.FOLD_PARAMETERS in self.rules or not self.exact
+            or self.cheaper or MergeRule.FOLD_PARAMETERS in self.rules or not self.exact
 
     @property
     def rule(self) -> str:

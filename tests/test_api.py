@@ -1,3 +1,5 @@
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn as nn
@@ -5,6 +7,8 @@ import torch.nn as nn
 import repc
 from repc.examples import RepVGGBlock, example_net, randomize_bn
 from repc.reasons import MergeRule
+
+from blocks import ops_run
 
 
 def _state(model):
@@ -195,7 +199,7 @@ def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_defa
     with torch.no_grad():
         model.norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 5, 8)
-    fused = repc.compile(model, (x,), graph=True)
+    fused = repc.compile(model, (x,), graph=True)  # (the graph's guard on the specialized argument)
     assert fused.repc_report.rewrites and fused.repc_report.specialized == {"mask": "None"}
     assert torch.allclose(fused(x), model(x), atol=1e-5)
     with pytest.raises(AssertionError, match="mask has been specialized"):
@@ -204,6 +208,7 @@ def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_defa
         fused(x, mask=torch.ones(2, 5))  # by keyword too: the argument keeps its name
     assert torch.allclose(fused(x, mask=None), model(x), atol=1e-5)
     default = repc.compile(model, (x,))  # (the model's own forward: the mask's path stays its code)
+    assert default.repc_report.rewrites and ops_run(default, x) == ops_run(fused, x) == Counter(ln=1, linear=1)
     mask = torch.rand(2, 5)
     with torch.no_grad():
         assert torch.allclose(default(x), model(x), atol=1e-5)
@@ -213,9 +218,12 @@ def test_an_optional_argument_left_out_of_the_example_is_specialized_to_its_defa
 def test_a_none_example_input_is_guarded_too():
     model = OptionalMask().eval()
     x = torch.randn(2, 5, 8)
-    fused = repc.compile(model, (x, None), graph=True)
+    fused = repc.compile(model, (x, None), graph=True)  # (the graph's guard)
     with pytest.raises(AssertionError, match="specialized"):
         fused(x, torch.ones(2, 5))
+    default = repc.compile(model, (x, None))  # the model's own forward: the mask's path stays its code
+    with torch.no_grad():
+        assert torch.allclose(default(x, torch.ones(2, 5)), model(x, torch.ones(2, 5)), atol=1e-5)
 
 
 @pytest.mark.parametrize("graph", [None, True])  # (the default output, and the whole-model graph)
@@ -289,7 +297,7 @@ def test_a_tolerance_below_the_dtype_rounding_is_refused(dtype, tolerance, messa
 def test_a_tolerance_at_the_dtype_rounding_is_taken():
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval().double()
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
-    fused = repc.compile(model, x, tolerance=1e-12, graph=True)  # far below float32's eps, well above float64's
+    fused = repc.compile(model, x, tolerance=1e-12)  # far below float32's eps, well above float64's
     assert fused.repc_report.verification.ok and fused.repc_report.verification.tolerance == 1e-12
     assert fused.repc_report.rewrites
 
@@ -325,7 +333,7 @@ def test_a_merge_whose_weights_are_not_finite_is_never_emitted(poison, reason):
     dtype = model[0].weight.dtype
     x = torch.randn(1, 3, 8, 8, dtype=dtype)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    fused = repc.compile(model, x, verify=False, graph=True)
+    fused = repc.compile(model, x, verify=False)
     report = fused.repc_report
     assert not report.rewrites and any(reason in r.reason for r in report.rejected), str(report)
     assert _new_non_finite_tensors(fused, model) == []  # the region was kept as written
@@ -359,9 +367,14 @@ def test_the_cost_model_is_chosen_by_name(monkeypatch):
     def kernels(fused):
         return sorted(m.kernel_size for m in fused.modules() if isinstance(m, nn.Conv2d))
 
-    assert kernels(repc.compile(model, x, graph=True)) == [(3, 3), (3, 3)]
-    fused = repc.compile(model, x, graph=True, cost="latency")
+    macs = repc.compile(model, x)
+    assert kernels(macs) == [(3, 3), (3, 3)] and ops_run(macs, x) == Counter(conv=2)
+    # the default output takes the 5x5 the latency model prices below the two 3x3s (before, its
+    # placement judged the merge by multiply-adds alone and kept the block as written: 2 convs, 2 BNs)
+    fused = repc.compile(model, x, cost="latency")
     assert kernels(fused) == [(5, 5)] and fused.repc_report.verification.ok
+    assert ops_run(fused, x) == Counter(conv=1)
+    assert ops_run(repc.compile(model, x, graph=True, cost="latency"), x) == Counter(conv=1)
     with pytest.raises(repc.ReparamError, match="cost must be one of macs, latency, measure"):
         repc.compile(model, x, cost="flops")
 
@@ -441,4 +454,4 @@ def test_in_place_writes_only_into_a_weight_nothing_else_reads_and_refuses_the_g
     with torch.no_grad():
         assert torch.allclose(fused(x), want, atol=1e-5) and torch.allclose(fused(torch.ones(5, 6)), other, atol=1e-5)
     with pytest.raises(repc.ReparamError, match="in_place"):
-        repc.compile(_TiedScaled().eval(), x, in_place=True, graph=True)
+        repc.compile(_TiedScaled().eval(), x, in_place=True, graph=True)  # (refused: graph=True's own)

@@ -365,8 +365,8 @@ class GraphWriter:
             return False
         model = self.cost_model
         parts = parts_cost(expr, model, self.matcher, self._best) if hasattr(model, "node_cost") else None
-        decision = decide(expr, model.form_cost(expr.form, expr.node, self.matcher), computed,
-                          model.region_cost(expr, self.matcher), model, parts)
+        form_cost, region_cost = model.form_cost(expr.form, expr.node, self.matcher), model.region_cost(expr, self.matcher)
+        decision = decide(expr, form_cost, computed, region_cost, model, parts)
         if not decision.merge:
             if decision.kind is not None:
                 self._reject(expr, decision.kind, decision.words)
@@ -380,7 +380,8 @@ class GraphWriter:
                 self._reject(expr, RejectionKind.CHECK_FAILED, f"rolled back: {verdict.why}")
                 return False
             dev = verdict.deviation
-        self._record_rewrite(expr, computed, self.matcher.form_cost(expr.form, expr.node), dev)
+        cheaper = form_cost < region_cost and not math.isclose(form_cost, region_cost, rel_tol=1e-12)
+        self._record_rewrite(expr, computed, self.matcher.form_cost(expr.form, expr.node), dev, cheaper)
         if self.write_into is not None:
             self._write_into_model(expr)
         return True
@@ -425,8 +426,9 @@ class GraphWriter:
             return held
         return None
 
-    def _record_rewrite(self, expr: Expr, computed: bool, new_cost: int, dev: float) -> None:
-        """The rewrite for the report: ``new_cost`` the merged form's multiply-adds."""
+    def _record_rewrite(self, expr: Expr, computed: bool, new_cost: int, dev: float, cheaper: bool = False) -> None:
+        """The rewrite for the report: ``new_cost`` the merged form's multiply-adds; ``cheaper``:
+        the compile's cost model priced the form below the region."""
         before_params = sum(params(self.exprs[n].meaning.op) for n in expr.region
                             if isinstance(self.exprs[n].meaning, AffineCall))
         # a region read through several slices is merged once per slice: count its ops once
@@ -438,7 +440,8 @@ class GraphWriter:
             replaced=[self.prefix + _describe_node(n, self.facts) for n in self.matcher.in_order(expr.region)],
             result=[repr(op) for op in expr.form.values()],
             params_before=before_params, params_after=sum(params(op) for op in expr.form.values()),
-            macs_before=expr.cost, macs_after=new_cost, exact=True, max_deviation=dev, shared_macs=shared))
+            macs_before=expr.cost, macs_after=new_cost, exact=True, max_deviation=dev, shared_macs=shared,
+            cheaper=cheaper))
 
     def _dense(self, expr: Expr) -> Optional[fx.Node]:
         """The whole affine cone of ``expr.node`` emitted as one dense map, where
