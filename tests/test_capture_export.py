@@ -18,6 +18,8 @@ from repc.report import op_counts
 from repc.examples import randomize_bn
 from repc.examples.library_style import ConvNorm, RankCheckedBatchNorm, drop_path
 
+from blocks import ops_run
+
 
 class LibraryRepVGGBlock(nn.Module):
     """timm-style: 3x3 and 1x1 conv-norm branches and a norm identity, drop path, an identity
@@ -92,10 +94,11 @@ def random_model(model):
 def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block(front_end):
     model = random_model(LibraryNet())
     x = torch.randn(2, 3, 16, 16)
-    fused = repc.compile(model, (x,), front_end=front_end, graph=True)
+    fused = repc.compile(model, (x,), front_end=front_end)
     report = fused.repc_report
     assert report.front_end == {"export": "torch.export"}.get(front_end, "fx") and report.verification.ok, report
     assert convs_and_norms(fused) == (4, 0)  # stem + one per block, no norm left (deploy form)
+    assert ops_run(fused, x) == {"conv": 4, "linear": 1}, ops_run(fused, x)  # and that is what runs
     for shape in ((1, 3, 16, 16), (3, 3, 20, 12)):
         y = torch.randn(shape)
         assert torch.allclose(fused(y).logits, model(y).logits, atol=1e-5, rtol=1e-4)
@@ -105,8 +108,9 @@ def test_a_library_repvgg_with_rank_checked_norms_fuses_to_one_conv_per_block(fr
 def test_a_wrapper_forwarding_args_and_kwargs_is_captured_with_keyword_inputs():
     model = random_model(Wrapper(LibraryNet()))
     x = torch.randn(2, 3, 16, 16)
-    fused = repc.compile(model, (), {"x": x, "return_features": True}, graph=True)  # fx cannot take **kwargs: export
+    fused = repc.compile(model, (), {"x": x, "return_features": True})  # fx cannot take **kwargs: export
     assert fused.repc_report.front_end == "torch.export" and convs_and_norms(fused) == (4, 0)
+    assert ops_run(fused, x=x, return_features=True) == {"conv": 4, "linear": 1}
     assert "fx" in fused.repc_report.front_ends_declined
     out, want = fused(x=x, return_features=True), model(x=x, return_features=True)
     assert isinstance(out, Output)
@@ -114,12 +118,17 @@ def test_a_wrapper_forwarding_args_and_kwargs_is_captured_with_keyword_inputs():
     y = torch.randn(3, 3, 12, 12)  # another batch and spatial size, through the pytree specs
     assert torch.allclose(fused(x=y, return_features=True).logits, model(x=y, return_features=True).logits,
                           atol=1e-5, rtol=1e-4)
+    other = fused(x=x, return_features=False)  # the model's own forward takes the other path
+    assert other.features is None and torch.allclose(other.logits, model(x=x).logits, atol=1e-5, rtol=1e-4)
+    whole = repc.compile(model, (), {"x": x, "return_features": True}, graph=True)  # (the graph refuses it)
     with pytest.raises(AssertionError):
-        fused(x=x, return_features=False)  # the graph computed the path with features
+        whole(x=x, return_features=False)  # the graph computed the path with features
 
 
 def test_guards_refuse_inputs_the_graph_does_not_hold_for():
     model = random_model(LibraryNet())
+    # graph=True: the whole graph's guards are the subject (the default output runs the model's own
+    # forward, which fails in the conv as the model itself does)
     fused = repc.compile(model, (torch.randn(2, 3, 16, 16),), front_end="export", graph=True)
     with pytest.raises(AssertionError, match="x.size\\(\\)\\[1\\] == 3"):
         fused(torch.randn(2, 4, 16, 16))  # the stem takes 3 channels: refused with the guard's words
@@ -141,7 +150,7 @@ class SizeBranch(nn.Module):
 def test_a_size_dependent_branch_falls_back_to_fx_and_says_why():
     model = random_model(SizeBranch())
     x = torch.randn(2, 4, 8, 8)
-    fused = repc.compile(model, (x,), graph=True)
+    fused = repc.compile(model, (x,))
     report = fused.repc_report
     assert report.front_end.startswith("fx") and report.verification.ok, report
     assert GUARD_WORDS in report.front_ends_declined["torch.export"], report  # (and fx not whole either)
@@ -296,11 +305,12 @@ def test_shapes_read_and_unpacked_at_run_time_stay_general():
             return self.out(h)
 
     model = random_model(Tokens())
-    fused = repc.compile(model, (torch.randn(2, 5, 8),), front_end="export", graph=True)
+    fused = repc.compile(model, (torch.randn(2, 5, 8),), front_end="export")
     report = fused.repc_report
     assert report.front_end == "torch.export" and report.verification.ok, report
     assert sum(isinstance(m, (nn.Linear, nn.BatchNorm1d)) for m in fused.modules()) == 1, fused
     y = torch.randn(3, 7, 8)
+    assert ops_run(fused, y) == {"linear": 1}, ops_run(fused, y)
     assert torch.allclose(fused(y), model(y), atol=1e-5, rtol=1e-4)
 
 
@@ -311,7 +321,7 @@ def test_export_front_end_names_why_it_cannot_capture():
                 return x * 2
             return x
 
-    with pytest.raises(repc.api.ReparamError, match="torch.export failed"):
+    with pytest.raises(repc.api.ReparamError, match="torch.export failed"):  # (before any output: either form)
         repc.compile(DataDependent().eval(), (torch.randn(2, 3),), front_end="export", graph=True)
 
 

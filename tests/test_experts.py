@@ -244,7 +244,7 @@ def test_tensor_task_argument_without_the_option_stays_general():
 def test_specializing_an_unknown_argument_is_a_clear_error():
     model = randomize(lb.RepModeBlock(4, 4))
     with pytest.raises(repc.ReparamError, match="no such positional argument"):
-        repc.compile(model, (image(), 0), specialize={"tsk": 0}, graph=True)
+        repc.compile(model, (image(), 0), specialize={"tsk": 0}, graph=True)  # (before any output: either form)
 
 
 # ----------------------------------------------------------------------------- data-dependent routers

@@ -41,7 +41,7 @@ def other_cases(spec: NetworkSpec):
 def test_compiled_network_matches_the_original_on_other_shapes(spec, data):
     model = build_network(spec)
     x = example_input(spec)
-    fused = repc.compile(model, (x,), graph=True)
+    fused = repc.compile(model, (x,))
     report = fused.repc_report
     # a whole-model rollback would mean a region passed its own check and still changed the
     # model (or the check misjudged rounding noise): both are bugs
@@ -123,10 +123,10 @@ def _misplaced_add_convs(real):
 def test_planted_wrong_closed_form_is_rolled_back_per_region(monkeypatch):
     model = randomize_bn(_TwoBlocks()).eval()
     x = torch.randn(2, 4, 8, 8)
-    honest = repc.compile(model, x, graph=True).repc_report
+    honest = repc.compile(model, x).repc_report
     honest_roots = {r.root for r in honest.rewrites}
     monkeypatch.setattr(repc.algebra, "add_convs", _misplaced_add_convs(repc.algebra.add_convs))
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     report = fused.repc_report
     rolled = [r for r in report.rejected if "rolled back" in r.reason]
     assert rolled, str(report)
@@ -162,7 +162,7 @@ def test_planted_wrong_batchnorm_fold_is_caught_where_batchnorms_fold(monkeypatc
                         lambda mean, var, eps, weight, bias: real(mean, var, 0.0, weight, bias))
     model = randomize_bn(Net()).eval()
     x = torch.randn(1, 3, 6, 6)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     report = fused.repc_report
     assert any("rolled back" in r.reason for r in report.rejected), str(report)
     assert len(report.rewrites) == 1 and "sum" in report.rewrites[0].rule, str(report)

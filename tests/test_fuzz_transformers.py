@@ -36,7 +36,7 @@ def assert_compiles_cleanly(spec: TransformerSpec):
     """Compile ``spec``'s network: no whole-model rollback, no region taken back by its check."""
     model = build_transformer(spec)
     x = example_tokens(spec)
-    fused = repc.compile(model, (x,), graph=True)
+    fused = repc.compile(model, (x,))
     report = fused.repc_report
     assert report.verification.ok and not report.rolled_back, f"{spec!r}\n{report}"
     taken_back = [r for r in report.rejected if r.reason.startswith("rolled back:")]

@@ -12,6 +12,7 @@ bottleneck is not expanded.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from repc.capture_export import export_graph
 from repc.report import op_counts as op_counts_of_export
 import linear_blocks as lb
 from linear_blocks import compile_exact, called_modules, op_counts, randomize
+from blocks import ops_run
 
 
 def tokens(b=2, n=5, d=16, dtype=torch.float32):
@@ -352,6 +354,34 @@ def _layer_norm_calls(fused):
             if n.op == "call_function" and n.target is F.layer_norm]
 
 
+def _norm_affines_run(module, x, norm=F.layer_norm):
+    """(weight, bias) of each ``norm`` call (``F.layer_norm`` / ``F.group_norm``, as a module or a
+    function) as ``module`` runs on ``x``: how the default output's norms are read."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is norm:
+                seen.append(((args + (None, None))[2] if len(args) > 2 else kwargs.get("weight"),
+                             (args + (None, None))[3] if len(args) > 3 else kwargs.get("bias")))
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), Record():
+        module(x)
+    return seen
+
+
+def _identity_weight(weight):
+    return weight is None or bool((weight == 1).all())
+
+
+def _identity_bias(bias):
+    return bias is None or not bool(bias.any())
+
+
 @pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
 def test_layernorm_affine_folds_into_the_next_linear_and_the_normalisation_stays(functional):
     torch.manual_seed(0)
@@ -367,6 +397,15 @@ def test_layernorm_affine_folds_into_the_next_linear_and_the_normalisation_stays
     assert torch.allclose(linear.weight.double(), w * gamma, atol=1e-5)
     assert torch.allclose(linear.bias.double(), w @ beta + model.fc.bias.double(), atol=1e-5)
     assert_flops_not_increased(fused.repc_report)
+    # the default output: the same one linear, the affine in it (its norm's affine the identity)
+    default = compile_exact(model, tokens())
+    linear = only_linear(default)
+    assert ops_run(default, tokens()) == Counter(ln=1, linear=1)
+    ((weight, bias),) = _norm_affines_run(default, tokens())
+    assert _identity_weight(weight) and _identity_bias(bias), (weight, bias)
+    assert torch.allclose(linear.weight.double(), w * gamma, atol=1e-5)
+    assert torch.allclose(linear.bias.double(), w @ beta + model.fc.bias.double(), atol=1e-5)
+    assert_flops_not_increased(default.repc_report)
 
 
 def test_layernorm_read_by_a_linear_and_the_residual_is_one_linear_after_the_bare_norm():
@@ -382,11 +421,18 @@ def test_layernorm_read_by_a_linear_and_the_residual_is_one_linear_after_the_bar
             return self.fc(y) + y
 
     torch.manual_seed(0)
-    fused = compile_exact(NormResidual().eval(), tokens(), graph=True)  # (the graph's layer_norm call)
+    model = NormResidual().eval()
+    fused = compile_exact(model, tokens(), graph=True)  # (the graph's layer_norm call)
     only_linear(fused)
     (ln,) = _layer_norm_calls(fused)
     assert ln.args[2] is None, ln.args
     assert_flops_not_increased(fused.repc_report)
+    default = compile_exact(model, tokens())  # the default output: one linear, after the bare norm
+    only_linear(default)
+    assert ops_run(default, tokens()) == Counter(ln=1, linear=1)
+    ((weight, _),) = _norm_affines_run(default, tokens())
+    assert _identity_weight(weight), weight
+    assert_flops_not_increased(default.repc_report)
 
 
 def test_repq_vit_channel_scales_after_layernorm_fold_into_the_qkv_linear():
@@ -411,6 +457,12 @@ def test_layernorm_before_a_nonlinearity_keeps_its_affine_and_adds_no_op():
     assert not fused.repc_report.rewrites, str(fused.repc_report)
     calls = [n for gm in lb.graph_modules(fused) for n in gm.graph.nodes if n.op.startswith("call_")]
     assert len(calls) == 3, calls  # layer_norm (with its affine), GELU, linear: as written
+    default = compile_exact(model, tokens())  # the default output runs the same three, as written
+    counts = op_counts(default)
+    assert counts["linear"] == 1 and counts["GELU"] == 1 and counts["mul"] == 0 and counts["add"] == 0, counts
+    assert sum(counts.values()) == 3, counts
+    assert ops_run(default, tokens()) == Counter(ln=1, linear=1)
+    assert not default.repc_report.rewrites, str(default.repc_report)
 
 
 @pytest.mark.parametrize("style", ["transpose", "flatten"])
@@ -437,13 +489,19 @@ def test_groupnorm_affine_folds_into_a_pointwise_conv_but_not_across_a_padded_on
             return self.conv(self.norm(x))
 
     torch.manual_seed(0)
-    pointwise = compile_exact(GNConv(1).eval(), torch.randn(2, 8, 6, 6), graph=True)  # (its group_norm call)
+    model = GNConv(1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    pointwise = compile_exact(model, x, graph=True)  # (its group_norm call)
     (gn,) = [n for gm in lb.graph_modules(pointwise) for n in gm.graph.nodes if n.target is F.group_norm]
     assert gn.args[2] is None and gn.args[3] is None
     assert op_counts(pointwise)["conv"] == 1
     padded = compile_exact(GNConv(3).eval(), torch.randn(2, 8, 6, 6))  # beta at the zero border: not foldable
     assert not padded.repc_report.rewrites, str(padded.repc_report)
     assert op_counts(padded)["conv"] == 1
+    default = compile_exact(model, x)  # the default output: the affine folded into the pointwise conv too
+    ((weight, bias),) = _norm_affines_run(default, x, F.group_norm)
+    assert _identity_weight(weight) and _identity_bias(bias), (weight, bias)
+    assert op_counts(default)["conv"] == 1 and ops_run(default, x) == Counter(conv=1)
 
 
 # ----------------------------------------------------------------------------- RePaViT
@@ -698,6 +756,7 @@ def test_gpt2_conv1d_mlp_takes_the_layer_norm_affine_into_its_first_layer():
     counts = op_counts(fused)
     assert counts["linear"] + counts["addmm"] == 2 and "mul" not in counts, counts
     assert torch.equal(fused.ln_2.weight, torch.ones_like(fused.ln_2.weight)) and not fused.ln_2.bias.any()
+    # (the whole graph, Conv1D's code inlined: its views cancel; the default runs Conv1D's own view/addmm/view)
     counts = op_counts(compile_exact(model, tokens(), graph=True))
     assert counts["linear"] == 2 and "addmm" not in counts, counts
     assert "mul" not in counts and "view" not in counts and "flatten" not in counts, counts

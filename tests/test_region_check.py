@@ -28,7 +28,7 @@ def test_a_merged_op_giving_nan_where_the_region_is_finite_is_rolled_back(monkey
 
     monkeypatch.setattr(region_check, "form_function", poisoned)
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 8, 8), graph=True)
+    fused = repc.compile(model, torch.randn(1, 4, 8, 8))
     report = fused.repc_report
     assert not report.rewrites
     assert any(r.kind is RejectionKind.CHECK_FAILED and "gives NaN" in r.reason
@@ -51,7 +51,7 @@ def _recorded_region_shapes(monkeypatch):
 def test_region_checks_run_on_small_random_maps(monkeypatch):
     shapes = _recorded_region_shapes(monkeypatch)
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 4))).eval()
-    fused = repc.compile(model, torch.randn(1, 4, 32, 32), graph=True)
+    fused = repc.compile(model, torch.randn(1, 4, 32, 32))
     assert len(fused.repc_report.rewrites) == 2
     assert shapes and set(shapes) == {(2, 4, 7, 7)}
 
@@ -63,7 +63,7 @@ def test_region_checks_on_token_sequences_run_on_seven_tokens(monkeypatch):
     with torch.no_grad():
         model[0].weight.uniform_(0.5, 1.5)
         model[0].bias.uniform_(-1, 1)
-    fused = repc.compile(model, torch.randn(1, 50, 16), graph=True)
+    fused = repc.compile(model, torch.randn(1, 50, 16))
     assert len(fused.repc_report.rewrites) == 2  # the norm's affine into the first linear; the last two linears
     assert shapes and all(s[:2] == (2, 7) for s in shapes), shapes
 

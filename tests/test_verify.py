@@ -27,7 +27,7 @@ def _state(model):
 def test_correct_fusion_passes_on_other_shapes_and_distributions():
     model = example_net()
     x = torch.randn(2, 3, 32, 32)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     before, before_fused = _state(model), _state(fused)
     result = verify(model, fused, x, max_examples=15)
     assert result.ok and bool(result), str(result)
@@ -47,7 +47,7 @@ def test_correct_fusion_passes_on_other_shapes_and_distributions():
 def test_result_is_reproducible_for_a_seed():
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
     x = torch.randn(1, 4, 6, 6)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     a = verify(model, fused, x, max_examples=8, seed=3)
     b = verify(model, fused, x, max_examples=8, seed=3)
     assert a.shapes_checked == b.shapes_checked and a.max_deviation == b.max_deviation
@@ -134,7 +134,7 @@ def test_flattening_model_keeps_its_spatial_size():
     model = randomize_bn(model).eval()
     x = torch.randn(3, 2, 6, 6)
     assert set(probe_free_sizes(model, (x,))) == {(0, 0)}
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     result = verify(model, fused, x, max_examples=10)
     assert result.ok, str(result)
     assert {s[0][1:] for s in result.shapes_checked} == {(2, 6, 6)}
@@ -146,7 +146,7 @@ def test_token_axis_is_varied_for_sequence_models():
     x = torch.randn(2, 5, 6)
     free = probe_free_sizes(model, (x,))
     assert set(free) == {(0, 0), (0, 1)}
-    assert verify(model, repc.compile(model, x, graph=True), x, max_examples=10).ok
+    assert verify(model, repc.compile(model, x), x, max_examples=10).ok
 
 
 # --------------------------------------------------------------------------- tolerance and dtypes
@@ -176,7 +176,7 @@ def test_tolerance_is_sqrt_eps_by_default_and_overridable():
 def test_other_dtypes_are_checked_on_cast_copies():
     model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4))).eval()
     x = torch.randn(1, 4, 6, 6)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     result = verify(model, fused, x, max_examples=8, dtypes=[None, torch.float64])
     assert result.ok, str(result)
     # a float32 fusion checked in float64 is held to float32's tolerance (its weights are float32)
@@ -334,7 +334,7 @@ def test_axes_shared_by_several_inputs_vary_together():
     example = (torch.randn(2, 3, 6, 7), torch.randn(2, 1, 6, 7))
     free = probe_free_sizes(model, example)
     assert {(0, 0), (1, 0), (0, 2), (1, 2), (0, 3), (1, 3)} <= set(free)
-    fused = repc.compile(model, example, graph=True)
+    fused = repc.compile(model, example)
     result = verify(model, fused, example, max_examples=10)
     assert result.ok, str(result)
     assert all(a[0] == b[0] and a[2:] == b[2:] for a, b in result.shapes_checked)
@@ -365,7 +365,7 @@ class _Poisoned(nn.Module):
 def test_nan_or_inf_in_the_fused_output_where_the_original_is_finite_fails(value):
     model = _conv_bn()
     x = torch.randn(1, 3, 8, 8)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     result = verify(model, _Poisoned(fused, value).eval(), x, max_examples=3)
     assert not result.ok and result.max_deviation == float("inf")
     kind = "NaN" if value != value else "Inf"
@@ -391,7 +391,7 @@ def test_an_original_giving_nan_or_inf_on_the_example_fails_and_says_so(build, k
     model = build()
     x = torch.randn(1, 3, 8, 8)
     state = _state(model)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     assert all(torch.allclose(v, state[k], rtol=0, atol=0, equal_nan=True)
                for k, v in _state(model).items())  # the model was not touched
     # repc kept the region that would have carried the non-finite values into a merged weight
@@ -407,7 +407,7 @@ def test_an_original_giving_nan_or_inf_on_the_example_fails_and_says_so(build, k
 def test_nan_in_an_example_input_is_named():
     model = _conv_bn(3)
     x = torch.randn(1, 3, 8, 8)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     bad = x.clone()
     bad[0, 0, 4, 4] = float("nan")
     result = verify(model, fused, bad, max_examples=3)

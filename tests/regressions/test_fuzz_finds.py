@@ -35,7 +35,7 @@ def test_token_reader_after_convs_is_exact_on_other_sizes():
     torch.manual_seed(0)
     model = ConvsReadAsTokens().eval()
     x = torch.randn(1, 2, 2, 2)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     assert fused.repc_report.verification.ok and not fused.repc_report.rolled_back
     with torch.no_grad():
         for shape in [(1, 2, 5, 5), (3, 2, 2, 3), (2, 2, 4, 7)]:
@@ -55,7 +55,7 @@ def test_dense_map_is_dropped_when_the_model_accepts_other_sizes():
     spec = NetworkSpec(in_channels=1, size=(1, 5), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'), ActLayer(kind='relu')), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None)), combine='sum', weights=(1.0, 1.0, 1.0, 1.0), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(), shares=0), Branch(layers=(), shares=0), Branch(layers=(PoolLayer(kernel=(1, 1), stride=(2, 2), padding=((0, 0), (0, 0)), pad_with='module'),), shares=None)), combine='cat', weights=(), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=Tail(reduce='flatten', blocks=(Block(branches=(Branch(layers=(LinearLayer(out_features=16, bias=False),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False),)), batch=1, seed=0, functional=False)
     model = build_network(spec)
     x = example_input(spec)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     report = fused.repc_report
     assert report.verification.ok and not report.rolled_back, str(report)
     assert report.rewrites and not any(r.shape_specialized for r in report.rewrites)
@@ -72,7 +72,7 @@ def test_scale_after_concat_of_freshly_split_norm_tails():
     spec = NetworkSpec(in_channels=3, size=(1, 1), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None)), combine='split', weights=(), activation='identity', repeat=1, splits=(1, 2), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=1, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None), Branch(layers=(), shares=None)), combine='cat', weights=(), activation='identity', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=None, batch=1, seed=0, functional=False)
     model = build_network(spec)
     x = example_input(spec)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     assert fused.repc_report.verification.ok and not fused.repc_report.rolled_back
     assert verify(model, fused, x, max_examples=5).ok
 
@@ -96,7 +96,7 @@ def test_ill_conditioned_output_is_judged_by_the_originals_rounding_noise():
         combine='sum', weights=(1.0, 2.0, 0.5, 0.5), activation='gelu', inplace=True),), batch=1, seed=65536)
     model = build_network(spec)
     x = example_input(spec)
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     report = fused.repc_report
     assert report.verification.ok and not report.rolled_back, str(report)
     assert report.rewrites
@@ -111,7 +111,7 @@ def test_no_dense_map_for_a_region_that_takes_another_size_on_one_axis():
                                build_network, example_input)
     spec = NetworkSpec(in_channels=2, size=(5, 1), blocks=(Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(1, 1), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='same', padding_mode='zeros'),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=2, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False), Block(branches=(Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (1, 1)), dilation=(1, 2), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (1, 1)), dilation=(1, 2), groups=1, bias=False, pad_with='module', padding_mode='zeros'), ActLayer(kind='relu')), shares=None), Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((1, 1), (1, 1)), dilation=(2, 2), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None), Branch(layers=(ConvLayer(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=((0, 1), (0, 1)), dilation=(1, 1), groups=1, bias=False, pad_with='module', padding_mode='zeros'),), shares=None)), combine='sum', weights=(1.0, 1.0, 1.0, 1.0), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False)), tail=Tail(reduce='tokens', blocks=(Block(branches=(Branch(layers=(LinearLayer(out_features=4, bias=False),), shares=None),), combine='sum', weights=(1.0,), activation='none', repeat=1, splits=(), slice_with='getitem', inplace=False),)), batch=1, seed=0, functional=False)
     model = build_network(spec)
-    fused = repc.compile(model, example_input(spec), graph=True)
+    fused = repc.compile(model, example_input(spec))
     assert fused.repc_report.verification.ok and not fused.repc_report.rolled_back
     y = torch.randn(1, 2, 4, 1)
     assert torch.allclose(fused(y), model(y), atol=1e-5)
@@ -157,7 +157,7 @@ def test_a_layout_change_of_one_pixel_and_one_channel_is_not_taken_for_one_that_
                        tail=Tail(reduce="tokens", blocks=(block(LinearLayer(out_features=2, bias=False)),)),
                        batch=1, seed=0, functional=True)
     model = build_network(spec)
-    fused = repc.compile(model, example_input(spec), graph=True)
+    fused = repc.compile(model, example_input(spec))
     report = fused.repc_report
     assert report.verification.ok and not report.rolled_back, str(report)
     with torch.no_grad():

@@ -22,7 +22,7 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def assert_clean(model: nn.Module, x: torch.Tensor, others=((3, 4), (1, 7))):
-    fused = repc.compile(model, x, graph=True)
+    fused = repc.compile(model, x)
     report = fused.repc_report
     assert report.verification.ok and not report.rolled_back, str(report)
     assert not [r for r in report.rejected if r.reason.startswith("rolled back:")], str(report)
